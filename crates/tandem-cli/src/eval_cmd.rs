@@ -1,0 +1,282 @@
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tandem_core::money::usd_to_micros;
+use tandem_core::policy::cascade::CascadeConfig;
+use tandem_core::policy::router::RouterConfig;
+use tandem_core::policy::FeedbackMode;
+use tandem_core::{BudgetLimits, Price};
+use tandem_eval::eval::{default_policies, total_work};
+use tandem_eval::plot::write_plot;
+use tandem_eval::runner::{Models, PolicyKind};
+use tandem_eval::{evaluate, Dataset, EvalConfig, LoadOptions, PolicySpec};
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Recorded answers, one JSON object a line: {"id", "prompt", "correct": {model: bool}, "response"?: {model: text}}.
+    #[arg(long)]
+    data: PathBuf,
+    /// Write the table as JSON here (and the plot beside it, unless --plot says otherwise).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the quality/share plot here (.svg); a .png is written beside it.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Seeds the stream order and every random choice.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Share of strong-model calls at the operating point (quality, share and cost columns).
+    #[arg(long, default_value_t = 0.3)]
+    target_share: f64,
+    /// Exploration rate of partial-feedback policies (queries on which both models are called).
+    #[arg(long, default_value_t = 0.1)]
+    explore: f64,
+    /// Number of strong-call shares in [0, 1] each curve is measured at (APGR averages over them).
+    #[arg(long, default_value_t = 21)]
+    grid: usize,
+    /// How many recent scores the online threshold is taken from.
+    #[arg(long, default_value_t = 1000)]
+    window: usize,
+    /// Weak model's name in the file (default: the less accurate of exactly two).
+    #[arg(long)]
+    weak: Option<String>,
+    /// Strong model's name in the file (default: the more accurate of exactly two).
+    #[arg(long)]
+    strong: Option<String>,
+    /// Weak model's price: `token:IN[:OUT]` in dollars per million tokens, or `call:USD`.
+    #[arg(long, default_value = "token:0.24")]
+    weak_price: String,
+    /// Strong model's price, as --weak-price (default: RouteLLM's GPT-4 price).
+    #[arg(long, default_value = "token:24.7")]
+    strong_price: String,
+    /// Output tokens charged for an answer whose text was not recorded.
+    #[arg(long, default_value_t = 1)]
+    output_tokens: u64,
+    /// Hard cap: at most this many strong-model calls per run.
+    #[arg(long)]
+    max_strong_calls: Option<u64>,
+    /// Hard cap: at most this many dollars of strong-model spend per run.
+    #[arg(long)]
+    max_usd: Option<f64>,
+    /// Skip malformed lines (and report how many) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Evaluate only the first N items of the shuffled stream.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Worker threads for the curve runs (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Comma-separated policies, e.g. `random,oracle,router:full,cascade:partial` (default: all that apply).
+    #[arg(long)]
+    policies: Option<String>,
+    /// Do not use the records' metadata (e.g. `subject`) as router features.
+    #[arg(long)]
+    no_metadata: bool,
+}
+
+fn parse_price(flag: &str, s: &str) -> Result<Price> {
+    let usd = |v: &str| -> Result<u64> {
+        let x: f64 = v
+            .parse()
+            .with_context(|| format!("{flag} {s:?}: {v:?} is not a number"))?;
+        usd_to_micros(x)
+            .with_context(|| format!("{flag} {s:?}: {v:?} must be a non-negative amount"))
+    };
+    let parts: Vec<&str> = s.split(':').collect();
+    match parts.as_slice() {
+        ["call", v] => Ok(Price::Call { micros: usd(v)? }),
+        ["token", v] => Ok(Price::Token {
+            input_per_million: usd(v)?,
+            output_per_million: usd(v)?,
+        }),
+        ["token", i, o] => Ok(Price::Token {
+            input_per_million: usd(i)?,
+            output_per_million: usd(o)?,
+        }),
+        _ => bail!(
+            "{flag} {s:?}: expected `token:IN[:OUT]` (dollars per million tokens) or `call:USD`"
+        ),
+    }
+}
+
+fn parse_policies(s: &str, has_responses: bool) -> Result<Vec<PolicySpec>> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        let (name, mode) = item.split_once(':').unwrap_or((item, ""));
+        let kind = match name {
+            "always-weak" => PolicyKind::AlwaysWeak,
+            "always-strong" => PolicyKind::AlwaysStrong,
+            "random" => PolicyKind::Random,
+            "oracle" => PolicyKind::Oracle,
+            "router" => PolicyKind::Router,
+            "cascade" => PolicyKind::Cascade,
+            other => bail!("--policies: unknown policy {other:?} (known: always-weak, always-strong, random, oracle, router, cascade)"),
+        };
+        if kind == PolicyKind::Cascade && !has_responses {
+            bail!("--policies: `cascade` needs the weak model's recorded responses, and this file has none");
+        }
+        let learned = matches!(kind, PolicyKind::Router | PolicyKind::Cascade);
+        let modes: Vec<FeedbackMode> = match (mode, learned) {
+            ("", true) => vec![FeedbackMode::Full, FeedbackMode::Partial],
+            ("full", true) => vec![FeedbackMode::Full],
+            ("partial", true) => vec![FeedbackMode::Partial],
+            ("", false) | ("none", false) => vec![FeedbackMode::None],
+            (m, _) => bail!("--policies: {item:?}: feedback mode {m:?} does not apply (full or partial for learned policies)"),
+        };
+        out.extend(
+            modes
+                .into_iter()
+                .map(|feedback| PolicySpec { kind, feedback }),
+        );
+    }
+    if out.is_empty() {
+        bail!("--policies: no policy named");
+    }
+    Ok(out)
+}
+
+/// The weak and strong models: as named, or the less and more accurate of exactly two.
+fn pick_models(data: &Dataset, weak: Option<&str>, strong: Option<&str>) -> Result<(usize, usize)> {
+    let (w, s) = match (weak, strong) {
+        (Some(w), Some(s)) => (data.model_index(w)?, data.model_index(s)?),
+        (w, s) if data.models.len() == 2 => {
+            let (a, b) = if data.quality(0) <= data.quality(1) {
+                (0, 1)
+            } else {
+                (1, 0)
+            };
+            match (w, s) {
+                (Some(w), None) => {
+                    let w = data.model_index(w)?;
+                    (w, 1 - w)
+                }
+                (None, Some(s)) => {
+                    let s = data.model_index(s)?;
+                    (1 - s, s)
+                }
+                _ => (a, b),
+            }
+        }
+        _ => bail!(
+            "{} has {} models ({}): name them with --weak and --strong",
+            data.path.display(),
+            data.models.len(),
+            data.models.join(", ")
+        ),
+    };
+    if w == s {
+        bail!(
+            "--weak and --strong name the same model {:?}",
+            data.models[w]
+        );
+    }
+    Ok((w, s))
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let budget = BudgetLimits {
+        max_calls: a.max_strong_calls,
+        max_micros: match a.max_usd {
+            None => None,
+            Some(x) => Some(
+                usd_to_micros(x)
+                    .with_context(|| format!("--max-usd {x}: must be a non-negative amount"))?,
+            ),
+        },
+    };
+    budget
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{e} (--max-strong-calls / --max-usd)"))?;
+    let weak_price = parse_price("--weak-price", &a.weak_price)?;
+    let strong_price = parse_price("--strong-price", &a.strong_price)?;
+
+    let data = Dataset::load(
+        &a.data,
+        &LoadOptions {
+            skip_bad: a.skip_bad,
+            ..Default::default()
+        },
+    )?;
+    if !data.skipped.is_empty() {
+        eprintln!(
+            "tandem: skipped {} bad lines of {} (--skip-bad):",
+            data.skipped.len(),
+            a.data.display()
+        );
+        for b in data.skipped.iter().take(5) {
+            eprintln!("  line {}: {}", b.line, b.message);
+        }
+    }
+    let (weak, strong) = pick_models(&data, a.weak.as_deref(), a.strong.as_deref())?;
+    let has_responses = data.has_responses(weak);
+    let policies = match &a.policies {
+        Some(s) => parse_policies(s, has_responses)?,
+        None => default_policies(has_responses),
+    };
+    let items = data.rows.len();
+    let models = Models {
+        data: Arc::new(data),
+        weak,
+        strong,
+        weak_price,
+        strong_price,
+        default_output_tokens: a.output_tokens,
+    };
+    let cfg = EvalConfig {
+        seed: a.seed,
+        target_share: a.target_share,
+        explore: a.explore,
+        grid: a.grid,
+        window: a.window,
+        budget,
+        threads: a
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        limit: a.limit,
+        policies,
+        router: RouterConfig {
+            use_metadata: !a.no_metadata,
+            ..RouterConfig::default()
+        },
+        cascade: CascadeConfig::default(),
+    };
+    cfg.validate()?;
+
+    let bar = ProgressBar::new(total_work(&cfg, items));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {percent}% {per_sec} decisions ({eta} left)",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let report = evaluate(&models, &cfg, &|n| bar.inc(n))?;
+    bar.finish_and_clear();
+
+    print!("{}", report.table());
+    if let Some(path) = &a.json {
+        write_json(path, &report)?;
+        println!("wrote {}", path.display());
+    }
+    let plot = a
+        .plot
+        .clone()
+        .or_else(|| a.json.as_ref().map(|j| j.with_extension("svg")));
+    if let Some(svg) = plot {
+        write_plot(&report, &svg)?;
+        let png = svg.with_extension("png");
+        write_plot(&report, &png)?;
+        println!("wrote {} and {}", svg.display(), png.display());
+    }
+    Ok(())
+}
+
+fn write_json(path: &Path, report: &tandem_eval::EvalReport) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}

@@ -1,0 +1,26 @@
+use thiserror::Error;
+
+/// Errors of the engine. Each names the value at fault so a caller can print it as is.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum CoreError {
+    #[error("invalid configuration: {field} = {value}: {reason}")]
+    InvalidConfig {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("tier `{tier}` failed: {reason}")]
+    Tier { tier: String, reason: String },
+    #[error("budget exhausted: {0}")]
+    BudgetExhausted(String),
+}
+
+impl CoreError {
+    pub fn config(field: &'static str, value: impl ToString, reason: &'static str) -> Self {
+        CoreError::InvalidConfig {
+            field,
+            value: value.to_string(),
+            reason,
+        }
+    }
+}

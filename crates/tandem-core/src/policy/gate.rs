@@ -1,0 +1,199 @@
+//! From score to decision: exploration, the target share and the hard budget, in that order. The
+//! budget is checked last and for every escalation, so nothing a policy or a target says can pass it.
+
+use crate::budget::{Budget, Reservation};
+use crate::calibrate::ShareController;
+use crate::error::CoreError;
+use crate::money::Micros;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GateConfig {
+    /// Share of queries to send to the strong model, exploration included.
+    pub target_share: f64,
+    /// Share of queries on which both models are called so that both outcomes are learned.
+    pub explore: f64,
+    /// How many recent scores the threshold is taken from.
+    pub window: usize,
+    pub seed: u64,
+}
+
+/// Where a query goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Weak,
+    Strong,
+    /// Both models are called (an exploration): both are paid, both outcomes are learned.
+    Both,
+}
+
+#[derive(Debug)]
+pub struct GateDecision {
+    pub route: Route,
+    pub score: f32,
+    pub threshold: f32,
+    /// The policy wanted the strong model but the budget refused it.
+    pub capped: bool,
+    /// The budget reservation for the strong call; settle it with the real cost.
+    pub reservation: Option<Reservation>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gate {
+    share: ShareController,
+    explore: f64,
+    base: f64,
+    rng: ChaCha8Rng,
+}
+
+impl Gate {
+    pub fn new(cfg: GateConfig) -> Result<Self, CoreError> {
+        if !(0.0..=1.0).contains(&cfg.explore) {
+            return Err(CoreError::config(
+                "explore",
+                cfg.explore,
+                "must be between 0 and 1",
+            ));
+        }
+        let share = ShareController::new(cfg.target_share, cfg.window)?;
+        // Exploration spends part of the target; the scores route the rest of it.
+        let explore = cfg.explore.min(cfg.target_share);
+        let base = if explore >= 1.0 {
+            0.0
+        } else {
+            ((cfg.target_share - explore) / (1.0 - explore)).clamp(0.0, 1.0)
+        };
+        Ok(Gate {
+            share,
+            explore,
+            base,
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+        })
+    }
+
+    pub fn realised_share(&self) -> f64 {
+        self.share.realised_share()
+    }
+
+    /// Decides for one scored query. `strong_estimate` is reserved against `budget` before the
+    /// strong model may be called.
+    pub fn decide(&mut self, score: f32, budget: &Budget, strong_estimate: Micros) -> GateDecision {
+        let explore_draw: f64 = self.rng.gen();
+        let tie_draw: f64 = self.rng.gen();
+        let exploring = explore_draw < self.explore;
+        let d = self.share.decide(score, self.base, tie_draw);
+        let wanted = if exploring {
+            Route::Both
+        } else if d.escalate {
+            Route::Strong
+        } else {
+            Route::Weak
+        };
+        let (route, reservation, capped) = match wanted {
+            Route::Weak => (Route::Weak, None, false),
+            _ => match budget.try_reserve(strong_estimate) {
+                Some(r) => (wanted, Some(r), false),
+                None => (Route::Weak, None, true),
+            },
+        };
+        self.share.record(score, route != Route::Weak);
+        GateDecision {
+            route,
+            score,
+            threshold: d.threshold,
+            capped,
+            reservation,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::BudgetLimits;
+
+    fn gate(target: f64, explore: f64) -> Gate {
+        Gate::new(GateConfig {
+            target_share: target,
+            explore,
+            window: 200,
+            seed: 9,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn budget_wins_over_the_target() {
+        let budget = Budget::new(BudgetLimits {
+            max_calls: Some(5),
+            max_micros: None,
+        })
+        .unwrap();
+        let mut g = gate(1.0, 0.0);
+        let mut strong = 0;
+        for i in 0..100 {
+            let d = g.decide(i as f32, &budget, 10);
+            if let Some(r) = d.reservation {
+                budget.settle(r, 10);
+                strong += 1;
+            } else {
+                assert!(d.capped);
+            }
+        }
+        assert_eq!(strong, 5);
+        assert_eq!(budget.calls(), 5);
+    }
+
+    #[test]
+    fn dollar_budget_boundary() {
+        // 25 micro-dollars a call, cap 100: exactly four calls fit.
+        let budget = Budget::new(BudgetLimits {
+            max_calls: None,
+            max_micros: Some(100),
+        })
+        .unwrap();
+        let mut g = gate(1.0, 0.2);
+        let mut n = 0;
+        for i in 0..50 {
+            if let Some(r) = g.decide(i as f32, &budget, 25).reservation {
+                budget.settle(r, 25);
+                n += 1;
+            }
+        }
+        assert_eq!(n, 4);
+        assert_eq!(budget.spent_micros(), 100);
+    }
+
+    #[test]
+    fn exploration_is_part_of_the_share() {
+        let budget = Budget::unlimited();
+        let mut g = gate(0.3, 0.1);
+        let (mut both, mut strong) = (0, 0);
+        for i in 0..10_000 {
+            match g.decide((i % 97) as f32, &budget, 0).route {
+                Route::Both => both += 1,
+                Route::Strong => strong += 1,
+                Route::Weak => {}
+            }
+        }
+        let share = (both + strong) as f64 / 10_000.0;
+        assert!((share - 0.3).abs() < 0.01, "share {share}");
+        assert!((both as f64 / 10_000.0 - 0.1).abs() < 0.01);
+        // A target below the exploration rate caps exploration at the target.
+        let mut g = gate(0.0, 0.1);
+        assert!((0..1000).all(|i| g.decide(i as f32, &budget, 0).route == Route::Weak));
+    }
+
+    #[test]
+    fn same_seed_same_decisions() {
+        let budget = Budget::unlimited();
+        let run = || {
+            let mut g = gate(0.4, 0.1);
+            (0..500)
+                .map(|i| g.decide(((i * 37) % 101) as f32, &budget, 0).route)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+    }
+}

@@ -1,0 +1,325 @@
+//! Recorded answers of several models to the same prompts, one JSON object a line, as the RouteLLM
+//! files are: `{"id", "prompt", "correct": {model: bool}, "response": {model: text}?, ...}`.
+//! Other string fields named in `metadata_fields` (e.g. `subject`) become query metadata; the
+//! outcome fields are kept apart from the queries so that policies cannot see them.
+
+use crate::error::EvalError;
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use tandem_core::Query;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Skip malformed lines and count them, instead of failing on the first one.
+    pub skip_bad: bool,
+    /// Top-level string fields copied into query metadata.
+    pub metadata_fields: Vec<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            skip_bad: false,
+            metadata_fields: vec!["subject".to_string()],
+        }
+    }
+}
+
+/// One recorded item: the query, and per model whether it answered correctly and what it said.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub query: Query,
+    /// Indexed like [`Dataset::models`].
+    pub correct: Vec<bool>,
+    pub response: Vec<Option<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BadLine {
+    pub line: usize,
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub path: PathBuf,
+    pub models: Vec<String>,
+    pub rows: Vec<Row>,
+    pub skipped: Vec<BadLine>,
+    index: HashMap<String, usize>,
+}
+
+impl Dataset {
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, EvalError> {
+        let bytes = std::fs::read(path).map_err(|source| EvalError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &bytes, opts)
+    }
+
+    pub fn parse(path: &Path, bytes: &[u8], opts: &LoadOptions) -> Result<Self, EvalError> {
+        let mut ds = Dataset {
+            path: path.to_path_buf(),
+            models: Vec::new(),
+            rows: Vec::new(),
+            skipped: Vec::new(),
+            index: HashMap::new(),
+        };
+        for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+            let line = i + 1;
+            let result = std::str::from_utf8(raw)
+                .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))
+                .and_then(|text| {
+                    if text.trim().is_empty() {
+                        Ok(None)
+                    } else {
+                        ds.parse_row(text, opts).map(Some)
+                    }
+                });
+            match result {
+                Ok(None) => {}
+                Ok(Some(row)) => {
+                    ds.index.insert(row.query.id.clone(), ds.rows.len());
+                    ds.rows.push(row);
+                }
+                Err(message) if opts.skip_bad => ds.skipped.push(BadLine { line, message }),
+                Err(message) => {
+                    return Err(EvalError::BadLine {
+                        path: path.to_path_buf(),
+                        line,
+                        message,
+                    })
+                }
+            }
+        }
+        if ds.rows.is_empty() {
+            let why = if ds.skipped.is_empty() {
+                "no records: the file is empty".to_string()
+            } else {
+                format!("no valid records ({} bad lines skipped)", ds.skipped.len())
+            };
+            return Err(EvalError::BadFile {
+                path: path.to_path_buf(),
+                message: why,
+            });
+        }
+        Ok(ds)
+    }
+
+    fn parse_row(&mut self, text: &str, opts: &LoadOptions) -> Result<Row, String> {
+        let v: Value = serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
+        let obj = v.as_object().ok_or("expected a JSON object")?;
+        let id = str_field(obj, "id")?;
+        if self.index.contains_key(id) {
+            return Err(format!(
+                "field `id`: duplicate id {id:?} (each item must appear once)"
+            ));
+        }
+        let prompt = str_field(obj, "prompt")?;
+        let correct = obj
+            .get("correct")
+            .ok_or("missing field `correct`")?
+            .as_object()
+            .ok_or("field `correct`: expected an object of model name to true/false")?;
+        if correct.is_empty() {
+            return Err("field `correct`: no models".into());
+        }
+        if self.models.is_empty() {
+            self.models = correct.keys().cloned().collect();
+        }
+        let mut row_correct = Vec::with_capacity(self.models.len());
+        for m in &self.models {
+            let c = correct
+                .get(m)
+                .ok_or_else(|| format!("missing field `correct.{m}` (the first record has it)"))?;
+            row_correct.push(
+                c.as_bool().ok_or_else(|| {
+                    format!("field `correct.{m}`: expected true or false, got {c}")
+                })?,
+            );
+        }
+        if let Some(extra) = correct.keys().find(|k| !self.models.contains(k)) {
+            return Err(format!(
+                "field `correct.{extra}`: model not in the first record"
+            ));
+        }
+        let responses = match obj.get("response") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(r)) => Some(r),
+            Some(other) => {
+                return Err(format!("field `response`: expected an object, got {other}"))
+            }
+        };
+        let mut row_response = Vec::with_capacity(self.models.len());
+        for m in &self.models {
+            row_response.push(match responses.and_then(|r| r.get(m)) {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(other) => {
+                    return Err(format!(
+                        "field `response.{m}`: expected a string, got {other}"
+                    ))
+                }
+            });
+        }
+        let mut metadata = BTreeMap::new();
+        for f in &opts.metadata_fields {
+            match obj.get(f) {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) => {
+                    metadata.insert(f.clone(), s.clone());
+                }
+                Some(other) => return Err(format!("field `{f}`: expected a string, got {other}")),
+            }
+        }
+        let mut query = Query::text(id, prompt);
+        query.metadata = metadata;
+        Ok(Row {
+            query,
+            correct: row_correct,
+            response: row_response,
+        })
+    }
+
+    pub fn model_index(&self, name: &str) -> Result<usize, EvalError> {
+        self.models
+            .iter()
+            .position(|m| m == name)
+            .ok_or_else(|| EvalError::BadFile {
+                path: self.path.clone(),
+                message: format!(
+                    "model {name:?} is not in the file (it has: {})",
+                    self.models.join(", ")
+                ),
+            })
+    }
+
+    pub fn row_of(&self, id: &str) -> Option<&Row> {
+        self.index.get(id).and_then(|&i| self.rows.get(i))
+    }
+
+    /// Share of rows the model answered correctly.
+    pub fn quality(&self, model: usize) -> f64 {
+        let n = self
+            .rows
+            .iter()
+            .filter(|r| r.correct.get(model).copied().unwrap_or(false))
+            .count();
+        n as f64 / self.rows.len().max(1) as f64
+    }
+
+    /// Whether every row has a recorded response of `model` (needed by cascade policies).
+    pub fn has_responses(&self, model: usize) -> bool {
+        self.rows
+            .iter()
+            .all(|r| r.response.get(model).is_some_and(Option::is_some))
+    }
+}
+
+fn str_field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a str, String> {
+    match obj.get(name) {
+        None => Err(format!("missing field `{name}`")),
+        Some(Value::String(s)) if s.trim().is_empty() => Err(format!("field `{name}`: empty")),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(format!("field `{name}`: expected a string, got {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, skip_bad: bool) -> Result<Dataset, EvalError> {
+        Dataset::parse(
+            Path::new("t.jsonl"),
+            text.as_bytes(),
+            &LoadOptions {
+                skip_bad,
+                ..Default::default()
+            },
+        )
+    }
+
+    const GOOD: &str =
+        r#"{"id":"a","prompt":"p1","subject":"math","correct":{"w":true,"s":false}}"#;
+
+    #[test]
+    fn reads_rows_and_metadata() {
+        let text = format!(
+            "{GOOD}\n\n{}\n",
+            r#"{"id":"b","prompt":"p2","correct":{"s":true,"w":false},"response":{"w":"x","s":"y"}}"#
+        );
+        let ds = parse(&text, false).unwrap();
+        assert_eq!(ds.models, vec!["s", "w"]);
+        assert_eq!(ds.rows.len(), 2);
+        assert_eq!(
+            ds.rows[0].query.metadata.get("subject").map(String::as_str),
+            Some("math")
+        );
+        assert_eq!(ds.rows[1].correct, vec![true, false]);
+        assert_eq!(ds.rows[1].response[1].as_deref(), Some("x"));
+        assert!((ds.quality(1) - 0.5).abs() < 1e-12);
+        assert!(!ds.has_responses(0));
+    }
+
+    fn err(text: &str) -> String {
+        parse(text, false).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_input_names_line_and_field() {
+        assert_eq!(err(""), "t.jsonl: no records: the file is empty");
+        assert!(err(&format!("{GOOD}\n{{not json")).starts_with("t.jsonl:2: malformed JSON"));
+        assert_eq!(
+            err(r#"{"prompt":"p","correct":{"w":true}}"#),
+            "t.jsonl:1: missing field `id`"
+        );
+        assert_eq!(
+            err(r#"{"id":"a","correct":{"w":true}}"#),
+            "t.jsonl:1: missing field `prompt`"
+        );
+        assert_eq!(
+            err(r#"{"id":"a","prompt":"p"}"#),
+            "t.jsonl:1: missing field `correct`"
+        );
+        assert!(err(&format!(
+            "{GOOD}\n{}",
+            r#"{"id":"b","prompt":"p","correct":{"w":true}}"#
+        ))
+        .starts_with("t.jsonl:2: missing field `correct.s`"));
+        assert!(err(r#"{"id":"a","prompt":"p","correct":{"w":"yes"}}"#)
+            .contains("field `correct.w`: expected true or false"));
+        assert!(err(&format!("{GOOD}\n{GOOD}")).contains("t.jsonl:2: field `id`: duplicate id"));
+        assert!(err("[1,2]").contains("expected a JSON object"));
+        let ds = parse(GOOD, false).unwrap();
+        assert!(ds
+            .model_index("gpt-5")
+            .unwrap_err()
+            .to_string()
+            .contains("model \"gpt-5\" is not in the file"));
+    }
+
+    #[test]
+    fn skip_bad_counts_every_bad_line() {
+        let text = format!("{GOOD}\nnope\n{}\n\u{0}", r#"{"id":"c"}"#);
+        let ds = parse(&text, true).unwrap();
+        assert_eq!(ds.rows.len(), 1);
+        assert_eq!(
+            ds.skipped.iter().map(|b| b.line).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        assert!(parse("nope\n", true)
+            .unwrap_err()
+            .to_string()
+            .contains("no valid records (1 bad lines skipped)"));
+    }
+
+    #[test]
+    fn invalid_utf8_is_a_clear_error() {
+        let e = Dataset::parse(Path::new("t.jsonl"), b"\xff\xfe\n", &LoadOptions::default())
+            .unwrap_err();
+        assert_eq!(e.to_string(), "t.jsonl:1: invalid UTF-8 at byte 0");
+    }
+}

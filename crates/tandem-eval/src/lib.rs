@@ -1,0 +1,16 @@
+//! Evaluation of tandem's policies on recorded answers of real models: replay tiers that answer
+//! from a recorded file, the online runner (each decision made before its outcome is learned), the
+//! side-by-side report with RouteLLM's metrics, and the quality/share plot.
+
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod plot;
+pub mod replay;
+pub mod report;
+pub mod runner;
+
+pub use data::{Dataset, LoadOptions};
+pub use error::EvalError;
+pub use eval::{evaluate, EvalConfig, PolicySpec};
+pub use report::{EvalReport, PolicyRow};

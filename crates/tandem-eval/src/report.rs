@@ -1,0 +1,115 @@
+//! The evaluation table, as text for people and as JSON for scripts (keys are a contract: scripts
+//! outside the project read `policies[].name`, `feedback`, `quality`, `strong_share`, `cost_usd`,
+//! `apgr`, `cpt50`, `cpt80`, `decision_us_p50`, `decision_us_p99`).
+
+use serde::Serialize;
+use std::fmt::Write;
+use tandem_core::metrics::CurvePoint;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyRow {
+    pub name: String,
+    pub feedback: String,
+    pub quality: f64,
+    pub strong_share: f64,
+    pub explore_share: f64,
+    pub cost_usd: f64,
+    pub capped: u64,
+    pub apgr: Option<f64>,
+    pub cpt50: Option<f64>,
+    pub cpt80: Option<f64>,
+    pub decision_us_p50: f64,
+    pub decision_us_p99: f64,
+    pub curve: Vec<CurvePoint>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub data: String,
+    pub items: usize,
+    pub skipped_lines: usize,
+    pub weak: String,
+    pub strong: String,
+    pub q_weak: f64,
+    pub q_strong: f64,
+    pub seed: u64,
+    pub target_share: f64,
+    pub explore: f64,
+    pub grid: usize,
+    pub max_strong_calls: Option<u64>,
+    pub max_usd: Option<f64>,
+    pub policies: Vec<PolicyRow>,
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{:.1}%", 100.0 * v))
+}
+
+impl EvalReport {
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{}: {} items; weak {} ({:.2}%), strong {} ({:.2}%); seed {}; operating share {:.0}%; partial-feedback exploration {:.0}%",
+            self.data,
+            self.items,
+            self.weak,
+            100.0 * self.q_weak,
+            self.strong,
+            100.0 * self.q_strong,
+            self.seed,
+            100.0 * self.target_share,
+            100.0 * self.explore
+        );
+        if self.skipped_lines > 0 {
+            let _ = writeln!(s, "skipped {} bad lines (--skip-bad)", self.skipped_lines);
+        }
+        if self.max_strong_calls.is_some() || self.max_usd.is_some() {
+            let _ = writeln!(
+                s,
+                "hard cap: strong calls {}, spend {}",
+                self.max_strong_calls.map_or("-".into(), |n| n.to_string()),
+                self.max_usd.map_or("-".into(), |d| format!("${d:.4}"))
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:<14} {:<8} {:>8} {:>8} {:>10} {:>7} {:>7} {:>7} {:>9} {:>9}",
+            "policy",
+            "feedback",
+            "quality",
+            "strong",
+            "cost $",
+            "APGR",
+            "CPT50",
+            "CPT80",
+            "dec p50",
+            "dec p99"
+        );
+        for r in &self.policies {
+            let _ = writeln!(
+                s,
+                "{:<14} {:<8} {:>7.2}% {:>7.1}% {:>10.4} {:>7} {:>7} {:>7} {:>7.2}us {:>7.2}us",
+                r.name,
+                r.feedback,
+                100.0 * r.quality,
+                100.0 * r.strong_share,
+                r.cost_usd,
+                r.apgr
+                    .map_or_else(|| "-".to_string(), |a| format!("{a:.3}")),
+                pct(r.cpt50),
+                pct(r.cpt80),
+                r.decision_us_p50,
+                r.decision_us_p99,
+            );
+        }
+        let capped: u64 = self.policies.iter().map(|r| r.capped).sum();
+        if capped > 0 {
+            let _ = writeln!(
+                s,
+                "the hard cap refused {capped} escalations at the operating points"
+            );
+        }
+        s
+    }
+}

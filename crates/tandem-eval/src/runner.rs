@@ -1,0 +1,266 @@
+//! One online pass of a policy over a recorded stream. For every item, in stream order: score,
+//! decide (share target, exploration, hard budget), call the chosen replay tiers, serve an answer,
+//! then reveal outcomes according to the feedback mode and let the policy learn. Nothing a policy
+//! sees about an item depends on its outcome before its decision is made.
+
+use crate::data::Dataset;
+use crate::error::EvalError;
+use crate::replay::ReplayTier;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
+use std::time::Instant;
+use tandem_core::policy::cascade::{CascadeConfig, ResponseCascade};
+use tandem_core::policy::gate::{Gate, GateConfig, Route};
+use tandem_core::policy::router::{GainRouter, RouterConfig};
+use tandem_core::policy::{CascadeScorer, FeedbackMode, Observation, RouteScorer};
+use tandem_core::{Answer, Budget, BudgetLimits, Ledger, Price, Query, Tier};
+
+/// Which policy to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    AlwaysWeak,
+    AlwaysStrong,
+    /// Random routing at the target share.
+    Random,
+    /// Knows the outcomes: strong exactly where it gains. A reference, not a policy.
+    Oracle,
+    /// The learned route-before router.
+    Router,
+    /// The learned cascade-after policy (needs recorded weak responses).
+    Cascade,
+}
+
+#[derive(Debug, Clone)]
+pub struct Models {
+    pub data: Arc<Dataset>,
+    pub weak: usize,
+    pub strong: usize,
+    pub weak_price: Price,
+    pub strong_price: Price,
+    pub default_output_tokens: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub kind: PolicyKind,
+    pub feedback: FeedbackMode,
+    pub target_share: f64,
+    pub explore: f64,
+    pub window: usize,
+    pub seed: u64,
+    pub budget: BudgetLimits,
+    pub router: RouterConfig,
+    pub cascade: CascadeConfig,
+    /// Record the time of every decision (for the operating point; off on curve runs).
+    pub time_decisions: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOutcome {
+    pub items: u64,
+    pub correct: u64,
+    /// Queries on which the strong model was called (explorations included).
+    pub strong_calls: u64,
+    /// Explorations: both models called and paid.
+    pub both_calls: u64,
+    /// Escalations the policy wanted and the budget refused.
+    pub capped: u64,
+    pub ledger: Ledger,
+    pub decision_ns: Vec<u64>,
+}
+
+impl RunOutcome {
+    pub fn quality(&self) -> f64 {
+        self.correct as f64 / self.items.max(1) as f64
+    }
+
+    pub fn strong_share(&self) -> f64 {
+        self.strong_calls as f64 / self.items.max(1) as f64
+    }
+}
+
+enum Scorer {
+    Route(Box<dyn RouteScorer>),
+    Cascade(Box<dyn CascadeScorer>),
+}
+
+/// Scores uniformly at random: with the gate, random routing at the target share.
+struct RandomScorer(ChaCha8Rng);
+
+impl RouteScorer for RandomScorer {
+    fn score(&mut self, _: &Query) -> f32 {
+        self.0.gen()
+    }
+    fn learn(&mut self, _: &Query, _: &Observation) {}
+}
+
+/// Peeks at the outcomes: +1 where only the strong model is right, −1 where only the weak one is.
+struct OracleScorer {
+    data: Arc<Dataset>,
+    weak: usize,
+    strong: usize,
+}
+
+impl RouteScorer for OracleScorer {
+    fn score(&mut self, q: &Query) -> f32 {
+        self.data.row_of(&q.id).map_or(0.0, |r| {
+            f32::from(u8::from(r.correct[self.strong])) - f32::from(u8::from(r.correct[self.weak]))
+        })
+    }
+    fn learn(&mut self, _: &Query, _: &Observation) {}
+}
+
+struct Constant;
+
+impl RouteScorer for Constant {
+    fn score(&mut self, _: &Query) -> f32 {
+        0.0
+    }
+    fn learn(&mut self, _: &Query, _: &Observation) {}
+}
+
+fn outcome(correct: bool) -> Option<f32> {
+    Some(if correct { 1.0 } else { 0.0 })
+}
+
+/// Runs `cfg.kind` over `order` (indices into the dataset's rows). `progress` is told how many
+/// items were done, now and then.
+pub fn run(
+    models: &Models,
+    order: &[usize],
+    cfg: &RunConfig,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<RunOutcome, EvalError> {
+    let data = &models.data;
+    let mut weak = ReplayTier::new(
+        data.clone(),
+        models.weak,
+        models.weak_price,
+        models.default_output_tokens,
+    )?;
+    let mut strong = ReplayTier::new(
+        data.clone(),
+        models.strong,
+        models.strong_price,
+        models.default_output_tokens,
+    )?;
+    let budget = Budget::new(cfg.budget)?;
+    let target = match cfg.kind {
+        PolicyKind::AlwaysWeak => 0.0,
+        PolicyKind::AlwaysStrong => 1.0,
+        _ => cfg.target_share,
+    };
+    let explore = match cfg.feedback {
+        FeedbackMode::Partial => cfg.explore,
+        _ => 0.0,
+    };
+    let mut gate = Gate::new(GateConfig {
+        target_share: target,
+        explore,
+        window: cfg.window,
+        seed: cfg.seed,
+    })?;
+    let mut scorer = match cfg.kind {
+        PolicyKind::AlwaysWeak | PolicyKind::AlwaysStrong => Scorer::Route(Box::new(Constant)),
+        PolicyKind::Random => Scorer::Route(Box::new(RandomScorer(ChaCha8Rng::seed_from_u64(
+            cfg.seed ^ 0x5eed,
+        )))),
+        PolicyKind::Oracle => Scorer::Route(Box::new(OracleScorer {
+            data: data.clone(),
+            weak: models.weak,
+            strong: models.strong,
+        })),
+        PolicyKind::Router => Scorer::Route(Box::new(GainRouter::new(cfg.router)?)),
+        PolicyKind::Cascade => {
+            if !data.has_responses(models.weak) {
+                return Err(EvalError::Invalid(format!(
+                    "the cascade policy needs the weak model's recorded responses; {} has none for {}",
+                    data.path.display(),
+                    data.models[models.weak]
+                )));
+            }
+            Scorer::Cascade(Box::new(ResponseCascade::new(cfg.cascade)?))
+        }
+    };
+
+    let mut out = RunOutcome::default();
+    if cfg.time_decisions {
+        out.decision_ns.reserve(order.len());
+    }
+    for (done, &i) in order.iter().enumerate() {
+        let row = data
+            .rows
+            .get(i)
+            .ok_or_else(|| EvalError::Invalid(format!("row {i} out of range")))?;
+        let q = &row.query;
+        let (w_ok, s_ok) = (row.correct[models.weak], row.correct[models.strong]);
+
+        // The cascade's weak answer exists before its decision; the router decides on the prompt.
+        let weak_first: Option<Answer> = match scorer {
+            Scorer::Cascade(_) => Some(weak.answer(q)?),
+            Scorer::Route(_) => None,
+        };
+        let t0 = Instant::now();
+        let score = match (&mut scorer, &weak_first) {
+            (Scorer::Route(s), _) => s.score(q),
+            (Scorer::Cascade(s), Some(a)) => s.score(q, a),
+            (Scorer::Cascade(_), None) => 0.0,
+        };
+        let decision = gate.decide(score, &budget, strong.estimate_cost(q));
+        if cfg.time_decisions {
+            out.decision_ns.push(t0.elapsed().as_nanos() as u64);
+        }
+
+        let call_weak = decision.route != Route::Strong || weak_first.is_some();
+        let weak_answer = match weak_first {
+            Some(a) => Some(a),
+            None if call_weak => Some(weak.answer(q)?),
+            None => None,
+        };
+        if let Some(a) = &weak_answer {
+            out.ledger.record(weak.id(), a.cost, a.usage);
+        }
+        if let Some(r) = decision.reservation {
+            let a = strong.answer(q)?;
+            budget.settle(r, a.cost);
+            out.ledger.record(strong.id(), a.cost, a.usage);
+            out.strong_calls += 1;
+        }
+        out.capped += u64::from(decision.capped);
+        out.both_calls += u64::from(decision.route == Route::Both);
+        let served_ok = if decision.route == Route::Weak {
+            w_ok
+        } else {
+            s_ok
+        };
+        out.correct += u64::from(served_ok);
+        out.items += 1;
+
+        let observed = match (cfg.feedback, decision.route) {
+            (FeedbackMode::None, _) => Observation::default(),
+            (FeedbackMode::Full, _) | (FeedbackMode::Partial, Route::Both) => Observation {
+                weak: outcome(w_ok),
+                strong: outcome(s_ok),
+            },
+            (FeedbackMode::Partial, Route::Weak) => Observation {
+                weak: outcome(w_ok),
+                strong: None,
+            },
+            (FeedbackMode::Partial, Route::Strong) => Observation {
+                weak: None,
+                strong: outcome(s_ok),
+            },
+        };
+        match (&mut scorer, &weak_answer) {
+            (Scorer::Route(s), _) => s.learn(q, &observed),
+            (Scorer::Cascade(s), Some(a)) => s.learn(q, a, &observed),
+            (Scorer::Cascade(_), None) => {}
+        }
+        if done % 512 == 511 {
+            progress(512);
+        }
+    }
+    progress((order.len() % 512) as u64);
+    Ok(out)
+}
