@@ -7,19 +7,27 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn tandem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tandem")).args(args).output().expect("run tandem")
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .output()
+        .expect("run tandem")
 }
 
 /// `../shared/data/routellm` beside the checkout (CI always has it; a user's clone may not).
 fn shared(file: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("TANDEM_SHARED_DATA").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/routellm")
-    });
+    let dir = std::env::var_os("TANDEM_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/routellm")
+        });
     let p = dir.join(file);
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("skipping: {} is absent (this test needs ../shared)", p.display());
+        eprintln!(
+            "skipping: {} is absent (this test needs ../shared)",
+            p.display()
+        );
         None
     }
 }
@@ -27,11 +35,24 @@ fn shared(file: &str) -> Option<PathBuf> {
 fn eval_json(data: &Path, extra: &[&str]) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.json");
-    let mut args = vec!["eval", "--data", data.to_str().unwrap(), "--json", json.to_str().unwrap()];
+    let mut args = vec![
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let out = tandem(&args);
-    assert!(out.status.success(), "tandem eval failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(dir.path().join("r.svg").exists() && dir.path().join("r.png").exists(), "plot written beside the JSON");
+    assert!(
+        out.status.success(),
+        "tandem eval failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        dir.path().join("r.svg").exists() && dir.path().join("r.png").exists(),
+        "plot written beside the JSON"
+    );
     serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap()
 }
 
@@ -45,16 +66,31 @@ fn row<'a>(r: &'a Value, name: &str, feedback: &str) -> &'a Value {
 }
 
 fn f(v: &Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or_else(|| panic!("{key} is not a number in {v}"))
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {v}"))
 }
 
 #[test]
 fn mmlu_router_beats_routellm_floors() {
-    let Some(data) = shared("mmlu.jsonl") else { return };
+    let Some(data) = shared("mmlu.jsonl") else {
+        return;
+    };
     // No flag but --json: every policy, both feedback modes.
     let r = eval_json(&data, &[]);
     for p in r["policies"].as_array().unwrap() {
-        for key in ["name", "feedback", "quality", "strong_share", "cost_usd", "apgr", "cpt50", "cpt80", "decision_us_p50", "decision_us_p99"] {
+        for key in [
+            "name",
+            "feedback",
+            "quality",
+            "strong_share",
+            "cost_usd",
+            "apgr",
+            "cpt50",
+            "cpt80",
+            "decision_us_p50",
+            "decision_us_p99",
+        ] {
             assert!(p.get(key).is_some(), "row lacks {key}: {p}");
         }
     }
@@ -64,37 +100,76 @@ fn mmlu_router_beats_routellm_floors() {
     // Measured 0.664–0.668 (full) and 0.604–0.616 (partial) over seeds 0–3: floors with margin.
     assert!(f(full, "apgr") >= 0.63, "full APGR {}", full["apgr"]);
     assert!(f(full, "cpt50") <= 0.31, "full CPT50 {}", full["cpt50"]);
-    assert!(f(partial, "apgr") >= 0.57, "partial APGR {}", partial["apgr"]);
-    assert!((f(random, "apgr") - 0.5).abs() < 0.05, "random APGR {}", random["apgr"]);
+    assert!(
+        f(partial, "apgr") >= 0.57,
+        "partial APGR {}",
+        partial["apgr"]
+    );
+    assert!(
+        (f(random, "apgr") - 0.5).abs() < 0.05,
+        "random APGR {}",
+        random["apgr"]
+    );
     assert!(f(row(&r, "oracle", "none"), "apgr") > 1.0);
     assert!(f(partial, "explore_share") > 0.08 && f(partial, "explore_share") < 0.12);
     for p in [full, partial, random] {
-        assert!((f(p, "strong_share") - 0.3).abs() < 0.02, "operating share held: {p}");
+        assert!(
+            (f(p, "strong_share") - 0.3).abs() < 0.02,
+            "operating share held: {p}"
+        );
     }
-    assert!(f(row(&r, "always-strong", "none"), "quality") > f(row(&r, "always-weak", "none"), "quality"));
+    assert!(
+        f(row(&r, "always-strong", "none"), "quality")
+            > f(row(&r, "always-weak", "none"), "quality")
+    );
 }
 
 #[test]
 fn gsm8k_cascade_beats_routellm_best_router() {
-    let Some(data) = shared("gsm8k.jsonl") else { return };
+    let Some(data) = shared("gsm8k.jsonl") else {
+        return;
+    };
     let r = eval_json(&data, &["--policies", "cascade,router:full"]);
     let full = row(&r, "cascade", "full");
     let partial = row(&r, "cascade", "partial");
     // RouteLLM's best published GSM8K router: APGR 0.622, CPT(50%) 33.6%. Measured 0.727–0.733.
-    assert!(f(full, "apgr") >= 0.68, "cascade full APGR {}", full["apgr"]);
-    assert!(f(full, "cpt50") <= 0.28, "cascade full CPT50 {}", full["cpt50"]);
-    assert!(f(partial, "apgr") >= 0.63, "cascade partial APGR {}", partial["apgr"]);
+    assert!(
+        f(full, "apgr") >= 0.68,
+        "cascade full APGR {}",
+        full["apgr"]
+    );
+    assert!(
+        f(full, "cpt50") <= 0.28,
+        "cascade full CPT50 {}",
+        full["cpt50"]
+    );
+    assert!(
+        f(partial, "apgr") >= 0.63,
+        "cascade partial APGR {}",
+        partial["apgr"]
+    );
     // Escalating pays both calls: the cascade costs more than the router at the same share.
     assert!(f(full, "cost_usd") > 0.0);
 }
 
 #[test]
 fn same_seed_same_numbers() {
-    let Some(data) = shared("gsm8k.jsonl") else { return };
-    let args = ["--limit", "400", "--grid", "6", "--policies", "random,router,cascade:partial"];
+    let Some(data) = shared("gsm8k.jsonl") else {
+        return;
+    };
+    let args = [
+        "--limit",
+        "400",
+        "--grid",
+        "6",
+        "--policies",
+        "random,router,cascade:partial",
+    ];
     let strip = |mut v: Value| {
         for p in v["policies"].as_array_mut().unwrap() {
-            p.as_object_mut().unwrap().retain(|k, _| !k.starts_with("decision_us"));
+            p.as_object_mut()
+                .unwrap()
+                .retain(|k, _| !k.starts_with("decision_us"));
         }
         v
     };
@@ -128,7 +203,17 @@ fn tiny_file(dir: &Path) -> PathBuf {
 fn hard_cap_is_never_exceeded() {
     let dir = tempfile::tempdir().unwrap();
     let data = tiny_file(dir.path());
-    let r = eval_json(&data, &["--max-strong-calls", "25", "--grid", "5", "--target-share", "0.5"]);
+    let r = eval_json(
+        &data,
+        &[
+            "--max-strong-calls",
+            "25",
+            "--grid",
+            "5",
+            "--target-share",
+            "0.5",
+        ],
+    );
     assert_eq!(r["max_strong_calls"], 25);
     for p in r["policies"].as_array().unwrap() {
         let calls = (f(p, "strong_share") * 300.0).round();
@@ -139,7 +224,17 @@ fn hard_cap_is_never_exceeded() {
     }
     assert!(row(&r, "always-strong", "none")["capped"].as_u64().unwrap() >= 275);
     // Dollar cap: "call:0.01" a strong call and at most $0.10 → at most 10 calls.
-    let r = eval_json(&data, &["--strong-price", "call:0.01", "--max-usd", "0.1", "--grid", "3"]);
+    let r = eval_json(
+        &data,
+        &[
+            "--strong-price",
+            "call:0.01",
+            "--max-usd",
+            "0.1",
+            "--grid",
+            "3",
+        ],
+    );
     for p in r["policies"].as_array().unwrap() {
         assert!(f(p, "strong_share") * 300.0 <= 10.0 + 1e-9, "{p}");
     }
@@ -166,22 +261,56 @@ fn bad_input_is_a_clear_error() {
     let first = text.lines().next().unwrap();
     let malformed = write("m.jsonl", &format!("{first}\n{{\"id\": \"x\",\n"));
     fails_with(&["eval", "--data", &malformed], "m.jsonl:2: malformed JSON");
-    let missing = write("f.jsonl", &format!("{first}\n{{\"id\":\"y\",\"correct\":{{\"small\":true,\"big\":true}}}}\n"));
-    fails_with(&["eval", "--data", &missing], "f.jsonl:2: missing field `prompt`");
+    let missing = write(
+        "f.jsonl",
+        &format!("{first}\n{{\"id\":\"y\",\"correct\":{{\"small\":true,\"big\":true}}}}\n"),
+    );
+    fails_with(
+        &["eval", "--data", &missing],
+        "f.jsonl:2: missing field `prompt`",
+    );
     let empty = write("e.jsonl", "");
-    fails_with(&["eval", "--data", &empty], "e.jsonl: no records: the file is empty");
+    fails_with(
+        &["eval", "--data", &empty],
+        "e.jsonl: no records: the file is empty",
+    );
     let g = good.to_str().unwrap();
-    fails_with(&["eval", "--data", g, "--weak", "gpt-9"], "model \"gpt-9\" is not in the file (it has: big, small)");
-    fails_with(&["eval", "--data", g, "--max-strong-calls", "0"], "a cap of zero calls");
-    fails_with(&["eval", "--data", g, "--max-usd", "0"], "a cap of zero dollars");
-    fails_with(&["eval", "--data", g, "--target-share", "1.5"], "--target-share 1.5");
-    fails_with(&["eval", "--data", g, "--policies", "cascade"], "needs the weak model's recorded responses");
-    fails_with(&["eval", "--data", g, "--strong-price", "tokens:3"], "--strong-price");
-    fails_with(&["eval", "--data", "/nonexistent/x.jsonl"], "/nonexistent/x.jsonl: cannot read");
+    fails_with(
+        &["eval", "--data", g, "--weak", "gpt-9"],
+        "model \"gpt-9\" is not in the file (it has: big, small)",
+    );
+    fails_with(
+        &["eval", "--data", g, "--max-strong-calls", "0"],
+        "a cap of zero calls",
+    );
+    fails_with(
+        &["eval", "--data", g, "--max-usd", "0"],
+        "a cap of zero dollars",
+    );
+    fails_with(
+        &["eval", "--data", g, "--target-share", "1.5"],
+        "--target-share 1.5",
+    );
+    fails_with(
+        &["eval", "--data", g, "--policies", "cascade"],
+        "needs the weak model's recorded responses",
+    );
+    fails_with(
+        &["eval", "--data", g, "--strong-price", "tokens:3"],
+        "--strong-price",
+    );
+    fails_with(
+        &["eval", "--data", "/nonexistent/x.jsonl"],
+        "/nonexistent/x.jsonl: cannot read",
+    );
 
     // With --skip-bad the bad lines are counted and reported, the rest evaluated.
     let out = tandem(&["eval", "--data", &malformed, "--skip-bad", "--grid", "3"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("skipped 1 bad lines"));
     assert!(String::from_utf8_lossy(&out.stdout).contains("skipped 1 bad lines"));
 }

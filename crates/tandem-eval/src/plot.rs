@@ -44,7 +44,11 @@ fn register_fonts() {
     ONCE.call_once(|| {
         // An embedded, known-good font cannot fail to parse; if it did, text would be missing
         // from the plot, not the numbers from the report.
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        );
     });
 }
 
