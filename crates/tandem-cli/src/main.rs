@@ -1,5 +1,6 @@
 //! The `tandem` command. Parses arguments, wires the library together and prints; nothing else.
 
+mod assets_cmd;
 mod eval_cmd;
 
 use clap::{Parser, Subcommand};
@@ -19,13 +20,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Evaluate routing and cascade policies on a file of recorded model answers.
-    Eval(eval_cmd::EvalArgs),
+    Eval(Box<eval_cmd::EvalArgs>),
+    /// Install or inspect the pinned model weights and data sets.
+    Assets(assets_cmd::AssetsArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Eval(args) => eval_cmd::run(args),
+        Command::Eval(args) => eval_cmd::run(*args),
+        Command::Assets(args) => assets_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

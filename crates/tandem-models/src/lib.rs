@@ -1,0 +1,6 @@
+//! Local model backends: the hashed n-gram learner, the MiniLM encoder with an online head, and
+//! GGUF LLMs run in-process with candle; plus the pinned assets they load.
+
+pub mod assets;
+pub mod gguf;
+pub mod minilm;

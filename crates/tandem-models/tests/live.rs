@@ -1,0 +1,179 @@
+//! Live model paths on the installed assets (SmolLM2-135M and MiniLM: small enough for CI).
+//! Without assets these tests say so and pass, unless TANDEM_REQUIRE_ASSETS=1 (CI sets it).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use tandem_core::Message;
+use tandem_models::assets::Store;
+use tandem_models::gguf::GgufLm;
+use tandem_models::minilm::{cosine, MiniLm};
+
+fn asset(id: &str, file: &str) -> Option<PathBuf> {
+    match Store::default_home().path(id, file) {
+        Ok(p) => Some(p),
+        Err(e) if std::env::var("TANDEM_REQUIRE_ASSETS").is_ok_and(|v| v == "1") => panic!("{e}"),
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn minilm_matches_the_reference_embedding() {
+    let Some(cfg) = asset("minilm", "config.json") else {
+        return;
+    };
+    let mut m = MiniLm::load(cfg.parent().unwrap(), 256).unwrap();
+    let e = m
+        .embed(&[
+            "A man is eating food.",
+            "A man is eating a piece of bread.",
+            "A man is riding a horse.",
+        ])
+        .unwrap();
+    assert_eq!(e.len(), 3);
+    assert_eq!(e[0].len(), 384);
+    let c = cosine(&e[0], &e[1]);
+    assert!((c - 0.755).abs() < 0.01, "cosine {c}");
+    assert!(cosine(&e[0], &e[2]) < c);
+    // Batching pads to the longest sentence: the same sentence alone embeds the same.
+    let alone = m.embed(&["A man is eating food."]).unwrap();
+    assert!(cosine(&alone[0], &e[0]) > 0.9999);
+}
+
+fn user(text: &str) -> Vec<Message> {
+    vec![Message {
+        role: "user".into(),
+        content: text.into(),
+    }]
+}
+
+#[test]
+fn gguf_label_scoring_gives_a_distribution_and_obvious_labels() {
+    let Some(path) = asset("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let lm = GgufLm::load(&path).unwrap();
+    let labels = ["negative".to_string(), "positive".to_string()];
+    let ask = |review: &str| {
+        user(&format!(
+            "Is the sentiment of this movie review positive or negative? Answer with one word.\nReview: {review}"
+        ))
+    };
+    let good = lm
+        .classify(
+            &ask("A wonderful, moving film. I loved every minute of it."),
+            &labels,
+        )
+        .unwrap();
+    let bad = lm
+        .classify(
+            &ask("Awful. Boring, badly acted and far too long. I hated it."),
+            &labels,
+        )
+        .unwrap();
+    for s in [&good, &bad] {
+        let sum: f32 = s.probs.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-4, "probabilities sum to {sum}");
+        assert!(
+            s.logits.iter().all(|l| l.is_finite() && *l <= 0.0),
+            "log-likelihoods {:?}",
+            s.logits
+        );
+    }
+    assert!(
+        good.probs[1] > good.probs[0],
+        "positive review: {:?}",
+        good.probs
+    );
+    assert!(
+        bad.probs[0] > bad.probs[1],
+        "negative review: {:?}",
+        bad.probs
+    );
+}
+
+#[test]
+fn gguf_generation_reports_token_logprobs() {
+    let Some(path) = asset("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let lm = GgufLm::load(&path).unwrap();
+    let g = lm
+        .generate(&user("What is the capital of France?"), 12)
+        .unwrap();
+    assert!(!g.tokens.is_empty());
+    assert_eq!(g.tokens.len(), g.token_logprobs.len());
+    assert!(g.token_logprobs.iter().all(|l| *l <= 0.0 && l.is_finite()));
+    assert!(!g.text.trim().is_empty());
+    // Greedy decoding is deterministic.
+    assert_eq!(
+        lm.generate(&user("What is the capital of France?"), 12)
+            .unwrap(),
+        g
+    );
+    // Multi-token continuations reuse the prompt cache: scoring equals the sum of greedy logprobs.
+    let prompt = lm
+        .chat_prompt(&user("What is the capital of France?"))
+        .unwrap();
+    let (cache, next, _) = lm.prefill(&prompt).unwrap();
+    let lp = lm
+        .score_continuations(&cache, &next, &[g.tokens[..3].to_vec()])
+        .unwrap();
+    let want: f32 = g.token_logprobs[..3].iter().sum();
+    assert!((lp[0] - want).abs() < 1e-2, "{} vs {want}", lp[0]);
+}
+
+#[test]
+fn forward_pass_matches_candles_reference_llama() {
+    use candle_core::{Device, Tensor};
+    use tandem_models::gguf::model::{Cache, Logits};
+    let Some(path) = asset("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let lm = GgufLm::load(&path).unwrap();
+    let ids = lm
+        .tokenizer
+        .encode_prompt(&lm.chat_prompt(&user("Name three colours.")).unwrap())
+        .unwrap();
+    let (ours, _) = lm
+        .model
+        .forward(&ids, &Cache::default(), Logits::Last)
+        .unwrap();
+    let mut f = std::fs::File::open(&path).unwrap();
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        ct,
+        &mut f,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let theirs = reference.forward(&x, 0).unwrap();
+    let a: Vec<f32> = ours.squeeze(0).unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = theirs.squeeze(0).unwrap().to_vec1().unwrap();
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-3, "max logit difference {diff}");
+}
+
+#[test]
+fn corrupt_and_unsupported_gguf_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.gguf");
+    std::fs::write(&p, b"GGUF\x03\x00\x00\x00truncated").unwrap();
+    let e = GgufLm::load(&p).err().unwrap().to_string();
+    assert!(
+        e.contains("bad.gguf") && e.contains("not a readable GGUF file"),
+        "{e}"
+    );
+    let e = MiniLm::load(dir.path(), 128).err().unwrap().to_string();
+    assert!(e.contains("config.json"), "{e}");
+}
