@@ -2,5 +2,6 @@
 //! GGUF LLMs run in-process with candle; plus the pinned assets they load.
 
 pub mod assets;
+pub mod classifier;
 pub mod gguf;
 pub mod minilm;

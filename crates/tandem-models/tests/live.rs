@@ -113,7 +113,8 @@ fn gguf_generation_reports_token_logprobs() {
             .unwrap(),
         g
     );
-    // Multi-token continuations reuse the prompt cache: scoring equals the sum of greedy logprobs.
+    // Multi-token continuations reuse the prompt cache: scoring equals the sum of greedy logprobs
+    // (up to the difference between the f32 multi-token path and the quantized one-token path).
     let prompt = lm
         .chat_prompt(&user("What is the capital of France?"))
         .unwrap();
@@ -122,7 +123,7 @@ fn gguf_generation_reports_token_logprobs() {
         .score_continuations(&cache, &next, &[g.tokens[..3].to_vec()])
         .unwrap();
     let want: f32 = g.token_logprobs[..3].iter().sum();
-    assert!((lp[0] - want).abs() < 1e-2, "{} vs {want}", lp[0]);
+    assert!((lp[0] - want).abs() < 0.15, "{} vs {want}", lp[0]);
 }
 
 #[test]
@@ -132,7 +133,8 @@ fn forward_pass_matches_candles_reference_llama() {
     let Some(path) = asset("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf") else {
         return;
     };
-    let lm = GgufLm::load(&path).unwrap();
+    // Quantized weights only: the same kernels as the reference, so the same numbers.
+    let lm = GgufLm::load_with(&path, false).unwrap();
     let ids = lm
         .tokenizer
         .encode_prompt(&lm.chat_prompt(&user("Name three colours.")).unwrap())
@@ -141,6 +143,13 @@ fn forward_pass_matches_candles_reference_llama() {
         .model
         .forward(&ids, &Cache::default(), Logits::Last)
         .unwrap();
+    // The f32 prefill path computes the same function more exactly (no 8-bit activations).
+    let dense = GgufLm::load_with(&path, true).unwrap();
+    let (d, _) = dense
+        .model
+        .forward(&ids, &Cache::default(), Logits::Last)
+        .unwrap();
+    let d: Vec<f32> = d.squeeze(0).unwrap().to_vec1().unwrap();
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
@@ -162,6 +171,18 @@ fn forward_pass_matches_candles_reference_llama() {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max);
     assert!(diff < 1e-3, "max logit difference {diff}");
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .unwrap()
+            .0
+    };
+    assert_eq!(
+        argmax(&d),
+        argmax(&a),
+        "dense and quantized paths agree on the next token"
+    );
 }
 
 #[test]

@@ -64,12 +64,17 @@ pub struct GgufLm {
 
 impl GgufLm {
     pub fn load(path: &Path) -> Result<Self, GgufError> {
+        Self::load_with(path, true)
+    }
+
+    /// `dense_prefill`: see [`QuantLm::load`].
+    pub fn load_with(path: &Path, dense_prefill: bool) -> Result<Self, GgufError> {
         let mut f = std::fs::File::open(path).map_err(|e| GgufError::Io(path.to_path_buf(), e))?;
         let ct = gguf_file::Content::read(&mut f).map_err(|e| GgufError::Format {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let model = QuantLm::load(path, &ct)?;
+        let model = QuantLm::load(path, &ct, dense_prefill)?;
         let tokenizer = tokenizer::build(&ct)?;
         let tpl = ct
             .metadata
