@@ -78,28 +78,7 @@ pub struct EvalArgs {
 }
 
 fn parse_price(flag: &str, s: &str) -> Result<Price> {
-    let usd = |v: &str| -> Result<u64> {
-        let x: f64 = v
-            .parse()
-            .with_context(|| format!("{flag} {s:?}: {v:?} is not a number"))?;
-        usd_to_micros(x)
-            .with_context(|| format!("{flag} {s:?}: {v:?} must be a non-negative amount"))
-    };
-    let parts: Vec<&str> = s.split(':').collect();
-    match parts.as_slice() {
-        ["call", v] => Ok(Price::Call { micros: usd(v)? }),
-        ["token", v] => Ok(Price::Token {
-            input_per_million: usd(v)?,
-            output_per_million: usd(v)?,
-        }),
-        ["token", i, o] => Ok(Price::Token {
-            input_per_million: usd(i)?,
-            output_per_million: usd(o)?,
-        }),
-        _ => bail!(
-            "{flag} {s:?}: expected `token:IN[:OUT]` (dollars per million tokens) or `call:USD`"
-        ),
-    }
+    Price::parse(s).map_err(|e| anyhow::anyhow!("{flag} {s:?}: {e}"))
 }
 
 fn parse_policies(s: &str, has_responses: bool) -> Result<Vec<PolicySpec>> {

@@ -1,7 +1,9 @@
 //! The `tandem` command. Parses arguments, wires the library together and prints; nothing else.
 
 mod assets_cmd;
+mod demo_cmd;
 mod eval_cmd;
+mod run_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -23,6 +25,10 @@ enum Command {
     Eval(Box<eval_cmd::EvalArgs>),
     /// Install or inspect the pinned model weights and data sets.
     Assets(assets_cmd::AssetsArgs),
+    /// Stream texts through a cascade of local tiers that learn online from the top tier.
+    Run(Box<run_cmd::RunArgs>),
+    /// The default job: movie-review snippets through hashed -> MiniLM -> local LLM (installs assets if needed).
+    Demo(demo_cmd::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +36,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Eval(args) => eval_cmd::run(*args),
         Command::Assets(args) => assets_cmd::run(args),
+        Command::Run(args) => run_cmd::run(*args),
+        Command::Demo(args) => demo_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -67,6 +67,13 @@ impl Budget {
         })
     }
 
+    /// A budget that has already spent `calls` calls and `micros` (e.g. before a restart).
+    pub fn with_spent(limits: BudgetLimits, calls: u64, micros: Micros) -> Result<Self, CoreError> {
+        let b = Budget::new(limits)?;
+        *b.lock() = Spent { calls, micros };
+        Ok(b)
+    }
+
     pub fn unlimited() -> Self {
         Budget {
             limits: BudgetLimits::default(),
@@ -161,6 +168,22 @@ mod tests {
         b.release(r2);
         assert_eq!(b.spent_micros(), 50);
         assert_eq!(b.calls(), 1);
+    }
+
+    #[test]
+    fn restored_budget_keeps_counting() {
+        let b = Budget::with_spent(
+            BudgetLimits {
+                max_calls: Some(3),
+                max_micros: None,
+            },
+            2,
+            20,
+        )
+        .unwrap();
+        assert!(b.try_reserve(1).is_some());
+        assert!(b.try_reserve(1).is_none());
+        assert_eq!(b.spent_micros(), 21);
     }
 
     #[test]

@@ -21,6 +21,30 @@ pub enum Price {
 }
 
 impl Price {
+    /// Parses `call:USD` (dollars a call) or `token:IN[:OUT]` (dollars per million tokens).
+    pub fn parse(s: &str) -> Result<Price, String> {
+        let usd = |v: &str| -> Result<Micros, String> {
+            let x: f64 = v.parse().map_err(|_| format!("{v:?} is not a number"))?;
+            crate::money::usd_to_micros(x)
+                .ok_or_else(|| format!("{v:?} must be a non-negative amount"))
+        };
+        let parts: Vec<&str> = s.split(':').collect();
+        match parts.as_slice() {
+            ["call", v] => Ok(Price::Call { micros: usd(v)? }),
+            ["token", v] => Ok(Price::Token {
+                input_per_million: usd(v)?,
+                output_per_million: usd(v)?,
+            }),
+            ["token", i, o] => Ok(Price::Token {
+                input_per_million: usd(i)?,
+                output_per_million: usd(o)?,
+            }),
+            _ => Err(
+                "expected `token:IN[:OUT]` (dollars per million tokens) or `call:USD`".to_string(),
+            ),
+        }
+    }
+
     pub fn cost(&self, usage: Usage) -> Micros {
         match *self {
             Price::Call { micros } => micros,
@@ -70,5 +94,18 @@ mod tests {
         assert_eq!(estimate_tokens(0), 0);
         assert_eq!(estimate_tokens(1), 1);
         assert_eq!(estimate_tokens(9), 3);
+        assert_eq!(
+            Price::parse("call:0.5"),
+            Ok(Price::Call { micros: 500_000 })
+        );
+        assert_eq!(
+            Price::parse("token:1:2"),
+            Ok(Price::Token {
+                input_per_million: 1_000_000,
+                output_per_million: 2_000_000
+            })
+        );
+        assert!(Price::parse("token:-1").is_err());
+        assert!(Price::parse("tokens:1").is_err());
     }
 }

@@ -246,11 +246,14 @@ impl MiniLmHead {
 
 impl Classifier for MiniLmHead {
     fn prepare(&mut self, texts: &[&str]) -> Result<(), ModelError> {
-        let todo: Vec<&str> = texts
+        let mut todo: Vec<&str> = texts
             .iter()
             .copied()
             .filter(|t| !self.ready.contains_key(*t))
             .collect();
+        // Batches of similar length waste little on padding to the longest.
+        todo.sort_by_key(|t| t.len());
+        todo.dedup();
         for chunk in todo.chunks(self.batch) {
             let t0 = Instant::now();
             let embs = self.encoder.embed(chunk)?;

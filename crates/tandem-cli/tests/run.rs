@@ -1,0 +1,206 @@
+//! `tandem run` end to end on the installed assets (SmolLM2-135M as the top tier, so it is quick):
+//! record -> replay gives identical decisions; an interrupted run resumed from its checkpoint
+//! gives exactly the answers of an uninterrupted one, none lost or repeated; bad input is named.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+use tandem_models::assets::{find, Store};
+
+fn tandem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .output()
+        .expect("run tandem")
+}
+
+fn have_assets() -> bool {
+    let store = Store::default_home();
+    let ok = ["smollm2-135m", "snippets"]
+        .iter()
+        .all(|id| store.is_installed(find(id).unwrap()));
+    if !ok {
+        assert!(
+            std::env::var("TANDEM_REQUIRE_ASSETS").map_or(true, |v| v != "1"),
+            "assets missing: run scripts/setup"
+        );
+        eprintln!("skipping: assets smollm2-135m and snippets are not installed (scripts/setup)");
+    }
+    ok
+}
+
+fn config(dir: &Path, recording: &Path) -> String {
+    let text = format!(
+        r#"labels = ["negative", "positive"]
+[[tier]]
+name = "hashed"
+kind = "hashed"
+threshold = 0.8
+warmup = 10
+[[tier]]
+name = "smol"
+kind = "gguf"
+asset = "smollm2-135m"
+instruction = "Is the sentiment of this movie review positive or negative? Answer with one word.\nReview: {{text}}"
+price = "call:0.001"
+recording = "{}"
+"#,
+        recording.display()
+    );
+    let p = dir.join("c.toml");
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "tandem failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn lines(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn record_replay_and_resume() {
+    if !have_assets() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
+    let cfg = config(dir.path(), &rec);
+    let d = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+    let (a_out, a_json, sa, b_out, c_out, sc) = (
+        d("a.jsonl"),
+        d("a.json"),
+        d("sa"),
+        d("b.jsonl"),
+        d("c.jsonl"),
+        d("sc"),
+    );
+
+    // An uninterrupted run of 60 items records the LLM's answers.
+    let full = [
+        "run",
+        "--config",
+        &cfg,
+        "--input",
+        "snippets",
+        "--limit",
+        "60",
+        "--checkpoint-every",
+        "7",
+    ];
+    let mut a = full.to_vec();
+    a.extend(["--out", &a_out, "--json", &a_json, "--state", &sa]);
+    ok(&tandem(&a));
+    let first = lines(&dir.path().join("a.jsonl"));
+    assert_eq!(first.len(), 60);
+    let recorded = std::fs::read_to_string(&rec).unwrap().lines().count();
+    assert!(recorded > 0 && recorded <= 60);
+
+    // Replaying the recording gives identical decisions.
+    let mut b = full.to_vec();
+    b.extend(["--out", &b_out]);
+    ok(&tandem(&b));
+    assert_eq!(lines(&dir.path().join("b.jsonl")), first);
+    assert_eq!(
+        std::fs::read_to_string(&rec).unwrap().lines().count(),
+        recorded,
+        "nothing recomputed"
+    );
+
+    // Interrupted after 25 items, then resumed to 60: the same 60 answers, each once, in order.
+    let c = [
+        "run",
+        "--config",
+        &cfg,
+        "--input",
+        "snippets",
+        "--checkpoint-every",
+        "7",
+        "--out",
+        &c_out,
+        "--state",
+        &sc,
+    ];
+    let mut c1 = c.to_vec();
+    c1.extend(["--limit", "25"]);
+    ok(&tandem(&c1));
+    // Simulate a crash after the checkpoint: a half-written answer beyond it must not survive.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("c.jsonl"))
+        .map(|mut f| {
+            use std::io::Write;
+            f.write_all(b"{\"id\":\"partial").unwrap();
+        })
+        .unwrap();
+    let mut c2 = c.to_vec();
+    c2.extend(["--limit", "60", "--resume"]);
+    ok(&tandem(&c2));
+    assert_eq!(lines(&dir.path().join("c.jsonl")), first);
+
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("a.json")).unwrap()).unwrap();
+    assert_eq!(report["items"], 60);
+    let tiers = report["tiers"].as_array().unwrap();
+    let share: f64 = tiers.iter().map(|t| t["share"].as_f64().unwrap()).sum();
+    assert!((share - 1.0).abs() < 1e-9);
+    assert!(report["accuracy"].as_f64().is_some() && report["top_share"].as_f64().unwrap() > 0.0);
+
+    // A resume with another configuration is refused.
+    let other = config(dir.path(), &dir.path().join("other.jsonl"));
+    let out = tandem(&[
+        "run", "--config", &other, "--input", "snippets", "--state", &sc, "--resume", "--limit",
+        "70",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another configuration"));
+}
+
+#[test]
+fn bad_configs_and_inputs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &dir.path().join("r.jsonl"));
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        text.replace("warmup = 10", "warmup = 10\ncolour = \"red\""),
+    )
+    .unwrap();
+    let out = tandem(&["run", "--config", bad.to_str().unwrap(), "--check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bad.toml") && err.contains("unknown field `colour`"),
+        "{err}"
+    );
+
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"text\":\"fine\",\"label\":\"positive\"}\n{\"text\":\"meh\",\"label\":\"neutral\"}\n",
+    )
+    .unwrap();
+    let out = tandem(&["run", "--config", &cfg, "--input", input.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if have_assets() {
+        assert!(
+            !out.status.success() && err.contains("in.jsonl:2: field `label`: \"neutral\""),
+            "{err}"
+        );
+        ok(&tandem(&["run", "--config", &cfg, "--check"]));
+    }
+    let out = tandem(&["run", "--config", &cfg, "--input", "no-such-dataset"]);
+    assert!(!out.status.success());
+}

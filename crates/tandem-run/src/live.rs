@@ -1,0 +1,348 @@
+//! The live cascade: item by item, cheap tiers first; a cheap tier answers when it has learned
+//! enough and is confident; otherwise the next tier is asked, up to the top tier, whose answer every
+//! cheap tier then learns from. The top tier's calls go through the hard budget; when it refuses,
+//! the most capable cheap tier that ran answers instead.
+
+use crate::error::{io, RunError};
+use crate::stream::Stream;
+use crate::tiers::{TierModel, TierSetup};
+use serde::{Deserialize, Serialize};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use tandem_core::money::micros_to_usd;
+use tandem_core::tier::estimate_tokens;
+use tandem_core::{Budget, BudgetLimits, Usage};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TierStats {
+    pub name: String,
+    /// Items this tier answered.
+    pub answered: u64,
+    /// Items this tier predicted on (answered or deferred).
+    pub predicted: u64,
+    /// Of the predicted items with a gold label: how many, and how many right.
+    pub with_gold: u64,
+    pub correct: u64,
+    /// Items on which the top tier also answered: how many, and how often this tier agreed.
+    pub with_top: u64,
+    pub agree_top: u64,
+    pub compute_us: u64,
+    pub cost_micros: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunState {
+    pub items_done: u64,
+    pub output_bytes: u64,
+    pub last_id: Option<String>,
+    pub with_gold: u64,
+    pub correct: u64,
+    /// Top-tier escalations the budget refused.
+    pub budget_refused: u64,
+    pub tiers: Vec<TierStats>,
+    /// Per item: the tier that answered and whether it was right (-1 unknown).
+    pub history: Vec<(u8, i8)>,
+    /// Digest of the configuration, so a resume with another cascade is refused.
+    pub config_digest: String,
+    pub top_calls: u64,
+    pub top_spent_micros: u64,
+}
+
+pub struct RunOptions {
+    pub output: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub resume: bool,
+    pub checkpoint_every: u64,
+    pub lookahead: usize,
+}
+
+/// What the progress display shows after each item.
+pub struct Progress<'a> {
+    pub done: u64,
+    pub total: u64,
+    pub state: &'a RunState,
+}
+
+#[derive(Serialize)]
+struct AnswerLine<'a> {
+    id: &'a str,
+    answer: &'a str,
+    tier: &'a str,
+    confidence: f32,
+    cost_usd: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gold: Option<&'a str>,
+}
+
+pub fn run(
+    stream: &Stream,
+    labels: &[String],
+    tiers: &mut [TierSetup],
+    budget_limits: BudgetLimits,
+    config_digest: &str,
+    opts: &RunOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<RunState, RunError> {
+    let top = tiers.len() - 1;
+    let mut state = RunState {
+        tiers: tiers
+            .iter()
+            .map(|t| TierStats {
+                name: t.name.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        config_digest: config_digest.to_string(),
+        ..Default::default()
+    };
+    if opts.resume {
+        let dir = opts
+            .state_dir
+            .as_deref()
+            .ok_or_else(|| RunError::Invalid("--resume needs --state DIR".into()))?;
+        state = load_state(dir, tiers, config_digest, stream)?;
+    }
+    // The budget continues from what was spent before a resume.
+    let budget = Budget::with_spent(budget_limits, state.top_calls, state.top_spent_micros)?;
+    let mut out = match &opts.output {
+        Some(p) => Some((
+            p.clone(),
+            open_output(p, opts.resume.then_some(state.output_bytes))?,
+        )),
+        None => None,
+    };
+    let total = stream.items.len() as u64;
+    let start = state.items_done as usize;
+    let mut since_checkpoint = 0u64;
+    for (pos, item) in stream.items.iter().enumerate().skip(start) {
+        if pos % opts.lookahead.max(1) == 0 || pos == start {
+            let ahead: Vec<&str> = stream.items
+                [pos..(pos + opts.lookahead.max(1)).min(stream.items.len())]
+                .iter()
+                .map(|i| i.text.as_str())
+                .collect();
+            for t in tiers[..top].iter_mut() {
+                t.model.classifier().prepare(&ahead)?;
+            }
+        }
+        let usage = Usage {
+            input_tokens: estimate_tokens(item.text.chars().count()),
+            output_tokens: 1,
+        };
+        let mut answer: Option<(usize, usize, f32)> = None; // (tier, label, confidence)
+        let mut fallback: Option<(usize, usize, f32)> = None;
+        let mut preds: Vec<Option<usize>> = vec![None; tiers.len()];
+        for (i, t) in tiers.iter_mut().enumerate() {
+            let is_top = i == top;
+            let reservation = if is_top {
+                match budget.try_reserve(t.price.cost(usage)) {
+                    Some(r) => Some(r),
+                    None => {
+                        state.budget_refused += 1;
+                        break;
+                    }
+                }
+            } else {
+                None
+            };
+            let p = t.model.classifier().predict(&item.text)?;
+            let cost = t.price.cost(usage);
+            if let Some(r) = reservation {
+                budget.settle(r, cost);
+                state.top_calls += 1;
+                state.top_spent_micros += cost;
+            }
+            let s = &mut state.tiers[i];
+            s.predicted += 1;
+            s.compute_us += p.compute.as_micros() as u64;
+            s.cost_micros += cost;
+            if let Some(g) = item.gold {
+                s.with_gold += 1;
+                s.correct += u64::from(p.label() == g);
+            }
+            preds[i] = Some(p.label());
+            let confident =
+                p.confidence() >= t.threshold && t.model.classifier().updates() >= t.warmup;
+            if is_top || confident {
+                answer = Some((i, p.label(), p.confidence()));
+                break;
+            }
+            fallback = Some((i, p.label(), p.confidence()));
+        }
+        let (tier, label, confidence) = match answer.or(fallback) {
+            Some(a) => a,
+            None => return Err(RunError::Invalid("no tier answered".into())),
+        };
+        if tier == top {
+            // The top tier's label teaches every cheap tier (and measures their agreement).
+            for (i, t) in tiers[..top].iter_mut().enumerate() {
+                if let Some(p) = preds[i] {
+                    state.tiers[i].with_top += 1;
+                    state.tiers[i].agree_top += u64::from(p == label);
+                }
+                t.model.classifier().learn(&item.text, label, 1.0)?;
+            }
+        } else {
+            for t in tiers[..top].iter_mut() {
+                t.model.classifier().forget(&item.text);
+            }
+        }
+        state.tiers[tier].answered += 1;
+        let right = item.gold.map(|g| g == label);
+        if let Some(r) = right {
+            state.with_gold += 1;
+            state.correct += u64::from(r);
+        }
+        state.history.push((tier as u8, right.map_or(-1, i8::from)));
+        state.items_done += 1;
+        state.last_id = Some(item.id.clone());
+        if let Some((path, w)) = &mut out {
+            let line = AnswerLine {
+                id: &item.id,
+                answer: labels.get(label).map_or("", String::as_str),
+                tier: &tiers[tier].name,
+                confidence,
+                cost_usd: micros_to_usd(cost_of(tiers, &preds, usage)),
+                gold: item.gold.and_then(|g| labels.get(g)).map(String::as_str),
+            };
+            let mut s = serde_json::to_string(&line).unwrap_or_default();
+            s.push('\n');
+            w.write_all(s.as_bytes()).map_err(io(path))?;
+            state.output_bytes += s.len() as u64;
+        }
+        progress(&Progress {
+            done: state.items_done,
+            total,
+            state: &state,
+        });
+        since_checkpoint += 1;
+        if since_checkpoint >= opts.checkpoint_every {
+            checkpoint(&mut state, tiers, &mut out, opts)?;
+            since_checkpoint = 0;
+        }
+    }
+    checkpoint(&mut state, tiers, &mut out, opts)?;
+    Ok(state)
+}
+
+fn cost_of(tiers: &[TierSetup], preds: &[Option<usize>], usage: Usage) -> u64 {
+    tiers
+        .iter()
+        .zip(preds)
+        .filter(|(_, p)| p.is_some())
+        .map(|(t, _)| t.price.cost(usage))
+        .sum()
+}
+
+fn open_output(path: &Path, resume_at: Option<u64>) -> Result<BufWriter<std::fs::File>, RunError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let f = match resume_at {
+        Some(bytes) => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(io(path))?;
+            // Lines written after the last checkpoint are dropped: those items run again.
+            f.set_len(bytes).map_err(io(path))?;
+            let mut f = f;
+            use std::io::Seek;
+            f.seek(std::io::SeekFrom::End(0)).map_err(io(path))?;
+            f
+        }
+        None => std::fs::File::create(path).map_err(io(path))?,
+    };
+    Ok(BufWriter::new(f))
+}
+
+fn tier_file(dir: &Path, name: &str) -> PathBuf {
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    dir.join(format!("tier-{safe}.bin"))
+}
+
+/// Flushes the answers, saves every learner, then the state (atomically, last), so a state file
+/// never points past what is on disk.
+fn checkpoint(
+    state: &mut RunState,
+    tiers: &mut [TierSetup],
+    out: &mut Option<(PathBuf, BufWriter<std::fs::File>)>,
+    opts: &RunOptions,
+) -> Result<(), RunError> {
+    if let Some((path, w)) = out {
+        w.flush().map_err(io(path))?;
+        w.get_ref().sync_data().map_err(io(path))?;
+    }
+    for t in tiers.iter_mut() {
+        if let TierModel::Llm(l) = &mut t.model {
+            l.flush()?;
+        }
+    }
+    let Some(dir) = &opts.state_dir else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    for t in tiers.iter() {
+        if let TierModel::Learner(c) = &t.model {
+            c.save(&tier_file(dir, &t.name))?;
+        }
+    }
+    let path = dir.join("state.json");
+    let tmp = dir.join("state.json.tmp");
+    let text = serde_json::to_vec(state).map_err(|e| RunError::Invalid(e.to_string()))?;
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(&text).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))
+}
+
+fn load_state(
+    dir: &Path,
+    tiers: &mut [TierSetup],
+    digest: &str,
+    stream: &Stream,
+) -> Result<RunState, RunError> {
+    let path = dir.join("state.json");
+    let text = std::fs::read(&path).map_err(io(&path))?;
+    let state: RunState = serde_json::from_slice(&text).map_err(|e| {
+        RunError::Invalid(format!("{}: not a tandem run state: {e}", path.display()))
+    })?;
+    if state.config_digest != digest {
+        return Err(RunError::Invalid(format!(
+            "{}: was written by a run with another configuration; start a new run (without --resume) or use the same config",
+            path.display()
+        )));
+    }
+    let done = state.items_done as usize;
+    if done > stream.items.len() {
+        return Err(RunError::Invalid(format!(
+            "{}: {} items done, but the stream has only {}",
+            path.display(),
+            done,
+            stream.items.len()
+        )));
+    }
+    if done > 0 && stream.items.get(done - 1).map(|i| &i.id) != state.last_id.as_ref() {
+        return Err(RunError::Invalid(format!(
+            "{}: the stream differs from the one this run was started on (item {} is not {:?}); resume with the same input and --seed",
+            path.display(),
+            done,
+            state.last_id
+        )));
+    }
+    for t in tiers.iter_mut() {
+        if let TierModel::Learner(c) = &mut t.model {
+            c.load(&tier_file(dir, &t.name))?;
+        }
+    }
+    Ok(state)
+}

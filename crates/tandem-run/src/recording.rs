@@ -1,0 +1,180 @@
+//! Recorded answers of an LLM tier, keyed by the model file's sha256 and the exact prompt, so a
+//! recording made with another model or another instruction is never reused: it simply misses.
+//! Hits are replayed (with the compute time measured when they were recorded); misses run the
+//! model, loaded on the first miss, and are appended.
+
+use crate::error::{io, RunError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tandem_models::classifier::{Classifier, LlmClassifier, ModelError, Prediction};
+use tandem_models::gguf::GgufLm;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordedAnswer {
+    pub key: String,
+    pub model_sha256: String,
+    pub label: usize,
+    pub probs: Vec<f32>,
+    pub logits: Vec<f32>,
+    pub compute_us: u64,
+}
+
+pub struct RecordingLlm {
+    model_path: PathBuf,
+    model_sha256: String,
+    instruction: String,
+    verbalizers: Vec<String>,
+    inner: Option<LlmClassifier>,
+    entries: HashMap<String, Prediction>,
+    out: Option<(PathBuf, BufWriter<std::fs::File>)>,
+    pub hits: u64,
+    pub misses: u64,
+    /// Entries of the recording made with another model file.
+    pub stale: u64,
+}
+
+impl RecordingLlm {
+    pub fn new(
+        model_path: PathBuf,
+        model_sha256: String,
+        instruction: String,
+        verbalizers: Vec<String>,
+        recording: Option<&Path>,
+    ) -> Result<Self, RunError> {
+        let mut r = RecordingLlm {
+            model_path,
+            model_sha256,
+            instruction,
+            verbalizers,
+            inner: None,
+            entries: HashMap::new(),
+            out: None,
+            hits: 0,
+            misses: 0,
+            stale: 0,
+        };
+        if let Some(path) = recording {
+            if path.exists() {
+                r.read(path)?;
+            }
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(io(dir))?;
+            }
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(io(path))?;
+            r.out = Some((path.to_path_buf(), BufWriter::new(f)));
+        }
+        Ok(r)
+    }
+
+    fn read(&mut self, path: &Path) -> Result<(), RunError> {
+        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let a: RecordedAnswer = serde_json::from_str(line).map_err(|e| RunError::Input {
+                source_name: path.display().to_string(),
+                line: i + 1,
+                message: format!("not a recorded answer: {e}"),
+            })?;
+            if a.model_sha256 != self.model_sha256 {
+                self.stale += 1;
+                continue;
+            }
+            self.entries.insert(
+                a.key,
+                Prediction {
+                    probs: a.probs,
+                    logits: a.logits,
+                    compute: Duration::from_micros(a.compute_us),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    pub fn key(&self, text: &str) -> String {
+        let mut h = Sha256::new();
+        h.update(self.model_sha256.as_bytes());
+        h.update(b"\n");
+        h.update(self.instruction.replace("{text}", text).as_bytes());
+        h.update(b"\n");
+        h.update(self.verbalizers.join("\u{1f}").as_bytes());
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn model(&mut self) -> Result<&mut LlmClassifier, ModelError> {
+        if self.inner.is_none() {
+            let lm = GgufLm::load(&self.model_path)?;
+            self.inner = Some(LlmClassifier::new(
+                lm,
+                self.instruction.clone(),
+                self.verbalizers.clone(),
+            ));
+        }
+        match self.inner.as_mut() {
+            Some(m) => Ok(m),
+            None => Err(ModelError::Checkpoint {
+                path: self.model_path.display().to_string(),
+                message: "model not loaded".into(),
+            }),
+        }
+    }
+
+    pub fn flush(&mut self) -> Result<(), RunError> {
+        if let Some((path, w)) = &mut self.out {
+            w.flush().map_err(io(path))?;
+        }
+        Ok(())
+    }
+}
+
+impl Classifier for RecordingLlm {
+    fn predict(&mut self, text: &str) -> Result<Prediction, ModelError> {
+        let key = self.key(text);
+        if let Some(p) = self.entries.get(&key) {
+            self.hits += 1;
+            return Ok(p.clone());
+        }
+        self.misses += 1;
+        let p = self.model()?.predict(text)?;
+        if let Some((path, w)) = &mut self.out {
+            let a = RecordedAnswer {
+                key: key.clone(),
+                model_sha256: self.model_sha256.clone(),
+                label: p.label(),
+                probs: p.probs.clone(),
+                logits: p.logits.clone(),
+                compute_us: p.compute.as_micros() as u64,
+            };
+            let line = serde_json::to_string(&a).unwrap_or_default();
+            writeln!(w, "{line}").map_err(|e| ModelError::Checkpoint {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        }
+        self.entries.insert(key, p.clone());
+        Ok(p)
+    }
+
+    fn learn(&mut self, _: &str, _: usize, _: f32) -> Result<(), ModelError> {
+        Ok(())
+    }
+
+    fn learns(&self) -> bool {
+        false
+    }
+
+    fn updates(&self) -> u64 {
+        0
+    }
+}
