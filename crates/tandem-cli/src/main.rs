@@ -3,6 +3,7 @@
 mod assets_cmd;
 mod demo_cmd;
 mod eval_cmd;
+mod record_cmd;
 mod run_cmd;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,8 @@ enum Command {
     Assets(assets_cmd::AssetsArgs),
     /// Stream texts through a cascade of local tiers that learn online from the top tier.
     Run(Box<run_cmd::RunArgs>),
+    /// Record an LLM tier's answers over a dataset, for fast and repeatable reruns.
+    Record(record_cmd::RecordArgs),
     /// The default job: movie-review snippets through hashed -> MiniLM -> local LLM (installs assets if needed).
     Demo(demo_cmd::DemoArgs),
 }
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Command::Assets(args) => assets_cmd::run(args),
         Command::Run(args) => run_cmd::run(*args),
         Command::Demo(args) => demo_cmd::run(args),
+        Command::Record(args) => record_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -195,6 +195,18 @@ fn corrupt_and_unsupported_gguf_are_clear_errors() {
         e.contains("bad.gguf") && e.contains("not a readable GGUF file"),
         "{e}"
     );
+    // A well-formed GGUF of an architecture tandem does not run.
+    let other = dir.path().join("falcon.gguf");
+    let arch = candle_core::quantized::gguf_file::Value::String("falcon".into());
+    let mut f = std::fs::File::create(&other).unwrap();
+    candle_core::quantized::gguf_file::write(&mut f, &[("general.architecture", &arch)], &[])
+        .unwrap();
+    drop(f);
+    let e = GgufLm::load(&other).err().unwrap().to_string();
+    assert!(
+        e.contains("architecture \"falcon\" is not supported (supported: llama, qwen2)"),
+        "{e}"
+    );
     let e = MiniLm::load(dir.path(), 128).err().unwrap().to_string();
     assert!(e.contains("config.json"), "{e}");
 }

@@ -35,7 +35,7 @@ pub fn build(cfg: &RunConfig, store: &Store) -> Result<Vec<TierSetup>, RunError>
     cfg.tiers.iter().map(|t| build_one(cfg, t, store)).collect()
 }
 
-fn build_one(cfg: &RunConfig, t: &TierConfig, store: &Store) -> Result<TierSetup, RunError> {
+pub fn build_one(cfg: &RunConfig, t: &TierConfig, store: &Store) -> Result<TierSetup, RunError> {
     let classes = cfg.labels.len();
     let model = match t.kind {
         TierKind::Hashed => {
