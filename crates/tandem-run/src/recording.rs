@@ -36,6 +36,8 @@ pub struct RecordingLlm {
     pub misses: u64,
     /// Entries of the recording made with another model file.
     pub stale: u64,
+    /// The recording ended in a torn line (an interrupted write), which was dropped.
+    pub torn: bool,
 }
 
 impl RecordingLlm {
@@ -57,6 +59,7 @@ impl RecordingLlm {
             hits: 0,
             misses: 0,
             stale: 0,
+            torn: false,
         };
         if let Some(path) = recording {
             if path.exists() {
@@ -77,7 +80,27 @@ impl RecordingLlm {
 
     fn read(&mut self, path: &Path) -> Result<(), RunError> {
         let text = std::fs::read_to_string(path).map_err(io(path))?;
-        for (i, line) in text.lines().enumerate() {
+        // A run killed mid-write leaves a last line without its newline: drop that torn tail (it is
+        // recomputed), but nothing else.
+        let complete = match text.rfind('\n') {
+            Some(end) if end + 1 < text.len() => {
+                self.torn = true;
+                end + 1
+            }
+            Some(_) => text.len(),
+            None => {
+                self.torn = !text.is_empty();
+                0
+            }
+        };
+        if self.torn {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(io(path))?;
+            f.set_len(complete as u64).map_err(io(path))?;
+        }
+        for (i, line) in text[..complete].lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
@@ -176,5 +199,88 @@ impl Classifier for RecordingLlm {
 
     fn updates(&self) -> u64 {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, sha: &str) -> String {
+        serde_json::to_string(&RecordedAnswer {
+            key: key.into(),
+            model_sha256: sha.into(),
+            label: 1,
+            probs: vec![0.2, 0.8],
+            logits: vec![-2.0, -0.5],
+            compute_us: 7,
+        })
+        .unwrap()
+    }
+
+    fn open(path: &Path) -> RecordingLlm {
+        RecordingLlm::new(
+            PathBuf::from("/nonexistent.gguf"),
+            "abc".into(),
+            "Say {text}".into(),
+            vec!["n".into(), "p".into()],
+            Some(path),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn replays_hits_skips_stale_entries_and_drops_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rec.jsonl");
+        let probe = open(&dir.path().join("probe.jsonl"));
+        let key = probe.key("hello");
+        std::fs::write(
+            &path,
+            format!(
+                "{}\n{}\n{{\"key\":\"tor",
+                entry(&key, "abc"),
+                entry(&key, "other-model")
+            ),
+        )
+        .unwrap();
+        let mut r = open(&path);
+        assert!(r.torn);
+        assert_eq!(r.stale, 1);
+        let p = r.predict("hello").unwrap();
+        assert_eq!(
+            (p.probs.clone(), p.compute),
+            (vec![0.2, 0.8], Duration::from_micros(7))
+        );
+        assert_eq!((r.hits, r.misses), (1, 0));
+        // A miss needs the model, which is not there: a clear error, not a silent answer.
+        assert!(r.predict("something else").is_err());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.ends_with('\n') && !text.contains("tor\""),
+            "torn tail removed"
+        );
+        // The key covers the model, the prompt and the labels.
+        assert_ne!(probe.key("hello"), probe.key("hello!"));
+    }
+
+    #[test]
+    fn a_corrupt_line_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rec.jsonl");
+        std::fs::write(&path, "{\"key\": 1}\n").unwrap();
+        let e = RecordingLlm::new(
+            PathBuf::from("/x.gguf"),
+            "abc".into(),
+            "{text}".into(),
+            vec![],
+            Some(&path),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            e.to_string().contains("rec.jsonl:1: not a recorded answer"),
+            "{e}"
+        );
     }
 }
