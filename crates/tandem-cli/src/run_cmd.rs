@@ -139,10 +139,12 @@ pub fn run_with(a: &RunArgs, cfg: RunConfig, config_text: &str) -> Result<RunRep
             ));
         }
     };
+    let mut policy = live::policy_from(&cfg, a.seed)?;
     let state = live::run(
         &s,
         &cfg.labels,
         &mut tiers,
+        &mut policy,
         limits,
         &digest(config_text, a),
         &opts,

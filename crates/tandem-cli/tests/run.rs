@@ -169,6 +169,55 @@ fn record_replay_and_resume() {
 }
 
 #[test]
+fn ocl_policy_learns_deferral_and_resumes_exactly() {
+    if !have_assets() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(config(dir.path(), &dir.path().join("rec.jsonl"))).unwrap();
+    let cfg = dir.path().join("ocl.toml");
+    std::fs::write(
+        &cfg,
+        base.replace("warmup = 10", "warmup = 5")
+            + "[policy]\nkind = \"ocl\"\ntarget_top_share = 0.5\n",
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap().to_string();
+    let d = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+    let (a_out, a_json, b_out, sb) = (d("a.jsonl"), d("a.json"), d("b.jsonl"), d("sb"));
+    let common = [
+        "run",
+        "--config",
+        &cfg,
+        "--input",
+        "snippets",
+        "--checkpoint-every",
+        "9",
+    ];
+    let mut a = common.to_vec();
+    a.extend(["--limit", "80", "--out", &a_out, "--json", &a_json]);
+    ok(&tandem(&a));
+    let report: Value = serde_json::from_slice(&std::fs::read(&a_json).unwrap()).unwrap();
+    let top = report["top_share"].as_f64().unwrap();
+    assert!(
+        top < 1.0,
+        "the cheap tier answered some items: top share {top}"
+    );
+    // Interrupted at 30, resumed to 80: the deferral models come back from the checkpoint.
+    let mut b1 = common.to_vec();
+    b1.extend(["--limit", "30", "--out", &b_out, "--state", &sb]);
+    ok(&tandem(&b1));
+    assert!(dir.path().join("sb/deferral.bin").exists());
+    let mut b2 = common.to_vec();
+    b2.extend(["--limit", "80", "--out", &b_out, "--state", &sb, "--resume"]);
+    ok(&tandem(&b2));
+    assert_eq!(
+        lines(&dir.path().join("b.jsonl")),
+        lines(&dir.path().join("a.jsonl"))
+    );
+}
+
+#[test]
 fn bad_configs_and_inputs_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &dir.path().join("r.jsonl"));

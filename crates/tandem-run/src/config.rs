@@ -61,6 +61,14 @@ pub struct TierConfig {
 pub struct PolicyConfig {
     #[serde(default)]
     pub kind: PolicyKind,
+    /// OCL: the price of deferring relative to a disagreement with the top tier.
+    pub mu: Option<f64>,
+    /// OCL: hold this share of items reaching the top tier by adapting μ online.
+    pub target_top_share: Option<f64>,
+    /// OCL: initial exploration probability (decays with updates).
+    pub explore: Option<f64>,
+    /// Temperature of the energy signal E(x) = −T·logsumexp(f(x)/T).
+    pub temperature: Option<f32>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -69,6 +77,8 @@ pub enum PolicyKind {
     /// Each cheap tier answers when its confidence reaches its threshold.
     #[default]
     Confidence,
+    /// Online cascade learning: a learned deferral model per cheap tier.
+    Ocl,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -240,6 +250,31 @@ impl RunConfig {
             } else if t.threshold.is_some_and(|x| !(0.0..=1.0).contains(&x)) {
                 return Err(format!("{at}: `threshold` must be between 0 and 1"));
             }
+        }
+        let p = &self.policy;
+        if p.kind == PolicyKind::Confidence {
+            for (f, set) in [
+                ("mu", p.mu.is_some()),
+                ("target_top_share", p.target_top_share.is_some()),
+                ("explore", p.explore.is_some()),
+            ] {
+                if set {
+                    return Err(format!(
+                        "[policy] `{f}` applies to kind \"ocl\", not \"confidence\""
+                    ));
+                }
+            }
+        }
+        if p.mu.is_some_and(|m| !(m > 0.0 && m.is_finite())) {
+            return Err("[policy] `mu` must be positive".into());
+        }
+        if p.target_top_share
+            .is_some_and(|t| !(0.0..=1.0).contains(&t))
+        {
+            return Err("[policy] `target_top_share` must be between 0 and 1".into());
+        }
+        if p.explore.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
+            return Err("[policy] `explore` must be between 0 and 1".into());
         }
         let limits = self.budget.limits().map_err(|e| format!("[budget]: {e}"))?;
         limits.validate().map_err(|e| format!("[budget]: {e}"))?;

@@ -10,8 +10,21 @@ use serde::{Deserialize, Serialize};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use tandem_core::money::micros_to_usd;
+use tandem_core::policy::deferral::OclDeferral;
+use tandem_core::policy::signals::Signals;
 use tandem_core::tier::estimate_tokens;
 use tandem_core::{Budget, BudgetLimits, Usage};
+
+/// How a cheap tier decides to answer or defer.
+pub enum Policy {
+    /// Answer when the top class probability reaches the tier's threshold.
+    Confidence,
+    /// OCL's learned deferral.
+    Ocl {
+        deferral: Box<OclDeferral>,
+        temperature: f32,
+    },
+}
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct TierStats {
@@ -74,10 +87,12 @@ struct AnswerLine<'a> {
     gold: Option<&'a str>,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     stream: &Stream,
     labels: &[String],
     tiers: &mut [TierSetup],
+    policy: &mut Policy,
     budget_limits: BudgetLimits,
     config_digest: &str,
     opts: &RunOptions,
@@ -101,6 +116,11 @@ pub fn run(
             .as_deref()
             .ok_or_else(|| RunError::Invalid("--resume needs --state DIR".into()))?;
         state = load_state(dir, tiers, config_digest, stream)?;
+        if let Policy::Ocl { deferral, .. } = policy {
+            let p = dir.join("deferral.bin");
+            let f = std::fs::File::open(&p).map_err(io(&p))?;
+            deferral.load(&mut std::io::BufReader::new(f))?;
+        }
     }
     // The budget continues from what was spent before a resume.
     let budget = Budget::with_spent(budget_limits, state.top_calls, state.top_spent_micros)?;
@@ -132,6 +152,8 @@ pub fn run(
         let mut answer: Option<(usize, usize, f32)> = None; // (tier, label, confidence)
         let mut fallback: Option<(usize, usize, f32)> = None;
         let mut preds: Vec<Option<usize>> = vec![None; tiers.len()];
+        let mut signals: Vec<Option<Signals>> = vec![None; tiers.len()];
+        let chars = item.text.chars().count();
         for (i, t) in tiers.iter_mut().enumerate() {
             let is_top = i == top;
             let reservation = if is_top {
@@ -161,8 +183,20 @@ pub fn run(
                 s.correct += u64::from(p.label() == g);
             }
             preds[i] = Some(p.label());
-            let confident =
-                p.confidence() >= t.threshold && t.model.classifier().updates() >= t.warmup;
+            let warm = t.model.classifier().updates() >= t.warmup;
+            let confident = match policy {
+                Policy::Confidence => warm && p.confidence() >= t.threshold,
+                Policy::Ocl {
+                    deferral,
+                    temperature,
+                } if !is_top => {
+                    let sig = Signals::of(&p.probs, &p.logits, *temperature);
+                    signals[i] = Some(sig);
+                    let d = deferral.decide(i, &sig, chars);
+                    warm && !d.defer
+                }
+                Policy::Ocl { .. } => false,
+            };
             if is_top || confident {
                 answer = Some((i, p.label(), p.confidence()));
                 break;
@@ -175,17 +209,31 @@ pub fn run(
         };
         if tier == top {
             // The top tier's label teaches every cheap tier (and measures their agreement).
-            for (i, t) in tiers[..top].iter_mut().enumerate() {
+            let top_price = tiers[top].price.cost(usage).max(1) as f64;
+            for i in 0..top {
                 if let Some(p) = preds[i] {
                     state.tiers[i].with_top += 1;
                     state.tiers[i].agree_top += u64::from(p == label);
+                    if let (Policy::Ocl { deferral, .. }, Some(sig)) = (&mut *policy, signals[i]) {
+                        // Deferring from tier i costs the tiers above it, relative to the top tier.
+                        let rest: u64 = tiers[i + 1..].iter().map(|t| t.price.cost(usage)).sum();
+                        let cost = if tiers[top].price.cost(usage) == 0 {
+                            1.0
+                        } else {
+                            rest as f64 / top_price
+                        };
+                        deferral.learn(i, &sig, chars, p == label, cost);
+                    }
                 }
-                t.model.classifier().learn(&item.text, label, 1.0)?;
+                tiers[i].model.classifier().learn(&item.text, label, 1.0)?;
             }
         } else {
             for t in tiers[..top].iter_mut() {
                 t.model.classifier().forget(&item.text);
             }
+        }
+        if let Policy::Ocl { deferral, .. } = policy {
+            deferral.record(tier == top);
         }
         state.tiers[tier].answered += 1;
         let right = item.gold.map(|g| g == label);
@@ -217,11 +265,11 @@ pub fn run(
         });
         since_checkpoint += 1;
         if since_checkpoint >= opts.checkpoint_every {
-            checkpoint(&mut state, tiers, &mut out, opts)?;
+            checkpoint(&mut state, tiers, policy, &mut out, opts)?;
             since_checkpoint = 0;
         }
     }
-    checkpoint(&mut state, tiers, &mut out, opts)?;
+    checkpoint(&mut state, tiers, policy, &mut out, opts)?;
     Ok(state)
 }
 
@@ -275,6 +323,7 @@ fn tier_file(dir: &Path, name: &str) -> PathBuf {
 fn checkpoint(
     state: &mut RunState,
     tiers: &mut [TierSetup],
+    policy: &Policy,
     out: &mut Option<(PathBuf, BufWriter<std::fs::File>)>,
     opts: &RunOptions,
 ) -> Result<(), RunError> {
@@ -295,6 +344,15 @@ fn checkpoint(
         if let TierModel::Learner(c) = &t.model {
             c.save(&tier_file(dir, &t.name))?;
         }
+    }
+    if let Policy::Ocl { deferral, .. } = policy {
+        let p = dir.join("deferral.bin");
+        let tmp = dir.join("deferral.bin.tmp");
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io(&tmp))?);
+        deferral.save(&mut f).map_err(io(&tmp))?;
+        f.flush().map_err(io(&tmp))?;
+        drop(f);
+        std::fs::rename(&tmp, &p).map_err(io(&p))?;
     }
     let path = dir.join("state.json");
     let tmp = dir.join("state.json.tmp");
@@ -345,4 +403,28 @@ fn load_state(
         }
     }
     Ok(state)
+}
+
+/// The policy a configuration asks for.
+pub fn policy_from(cfg: &crate::config::RunConfig, seed: u64) -> Result<Policy, RunError> {
+    use crate::config::PolicyKind;
+    use tandem_core::policy::deferral::DeferralConfig;
+    let p = &cfg.policy;
+    Ok(match p.kind {
+        PolicyKind::Confidence => Policy::Confidence,
+        PolicyKind::Ocl => {
+            let d = DeferralConfig::default();
+            let dc = DeferralConfig {
+                mu: p.mu.unwrap_or(d.mu),
+                target_top_share: p.target_top_share,
+                explore: p.explore.unwrap_or(d.explore),
+                seed,
+                ..d
+            };
+            Policy::Ocl {
+                deferral: Box::new(OclDeferral::new(cfg.tiers.len() - 1, dc)?),
+                temperature: p.temperature.unwrap_or(1.0),
+            }
+        }
+    })
 }

@@ -5,9 +5,11 @@
 //! gets calibration and hard caps from one place.
 
 pub mod cascade;
+pub mod deferral;
 pub mod gate;
 pub mod response;
 pub mod router;
+pub mod signals;
 
 use crate::answer::Answer;
 use crate::query::Query;
