@@ -154,6 +154,7 @@ pub fn run(
         let mut preds: Vec<Option<usize>> = vec![None; tiers.len()];
         let mut signals: Vec<Option<Signals>> = vec![None; tiers.len()];
         let chars = item.text.chars().count();
+        let mut any_warm = false;
         for (i, t) in tiers.iter_mut().enumerate() {
             let is_top = i == top;
             let reservation = if is_top {
@@ -184,6 +185,7 @@ pub fn run(
             }
             preds[i] = Some(p.label());
             let warm = t.model.classifier().updates() >= t.warmup;
+            any_warm |= warm && !is_top;
             let confident = match policy {
                 Policy::Confidence => warm && p.confidence() >= t.threshold,
                 Policy::Ocl {
@@ -233,7 +235,11 @@ pub fn run(
             }
         }
         if let Policy::Ocl { deferral, .. } = policy {
-            deferral.record(tier == top);
+            // The share is steered only where a cheap tier could have answered: during warm-up
+            // everything goes to the top tier whatever μ is.
+            if any_warm {
+                deferral.record(tier == top);
+            }
         }
         state.tiers[tier].answered += 1;
         let right = item.gold.map(|g| g == label);

@@ -182,7 +182,7 @@ impl OclDeferral {
     pub fn record(&mut self, reached_top: bool) {
         if let Some(target) = self.cfg.target_top_share {
             let err = f64::from(u8::from(reached_top)) - target;
-            self.log_mu = (self.log_mu + 0.02 * err).clamp(-9.0, 5.0);
+            self.log_mu = (self.log_mu + 0.02 * err).clamp(-6.0, 3.0);
         }
     }
 }
