@@ -170,6 +170,15 @@ fn record_replay_and_resume() {
 
 #[test]
 fn ocl_policy_learns_deferral_and_resumes_exactly() {
+    learned_policy_resumes_exactly("ocl");
+}
+
+#[test]
+fn energy_gate_policy_resumes_exactly() {
+    learned_policy_resumes_exactly("energy");
+}
+
+fn learned_policy_resumes_exactly(kind: &str) {
     if !have_assets() {
         return;
     }
@@ -179,7 +188,7 @@ fn ocl_policy_learns_deferral_and_resumes_exactly() {
     std::fs::write(
         &cfg,
         base.replace("warmup = 10", "warmup = 5")
-            + "[policy]\nkind = \"ocl\"\ntarget_top_share = 0.5\n",
+            + &format!("[policy]\nkind = \"{kind}\"\ntarget_top_share = 0.5\n"),
     )
     .unwrap();
     let cfg = cfg.to_str().unwrap().to_string();
@@ -207,7 +216,12 @@ fn ocl_policy_learns_deferral_and_resumes_exactly() {
     let mut b1 = common.to_vec();
     b1.extend(["--limit", "30", "--out", &b_out, "--state", &sb]);
     ok(&tandem(&b1));
-    assert!(dir.path().join("sb/deferral.bin").exists());
+    let saved = if kind == "ocl" {
+        "sb/deferral.bin"
+    } else {
+        "sb/energy.json"
+    };
+    assert!(dir.path().join(saved).exists());
     let mut b2 = common.to_vec();
     b2.extend(["--limit", "80", "--out", &b_out, "--state", &sb, "--resume"]);
     ok(&tandem(&b2));

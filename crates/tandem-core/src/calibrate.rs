@@ -3,9 +3,10 @@
 //! drifted from the target so far. Only past scores are used: nothing peeks ahead in the stream.
 
 use crate::error::CoreError;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShareController {
     target: f64,
     window: usize,

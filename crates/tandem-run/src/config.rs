@@ -79,6 +79,9 @@ pub enum PolicyKind {
     Confidence,
     /// Online cascade learning: a learned deferral model per cheap tier.
     Ocl,
+    /// E-LANG: a cheap tier defers when the energy of its logits is high, the threshold held
+    /// online so that `target_top_share` of items reach the top tier.
+    Energy,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -6,12 +6,15 @@
 use crate::error::{io, RunError};
 use crate::stream::Stream;
 use crate::tiers::{TierModel, TierSetup};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use tandem_core::calibrate::ShareController;
 use tandem_core::money::micros_to_usd;
 use tandem_core::policy::deferral::OclDeferral;
-use tandem_core::policy::signals::Signals;
+use tandem_core::policy::signals::{energy, Signals};
 use tandem_core::tier::estimate_tokens;
 use tandem_core::{Budget, BudgetLimits, Usage};
 
@@ -24,6 +27,25 @@ pub enum Policy {
         deferral: Box<OclDeferral>,
         temperature: f32,
     },
+    /// E-LANG's energy gate, one share controller per cheap tier.
+    Energy(Box<EnergyGates>),
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct EnergyGates {
+    pub gates: Vec<ShareController>,
+    pub temperature: f32,
+    /// Share of the items reaching a cheap tier that it defers; with k cheap tiers,
+    /// target^(1/k) each, so that about `target` reach the top tier.
+    pub defer_share: f64,
+    pub rng_seed: u64,
+    pub rng_pos: u128,
+    #[serde(skip, default = "new_rng")]
+    rng: ChaCha8Rng,
+}
+
+fn new_rng() -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(0)
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -116,10 +138,22 @@ pub fn run(
             .as_deref()
             .ok_or_else(|| RunError::Invalid("--resume needs --state DIR".into()))?;
         state = load_state(dir, tiers, config_digest, stream)?;
-        if let Policy::Ocl { deferral, .. } = policy {
-            let p = dir.join("deferral.bin");
-            let f = std::fs::File::open(&p).map_err(io(&p))?;
-            deferral.load(&mut std::io::BufReader::new(f))?;
+        match policy {
+            Policy::Ocl { deferral, .. } => {
+                let p = dir.join("deferral.bin");
+                let f = std::fs::File::open(&p).map_err(io(&p))?;
+                deferral.load(&mut std::io::BufReader::new(f))?;
+            }
+            Policy::Energy(g) => {
+                let p = dir.join("energy.json");
+                let text = std::fs::read(&p).map_err(io(&p))?;
+                let mut back: EnergyGates = serde_json::from_slice(&text)
+                    .map_err(|e| RunError::Invalid(format!("{}: {e}", p.display())))?;
+                back.rng = ChaCha8Rng::seed_from_u64(back.rng_seed);
+                back.rng.set_word_pos(back.rng_pos);
+                **g = back;
+            }
+            Policy::Confidence => {}
         }
     }
     // The budget continues from what was spent before a resume.
@@ -197,7 +231,19 @@ pub fn run(
                     let d = deferral.decide(i, &sig, chars);
                     warm && !d.defer
                 }
-                Policy::Ocl { .. } => false,
+                Policy::Energy(g) if !is_top => {
+                    let e = energy(&p.logits, g.temperature);
+                    // Warm-up sends everything up whatever the energy: not a decision to count.
+                    if warm {
+                        let draw: f64 = g.rng.gen();
+                        let d = g.gates[i].decide(e, g.defer_share, draw);
+                        g.gates[i].record(e, d.escalate);
+                        !d.escalate
+                    } else {
+                        false
+                    }
+                }
+                Policy::Ocl { .. } | Policy::Energy(_) => false,
             };
             if is_top || confident {
                 answer = Some((i, p.label(), p.confidence()));
@@ -351,6 +397,21 @@ fn checkpoint(
             c.save(&tier_file(dir, &t.name))?;
         }
     }
+    if let Policy::Energy(g) = policy {
+        let snapshot = EnergyGates {
+            gates: g.gates.clone(),
+            temperature: g.temperature,
+            defer_share: g.defer_share,
+            rng_seed: g.rng_seed,
+            rng_pos: g.rng.get_word_pos(),
+            rng: new_rng(),
+        };
+        let p = dir.join("energy.json");
+        let tmp = dir.join("energy.json.tmp");
+        let text = serde_json::to_vec(&snapshot).map_err(|e| RunError::Invalid(e.to_string()))?;
+        std::fs::write(&tmp, text).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &p).map_err(io(&p))?;
+    }
     if let Policy::Ocl { deferral, .. } = policy {
         let p = dir.join("deferral.bin");
         let tmp = dir.join("deferral.bin.tmp");
@@ -431,6 +492,22 @@ pub fn policy_from(cfg: &crate::config::RunConfig, seed: u64) -> Result<Policy, 
                 deferral: Box::new(OclDeferral::new(cfg.tiers.len() - 1, dc)?),
                 temperature: p.temperature.unwrap_or(1.0),
             }
+        }
+        PolicyKind::Energy => {
+            let cheap = cfg.tiers.len() - 1;
+            let target = p.target_top_share.unwrap_or(0.3);
+            let defer_share = target.powf(1.0 / cheap as f64);
+            let gates = (0..cheap)
+                .map(|_| ShareController::new(defer_share, 1000))
+                .collect::<Result<Vec<_>, _>>()?;
+            Policy::Energy(Box::new(EnergyGates {
+                gates,
+                temperature: p.temperature.unwrap_or(1.0),
+                defer_share,
+                rng_seed: seed ^ 0xe1a6,
+                rng_pos: 0,
+                rng: ChaCha8Rng::seed_from_u64(seed ^ 0xe1a6),
+            }))
         }
     })
 }

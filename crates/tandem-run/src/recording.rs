@@ -7,7 +7,7 @@ use crate::error::{io, RunError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tandem_models::classifier::{Classifier, LlmClassifier, ModelError, Prediction};
@@ -31,7 +31,9 @@ pub struct RecordingLlm {
     verbalizers: Vec<String>,
     inner: Option<LlmClassifier>,
     entries: HashMap<String, Prediction>,
-    out: Option<(PathBuf, BufWriter<std::fs::File>)>,
+    /// Appended one whole line per write, so concurrent runs sharing a recording never interleave
+    /// inside a line.
+    out: Option<(PathBuf, std::fs::File)>,
     pub hits: u64,
     pub misses: u64,
     /// Entries of the recording made with another model file.
@@ -73,7 +75,7 @@ impl RecordingLlm {
                 .append(true)
                 .open(path)
                 .map_err(io(path))?;
-            r.out = Some((path.to_path_buf(), BufWriter::new(f)));
+            r.out = Some((path.to_path_buf(), f));
         }
         Ok(r)
     }
@@ -179,11 +181,13 @@ impl Classifier for RecordingLlm {
                 logits: p.logits.clone(),
                 compute_us: p.compute.as_micros() as u64,
             };
-            let line = serde_json::to_string(&a).unwrap_or_default();
-            writeln!(w, "{line}").map_err(|e| ModelError::Checkpoint {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?;
+            let mut line = serde_json::to_string(&a).unwrap_or_default();
+            line.push('\n');
+            w.write_all(line.as_bytes())
+                .map_err(|e| ModelError::Checkpoint {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
         }
         self.entries.insert(key, p.clone());
         Ok(p)
