@@ -145,6 +145,7 @@ pub fn run_with(a: &RunArgs, cfg: RunConfig, config_text: &str) -> Result<RunRep
         &cfg.labels,
         &mut tiers,
         &mut policy,
+        cfg.policy.s4l,
         limits,
         &digest(config_text, a),
         &opts,

@@ -329,10 +329,28 @@ impl LlmClassifier {
     }
 
     pub fn messages(&self, text: &str) -> Vec<Message> {
+        self.messages_with_hint(text, "")
+    }
+
+    /// The user turn with `hint` (e.g. a smaller model's answer, for S4L) after the instruction.
+    pub fn messages_with_hint(&self, text: &str, hint: &str) -> Vec<Message> {
         vec![Message {
             role: "user".into(),
-            content: self.instruction.replace("{text}", text),
+            content: self.instruction.replace("{text}", text) + hint,
         }]
+    }
+
+    /// Classifies with a hint appended to the prompt.
+    pub fn predict_with_hint(&mut self, text: &str, hint: &str) -> Result<Prediction, ModelError> {
+        let t0 = Instant::now();
+        let s = self
+            .lm
+            .classify(&self.messages_with_hint(text, hint), &self.verbalizers)?;
+        Ok(Prediction {
+            probs: s.probs,
+            logits: s.logits,
+            compute: t0.elapsed(),
+        })
     }
 
     /// The exact prompt text the model sees, for recording keys.

@@ -69,6 +69,10 @@ pub struct PolicyConfig {
     pub explore: Option<f64>,
     /// Temperature of the energy signal E(x) = −T·logsumexp(f(x)/T).
     pub temperature: Option<f32>,
+    /// S4L (DS+): when an item reaches the top tier, its prompt carries the last cheap tier's
+    /// answer and confidence as a soft prior.
+    #[serde(default)]
+    pub s4l: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -115,12 +115,14 @@ pub fn run(
     labels: &[String],
     tiers: &mut [TierSetup],
     policy: &mut Policy,
+    s4l_enabled: bool,
     budget_limits: BudgetLimits,
     config_digest: &str,
     opts: &RunOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<RunState, RunError> {
     let top = tiers.len() - 1;
+    let s4l = s4l_enabled;
     let mut state = RunState {
         tiers: tiers
             .iter()
@@ -202,7 +204,12 @@ pub fn run(
             } else {
                 None
             };
-            let p = t.model.classifier().predict(&item.text)?;
+            let p = match (&mut t.model, hint_from(s4l, &fallback, labels)) {
+                (TierModel::Llm(llm), Some(hint)) if is_top => {
+                    llm.predict_with_hint(&item.text, &hint)?
+                }
+                (m, _) => m.classifier().predict(&item.text)?,
+            };
             let cost = t.price.cost(usage);
             if let Some(r) = reservation {
                 budget.settle(r, cost);
@@ -472,6 +479,22 @@ fn load_state(
     Ok(state)
 }
 
+/// S4L's soft prior: the last cheap tier's answer and confidence, appended to the top tier's prompt.
+fn hint_from(
+    enabled: bool,
+    last_cheap: &Option<(usize, usize, f32)>,
+    labels: &[String],
+) -> Option<String> {
+    let (_, label, conf) = (*last_cheap)?;
+    enabled.then(|| {
+        format!(
+            "\n\nA smaller model says: {} (confidence {:.0}%).",
+            labels.get(label).map_or("?", String::as_str),
+            100.0 * conf
+        )
+    })
+}
+
 /// The policy a configuration asks for.
 pub fn policy_from(cfg: &crate::config::RunConfig, seed: u64) -> Result<Policy, RunError> {
     use crate::config::PolicyKind;
@@ -510,4 +533,18 @@ pub fn policy_from(cfg: &crate::config::RunConfig, seed: u64) -> Result<Policy, 
             }))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s4l_hint_names_the_cheap_answer_and_its_confidence() {
+        let labels = vec!["negative".to_string(), "positive".to_string()];
+        let h = hint_from(true, &Some((1, 0, 0.734)), &labels).unwrap();
+        assert_eq!(h, "\n\nA smaller model says: negative (confidence 73%).");
+        assert_eq!(hint_from(false, &Some((1, 0, 0.7)), &labels), None);
+        assert_eq!(hint_from(true, &None, &labels), None);
+    }
 }

@@ -128,10 +128,16 @@ impl RecordingLlm {
     }
 
     pub fn key(&self, text: &str) -> String {
+        self.key_with_hint(text, "")
+    }
+
+    /// The key of the prompt with `hint` appended (S4L): a hinted answer is its own recording.
+    pub fn key_with_hint(&self, text: &str, hint: &str) -> String {
         let mut h = Sha256::new();
         h.update(self.model_sha256.as_bytes());
         h.update(b"\n");
         h.update(self.instruction.replace("{text}", text).as_bytes());
+        h.update(hint.as_bytes());
         h.update(b"\n");
         h.update(self.verbalizers.join("\u{1f}").as_bytes());
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
@@ -163,15 +169,17 @@ impl RecordingLlm {
     }
 }
 
-impl Classifier for RecordingLlm {
-    fn predict(&mut self, text: &str) -> Result<Prediction, ModelError> {
-        let key = self.key(text);
+impl RecordingLlm {
+    /// Classifies with `hint` appended to the prompt (empty: the plain prompt), replaying a
+    /// recorded answer when there is one.
+    pub fn predict_with_hint(&mut self, text: &str, hint: &str) -> Result<Prediction, ModelError> {
+        let key = self.key_with_hint(text, hint);
         if let Some(p) = self.entries.get(&key) {
             self.hits += 1;
             return Ok(p.clone());
         }
         self.misses += 1;
-        let p = self.model()?.predict(text)?;
+        let p = self.model()?.predict_with_hint(text, hint)?;
         if let Some((path, w)) = &mut self.out {
             let a = RecordedAnswer {
                 key: key.clone(),
@@ -191,6 +199,12 @@ impl Classifier for RecordingLlm {
         }
         self.entries.insert(key, p.clone());
         Ok(p)
+    }
+}
+
+impl Classifier for RecordingLlm {
+    fn predict(&mut self, text: &str) -> Result<Prediction, ModelError> {
+        self.predict_with_hint(text, "")
     }
 
     fn learn(&mut self, _: &str, _: usize, _: f32) -> Result<(), ModelError> {
