@@ -1,7 +1,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use tandem_core::money::usd_to_micros;
 use tandem_core::policy::cascade::CascadeConfig;
@@ -236,7 +236,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
 
     print!("{}", report.table());
     if let Some(path) = &a.json {
-        write_json(path, &report)?;
+        crate::run_cmd::write_json(path, &report)?;
         println!("wrote {}", path.display());
     }
     let plot = a
@@ -250,12 +250,4 @@ pub fn run(a: EvalArgs) -> Result<()> {
         println!("wrote {} and {}", svg.display(), png.display());
     }
     Ok(())
-}
-
-fn write_json(path: &Path, report: &tandem_eval::EvalReport) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let text = serde_json::to_string_pretty(report)?;
-    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
 }

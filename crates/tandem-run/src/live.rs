@@ -191,6 +191,7 @@ pub fn run(
         let mut signals: Vec<Option<Signals>> = vec![None; tiers.len()];
         let chars = item.text.chars().count();
         let mut any_warm = false;
+        let mut item_cost = 0u64;
         for (i, t) in tiers.iter_mut().enumerate() {
             let is_top = i == top;
             let reservation = if is_top {
@@ -211,6 +212,7 @@ pub fn run(
                 (m, _) => m.classifier().predict(&item.text)?,
             };
             let cost = t.price.cost(usage);
+            item_cost += cost;
             if let Some(r) = reservation {
                 budget.settle(r, cost);
                 state.top_calls += 1;
@@ -309,7 +311,7 @@ pub fn run(
                 answer: labels.get(label).map_or("", String::as_str),
                 tier: &tiers[tier].name,
                 confidence,
-                cost_usd: micros_to_usd(cost_of(tiers, &preds, usage)),
+                cost_usd: micros_to_usd(item_cost),
                 gold: item.gold.and_then(|g| labels.get(g)).map(String::as_str),
             };
             let mut s = serde_json::to_string(&line).unwrap_or_default();
@@ -330,15 +332,6 @@ pub fn run(
     }
     checkpoint(&mut state, tiers, policy, &mut out, opts)?;
     Ok(state)
-}
-
-fn cost_of(tiers: &[TierSetup], preds: &[Option<usize>], usage: Usage) -> u64 {
-    tiers
-        .iter()
-        .zip(preds)
-        .filter(|(_, p)| p.is_some())
-        .map(|(t, _)| t.price.cost(usage))
-        .sum()
 }
 
 fn open_output(path: &Path, resume_at: Option<u64>) -> Result<BufWriter<std::fs::File>, RunError> {
