@@ -52,3 +52,19 @@ pub fn run(a: AssetsArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Installs (once) the named assets that are missing: the commands that run a default job need no
+/// setup step beyond Cargo.
+pub fn ensure_installed(store: &Store, ids: &[&str]) -> Result<()> {
+    for id in ids {
+        let asset = find(id)?;
+        if !store.is_installed(asset) {
+            eprintln!(
+                "tandem: installing asset {id} into {} (once)",
+                store.home().display()
+            );
+            store.install(asset, &mut |line| eprintln!("tandem: {line}"))?;
+        }
+    }
+    Ok(())
+}

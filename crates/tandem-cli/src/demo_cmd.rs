@@ -2,7 +2,7 @@ use crate::run_cmd::{run_with, write_json, RunArgs};
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
-use tandem_models::assets::{find, Store};
+use tandem_models::assets::Store;
 use tandem_run::RunConfig;
 
 /// The cascade the demo runs (also in examples/demo.toml).
@@ -25,26 +25,9 @@ pub struct DemoArgs {
 
 pub fn run(a: DemoArgs) -> Result<()> {
     let store = Store::default_home();
-    for id in ["minilm", "qwen2.5-coder-0.5b", "snippets"] {
-        let asset = find(id)?;
-        if !store.is_installed(asset) {
-            eprintln!(
-                "tandem: installing asset {id} into {} (once)",
-                store.home().display()
-            );
-            store.install(asset, &mut |line| eprintln!("tandem: {line}"))?;
-        }
-    }
+    crate::assets_cmd::ensure_installed(&store, &["minilm", "qwen2.5-coder-0.5b", "snippets"])?;
     let mut cfg = RunConfig::parse(std::path::Path::new("examples/demo.toml"), DEMO)?;
-    // Recorded LLM answers live in the cache, so a second demo replays instead of recomputing.
-    for t in cfg.tiers.iter_mut().filter(|t| t.recording.is_some()) {
-        t.recording = Some(
-            store
-                .home()
-                .join("recordings")
-                .join(format!("demo-{}.jsonl", t.name)),
-        );
-    }
+    cache_recordings(&mut cfg, &store);
     let args = RunArgs {
         config: PathBuf::from("examples/demo.toml"),
         input: "snippets".into(),
@@ -71,4 +54,17 @@ pub fn run(a: DemoArgs) -> Result<()> {
         write_json(p, &report)?;
     }
     Ok(())
+}
+
+/// Recorded LLM answers live in the cache, so a second demo (or benchmark) replays instead of
+/// recomputing; entries are keyed by model and prompt, so datasets share one file per tier.
+pub fn cache_recordings(cfg: &mut RunConfig, store: &Store) {
+    for t in cfg.tiers.iter_mut().filter(|t| t.recording.is_some()) {
+        t.recording = Some(
+            store
+                .home()
+                .join("recordings")
+                .join(format!("demo-{}.jsonl", t.name)),
+        );
+    }
 }

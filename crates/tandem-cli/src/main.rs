@@ -1,6 +1,7 @@
 //! The `tandem` command. Parses arguments, wires the library together and prints; nothing else.
 
 mod assets_cmd;
+mod bench_cmd;
 mod demo_cmd;
 mod eval_cmd;
 mod record_cmd;
@@ -30,6 +31,8 @@ enum Command {
     Run(Box<run_cmd::RunArgs>),
     /// Record an LLM tier's answers over a dataset, for fast and repeatable reruns.
     Record(record_cmd::RecordArgs),
+    /// Benchmarks: `tandem bench cascade` runs every cascade policy side by side.
+    Bench(Box<bench_cmd::BenchArgs>),
     /// The default job: movie-review snippets through hashed -> MiniLM -> local LLM (installs assets if needed).
     Demo(demo_cmd::DemoArgs),
 }
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run_cmd::run(*args),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Record(args) => record_cmd::run(args),
+        Command::Bench(args) => bench_cmd::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

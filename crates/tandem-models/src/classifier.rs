@@ -6,6 +6,7 @@ use crate::gguf::{GgufError, GgufLm};
 use crate::minilm::{EncoderError, MiniLm};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_core::features::{ns, FeatureVec, Featurizer, TextFeatures};
 use tandem_core::learner::{LearnerConfig, OnlineSoftmax};
@@ -20,6 +21,8 @@ pub enum ModelError {
     Encoder(#[from] EncoderError),
     #[error(transparent)]
     Core(#[from] CoreError),
+    #[error("no precomputed embedding for {0:?} and no encoder loaded to compute it")]
+    NoEmbedding(String),
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: String, message: String },
 }
@@ -184,9 +187,14 @@ impl Classifier for HashedClassifier {
     }
 }
 
+/// Embeddings computed once (with the time each took), shared by many heads: a benchmark runs
+/// dozens of cascades over the same texts, and the frozen encoder gives the same vectors each time.
+pub type EmbeddingCache = HashMap<String, (Vec<f32>, Duration)>;
+
 /// MiniLM sentence embeddings with an online softmax head over the 384 dimensions.
 pub struct MiniLmHead {
-    encoder: MiniLm,
+    encoder: Option<MiniLm>,
+    shared: Option<Arc<EmbeddingCache>>,
     head: OnlineSoftmax,
     /// Embeddings computed ahead in batches, by text.
     ready: HashMap<String, (Vec<f32>, Duration)>,
@@ -202,6 +210,25 @@ impl MiniLmHead {
         learning_rate: f32,
         batch: usize,
     ) -> Result<Self, ModelError> {
+        Self::build(Some(encoder), None, classes, learning_rate, batch)
+    }
+
+    /// A head over precomputed embeddings only (no encoder): a text missing from `shared` is an error.
+    pub fn over_embeddings(
+        shared: Arc<EmbeddingCache>,
+        classes: usize,
+        learning_rate: f32,
+    ) -> Result<Self, ModelError> {
+        Self::build(None, Some(shared), classes, learning_rate, 1)
+    }
+
+    fn build(
+        encoder: Option<MiniLm>,
+        shared: Option<Arc<EmbeddingCache>>,
+        classes: usize,
+        learning_rate: f32,
+        batch: usize,
+    ) -> Result<Self, ModelError> {
         let cfg = LearnerConfig {
             bits: 10,
             classes,
@@ -210,6 +237,7 @@ impl MiniLmHead {
         };
         Ok(MiniLmHead {
             encoder,
+            shared,
             head: OnlineSoftmax::new(cfg)?,
             ready: HashMap::new(),
             batch: batch.max(1),
@@ -219,15 +247,21 @@ impl MiniLmHead {
     }
 
     pub fn truncated(&self) -> u64 {
-        self.encoder.truncated
+        self.encoder.as_ref().map_or(0, |e| e.truncated)
     }
 
     fn embedding(&mut self, text: &str) -> Result<(Vec<f32>, Duration), ModelError> {
         if let Some(e) = self.ready.get(text) {
             return Ok(e.clone());
         }
+        if let Some(e) = self.shared.as_ref().and_then(|s| s.get(text)) {
+            return Ok(e.clone());
+        }
+        let Some(encoder) = self.encoder.as_mut() else {
+            return Err(ModelError::NoEmbedding(text.chars().take(60).collect()));
+        };
         let t0 = Instant::now();
-        let e = self.encoder.embed(&[text])?.pop().unwrap_or_default();
+        let e = encoder.embed(&[text])?.pop().unwrap_or_default();
         let d = t0.elapsed();
         self.ready.insert(text.to_string(), (e.clone(), d));
         Ok((e, d))
@@ -249,14 +283,20 @@ impl Classifier for MiniLmHead {
         let mut todo: Vec<&str> = texts
             .iter()
             .copied()
-            .filter(|t| !self.ready.contains_key(*t))
+            .filter(|t| {
+                !self.ready.contains_key(*t)
+                    && !self.shared.as_ref().is_some_and(|s| s.contains_key(*t))
+            })
             .collect();
+        let Some(encoder) = self.encoder.as_mut() else {
+            return Ok(()); // predict names the first text it cannot embed
+        };
         // Batches of similar length waste little on padding to the longest.
         todo.sort_by_key(|t| t.len());
         todo.dedup();
         for chunk in todo.chunks(self.batch) {
             let t0 = Instant::now();
-            let embs = self.encoder.embed(chunk)?;
+            let embs = encoder.embed(chunk)?;
             let each = t0.elapsed() / chunk.len().max(1) as u32;
             for (t, e) in chunk.iter().zip(embs) {
                 self.ready.insert((*t).to_string(), (e, each));

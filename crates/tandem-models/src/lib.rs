@@ -3,5 +3,6 @@
 
 pub mod assets;
 pub mod classifier;
+pub mod embed_cache;
 pub mod gguf;
 pub mod minilm;

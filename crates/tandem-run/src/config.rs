@@ -67,12 +67,57 @@ pub struct PolicyConfig {
     pub target_top_share: Option<f64>,
     /// OCL: initial exploration probability (decays with updates).
     pub explore: Option<f64>,
+    /// OCL: the deferral models also learn from the input's words (default true).
+    pub text_features: Option<bool>,
     /// Temperature of the energy signal E(x) = −T·logsumexp(f(x)/T).
     pub temperature: Option<f32>,
-    /// S4L (DS+): when an item reaches the top tier, its prompt carries the last cheap tier's
-    /// answer and confidence as a soft prior.
+    /// S4L (DS+): what the top tier learns of the last cheap tier's answer when an item reaches it.
     #[serde(default)]
-    pub s4l: bool,
+    pub s4l: S4l,
+    /// Hard S4L: classes to which the cheap tier gives less than this probability are ruled out
+    /// of the top tier's answer (default 0.1).
+    pub s4l_prune: Option<f32>,
+    /// L4S (DS+): how the top tier's answers train the cheap tiers.
+    #[serde(default)]
+    pub l4s: L4s,
+    /// Weighted L4S: the number of top-tier labels imitated at full weight before weighting starts
+    /// (default 500).
+    pub l4s_imitate_first: Option<u64>,
+}
+
+impl PolicyKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Confidence => "confidence",
+            PolicyKind::Ocl => "ocl",
+            PolicyKind::Energy => "energy",
+            PolicyKind::MaxProb => "max_prob",
+            PolicyKind::Random => "random",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum S4l {
+    #[default]
+    Off,
+    /// The prompt carries "a smaller model says X (confidence p)"; only once the cheap tier is
+    /// past its warm-up (an untrained tier's guess is noise).
+    Soft,
+    /// Classes the cheap tier rules out are removed from the top tier's choice.
+    Hard,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum L4s {
+    /// Every top-tier label teaches the cheap tiers at full weight.
+    #[default]
+    Imitate,
+    /// Two stages: imitate the first `l4s_imitate_first` labels, then weight each by the top
+    /// tier's own confidence (its margin over a uniform guess), so its unsure answers teach less.
+    Weighted,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -86,6 +131,12 @@ pub enum PolicyKind {
     /// E-LANG: a cheap tier defers when the energy of its logits is high, the threshold held
     /// online so that `target_top_share` of items reach the top tier.
     Energy,
+    /// The confidence shunt with its threshold held online to `target_top_share` (as `energy`,
+    /// but over the top class probability): the shunt at a chosen share of top-tier calls.
+    MaxProb,
+    /// Baseline: `target_top_share` of the items, drawn at random, go to the top tier; the most
+    /// capable cheap tier answers the rest.
+    Random,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -259,18 +310,38 @@ impl RunConfig {
             }
         }
         let p = &self.policy;
-        if p.kind == PolicyKind::Confidence {
-            for (f, set) in [
-                ("mu", p.mu.is_some()),
-                ("target_top_share", p.target_top_share.is_some()),
-                ("explore", p.explore.is_some()),
-            ] {
-                if set {
-                    return Err(format!(
-                        "[policy] `{f}` applies to kind \"ocl\", not \"confidence\""
-                    ));
-                }
+        use PolicyKind as K;
+        for (f, set, kinds) in [
+            ("mu", p.mu.is_some(), &[K::Ocl][..]),
+            ("explore", p.explore.is_some(), &[K::Ocl]),
+            ("text_features", p.text_features.is_some(), &[K::Ocl]),
+            (
+                "target_top_share",
+                p.target_top_share.is_some(),
+                &[K::Ocl, K::Energy, K::MaxProb, K::Random],
+            ),
+            ("temperature", p.temperature.is_some(), &[K::Ocl, K::Energy]),
+        ] {
+            if set && !kinds.contains(&p.kind) {
+                let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+                return Err(format!(
+                    "[policy] `{f}` applies to kind {}, not {:?}",
+                    names.join("/"),
+                    p.kind.name()
+                ));
             }
+        }
+        if p.s4l_prune.is_some() && p.s4l != S4l::Hard {
+            return Err("[policy] `s4l_prune` applies to s4l = \"hard\"".into());
+        }
+        if p.s4l_prune.is_some_and(|x| !(x > 0.0 && x < 1.0)) {
+            return Err("[policy] `s4l_prune` must be between 0 and 1".into());
+        }
+        if p.l4s_imitate_first.is_some() && p.l4s != L4s::Weighted {
+            return Err("[policy] `l4s_imitate_first` applies to l4s = \"weighted\"".into());
+        }
+        if p.temperature.is_some_and(|t| !(t > 0.0 && t.is_finite())) {
+            return Err("[policy] `temperature` must be positive".into());
         }
         if p.mu.is_some_and(|m| !(m > 0.0 && m.is_finite())) {
             return Err("[policy] `mu` must be positive".into());

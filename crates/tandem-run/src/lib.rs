@@ -2,6 +2,7 @@
 //! answer when confident; the top tier answers the rest, and every answer of the top tier trains
 //! the cheap tiers online. Budgets cap the top tier; learned state checkpoints and resumes.
 
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod live;

@@ -3,6 +3,7 @@
 //! cheap tier then learns from. The top tier's calls go through the hard budget; when it refuses,
 //! the most capable cheap tier that ran answers instead.
 
+use crate::config::{L4s, PolicyConfig, S4l};
 use crate::error::{io, RunError};
 use crate::stream::Stream;
 use crate::tiers::{TierModel, TierSetup};
@@ -13,7 +14,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use tandem_core::calibrate::ShareController;
 use tandem_core::money::micros_to_usd;
-use tandem_core::policy::deferral::OclDeferral;
+use tandem_core::policy::deferral::{Context, OclDeferral};
 use tandem_core::policy::signals::{energy, Signals};
 use tandem_core::tier::estimate_tokens;
 use tandem_core::{Budget, BudgetLimits, Usage};
@@ -27,21 +28,95 @@ pub enum Policy {
         deferral: Box<OclDeferral>,
         temperature: f32,
     },
-    /// E-LANG's energy gate, one share controller per cheap tier.
-    Energy(Box<EnergyGates>),
+    /// A score held to a share per cheap tier: E-LANG's energy, or the shunt's max probability.
+    Gates(Box<ShareGates>),
+    /// Baseline: a random `share` of items to the top tier, the last cheap tier answers the rest.
+    Random(Box<RandomDeferral>),
 }
 
+pub struct RandomDeferral {
+    pub share: f64,
+    pub seed: u64,
+    rng: ChaCha8Rng,
+}
+
+/// A cheap tier's signals and what the tier below it said (agrees?, its confidence).
+type TierSignals = (Signals, Option<(bool, f32)>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GateScore {
+    /// E(x) = −T·logsumexp(f(x)/T): high when the logits are all small (out of its depth).
+    Energy,
+    /// 1 − max probability: the confidence shunt.
+    MaxProb,
+}
+
+/// One threshold for every cheap tier over a score where higher means "send it up", held so
+/// that `target` of the items reach the top tier: an item goes up when every cheap tier's score
+/// is above it, so the controller watches the lowest score along each item's path. (Splitting
+/// the share per tier instead lets a weak first tier answer a fixed share whatever it knows.)
 #[derive(Serialize, Deserialize)]
-pub struct EnergyGates {
-    pub gates: Vec<ShareController>,
+pub struct ShareGates {
+    pub score: GateScore,
+    pub gate: ShareController,
     pub temperature: f32,
-    /// Share of the items reaching a cheap tier that it defers; with k cheap tiers,
-    /// target^(1/k) each, so that about `target` reach the top tier.
-    pub defer_share: f64,
+    pub target: f64,
     pub rng_seed: u64,
     pub rng_pos: u128,
     #[serde(skip, default = "new_rng")]
     rng: ChaCha8Rng,
+}
+
+/// S4L and L4S, DS+'s two ways for the tiers to teach each other.
+#[derive(Debug, Clone, Copy)]
+pub struct Teaching {
+    pub s4l: S4l,
+    pub s4l_prune: f32,
+    pub l4s: L4s,
+    pub l4s_imitate_first: u64,
+}
+
+impl Teaching {
+    pub fn from_config(p: &PolicyConfig) -> Self {
+        Teaching {
+            s4l: p.s4l,
+            s4l_prune: p.s4l_prune.unwrap_or(0.1),
+            l4s: p.l4s,
+            l4s_imitate_first: p.l4s_imitate_first.unwrap_or(500),
+        }
+    }
+
+    /// The weight of a top-tier label for the cheap tiers: 1 while imitating; then the top
+    /// tier's margin over a uniform guess, so an unsure answer teaches little.
+    pub fn l4s_weight(&self, updates_so_far: u64, top_confidence: f32, classes: usize) -> f32 {
+        match self.l4s {
+            L4s::Imitate => 1.0,
+            L4s::Weighted if updates_so_far < self.l4s_imitate_first => 1.0,
+            L4s::Weighted => {
+                let uniform = 1.0 / classes.max(2) as f32;
+                ((top_confidence - uniform) / (1.0 - uniform)).clamp(0.0, 1.0)
+            }
+        }
+    }
+}
+
+/// Hard S4L: the top tier's probabilities with the classes the cheap tier rules out (below
+/// `prune`) removed and the rest renormalised; unchanged when nothing, or everything, is ruled out.
+/// Says whether a class was removed.
+pub fn prune_classes(top: &mut [f32], cheap: &[f32], prune: f32) -> bool {
+    let kept: f32 = top
+        .iter()
+        .zip(cheap)
+        .filter(|(_, &c)| c >= prune)
+        .map(|(t, _)| *t)
+        .sum();
+    if kept <= 0.0 || top.len() != cheap.len() || cheap.iter().all(|&c| c >= prune) {
+        return false;
+    }
+    for (t, &c) in top.iter_mut().zip(cheap) {
+        *t = if c >= prune { *t / kept } else { 0.0 };
+    }
+    true
 }
 
 fn new_rng() -> ChaCha8Rng {
@@ -96,6 +171,16 @@ pub struct Progress<'a> {
     pub done: u64,
     pub total: u64,
     pub state: &'a RunState,
+    /// The item just finished.
+    pub last: Outcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Outcome {
+    pub tier: usize,
+    pub label: usize,
+    /// The top tier answered with S4L's help (a soft hint in its prompt, or classes pruned).
+    pub s4l: bool,
 }
 
 #[derive(Serialize)]
@@ -115,14 +200,13 @@ pub fn run(
     labels: &[String],
     tiers: &mut [TierSetup],
     policy: &mut Policy,
-    s4l_enabled: bool,
+    teaching: Teaching,
     budget_limits: BudgetLimits,
     config_digest: &str,
     opts: &RunOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<RunState, RunError> {
     let top = tiers.len() - 1;
-    let s4l = s4l_enabled;
     let mut state = RunState {
         tiers: tiers
             .iter()
@@ -146,14 +230,29 @@ pub fn run(
                 let f = std::fs::File::open(&p).map_err(io(&p))?;
                 deferral.load(&mut std::io::BufReader::new(f))?;
             }
-            Policy::Energy(g) => {
-                let p = dir.join("energy.json");
+            Policy::Gates(g) => {
+                let p = dir.join("gates.json");
                 let text = std::fs::read(&p).map_err(io(&p))?;
-                let mut back: EnergyGates = serde_json::from_slice(&text)
+                let mut back: ShareGates = serde_json::from_slice(&text)
                     .map_err(|e| RunError::Invalid(format!("{}: {e}", p.display())))?;
+                if back.score != g.score {
+                    return Err(RunError::Invalid(format!(
+                        "{}: holds {:?} gates, the policy wants {:?}",
+                        p.display(),
+                        back.score,
+                        g.score
+                    )));
+                }
                 back.rng = ChaCha8Rng::seed_from_u64(back.rng_seed);
                 back.rng.set_word_pos(back.rng_pos);
                 **g = back;
+            }
+            Policy::Random(r) => {
+                // The draws continue where the checkpoint left them: one per item done.
+                r.rng = ChaCha8Rng::seed_from_u64(r.seed);
+                for _ in 0..state.items_done {
+                    let _: f64 = r.rng.gen();
+                }
             }
             Policy::Confidence => {}
         }
@@ -187,9 +286,38 @@ pub fn run(
         };
         let mut answer: Option<(usize, usize, f32)> = None; // (tier, label, confidence)
         let mut fallback: Option<(usize, usize, f32)> = None;
+        // The last cheap tier's probabilities, when it was past its warm-up (for S4L).
+        let mut warm_cheap: Option<Vec<f32>> = None;
+        let mut s4l_used = false;
+        // Share gates: one tie-break draw per item, and the lowest score along its path.
+        let mut gate_draw: Option<f64> = None;
+        let mut gate_min: Option<f32> = None;
+        let send_up = match policy {
+            Policy::Random(r) => {
+                let draw: f64 = r.rng.gen();
+                draw < r.share
+            }
+            _ => false,
+        };
         let mut preds: Vec<Option<usize>> = vec![None; tiers.len()];
-        let mut signals: Vec<Option<Signals>> = vec![None; tiers.len()];
-        let chars = item.text.chars().count();
+        let mut signals: Vec<Option<TierSignals>> = vec![None; tiers.len()];
+        // The previous cheap tier's label and confidence, for the next one's deferral model.
+        let mut prev: Option<(usize, f32)> = None;
+        // OCL: what deferring from each tier costs (the tiers above it, relative to the top one).
+        let top_cost = tiers[top].price.cost(usage);
+        let defer_cost: Vec<f64> = (0..tiers.len())
+            .map(|i| {
+                let rest: u64 = tiers[i + 1..].iter().map(|t| t.price.cost(usage)).sum();
+                if top_cost == 0 {
+                    1.0
+                } else {
+                    rest as f64 / top_cost as f64
+                }
+            })
+            .collect();
+        if let Policy::Ocl { deferral, .. } = policy {
+            deferral.begin_item();
+        }
         let mut any_warm = false;
         let mut item_cost = 0u64;
         for (i, t) in tiers.iter_mut().enumerate() {
@@ -205,12 +333,20 @@ pub fn run(
             } else {
                 None
             };
-            let p = match (&mut t.model, hint_from(s4l, &fallback, labels)) {
+            let hint = match (&fallback, &warm_cheap) {
+                (Some(f), Some(_)) if teaching.s4l == S4l::Soft => Some(hint_text(f, labels)),
+                _ => None,
+            };
+            let mut p = match (&mut t.model, hint) {
                 (TierModel::Llm(llm), Some(hint)) if is_top => {
+                    s4l_used = true;
                     llm.predict_with_hint(&item.text, &hint)?
                 }
                 (m, _) => m.classifier().predict(&item.text)?,
             };
+            if let (true, S4l::Hard, Some(cheap)) = (is_top, teaching.s4l, &warm_cheap) {
+                s4l_used = prune_classes(&mut p.probs, cheap, teaching.s4l_prune);
+            }
             let cost = t.price.cost(usage);
             item_cost += cost;
             if let Some(r) = reservation {
@@ -236,29 +372,41 @@ pub fn run(
                     temperature,
                 } if !is_top => {
                     let sig = Signals::of(&p.probs, &p.logits, *temperature);
-                    signals[i] = Some(sig);
-                    let d = deferral.decide(i, &sig, chars);
-                    warm && !d.defer
+                    let below = prev.map(|(l, c)| (l == p.label(), c));
+                    signals[i] = Some((sig, below));
+                    let ctx = Context {
+                        signals: sig,
+                        text: &item.text,
+                        below,
+                    };
+                    // Warm-up sends everything up: not a decision to make or count.
+                    warm && !deferral.decide(i, &ctx, defer_cost[i]).defer
                 }
-                Policy::Energy(g) if !is_top => {
-                    let e = energy(&p.logits, g.temperature);
-                    // Warm-up sends everything up whatever the energy: not a decision to count.
+                Policy::Gates(g) if !is_top => {
+                    let score = match g.score {
+                        GateScore::Energy => energy(&p.logits, g.temperature),
+                        GateScore::MaxProb => 1.0 - p.confidence(),
+                    };
+                    // Warm-up sends everything up whatever the score: not a decision to count.
                     if warm {
-                        let draw: f64 = g.rng.gen();
-                        let d = g.gates[i].decide(e, g.defer_share, draw);
-                        g.gates[i].record(e, d.escalate);
+                        let draw = *gate_draw.get_or_insert_with(|| g.rng.gen::<f64>());
+                        let d = g.gate.decide(score, g.target, draw);
+                        gate_min = Some(gate_min.map_or(score, |m: f32| m.min(score)));
                         !d.escalate
                     } else {
                         false
                     }
                 }
-                Policy::Ocl { .. } | Policy::Energy(_) => false,
+                Policy::Random(_) if !is_top => warm && !send_up && i + 1 == top,
+                Policy::Ocl { .. } | Policy::Gates(_) | Policy::Random(_) => false,
             };
             if is_top || confident {
                 answer = Some((i, p.label(), p.confidence()));
                 break;
             }
             fallback = Some((i, p.label(), p.confidence()));
+            prev = Some((p.label(), p.confidence()));
+            warm_cheap = warm.then(|| p.probs.clone());
         }
         let (tier, label, confidence) = match answer.or(fallback) {
             Some(a) => a,
@@ -266,34 +414,40 @@ pub fn run(
         };
         if tier == top {
             // The top tier's label teaches every cheap tier (and measures their agreement).
-            let top_price = tiers[top].price.cost(usage).max(1) as f64;
+            let top_label_weight =
+                |updates: u64| teaching.l4s_weight(updates, confidence, labels.len());
             for i in 0..top {
                 if let Some(p) = preds[i] {
                     state.tiers[i].with_top += 1;
                     state.tiers[i].agree_top += u64::from(p == label);
-                    if let (Policy::Ocl { deferral, .. }, Some(sig)) = (&mut *policy, signals[i]) {
-                        // Deferring from tier i costs the tiers above it, relative to the top tier.
-                        let rest: u64 = tiers[i + 1..].iter().map(|t| t.price.cost(usage)).sum();
-                        let cost = if tiers[top].price.cost(usage) == 0 {
-                            1.0
-                        } else {
-                            rest as f64 / top_price
+                    if let (Policy::Ocl { deferral, .. }, Some((sig, below))) =
+                        (&mut *policy, signals[i])
+                    {
+                        let ctx = Context {
+                            signals: sig,
+                            text: &item.text,
+                            below,
                         };
-                        deferral.learn(i, &sig, chars, p == label, cost);
+                        deferral.learn(i, &ctx, p == label);
                     }
                 }
-                tiers[i].model.classifier().learn(&item.text, label, 1.0)?;
+                let c = tiers[i].model.classifier();
+                let w = top_label_weight(c.updates());
+                c.learn(&item.text, label, w)?;
             }
         } else {
             for t in tiers[..top].iter_mut() {
                 t.model.classifier().forget(&item.text);
             }
         }
+        if let (Policy::Gates(g), Some(m)) = (&mut *policy, gate_min) {
+            g.gate.record(m, tier == top);
+        }
         if let Policy::Ocl { deferral, .. } = policy {
             // The share is steered only where a cheap tier could have answered: during warm-up
             // everything goes to the top tier whatever μ is.
             if any_warm {
-                deferral.record(tier == top);
+                deferral.end_item(tier == top);
             }
         }
         state.tiers[tier].answered += 1;
@@ -323,6 +477,11 @@ pub fn run(
             done: state.items_done,
             total,
             state: &state,
+            last: Outcome {
+                tier,
+                label,
+                s4l: s4l_used,
+            },
         });
         since_checkpoint += 1;
         if since_checkpoint >= opts.checkpoint_every {
@@ -397,17 +556,18 @@ fn checkpoint(
             c.save(&tier_file(dir, &t.name))?;
         }
     }
-    if let Policy::Energy(g) = policy {
-        let snapshot = EnergyGates {
-            gates: g.gates.clone(),
+    if let Policy::Gates(g) = policy {
+        let snapshot = ShareGates {
+            score: g.score,
+            gate: g.gate.clone(),
             temperature: g.temperature,
-            defer_share: g.defer_share,
+            target: g.target,
             rng_seed: g.rng_seed,
             rng_pos: g.rng.get_word_pos(),
             rng: new_rng(),
         };
-        let p = dir.join("energy.json");
-        let tmp = dir.join("energy.json.tmp");
+        let p = dir.join("gates.json");
+        let tmp = dir.join("gates.json.tmp");
         let text = serde_json::to_vec(&snapshot).map_err(|e| RunError::Invalid(e.to_string()))?;
         std::fs::write(&tmp, text).map_err(io(&tmp))?;
         std::fs::rename(&tmp, &p).map_err(io(&p))?;
@@ -472,20 +632,15 @@ fn load_state(
     Ok(state)
 }
 
-/// S4L's soft prior: the last cheap tier's answer and confidence, appended to the top tier's prompt.
-fn hint_from(
-    enabled: bool,
-    last_cheap: &Option<(usize, usize, f32)>,
-    labels: &[String],
-) -> Option<String> {
-    let (_, label, conf) = (*last_cheap)?;
-    enabled.then(|| {
-        format!(
-            "\n\nA smaller model says: {} (confidence {:.0}%).",
-            labels.get(label).map_or("?", String::as_str),
-            100.0 * conf
-        )
-    })
+/// S4L's soft prior: the last cheap tier's answer and confidence (to 10%, so that recorded hinted
+/// answers are reused across runs), appended to the top tier's prompt.
+fn hint_text(last_cheap: &(usize, usize, f32), labels: &[String]) -> String {
+    let (_, label, conf) = *last_cheap;
+    format!(
+        "\n\nA smaller model says: {} (confidence {:.0}%).",
+        labels.get(label).map_or("?", String::as_str),
+        10.0 * (10.0 * conf).round()
+    )
 }
 
 /// The policy a configuration asks for.
@@ -501,6 +656,7 @@ pub fn policy_from(cfg: &crate::config::RunConfig, seed: u64) -> Result<Policy, 
                 mu: p.mu.unwrap_or(d.mu),
                 target_top_share: p.target_top_share,
                 explore: p.explore.unwrap_or(d.explore),
+                text_features: p.text_features.unwrap_or(d.text_features),
                 seed,
                 ..d
             };
@@ -509,17 +665,23 @@ pub fn policy_from(cfg: &crate::config::RunConfig, seed: u64) -> Result<Policy, 
                 temperature: p.temperature.unwrap_or(1.0),
             }
         }
-        PolicyKind::Energy => {
-            let cheap = cfg.tiers.len() - 1;
+        PolicyKind::Random => Policy::Random(Box::new(RandomDeferral {
+            share: p.target_top_share.unwrap_or(0.3),
+            seed: seed ^ 0x7a4d,
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x7a4d),
+        })),
+        PolicyKind::Energy | PolicyKind::MaxProb => {
             let target = p.target_top_share.unwrap_or(0.3);
-            let defer_share = target.powf(1.0 / cheap as f64);
-            let gates = (0..cheap)
-                .map(|_| ShareController::new(defer_share, 1000))
-                .collect::<Result<Vec<_>, _>>()?;
-            Policy::Energy(Box::new(EnergyGates {
-                gates,
+            let gate = ShareController::new(target, 1000)?;
+            Policy::Gates(Box::new(ShareGates {
+                score: if p.kind == PolicyKind::Energy {
+                    GateScore::Energy
+                } else {
+                    GateScore::MaxProb
+                },
+                gate,
                 temperature: p.temperature.unwrap_or(1.0),
-                defer_share,
+                target,
                 rng_seed: seed ^ 0xe1a6,
                 rng_pos: 0,
                 rng: ChaCha8Rng::seed_from_u64(seed ^ 0xe1a6),
@@ -535,9 +697,39 @@ mod tests {
     #[test]
     fn s4l_hint_names_the_cheap_answer_and_its_confidence() {
         let labels = vec!["negative".to_string(), "positive".to_string()];
-        let h = hint_from(true, &Some((1, 0, 0.734)), &labels).unwrap();
-        assert_eq!(h, "\n\nA smaller model says: negative (confidence 73%).");
-        assert_eq!(hint_from(false, &Some((1, 0, 0.7)), &labels), None);
-        assert_eq!(hint_from(true, &None, &labels), None);
+        let h = hint_text(&(1, 0, 0.734), &labels);
+        assert_eq!(h, "\n\nA smaller model says: negative (confidence 70%).");
+        assert!(hint_text(&(1, 1, 0.96), &labels).ends_with("positive (confidence 100%)."));
+    }
+
+    #[test]
+    fn hard_s4l_prunes_only_what_the_cheap_tier_rules_out() {
+        let mut top = vec![0.5, 0.3, 0.2];
+        assert!(prune_classes(&mut top, &[0.05, 0.5, 0.45], 0.1));
+        assert_eq!(top, vec![0.0, 0.6, 0.4]);
+        // Nothing left to choose from: the top tier's answer stands.
+        let mut top = vec![0.0, 1.0];
+        assert!(!prune_classes(&mut top, &[0.99, 0.01], 0.1));
+        assert_eq!(top, vec![0.0, 1.0]);
+        assert!(!prune_classes(&mut top, &[0.5, 0.5], 0.1));
+    }
+
+    #[test]
+    fn weighted_l4s_imitates_first_then_weights_by_the_top_margin() {
+        let t = Teaching {
+            s4l: S4l::Off,
+            s4l_prune: 0.1,
+            l4s: L4s::Weighted,
+            l4s_imitate_first: 10,
+        };
+        assert_eq!(t.l4s_weight(9, 0.55, 2), 1.0);
+        assert!((t.l4s_weight(10, 0.55, 2) - 0.1).abs() < 1e-6);
+        assert!((t.l4s_weight(10, 1.0, 2) - 1.0).abs() < 1e-6);
+        assert_eq!(t.l4s_weight(10, 0.3, 2), 0.0);
+        let imitate = Teaching {
+            l4s: L4s::Imitate,
+            ..t
+        };
+        assert_eq!(imitate.l4s_weight(1000, 0.55, 2), 1.0);
     }
 }

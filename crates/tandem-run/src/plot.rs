@@ -14,17 +14,7 @@ const COLORS: [RGBColor; 4] = [
 
 pub fn write_plot(state: &RunState, path: &Path, window: usize) -> Result<(), RunError> {
     let err = |m: String| RunError::Invalid(format!("cannot write {}: {m}", path.display()));
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = plotters::style::register_font(
-            "sans-serif",
-            FontStyle::Normal,
-            dejavu::sans::regular(),
-        );
-    });
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-    }
+    prepare(path)?;
     let size = (900, 500);
     match path.extension().and_then(|e| e.to_str()) {
         Some("svg") => draw(
@@ -41,6 +31,24 @@ pub fn write_plot(state: &RunState, path: &Path, window: usize) -> Result<(), Ru
         .map_err(err),
         _ => Err(err("the plot path must end in .svg or .png".into())),
     }
+}
+
+/// Registers the embedded font (once per process) and creates the plot's directory.
+pub(crate) fn prepare(path: &Path) -> Result<(), RunError> {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // An embedded font that failed to parse would cost the labels, not the numbers.
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        );
+    });
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| RunError::Invalid(format!("cannot write {}: {e}", path.display())))?;
+    }
+    Ok(())
 }
 
 fn draw<DB: DrawingBackend>(

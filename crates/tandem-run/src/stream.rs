@@ -28,7 +28,10 @@ pub struct Stream {
 }
 
 /// Built-in datasets and the labels they use.
-pub const BUILTIN: &[(&str, &str)] = &[("snippets", "10,605 movie-review snippets, labels negative/positive (sign of the mean human rating; zeros dropped); shuffled by --seed")];
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("snippets", "10,605 movie-review snippets, labels negative/positive (sign of the mean human rating; zeros dropped); shuffled by --seed"),
+    ("amazon", "3,708 Amazon product-review snippets, the same rating scheme (zeros dropped); shuffled by --seed"),
+];
 
 pub fn open(source: &str, cfg: &RunConfig, seed: u64, store: &Store) -> Result<Stream, RunError> {
     let mut s = match source {
@@ -39,7 +42,20 @@ pub fn open(source: &str, cfg: &RunConfig, seed: u64, store: &Store) -> Result<S
                 .map_err(io(Path::new("<stdin>")))?;
             parse_jsonl("<stdin>", &bytes, cfg)?
         }
-        "snippets" => snippets(store, cfg, seed)?,
+        "snippets" => hutto(
+            store,
+            "snippets",
+            "movieReviewSnippets_GroundTruth.txt",
+            cfg,
+            seed,
+        )?,
+        "amazon" => hutto(
+            store,
+            "amazon",
+            "amazonReviewSnippets_GroundTruth.txt",
+            cfg,
+            seed,
+        )?,
         path => {
             let p = Path::new(path);
             if !p.exists() {
@@ -148,15 +164,25 @@ pub fn parse_jsonl(name: &str, bytes: &[u8], cfg: &RunConfig) -> Result<Stream, 
     })
 }
 
-/// The movie-review snippets: `id<TAB>mean score<TAB>text`, latin-1, a header line.
-fn snippets(store: &Store, cfg: &RunConfig, seed: u64) -> Result<Stream, RunError> {
-    let path = store.path("snippets", "movieReviewSnippets_GroundTruth.txt")?;
+/// Hutto & Gilbert's rated snippets: `id<TAB>mean score<TAB>text`, a header line; UTF-8, or
+/// latin-1 where a file is not (the movie reviews).
+fn hutto(
+    store: &Store,
+    asset: &str,
+    file: &str,
+    cfg: &RunConfig,
+    seed: u64,
+) -> Result<Stream, RunError> {
+    let path = store.path(asset, file)?;
     let (neg, pos) = match (cfg.label_index("negative"), cfg.label_index("positive")) {
         (Some(n), Some(p)) => (n, p),
-        _ => return Err(RunError::Invalid(format!("the snippets dataset needs labels \"negative\" and \"positive\"; the configuration has {:?}", cfg.labels))),
+        _ => return Err(RunError::Invalid(format!("the {asset} dataset needs labels \"negative\" and \"positive\"; the configuration has {:?}", cfg.labels))),
     };
     let bytes = std::fs::read(&path).map_err(io(&path))?;
-    let text: String = bytes.iter().map(|&b| b as char).collect(); // latin-1
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => e.as_bytes().iter().map(|&b| b as char).collect(),
+    };
     let name = path.display().to_string();
     let mut items = Vec::new();
     for (i, line) in text.lines().enumerate().skip(1) {
@@ -187,7 +213,7 @@ fn snippets(store: &Store, cfg: &RunConfig, seed: u64) -> Result<Stream, RunErro
     }
     items.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
     Ok(Stream {
-        name: "snippets".into(),
+        name: asset.into(),
         items,
         truncated: 0,
     })

@@ -1,32 +1,39 @@
-//! Online cascade learning (OCL, Nie et al. 2024): each cheap tier i has a deferral model
-//! d_i(x) ∈ [0, 1] over signals of its own prediction (top probability, margin, entropy, energy,
-//! input length). The tier answers when d_i ≤ 0.5, else it defers to the next tier. The models learn
-//! only from items the top tier labels, by imitating it under the cascade's cost-weighted objective
-//! (1 − d_i)·loss(p_i, y_top) + d_i·μ·c_i: the best d_i is 1 exactly when the tier's loss exceeds
-//! μ·c_i, so each labelled item teaches that target, weighted by what the wrong choice would cost,
-//! plus a small calibration pull towards 1 when the tier disagrees with the top tier. Exploration
-//! forwards some items the model would keep, with a probability that decays with its updates, so
-//! disagreements keep being found. μ trades cost for accuracy; with a target share of top-tier calls
-//! the engine adapts μ online to hold it.
+//! Online cascade learning (OCL, Nie et al. 2024). Each cheap tier i has a deferral decision
+//! d_i(x) ∈ {0, 1} chosen to minimise the cascade's cost-weighted imitation objective
+//! (1 − d_i)·loss(p_i, y_top) + d_i·μ·c_i, whose minimiser is d_i = 1 exactly when the expected
+//! loss — the probability that tier i disagrees with the top tier — exceeds μ·c_i. So each tier
+//! learns a calibrated estimate of that probability online, from the items the top tier labels
+//! (logistic over the tier's signals: top probability, margin, entropy, energy, input length,
+//! whether it agrees with the tier below it, and optionally the input's words), and defers when the
+//! estimate exceeds μ·c_i. Learning the probability rather than the thresholded target keeps what
+//! was learned valid when μ moves. Exploration forwards some items the tier would keep, with a
+//! probability that decays with its updates, so disagreements keep being found where it is sure.
+//!
+//! μ trades cost for accuracy. With a target share of top-tier calls, μ is held online: an item
+//! reaches the top tier when every cheap tier defers, i.e. when the lowest estimate/c_i along its
+//! path exceeds μ, so μ is set to the quantile of that path minimum (over recent items) that sends
+//! the target share up, corrected for drift (see `ShareController`).
 
 use super::signals::Signals;
+use crate::calibrate::ShareController;
 use crate::error::CoreError;
-use crate::features::{FeatureVec, Featurizer};
+use crate::features::{ns, FeatureVec, Featurizer, TextFeatures};
 use crate::learner::{LearnerConfig, OnlineSoftmax};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DeferralConfig {
-    /// Price of deferring, relative to a disagreement with the top tier.
+    /// Price of deferring, relative to a disagreement with the top tier (with no target share).
     pub mu: f64,
-    /// Hold this share of items reaching the top tier by adapting μ (None: μ fixed).
+    /// Hold this share of items reaching the top tier by setting μ online (None: μ fixed).
     pub target_top_share: Option<f64>,
     /// Initial exploration probability; it decays as 1/sqrt(1 + updates/50).
     pub explore: f64,
     pub learning_rate: f32,
-    /// Weight of the calibration target (d → 1 on disagreement).
-    pub calibration: f32,
+    /// Also learn from the input's words (hashed unigrams and bigrams): which kinds of inputs a
+    /// tier gets wrong, beyond how unsure it says it is.
+    pub text_features: bool,
     pub seed: u64,
 }
 
@@ -36,19 +43,28 @@ impl Default for DeferralConfig {
             mu: 0.3,
             target_top_share: None,
             explore: 0.1,
-            learning_rate: 0.2,
-            calibration: 0.1,
+            learning_rate: 0.1,
+            text_features: false,
             seed: 0,
         }
     }
 }
 
+/// What a cheap tier's deferral model sees of one item.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub signals: Signals,
+    pub text: &'a str,
+    /// The tier below: whether it gave the same label, and its top probability.
+    pub below: Option<(bool, f32)>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DeferDecision {
     pub defer: bool,
-    /// d_i(x), the model's deferral probability.
-    pub d: f32,
-    /// Forwarded by exploration although d ≤ 0.5.
+    /// The estimated probability that the tier disagrees with the top tier.
+    pub p_disagree: f32,
+    /// Forwarded by exploration although the estimate says keep it.
     pub explored: bool,
 }
 
@@ -57,8 +73,12 @@ pub struct OclDeferral {
     models: Vec<OnlineSoftmax>,
     featurizer: Featurizer,
     x: FeatureVec,
-    log_mu: f64,
+    mu: f64,
+    share: Option<ShareController>,
     rng: ChaCha8Rng,
+    /// This item: the tie-break draw and the lowest estimate/cost along its path.
+    draw: Option<f64>,
+    path_min: Option<f32>,
 }
 
 impl OclDeferral {
@@ -67,15 +87,6 @@ impl OclDeferral {
         if !(cfg.mu > 0.0 && cfg.mu.is_finite()) {
             return Err(CoreError::config("mu", cfg.mu, "must be positive"));
         }
-        if let Some(t) = cfg.target_top_share {
-            if !(0.0..=1.0).contains(&t) {
-                return Err(CoreError::config(
-                    "target_top_share",
-                    t,
-                    "must be between 0 and 1",
-                ));
-            }
-        }
         if !(0.0..=1.0).contains(&cfg.explore) {
             return Err(CoreError::config(
                 "explore",
@@ -83,8 +94,13 @@ impl OclDeferral {
                 "must be between 0 and 1",
             ));
         }
+        let share = match cfg.target_top_share {
+            Some(t) => Some(ShareController::new(t, 1000)?),
+            None => None,
+        };
+        let bits = if cfg.text_features { 18 } else { 10 };
         let lc = LearnerConfig {
-            bits: 10,
+            bits,
             classes: 2,
             learning_rate: cfg.learning_rate,
             l2: 0.0,
@@ -94,18 +110,23 @@ impl OclDeferral {
             models: (0..cheap_tiers)
                 .map(|_| OnlineSoftmax::new(lc))
                 .collect::<Result<_, _>>()?,
-            featurizer: Featurizer::new(10)?,
+            featurizer: Featurizer::new(bits)?,
             x: FeatureVec::default(),
-            log_mu: cfg.mu.ln(),
+            mu: cfg.mu,
+            share,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+            draw: None,
+            path_min: None,
         })
     }
 
+    /// The current μ (with a target share: the threshold the share controller last applied).
     pub fn mu(&self) -> f64 {
-        self.log_mu.exp()
+        self.mu
     }
 
-    fn featurize(&mut self, s: &Signals, input_chars: usize) {
+    fn featurize(&mut self, c: &Context) {
+        let s = &c.signals;
         let f = &self.featurizer;
         self.x.clear();
         f.add_bias(&mut self.x);
@@ -113,91 +134,123 @@ impl OclDeferral {
         f.add_numeric("margin", s.margin, &mut self.x);
         f.add_numeric("entropy", s.entropy, &mut self.x);
         f.add_numeric("energy", (s.energy / 5.0).clamp(-3.0, 3.0), &mut self.x);
-        f.add_numeric(
-            "log_chars",
-            ((1 + input_chars) as f32).ln() / 6.0,
-            &mut self.x,
-        );
+        let chars = c.text.chars().count();
+        f.add_numeric("log_chars", ((1 + chars) as f32).ln() / 6.0, &mut self.x);
         // Confidence buckets let a linear model carve a non-linear threshold.
         let bucket = ((s.max_prob.clamp(0.0, 0.9999) * 10.0) as u32).to_string();
         f.add_token(0x6275_636b, &bucket, 1.0, &mut self.x);
+        if let Some((agrees, below_conf)) = c.below {
+            // Two tiers that disagree flag a hard item whatever either one's confidence says.
+            let sign = if agrees { 1.0 } else { -1.0 };
+            f.add_numeric("agrees_below", sign, &mut self.x);
+            f.add_numeric("agree_x_conf", sign * below_conf, &mut self.x);
+            f.add_numeric("below_conf", below_conf, &mut self.x);
+        }
+        if self.cfg.text_features {
+            let words = TextFeatures {
+                word_ngrams: 2,
+                char_min: 0,
+                char_max: 0,
+            };
+            self.featurizer
+                .add_text(ns::PROMPT, c.text, words, 0.5, &mut self.x);
+        }
     }
 
-    /// d_i(x) for tier `tier`.
-    pub fn defer_prob(&mut self, tier: usize, s: &Signals, input_chars: usize) -> f32 {
-        self.featurize(s, input_chars);
-        self.models.get(tier).map_or(1.0, |m| m.prob1(&self.x))
+    /// The estimated probability that tier `tier` disagrees with the top tier on this item.
+    pub fn p_disagree(&mut self, tier: usize, c: &Context) -> f32 {
+        self.featurize(c);
+        self.models
+            .get(tier)
+            .map_or(1.0, |m| with_prior(m, &self.x, &c.signals)[1])
     }
 
-    pub fn decide(&mut self, tier: usize, s: &Signals, input_chars: usize) -> DeferDecision {
-        let d = self.defer_prob(tier, s, input_chars);
-        if d > 0.5 {
+    /// Starts an item (one tie-break draw, a fresh path minimum).
+    pub fn begin_item(&mut self) {
+        self.draw = None;
+        self.path_min = None;
+    }
+
+    /// Defer from tier `tier`? `defer_cost` is c_i, what deferring costs relative to the top tier.
+    pub fn decide(&mut self, tier: usize, c: &Context, defer_cost: f64) -> DeferDecision {
+        let p = self.p_disagree(tier, c);
+        let score = (f64::from(p) / defer_cost.max(1e-9)) as f32;
+        self.path_min = Some(self.path_min.map_or(score, |m| m.min(score)));
+        let defer = match (&self.share, self.cfg.target_top_share) {
+            (Some(share), Some(target)) => {
+                let draw = *self.draw.get_or_insert_with(|| self.rng.gen::<f64>());
+                let d = share.decide(score, target, draw);
+                if d.threshold.is_finite() {
+                    self.mu = f64::from(d.threshold);
+                }
+                d.escalate
+            }
+            _ => f64::from(score) > self.mu,
+        };
+        if defer {
             return DeferDecision {
                 defer: true,
-                d,
+                p_disagree: p,
                 explored: false,
             };
         }
         let updates = self.models.get(tier).map_or(0, |m| m.updates());
-        let p = self.cfg.explore / (1.0 + updates as f64 / 50.0).sqrt();
-        let explored = self.rng.gen::<f64>() < p;
+        let rate = self.cfg.explore / (1.0 + updates as f64 / 50.0).sqrt();
+        let explored = self.rng.gen::<f64>() < rate;
         DeferDecision {
             defer: explored,
-            d,
+            p_disagree: p,
             explored,
         }
     }
 
-    /// Learns from an item the top tier labelled: whether tier `tier` agreed with it, and the
-    /// cost of deferring from this tier (the rest of the cascade, relative to the top tier's price).
-    pub fn learn(
-        &mut self,
-        tier: usize,
-        s: &Signals,
-        input_chars: usize,
-        agreed: bool,
-        defer_cost: f64,
-    ) {
-        self.featurize(s, input_chars);
+    /// Learns from an item the top tier labelled: whether tier `tier` agreed with it.
+    pub fn learn(&mut self, tier: usize, c: &Context, agreed: bool) {
+        self.featurize(c);
         let Some(m) = self.models.get_mut(tier) else {
             return;
         };
-        let loss = if agreed { 0.0 } else { 1.0 };
-        let price = self.log_mu.exp() * defer_cost.max(0.0);
-        let target = usize::from(loss > price);
-        let weight = (loss - price).abs() as f32;
-        let mut p = [0.0f32; 2];
-        m.predict(&self.x, &mut p);
-        if weight > 0.0 {
-            m.update(&self.x, target, weight.min(4.0), &p);
-        }
-        if self.cfg.calibration > 0.0 {
-            m.update(&self.x, usize::from(!agreed), self.cfg.calibration, &p);
-        }
+        let p = with_prior(m, &self.x, &c.signals);
+        m.update(&self.x, usize::from(!agreed), 1.0, &p);
     }
 
-    /// Tells the share controller whether the last item reached the top tier; μ moves so that the
-    /// share of items reaching it approaches the target (more top calls than wanted → deferring
-    /// gets dearer).
-    pub fn record(&mut self, reached_top: bool) {
-        if let Some(target) = self.cfg.target_top_share {
-            let err = f64::from(u8::from(reached_top)) - target;
-            self.log_mu = (self.log_mu + 0.02 * err).clamp(-6.0, 3.0);
+    /// Ends an item that some cheap tier decided on: whether it reached the top tier. The share
+    /// controller learns the path's lowest estimate/cost.
+    pub fn end_item(&mut self, reached_top: bool) {
+        if let (Some(share), Some(m)) = (self.share.as_mut(), self.path_min) {
+            share.record(m, reached_top);
         }
+        self.path_min = None;
+        self.draw = None;
     }
 }
 
+/// The model learns a correction to a prior: the tier's own error estimate 1 − max probability.
+/// Untrained, the deferral is the confidence shunt; it departs from it only as far as the top
+/// tier's labels show the tier's confidence to be off (a weak tier's overconfidence, a kind of
+/// input it gets wrong), so the early stream is not spent on a blank model.
+fn with_prior(m: &OnlineSoftmax, x: &FeatureVec, s: &Signals) -> [f32; 2] {
+    let e = (1.0 - s.max_prob).clamp(1e-3, 1.0 - 1e-3);
+    let mut l = [0.0f32; 2];
+    m.logits(x, &mut l);
+    let z = l[1] - l[0] + (e / (1.0 - e)).ln();
+    let p1 = 1.0 / (1.0 + (-z).exp());
+    [1.0 - p1, p1]
+}
+
 impl OclDeferral {
-    /// Checkpoint: μ, then each tier's deferral model.
+    /// Checkpoint: μ, the exploration stream's position, each tier's model, the share controller.
     pub fn save(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
-        w.write_all(&self.log_mu.to_le_bytes())?;
+        w.write_all(&self.mu.to_le_bytes())?;
         // The exploration stream's position, so a resumed run explores exactly as an unbroken one.
         w.write_all(&self.rng.get_word_pos().to_le_bytes())?;
         w.write_all(&(self.models.len() as u32).to_le_bytes())?;
         for m in &self.models {
             m.save(w)?;
         }
-        Ok(())
+        let share = serde_json::to_vec(&self.share).map_err(std::io::Error::other)?;
+        w.write_all(&(share.len() as u64).to_le_bytes())?;
+        w.write_all(&share)
     }
 
     pub fn load(&mut self, r: &mut impl std::io::Read) -> Result<(), CoreError> {
@@ -209,6 +262,7 @@ impl OclDeferral {
         let mut b4 = [0u8; 4];
         let mut b16 = [0u8; 16];
         r.read_exact(&mut b8).map_err(|e| bad(e.to_string()))?;
+        let mu = f64::from_le_bytes(b8);
         r.read_exact(&mut b16).map_err(|e| bad(e.to_string()))?;
         r.read_exact(&mut b4).map_err(|e| bad(e.to_string()))?;
         let n = u32::from_le_bytes(b4) as usize;
@@ -222,8 +276,21 @@ impl OclDeferral {
         for _ in 0..n {
             models.push(OnlineSoftmax::load(r)?);
         }
+        r.read_exact(&mut b8).map_err(|e| bad(e.to_string()))?;
+        let len = u64::from_le_bytes(b8) as usize;
+        if len > 1 << 24 {
+            return Err(bad(format!("share controller of {len} bytes")));
+        }
+        let mut buf = vec![0u8; len];
+        r.read_exact(&mut buf).map_err(|e| bad(e.to_string()))?;
+        let share: Option<ShareController> =
+            serde_json::from_slice(&buf).map_err(|e| bad(e.to_string()))?;
+        if share.is_some() != self.share.is_some() {
+            return Err(bad("written with another target-share setting".into()));
+        }
         self.models = models;
-        self.log_mu = f64::from_le_bytes(b8);
+        self.mu = mu;
+        self.share = share;
         self.rng.set_word_pos(u128::from_le_bytes(b16));
         Ok(())
     }
@@ -241,124 +308,178 @@ mod tests {
         )
     }
 
+    fn ctx(max_prob: f32, text: &str) -> Context<'_> {
+        Context {
+            signals: sig(max_prob),
+            text,
+            below: None,
+        }
+    }
+
+    fn quiet() -> DeferralConfig {
+        DeferralConfig {
+            explore: 0.0,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn a_disagreement_moves_d_up_and_an_agreement_down() {
-        let mut o = OclDeferral::new(
-            1,
-            DeferralConfig {
-                explore: 0.0,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let s = sig(0.7);
-        let d0 = o.defer_prob(0, &s, 100);
-        o.learn(0, &s, 100, false, 1.0);
-        let d1 = o.defer_prob(0, &s, 100);
-        assert!(d1 > d0, "disagreement: {d0} -> {d1}");
-        o.learn(0, &s, 100, true, 1.0);
-        o.learn(0, &s, 100, true, 1.0);
-        assert!(o.defer_prob(0, &s, 100) < d1, "agreement moves d down");
+        let mut o = OclDeferral::new(1, quiet()).unwrap();
+        let c = ctx(0.7, "a fine film");
+        let d0 = o.p_disagree(0, &c);
+        o.learn(0, &c, false);
+        let d1 = o.p_disagree(0, &c);
+        assert!(d1 > d0, "disagreement moves d up: {d0} -> {d1}");
+        o.learn(0, &c, true);
+        o.learn(0, &c, true);
+        assert!(o.p_disagree(0, &c) < d1, "agreement moves d down");
     }
 
     #[test]
     fn learns_to_defer_exactly_where_the_tier_is_unsure() {
-        // The tier is right when confident (≥ 0.8), wrong otherwise.
-        let mut o = OclDeferral::new(
-            1,
-            DeferralConfig {
-                explore: 0.0,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let mut rng = ChaCha8Rng::seed_from_u64(5);
-        for _ in 0..3000 {
-            let p: f32 = rng.gen_range(0.5..1.0);
-            o.learn(0, &sig(p), 80, p >= 0.8, 1.0);
+        let mut o = OclDeferral::new(1, quiet()).unwrap();
+        // The tier is right when its top probability is at least 0.8, wrong below.
+        for k in 0..3000 {
+            let p = 0.5 + 0.5 * ((k * 37) % 100) as f32 / 100.0;
+            o.learn(0, &ctx(p, "x"), p >= 0.8);
         }
-        assert!(!o.decide(0, &sig(0.95), 80).defer);
-        assert!(o.decide(0, &sig(0.6), 80).defer);
+        assert!(!o.decide(0, &ctx(0.95, "x"), 1.0).defer);
+        assert!(o.decide(0, &ctx(0.6, "x"), 1.0).defer);
     }
 
     #[test]
     fn mu_trades_cost_for_accuracy() {
-        // With deferring very dear (μ large), even unsure predictions are kept.
-        let mut o = OclDeferral::new(
-            1,
-            DeferralConfig {
-                mu: 50.0,
-                explore: 0.0,
-                calibration: 0.0,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        for _ in 0..500 {
-            o.learn(0, &sig(0.6), 80, false, 1.0);
+        let mut o = OclDeferral::new(1, quiet()).unwrap();
+        for k in 0..2000 {
+            // Wrong two times in five at this confidence.
+            o.learn(0, &ctx(0.6, "x"), k % 5 >= 2);
         }
-        assert!(!o.decide(0, &sig(0.6), 80).defer);
+        let p = o.p_disagree(0, &ctx(0.6, "x"));
+        assert!((p - 0.4).abs() < 0.08, "calibrated: {p}");
+        // Deferring at cost 1 is worth it when μ < 0.4, not when μ > 0.4.
+        let mut cheap = OclDeferral::new(1, DeferralConfig { mu: 0.2, ..quiet() }).unwrap();
+        let mut dear = OclDeferral::new(1, DeferralConfig { mu: 0.8, ..quiet() }).unwrap();
+        for k in 0..2000 {
+            cheap.learn(0, &ctx(0.6, "x"), k % 5 >= 2);
+            dear.learn(0, &ctx(0.6, "x"), k % 5 >= 2);
+        }
+        assert!(cheap.decide(0, &ctx(0.6, "x"), 1.0).defer);
+        assert!(!dear.decide(0, &ctx(0.6, "x"), 1.0).defer);
+        // A dearer next tier (c = 3) makes keeping the answer the better choice.
+        assert!(!cheap.decide(0, &ctx(0.6, "x"), 3.0).defer);
     }
 
     #[test]
-    fn target_share_adapts_mu() {
+    fn disagreement_with_the_tier_below_is_learned() {
+        let mut o = OclDeferral::new(2, quiet()).unwrap();
+        for k in 0..3000 {
+            let agrees = k % 2 == 0;
+            let c = Context {
+                signals: sig(0.8),
+                text: "x",
+                below: Some((agrees, 0.8)),
+            };
+            o.learn(1, &c, agrees);
+        }
+        let mut at = |agrees| {
+            o.p_disagree(
+                1,
+                &Context {
+                    signals: sig(0.8),
+                    text: "x",
+                    below: Some((agrees, 0.8)),
+                },
+            )
+        };
+        assert!(at(false) > 0.8 && at(true) < 0.2);
+    }
+
+    #[test]
+    fn word_features_find_the_inputs_a_tier_gets_wrong() {
+        let cfg = DeferralConfig {
+            text_features: true,
+            ..quiet()
+        };
+        let mut o = OclDeferral::new(1, cfg).unwrap();
+        for k in 0..3000 {
+            let sarcastic = k % 3 == 0;
+            let text = if sarcastic {
+                "oh great another sequel"
+            } else {
+                "a moving film"
+            };
+            o.learn(0, &ctx(0.8, text), !sarcastic);
+        }
+        assert!(o.p_disagree(0, &ctx(0.8, "oh great another remake")) > 0.5);
+        assert!(o.p_disagree(0, &ctx(0.8, "a moving story")) < 0.3);
+    }
+
+    #[test]
+    fn target_share_holds_the_share_of_items_reaching_the_top() {
         let mut o = OclDeferral::new(
             1,
             DeferralConfig {
                 target_top_share: Some(0.2),
-                ..Default::default()
+                ..quiet()
             },
         )
         .unwrap();
-        let mu0 = o.mu();
-        for _ in 0..100 {
-            o.record(true);
-        }
-        assert!(o.mu() > mu0, "too many top calls make deferring dearer");
-        assert!(OclDeferral::new(
-            1,
-            DeferralConfig {
-                mu: 0.0,
-                ..Default::default()
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut up = 0;
+        for k in 0..5000 {
+            let p: f32 = 0.5 + 0.5 * rng.gen::<f32>();
+            let c = ctx(p, "x");
+            o.begin_item();
+            let d = o.decide(0, &c, 1.0);
+            o.end_item(d.defer);
+            if d.defer {
+                up += 1;
+                o.learn(0, &c, p > 0.75);
             }
-        )
-        .is_err());
+            let _ = k;
+        }
+        let share = up as f64 / 5000.0;
+        assert!((share - 0.2).abs() < 0.03, "{share}");
+        assert!(o.mu() > 0.0);
     }
 
     #[test]
     fn checkpoint_round_trip() {
-        let mut o = OclDeferral::new(
-            2,
-            DeferralConfig {
-                target_top_share: Some(0.3),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        o.learn(1, &sig(0.7), 10, false, 1.0);
-        o.record(true);
+        let cfg = DeferralConfig {
+            target_top_share: Some(0.3),
+            explore: 0.5,
+            ..Default::default()
+        };
+        let mut o = OclDeferral::new(2, cfg).unwrap();
+        o.learn(1, &ctx(0.7, "x"), false);
+        o.begin_item();
+        let d = o.decide(0, &ctx(0.7, "x"), 1.0);
+        o.end_item(d.defer);
         let mut buf = Vec::new();
         o.save(&mut buf).unwrap();
-        let mut back = OclDeferral::new(2, DeferralConfig::default()).unwrap();
-        back.load(&mut buf.as_slice()).unwrap();
         let explore = |o: &mut OclDeferral| {
             (0..50)
-                .map(|_| o.decide(0, &sig(0.99), 10).explored)
+                .map(|_| o.decide(0, &ctx(0.99, "x"), 1.0).explored)
                 .collect::<Vec<_>>()
         };
-        let mut o2 = OclDeferral::new(2, DeferralConfig::default()).unwrap();
-        o2.load(&mut buf.as_slice()).unwrap();
+        let mut back = OclDeferral::new(2, cfg).unwrap();
+        back.load(&mut buf.as_slice()).unwrap();
+        assert_eq!(back.mu(), o.mu());
         assert_eq!(
-            explore(&mut o2),
+            back.p_disagree(1, &ctx(0.7, "x")),
+            o.p_disagree(1, &ctx(0.7, "x"))
+        );
+        assert_eq!(
+            explore(&mut back),
             explore(&mut o),
             "the exploration stream resumes where it was"
         );
-        assert_eq!(back.mu(), o.mu());
-        assert_eq!(
-            back.defer_prob(1, &sig(0.7), 10),
-            o.defer_prob(1, &sig(0.7), 10)
-        );
-        assert!(OclDeferral::new(3, DeferralConfig::default())
+        assert!(OclDeferral::new(3, cfg)
+            .unwrap()
+            .load(&mut buf.as_slice())
+            .is_err());
+        assert!(OclDeferral::new(2, DeferralConfig::default())
             .unwrap()
             .load(&mut buf.as_slice())
             .is_err());
@@ -370,15 +491,16 @@ mod tests {
             1,
             DeferralConfig {
                 explore: 0.5,
+                mu: 0.9,
                 ..Default::default()
             },
         )
         .unwrap();
         for _ in 0..200 {
-            o.learn(0, &sig(0.99), 80, true, 1.0);
+            o.learn(0, &ctx(0.99, "x"), true);
         }
         let explored = (0..2000)
-            .filter(|_| o.decide(0, &sig(0.99), 80).explored)
+            .filter(|_| o.decide(0, &ctx(0.99, "x"), 1.0).explored)
             .count();
         // 0.5 / sqrt(1 + 200/50) ≈ 0.22
         assert!((300..600).contains(&explored), "{explored}");

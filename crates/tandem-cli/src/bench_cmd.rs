@@ -1,0 +1,235 @@
+//! `tandem bench cascade`: the policies side by side on live cascades (see tandem_run::bench).
+
+use crate::assets_cmd::ensure_installed;
+use crate::demo_cmd::cache_recordings;
+use crate::run_cmd::{set_threads, write_json};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use tandem_models::assets::Store;
+use tandem_run::bench::{self, plot, summary, Dataset, Plan, Stage};
+use tandem_run::config::TierKind;
+use tandem_run::{stream, RunConfig};
+
+const DEMO: &str = include_str!("../../../examples/demo.toml");
+const AMAZON: &str = include_str!("../../../examples/amazon.toml");
+const QUICK: &str = include_str!("../../../examples/bench-quick.toml");
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Every cascade policy (OCL, DS+ shunt with S4L/L4S, E-LANG, random deferral, each tier
+    /// alone) on the movie-review and product-review streams, over several stream orders.
+    Cascade(CascadeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CascadeArgs {
+    /// The built-in streams to run (snippets: movie reviews; amazon: product reviews).
+    #[arg(long = "dataset", default_values_t = ["snippets".to_string(), "amazon".to_string()])]
+    datasets: Vec<String>,
+    /// Bench your own cascade instead: a config (with --input).
+    #[arg(long, requires = "input")]
+    config: Option<PathBuf>,
+    /// With --config: a JSONL file with gold labels, or a built-in dataset.
+    #[arg(long)]
+    input: Option<String>,
+    /// The small version run in CI: 1,000 snippets, SmolLM2-135M on top, a shorter sweep.
+    #[arg(long)]
+    quick: bool,
+    /// Use only the first N items of each stream (the same items in every order).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Stream orders (seeds), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [0u64, 1, 2])]
+    seeds: Vec<u64>,
+    /// The top-tier share of the table's rows.
+    #[arg(long, default_value_t = 0.3)]
+    operating: f64,
+    /// Leave out the soft-S4L rows (they call the top model with hinted prompts: slow unrecorded).
+    #[arg(long)]
+    no_s4l: bool,
+    /// Parallel runs.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Write every dataset's summary (rows, equal-share comparisons, frontiers) as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where the frontier plots go.
+    #[arg(long, default_value = "out/bench")]
+    out: PathBuf,
+}
+
+#[derive(Serialize)]
+struct BenchJson {
+    datasets: Vec<summary::DatasetSummary>,
+    runs: Vec<bench::RunResult>,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    match a.command {
+        BenchCommand::Cascade(c) => cascade(c),
+    }
+}
+
+fn plan(a: &CascadeArgs) -> Result<Plan> {
+    if !(a.operating > 0.0 && a.operating < 1.0) {
+        bail!("--operating {}: must be between 0 and 1", a.operating);
+    }
+    if a.seeds.is_empty() {
+        bail!("--seeds: give at least one");
+    }
+    let mut compare_at = vec![0.2, 0.3, 0.5];
+    let mut shares = vec![0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8];
+    let mut thresholds = vec![0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.96, 0.98, 0.995];
+    if a.quick {
+        shares = vec![0.2, 0.3, 0.5, 0.7];
+        thresholds = vec![0.7, 0.85, 0.93, 0.98];
+        compare_at = vec![0.3, 0.5];
+    }
+    for s in [a.operating] {
+        if !shares.iter().any(|x| (x - s).abs() < 1e-9) {
+            shares.push(s);
+        }
+    }
+    shares.sort_by(f64::total_cmp);
+    Ok(Plan {
+        seeds: a.seeds.clone(),
+        shares,
+        thresholds,
+        operating: a.operating,
+        compare_at,
+        s4l: !a.no_s4l && !a.quick,
+        threads: a.threads.max(1),
+    })
+}
+
+fn datasets(a: &CascadeArgs, store: &Store) -> Result<Vec<Dataset>> {
+    let specs: Vec<(String, String, String, PathBuf)> = if let Some(c) = &a.config {
+        let text =
+            std::fs::read_to_string(c).with_context(|| format!("cannot read {}", c.display()))?;
+        let input = a.input.clone().unwrap_or_default();
+        let name = Path::new(&input)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("custom")
+            .to_string();
+        vec![(name, input, text, c.clone())]
+    } else if a.quick {
+        vec![(
+            "snippets-quick".into(),
+            "snippets".into(),
+            QUICK.into(),
+            "examples/bench-quick.toml".into(),
+        )]
+    } else {
+        a.datasets
+            .iter()
+            .map(|d| match d.as_str() {
+                "snippets" => Ok((d.clone(), d.clone(), DEMO.to_string(), "examples/demo.toml".into())),
+                "amazon" => Ok((d.clone(), d.clone(), AMAZON.to_string(), "examples/amazon.toml".into())),
+                other => bail!("--dataset {other:?}: not a built-in stream (snippets, amazon); bench another with --config and --input"),
+            })
+            .collect::<Result<_>>()?
+    };
+    let limit = a.limit.or(a.quick.then_some(1000));
+    let mut out = Vec::new();
+    for (name, input, text, path) in specs {
+        let mut cfg = RunConfig::parse(&path, &text)?;
+        if a.config.is_none() {
+            cache_recordings(&mut cfg, store);
+            let mut ids: Vec<&str> = vec![input.as_str()];
+            for t in &cfg.tiers {
+                match t.kind {
+                    TierKind::Minilm => ids.push("minilm"),
+                    TierKind::Gguf => ids.extend(t.asset.as_deref()),
+                    TierKind::Hashed => {}
+                }
+            }
+            ensure_installed(store, &ids)?;
+        }
+        let mut s = stream::open(&input, &cfg, 0, store)?;
+        if s.items.iter().all(|i| i.gold.is_none()) {
+            bail!("{input}: no gold labels; the benchmark measures accuracy against them");
+        }
+        if let Some(l) = limit {
+            s.items.truncate(l);
+        }
+        out.push(Dataset {
+            name,
+            cfg,
+            stream: s,
+        });
+    }
+    Ok(out)
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    b.set_message(what.to_string());
+    b
+}
+
+fn cascade(a: CascadeArgs) -> Result<()> {
+    let plan = plan(&a)?;
+    let store = Store::default_home();
+    set_threads(Some(2));
+    let mut summaries = Vec::new();
+    let mut all_runs = Vec::new();
+    for ds in datasets(&a, &store)? {
+        let embed = bar(0, &format!("{}: embedding", ds.name));
+        let record = bar(0, &format!("{}: top-tier answers", ds.name));
+        let prep = bench::prepare(&ds, &store, &mut |stage, done, n| {
+            let b = match stage {
+                Stage::Embedding => &embed,
+                Stage::Recording => &record,
+            };
+            b.set_length(n as u64);
+            b.set_position(done as u64);
+        })?;
+        embed.finish_and_clear();
+        record.finish_and_clear();
+        let n_runs = bench::variants(&ds.cfg, &plan).len() * plan.seeds.len();
+        let runs_bar = bar(n_runs as u64, &format!("{}: cascade runs", ds.name));
+        let t0 = std::time::Instant::now();
+        let runs = bench::run_all(&ds, &prep, &plan, &store, &|k, _| {
+            runs_bar.set_position(k as u64)
+        })?;
+        runs_bar.finish_and_clear();
+        let names: Vec<String> = ds.cfg.tiers.iter().map(|t| t.name.clone()).collect();
+        let s = summary::summarize(&ds.name, ds.stream.items.len(), &names, &runs, &plan);
+        print!("{}", s.table());
+        let svg = a.out.join(format!("{}-frontier.svg", ds.name));
+        plot::write_frontiers(&s, &svg)?;
+        plot::write_frontiers(&s, &svg.with_extension("png"))?;
+        println!(
+            "{} runs in {:.0} s; plot: {}\n",
+            runs.len(),
+            t0.elapsed().as_secs_f64(),
+            svg.display()
+        );
+        summaries.push(s);
+        all_runs.extend(runs);
+    }
+    if let Some(p) = &a.json {
+        write_json(
+            p,
+            &BenchJson {
+                datasets: summaries,
+                runs: all_runs,
+            },
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! `tandem bench cascade --quick` end to end: 1,000 movie-review snippets, hashed -> MiniLM head ->
+//! SmolLM2-135M (recorded on the first run), every policy over three stream orders. Needs the
+//! assets minilm, smollm2-135m and snippets (scripts/setup); skips without them unless
+//! TANDEM_REQUIRE_ASSETS=1 (as in CI).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use serde_json::Value;
+use std::process::Command;
+use tandem_models::assets::{find, Store};
+
+fn have_assets() -> bool {
+    let store = Store::default_home();
+    let ok = ["minilm", "smollm2-135m", "snippets"]
+        .iter()
+        .all(|id| store.is_installed(find(id).unwrap()));
+    if !ok {
+        assert!(
+            std::env::var("TANDEM_REQUIRE_ASSETS").map_or(true, |v| v != "1"),
+            "assets missing: run scripts/setup"
+        );
+        eprintln!(
+            "skipping: assets minilm, smollm2-135m and snippets are not installed (scripts/setup)"
+        );
+    }
+    ok
+}
+
+#[test]
+fn quick_bench_orders_learned_deferral_above_random() {
+    if !have_assets() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["bench", "cascade", "--quick", "--json"])
+        .arg(&json)
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{stdout}");
+    let v: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let ds = &v["datasets"][0];
+    assert_eq!(ds["items"], 1000);
+    let at = |family: &str, share: f64| -> f64 {
+        ds["at_share"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["family"] == family && (a["share"].as_f64().unwrap() - share).abs() < 1e-9)
+            .unwrap_or_else(|| panic!("no {family} at {share}"))["accuracy"]
+            .as_f64()
+            .unwrap()
+    };
+    // Measured on these three orders: at 50% OCL 75.1% and the shunt 76.5% vs random 73.2%;
+    // at 30%, 71.2% and 71.7% vs 70.2%.
+    let (ocl, random, shunt) = (
+        at("OCL", 0.5),
+        at("random deferral", 0.5),
+        at("DS+ shunt (share held)", 0.5),
+    );
+    assert!(
+        ocl >= random + 0.01,
+        "OCL {ocl} vs random {random} at 50% top share"
+    );
+    assert!(
+        shunt >= random + 0.01,
+        "shunt {shunt} vs random {random} at 50%"
+    );
+    assert!(
+        at("OCL", 0.3) >= at("random deferral", 0.3),
+        "OCL vs random at 30%"
+    );
+    // Every row names its policy and carries the columns the table promises.
+    let rows = ds["rows"].as_array().unwrap();
+    for name in ["always-top", "hashed alone", "minilm alone"] {
+        assert!(rows.iter().any(|r| r["name"] == name), "no row {name}");
+    }
+    for r in rows {
+        for k in [
+            "accuracy",
+            "top_share",
+            "cost_usd",
+            "agreement",
+            "compute_s",
+        ] {
+            assert!(r[k].as_f64().is_some(), "{}: {k}", r["name"]);
+        }
+    }
+    // The top tier alone is what every item costs at its price; shares are measured, not set.
+    let top = rows.iter().find(|r| r["name"] == "always-top").unwrap();
+    assert!((top["top_share"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    assert!((top["cost_usd"].as_f64().unwrap() - 0.1).abs() < 1e-6);
+    assert!(dir.path().join("snippets-quick-frontier.svg").exists());
+    assert!(dir.path().join("snippets-quick-frontier.png").exists());
+}

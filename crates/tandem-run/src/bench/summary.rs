@@ -1,0 +1,363 @@
+//! The benchmark's numbers: runs grouped by policy and knob (mean and spread over stream orders),
+//! the table at the operating share, frontiers compared at equal top-tier share, and PGR against
+//! the gap between the best cheap tier and the top tier.
+
+use super::{Plan, RunResult, ALWAYS_TOP};
+use serde::Serialize;
+use tandem_core::metrics::{pgr, Curve, CurvePoint};
+use tandem_core::stats::mean_sd;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub name: String,
+    pub accuracy: f64,
+    pub accuracy_sd: f64,
+    pub agreement: f64,
+    pub top_share: f64,
+    pub top_share_sd: f64,
+    pub cost_usd: f64,
+    pub compute_s: f64,
+    /// Of the gap between the best cheap tier and the top tier, the share recovered.
+    pub pgr: Option<f64>,
+    pub seeds: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AtShare {
+    pub family: String,
+    pub share: f64,
+    pub accuracy: f64,
+    pub accuracy_sd: f64,
+    pub pgr: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct S4lEffect {
+    pub name: String,
+    /// Items the top tier answered with S4L's help, summed over seeds.
+    pub items: u64,
+    pub top_accuracy_with: f64,
+    pub top_accuracy_without: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FrontierPoint {
+    pub knob: f64,
+    pub top_share: f64,
+    pub accuracy: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Frontier {
+    pub family: String,
+    pub points: Vec<FrontierPoint>,
+    /// The smallest top-tier share at which the curve reaches the top tier's accuracy.
+    pub share_for_top_accuracy: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DatasetSummary {
+    pub name: String,
+    pub items: usize,
+    pub seeds: Vec<u64>,
+    pub top_accuracy: f64,
+    /// The best cheap tier's accuracy when it predicts every item, learning from every top label.
+    pub best_cheap_accuracy: f64,
+    pub best_cheap_tier: String,
+    pub operating_share: f64,
+    pub rows: Vec<Row>,
+    pub at_share: Vec<AtShare>,
+    pub s4l: Vec<S4lEffect>,
+    pub frontiers: Vec<Frontier>,
+}
+
+fn group<'a>(runs: &'a [RunResult], family: &str, knob: f64) -> Vec<&'a RunResult> {
+    runs.iter()
+        .filter(|r| r.family == family && (r.knob - knob).abs() < 1e-9)
+        .collect()
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> (f64, f64) {
+    let v: Vec<f64> = v.collect();
+    mean_sd(&v).unwrap_or((f64::NAN, f64::NAN))
+}
+
+fn row(name: String, rs: &[&RunResult], base: f64, top: f64) -> Row {
+    let (accuracy, accuracy_sd) = mean(rs.iter().map(|r| r.accuracy));
+    let (top_share, top_share_sd) = mean(rs.iter().map(|r| r.top_share));
+    Row {
+        pgr: pgr(accuracy, base, top),
+        name,
+        accuracy,
+        accuracy_sd,
+        agreement: mean(rs.iter().map(|r| r.agreement)).0,
+        top_share,
+        top_share_sd,
+        cost_usd: mean(rs.iter().map(|r| r.cost_usd)).0,
+        compute_s: mean(rs.iter().map(|r| r.compute_s)).0,
+        seeds: rs.len(),
+    }
+}
+
+/// Families in the order they were run, each once.
+fn families(runs: &[RunResult]) -> Vec<&'static str> {
+    let mut f: Vec<&'static str> = Vec::new();
+    for r in runs {
+        if !f.contains(&r.family) {
+            f.push(r.family);
+        }
+    }
+    f
+}
+
+fn knobs(runs: &[RunResult], family: &str) -> Vec<f64> {
+    let mut k: Vec<f64> = Vec::new();
+    for r in runs.iter().filter(|r| r.family == family) {
+        if !k.iter().any(|x| (x - r.knob).abs() < 1e-9) {
+            k.push(r.knob);
+        }
+    }
+    k
+}
+
+pub fn summarize(
+    name: &str,
+    items: usize,
+    tier_names: &[String],
+    runs: &[RunResult],
+    plan: &Plan,
+) -> DatasetSummary {
+    let always = group(runs, ALWAYS_TOP, 1.0);
+    let top = mean(always.iter().map(|r| r.accuracy)).0;
+    let cheap = tier_names.len().saturating_sub(1);
+    let (best_i, base) = (0..cheap)
+        .map(|i| {
+            (
+                i,
+                mean(
+                    always
+                        .iter()
+                        .filter_map(|r| r.tier_accuracy.get(i).copied()),
+                )
+                .0,
+            )
+        })
+        .fold((0, f64::NEG_INFINITY), |b, x| if x.1 > b.1 { x } else { b });
+    let op = plan.operating;
+    let mut rows = Vec::new();
+    let mut frontiers = Vec::new();
+    let mut at_share = Vec::new();
+    let mut s4l = Vec::new();
+    for fam in families(runs) {
+        let ks = knobs(runs, fam);
+        if ks.len() > 1 {
+            // A swept family: a frontier; the table shows its point nearest the operating share.
+            let mut points: Vec<FrontierPoint> = ks
+                .iter()
+                .map(|&k| {
+                    let g = group(runs, fam, k);
+                    FrontierPoint {
+                        knob: k,
+                        top_share: mean(g.iter().map(|r| r.top_share)).0,
+                        accuracy: mean(g.iter().map(|r| r.accuracy)).0,
+                    }
+                })
+                .collect();
+            points.sort_by(|a, b| a.top_share.total_cmp(&b.top_share));
+            let curve = Curve::new(
+                points
+                    .iter()
+                    .map(|p| CurvePoint {
+                        share: p.top_share,
+                        quality: p.accuracy,
+                    })
+                    .collect(),
+            );
+            let reaches = points.iter().any(|p| p.accuracy >= top);
+            frontiers.push(Frontier {
+                family: fam.to_string(),
+                share_for_top_accuracy: if reaches {
+                    curve.cpt(1.0, base, top)
+                } else {
+                    None
+                },
+                points: points.clone(),
+            });
+            for &s in &plan.compare_at {
+                // Per stream order: that order's own curve at the share; then mean and spread.
+                let per_seed: Vec<f64> = plan
+                    .seeds
+                    .iter()
+                    .filter_map(|&seed| {
+                        let pts = runs
+                            .iter()
+                            .filter(|r| r.family == fam && r.seed == seed)
+                            .map(|r| CurvePoint {
+                                share: r.top_share,
+                                quality: r.accuracy,
+                            })
+                            .collect();
+                        Curve::new(pts).quality_at(s)
+                    })
+                    .collect();
+                let (a, sd) = mean(per_seed.into_iter());
+                at_share.push(AtShare {
+                    family: fam.to_string(),
+                    share: s,
+                    accuracy: a,
+                    accuracy_sd: sd,
+                    pgr: pgr(a, base, top),
+                });
+            }
+            let Some(near) = points.iter().min_by(|a, b| {
+                (a.top_share - op)
+                    .abs()
+                    .total_cmp(&(b.top_share - op).abs())
+            }) else {
+                continue;
+            };
+            let g = group(runs, fam, near.knob);
+            rows.push(row(
+                format!("{fam} ({})", knob_label(fam, near.knob)),
+                &g,
+                base,
+                top,
+            ));
+        } else if let Some(&k) = ks.first() {
+            let g = group(runs, fam, k);
+            let label = if fam == ALWAYS_TOP || fam.ends_with(" alone") {
+                fam.to_string()
+            } else {
+                format!("{fam} ({})", knob_label(fam, k))
+            };
+            let items: u64 = g.iter().map(|r| r.s4l_items).sum();
+            if fam.contains("S4L") {
+                let with: u64 = g.iter().map(|r| r.s4l_right_with).sum();
+                let without: u64 = g.iter().map(|r| r.s4l_right_without).sum();
+                let pct = |x: u64| {
+                    if items == 0 {
+                        f64::NAN
+                    } else {
+                        x as f64 / items as f64
+                    }
+                };
+                s4l.push(S4lEffect {
+                    name: label.clone(),
+                    items,
+                    top_accuracy_with: pct(with),
+                    top_accuracy_without: pct(without),
+                });
+            }
+            rows.push(row(label, &g, base, top));
+        }
+    }
+    DatasetSummary {
+        name: name.to_string(),
+        items,
+        seeds: plan.seeds.clone(),
+        top_accuracy: top,
+        best_cheap_accuracy: base,
+        best_cheap_tier: tier_names.get(best_i).cloned().unwrap_or_default(),
+        operating_share: op,
+        rows,
+        at_share,
+        s4l,
+        frontiers,
+    }
+}
+
+fn knob_label(family: &str, knob: f64) -> String {
+    if family.contains("fixed threshold") {
+        format!("threshold {knob:.2}")
+    } else {
+        format!("target {:.0}%", 100.0 * knob)
+    }
+}
+
+impl DatasetSummary {
+    /// The accuracy of `family` at `share` on its frontier, if it was swept.
+    pub fn accuracy_at(&self, family: &str, share: f64) -> Option<f64> {
+        self.at_share
+            .iter()
+            .find(|a| a.family == family && (a.share - share).abs() < 1e-9)
+            .map(|a| a.accuracy)
+    }
+
+    pub fn table(&self) -> String {
+        let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+        let mut s = format!(
+            "{}: {} items, stream orders (seeds) {:?}; top tier {}, best cheap tier alone ({}) {}\n",
+            self.name,
+            self.items,
+            self.seeds,
+            pct(self.top_accuracy),
+            self.best_cheap_tier,
+            pct(self.best_cheap_accuracy)
+        );
+        s += &format!(
+            "{:<46} {:>15} {:>8} {:>14} {:>9} {:>10} {:>6}\n",
+            "policy", "accuracy ± sd", "agree", "top share", "cost $", "compute s", "PGR"
+        );
+        for r in &self.rows {
+            s += &format!(
+                "{:<46} {:>8} ± {:>4.1} {:>8} {:>7} ± {:>4.1} {:>9.4} {:>10.1} {:>6}\n",
+                r.name,
+                pct(r.accuracy),
+                100.0 * r.accuracy_sd,
+                pct(r.agreement),
+                pct(r.top_share),
+                100.0 * r.top_share_sd,
+                r.cost_usd,
+                r.compute_s,
+                r.pgr.map_or("-".into(), |p| format!("{p:.2}"))
+            );
+        }
+        let shares: Vec<f64> = {
+            let mut v: Vec<f64> = Vec::new();
+            for a in &self.at_share {
+                if !v.iter().any(|x| (x - a.share).abs() < 1e-9) {
+                    v.push(a.share);
+                }
+            }
+            v
+        };
+        s += "\nat equal top-tier share (accuracy ± sd over stream orders, PGR):\n";
+        s += &format!("{:<30}", "policy");
+        for sh in &shares {
+            s += &format!(" {:>22}", format!("at {:.0}%", 100.0 * sh));
+        }
+        s += &format!(" {:>14}\n", "top acc. at");
+        for f in &self.frontiers {
+            s += &format!("{:<30}", f.family);
+            for sh in &shares {
+                let cell = self
+                    .at_share
+                    .iter()
+                    .find(|a| a.family == f.family && (a.share - sh).abs() < 1e-9)
+                    .map_or("-".into(), |a| {
+                        format!(
+                            "{} ± {:.1} {}",
+                            pct(a.accuracy),
+                            100.0 * a.accuracy_sd,
+                            a.pgr.map_or("-".into(), |p| format!("{p:.2}"))
+                        )
+                    });
+                s += &format!(" {cell:>22}");
+            }
+            s += &format!(
+                " {:>14}\n",
+                f.share_for_top_accuracy.map_or("not reached".into(), pct)
+            );
+        }
+        for e in &self.s4l {
+            s += &format!(
+                "{}: on the {} items the top tier answered with S4L, its accuracy {} with vs {} without\n",
+                e.name,
+                e.items,
+                pct(e.top_accuracy_with),
+                pct(e.top_accuracy_without)
+            );
+        }
+        s
+    }
+}
