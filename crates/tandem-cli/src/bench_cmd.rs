@@ -56,6 +56,9 @@ pub struct CascadeArgs {
     /// Leave out the soft-S4L rows (they call the top model with hinted prompts: slow unrecorded).
     #[arg(long)]
     no_s4l: bool,
+    /// Run the soft-S4L rows over this many of the stream orders (the first ones).
+    #[arg(long, default_value_t = 1)]
+    s4l_orders: usize,
     /// Parallel runs.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -107,6 +110,7 @@ fn plan(a: &CascadeArgs) -> Result<Plan> {
         operating: a.operating,
         compare_at,
         s4l: !a.no_s4l && !a.quick,
+        s4l_seeds: a.s4l_orders,
         threads: a.threads.max(1),
     })
 }
@@ -200,7 +204,7 @@ fn cascade(a: CascadeArgs) -> Result<()> {
         })?;
         embed.finish_and_clear();
         record.finish_and_clear();
-        let n_runs = bench::variants(&ds.cfg, &plan).len() * plan.seeds.len();
+        let n_runs = bench::jobs(&bench::variants(&ds.cfg, &plan), &plan).len();
         let runs_bar = bar(n_runs as u64, &format!("{}: cascade runs", ds.name));
         let t0 = std::time::Instant::now();
         let runs = bench::run_all(&ds, &prep, &plan, &store, &|k, _| {

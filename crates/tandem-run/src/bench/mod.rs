@@ -43,8 +43,10 @@ pub struct Plan {
     pub operating: f64,
     /// Shares at which the frontiers are compared.
     pub compare_at: Vec<f64>,
-    /// Run the soft-S4L rows (they call the top model with hinted prompts not yet recorded).
+    /// Run the soft-S4L rows (they call the top model with hinted prompts not yet recorded)...
     pub s4l: bool,
+    /// ...over this many of the stream orders (the first ones).
+    pub s4l_seeds: usize,
     pub threads: usize,
 }
 
@@ -334,7 +336,21 @@ pub fn run_one(
     })
 }
 
-/// Every variant under every seed, on `plan.threads` threads; `done(k, n)` after each run.
+/// Every variant under every seed (soft S4L under the first `s4l_seeds`).
+pub fn jobs<'a>(vs: &'a [Variant], plan: &Plan) -> Vec<(&'a Variant, u64)> {
+    vs.iter()
+        .flat_map(|v| {
+            let n = if v.policy.s4l == S4l::Soft {
+                plan.s4l_seeds.max(1)
+            } else {
+                plan.seeds.len()
+            };
+            plan.seeds.iter().take(n).map(move |&s| (v, s))
+        })
+        .collect()
+}
+
+/// Every job of `jobs`, on `plan.threads` threads; `done(k, n)` after each run.
 pub fn run_all(
     ds: &Dataset,
     prep: &Prepared,
@@ -343,10 +359,7 @@ pub fn run_all(
     done: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<Vec<RunResult>, RunError> {
     let vs = variants(&ds.cfg, plan);
-    let jobs: Vec<(&Variant, u64)> = vs
-        .iter()
-        .flat_map(|v| plan.seeds.iter().map(move |&s| (v, s)))
-        .collect();
+    let jobs = jobs(&vs, plan);
     let next = AtomicUsize::new(0);
     let finished = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<RunResult, RunError>>>> =

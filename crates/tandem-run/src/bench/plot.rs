@@ -16,6 +16,16 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(148, 103, 189),
 ];
 
+/// The single-point rows, as triangles in colours of their own.
+const MARKERS: [RGBColor; 6] = [
+    RGBColor(0, 0, 0),
+    RGBColor(23, 190, 207),
+    RGBColor(188, 189, 34),
+    RGBColor(227, 119, 194),
+    RGBColor(140, 86, 75),
+    RGBColor(127, 127, 127),
+];
+
 /// Writes the figure; the backend follows the extension (`.svg` or `.png`).
 pub fn write_frontiers(s: &DatasetSummary, path: &Path) -> Result<(), RunError> {
     let err = |m: String| RunError::Invalid(format!("cannot write {}: {m}", path.display()));
@@ -103,7 +113,7 @@ where
         .iter()
         .filter(|r| !s.frontiers.iter().any(|f| r.name.starts_with(&f.family)));
     for (i, r) in singles.enumerate() {
-        let color = COLORS[(i + 2) % COLORS.len()];
+        let color = MARKERS[i % MARKERS.len()];
         chart
             .draw_series([TriangleMarker::new(
                 (r.top_share, r.accuracy),

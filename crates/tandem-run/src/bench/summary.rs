@@ -299,9 +299,14 @@ impl DatasetSummary {
             "policy", "accuracy ± sd", "agree", "top share", "cost $", "compute s", "PGR"
         );
         for r in &self.rows {
+            let name = if r.seeds < self.seeds.len() {
+                format!("{} [{} order]", r.name, r.seeds)
+            } else {
+                r.name.clone()
+            };
             s += &format!(
                 "{:<46} {:>8} ± {:>4.1} {:>8} {:>7} ± {:>4.1} {:>9.4} {:>10.1} {:>6}\n",
-                r.name,
+                name,
                 pct(r.accuracy),
                 100.0 * r.accuracy_sd,
                 pct(r.agreement),
