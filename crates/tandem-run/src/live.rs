@@ -60,7 +60,6 @@ pub struct ShareGates {
     pub score: GateScore,
     pub gate: ShareController,
     pub temperature: f32,
-    pub target: f64,
     pub rng_seed: u64,
     pub rng_pos: u128,
     #[serde(skip, default = "new_rng")]
@@ -305,7 +304,9 @@ pub fn run(
         let mut prev: Option<(usize, f32)> = None;
         // OCL: what deferring from each tier costs (the tiers above it, relative to the top one).
         let top_cost = tiers[top].price.cost(usage);
+        let is_ocl = matches!(policy, Policy::Ocl { .. });
         let defer_cost: Vec<f64> = (0..tiers.len())
+            .filter(|_| is_ocl)
             .map(|i| {
                 let rest: u64 = tiers[i + 1..].iter().map(|t| t.price.cost(usage)).sum();
                 if top_cost == 0 {
@@ -390,7 +391,7 @@ pub fn run(
                     // Warm-up sends everything up whatever the score: not a decision to count.
                     if warm {
                         let draw = *gate_draw.get_or_insert_with(|| g.rng.gen::<f64>());
-                        let d = g.gate.decide(score, g.target, draw);
+                        let d = g.gate.decide(score, g.gate.target(), draw);
                         gate_min = Some(gate_min.map_or(score, |m: f32| m.min(score)));
                         !d.escalate
                     } else {
@@ -406,7 +407,8 @@ pub fn run(
             }
             fallback = Some((i, p.label(), p.confidence()));
             prev = Some((p.label(), p.confidence()));
-            warm_cheap = warm.then(|| p.probs.clone());
+            // Kept only for S4L, which reads it at the top tier.
+            warm_cheap = (warm && teaching.s4l != S4l::Off).then(|| p.probs.clone());
         }
         let (tier, label, confidence) = match answer.or(fallback) {
             Some(a) => a,
@@ -561,7 +563,6 @@ fn checkpoint(
             score: g.score,
             gate: g.gate.clone(),
             temperature: g.temperature,
-            target: g.target,
             rng_seed: g.rng_seed,
             rng_pos: g.rng.get_word_pos(),
             rng: new_rng(),
@@ -681,7 +682,6 @@ pub fn policy_from(cfg: &crate::config::RunConfig, seed: u64) -> Result<Policy, 
                 },
                 gate,
                 temperature: p.temperature.unwrap_or(1.0),
-                target,
                 rng_seed: seed ^ 0xe1a6,
                 rng_pos: 0,
                 rng: ChaCha8Rng::seed_from_u64(seed ^ 0xe1a6),
