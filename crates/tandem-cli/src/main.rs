@@ -6,6 +6,7 @@ mod demo_cmd;
 mod eval_cmd;
 mod record_cmd;
 mod run_cmd;
+mod serve_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -33,6 +34,8 @@ enum Command {
     Record(record_cmd::RecordArgs),
     /// Benchmarks: `tandem bench cascade` runs every cascade policy side by side.
     Bench(Box<bench_cmd::BenchArgs>),
+    /// An OpenAI-compatible gateway that routes each request between a small and a large model.
+    Serve(serve_cmd::ServeArgs),
     /// The default job: movie-review snippets through hashed -> MiniLM -> local LLM (installs assets if needed).
     Demo(demo_cmd::DemoArgs),
 }
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo_cmd::run(args),
         Command::Record(args) => record_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(*args),
+        Command::Serve(args) => serve_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

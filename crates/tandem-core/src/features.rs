@@ -219,6 +219,25 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Buffers for scoring with a model shared read-only between threads: each caller brings its own
+/// featurizer (whose text buffers are mutable) and feature vectors.
+#[derive(Debug, Clone)]
+pub struct Scratch {
+    pub featurizer: Featurizer,
+    pub a: FeatureVec,
+    pub b: FeatureVec,
+}
+
+impl Scratch {
+    pub fn new(bits: u32) -> Result<Self, CoreError> {
+        Ok(Scratch {
+            featurizer: Featurizer::new(bits)?,
+            a: FeatureVec::default(),
+            b: FeatureVec::default(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use super::router::learn_outcome;
 use super::{CascadeScorer, Observation};
 use crate::answer::{Answer, Output};
 use crate::error::CoreError;
-use crate::features::{ns, FeatureVec, Featurizer, TextFeatures};
+use crate::features::{ns, FeatureVec, Featurizer, Scratch, TextFeatures};
 use crate::learner::{LearnerConfig, OnlineSoftmax};
 use crate::query::Query;
 
@@ -36,6 +36,7 @@ impl Default for CascadeConfig {
     }
 }
 
+#[derive(Clone)]
 pub struct ResponseCascade {
     cfg: CascadeConfig,
     featurizer: Featurizer,
@@ -69,53 +70,83 @@ impl ResponseCascade {
         if self.x_of.as_deref() == Some(q.id.as_str()) {
             return;
         }
-        let prompt = q.routing_text();
-        self.x_prompt.clear();
-        self.featurizer.add_bias(&mut self.x_prompt);
-        self.featurizer.add_text(
-            ns::PROMPT,
-            prompt,
-            self.cfg.prompt_text,
-            1.0,
+        Self::features_into(
+            &self.cfg,
+            &mut self.featurizer,
+            q,
+            weak,
             &mut self.x_prompt,
+            &mut self.x_answer,
         );
-        self.x_answer.clear();
-        self.x_answer.extend_from(&self.x_prompt);
+        self.x_of = Some(q.id.clone());
+    }
+
+    /// Prompt features (for the strong model's chance) and prompt + answer features (for the weak
+    /// answer's), written into caller-owned buffers so a shared, read-only model can score.
+    fn features_into(
+        cfg: &CascadeConfig,
+        f: &mut Featurizer,
+        q: &Query,
+        weak: &Answer,
+        x_prompt: &mut FeatureVec,
+        x_answer: &mut FeatureVec,
+    ) {
+        let prompt = q.routing_text();
+        x_prompt.clear();
+        f.add_bias(x_prompt);
+        f.add_text(ns::PROMPT, prompt, cfg.prompt_text, 1.0, x_prompt);
+        x_answer.clear();
+        x_answer.extend_from(x_prompt);
         match &weak.output {
             Output::Text {
                 text,
                 token_logprobs,
             } => {
-                self.featurizer.add_text(
-                    ns::RESPONSE,
-                    text,
-                    self.cfg.response_text,
-                    1.0,
-                    &mut self.x_answer,
-                );
-                add_signals(&self.featurizer, &analyze(prompt, text), &mut self.x_answer);
+                f.add_text(ns::RESPONSE, text, cfg.response_text, 1.0, x_answer);
+                add_signals(f, &analyze(prompt, text), x_answer);
                 if let Some(lp) = token_logprobs.as_deref().filter(|l| !l.is_empty()) {
                     let mean = lp.iter().sum::<f32>() / lp.len() as f32;
                     let min = lp.iter().copied().fold(0.0f32, f32::min);
-                    self.featurizer.add_numeric(
-                        "mean_logprob",
-                        mean.max(-10.0) / 3.0,
-                        &mut self.x_answer,
-                    );
-                    self.featurizer.add_numeric(
-                        "min_logprob",
-                        min.max(-20.0) / 6.0,
-                        &mut self.x_answer,
-                    );
+                    f.add_numeric("mean_logprob", mean.max(-10.0) / 3.0, x_answer);
+                    f.add_numeric("min_logprob", min.max(-20.0) / 6.0, x_answer);
                 }
             }
             Output::Label { probs, .. } => {
                 let max = probs.iter().copied().fold(0.0f32, f32::max);
-                self.featurizer
-                    .add_numeric("max_prob", max, &mut self.x_answer);
+                f.add_numeric("max_prob", max, x_answer);
             }
         }
-        self.x_of = Some(q.id.clone());
+    }
+
+    /// The escalation gain (strong's chance less the weak answer's) from a shared, read-only model.
+    pub fn score_ref(&self, q: &Query, weak: &Answer, s: &mut Scratch) -> f32 {
+        Self::features_into(&self.cfg, &mut s.featurizer, q, weak, &mut s.a, &mut s.b);
+        self.strong.prob1(&s.a) - self.weak.prob1(&s.b)
+    }
+
+    /// Buffers for [`Self::score_ref`].
+    pub fn scratch(&self) -> Result<Scratch, CoreError> {
+        Scratch::new(self.cfg.bits)
+    }
+
+    /// Checkpoint: the two learners; the configuration is the caller's to give back on load.
+    pub fn save(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        self.weak.save(w)?;
+        self.strong.save(w)
+    }
+
+    pub fn load(cfg: CascadeConfig, r: &mut impl std::io::Read) -> Result<Self, CoreError> {
+        let mut c = ResponseCascade::new(cfg)?;
+        c.weak = OnlineSoftmax::load(r)?;
+        c.strong = OnlineSoftmax::load(r)?;
+        if c.weak.config().bits != cfg.bits || c.strong.config().bits != cfg.bits {
+            return Err(CoreError::config(
+                "bits",
+                cfg.bits,
+                "the checkpoint was saved with a different feature size",
+            ));
+        }
+        Ok(c)
     }
 
     /// Estimated chances that the weak answer is right and that the strong model would be.

@@ -29,14 +29,14 @@ pub enum Route {
 }
 
 #[derive(Debug)]
-pub struct GateDecision {
+pub struct GateDecision<R = Reservation> {
     pub route: Route,
     pub score: f32,
     pub threshold: f32,
     /// The policy wanted the strong model but the budget refused it.
     pub capped: bool,
     /// The budget reservation for the strong call; settle it with the real cost.
-    pub reservation: Option<Reservation>,
+    pub reservation: Option<R>,
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +44,8 @@ pub struct Gate {
     share: ShareController,
     explore: f64,
     base: f64,
+    /// Escalate above this score instead of holding a share.
+    fixed: Option<f32>,
     rng: ChaCha8Rng,
 }
 
@@ -68,21 +70,62 @@ impl Gate {
             share,
             explore,
             base,
+            fixed: None,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
         })
+    }
+
+    /// A gate with a fixed threshold: escalate when the score exceeds it, explore at `explore`
+    /// (both models called); the realised share is still tracked.
+    pub fn fixed(threshold: f32, explore: f64, seed: u64) -> Result<Self, CoreError> {
+        let mut g = Gate::new(GateConfig {
+            target_share: explore,
+            explore,
+            window: 10,
+            seed,
+        })?;
+        g.fixed = Some(threshold);
+        Ok(g)
     }
 
     pub fn realised_share(&self) -> f64 {
         self.share.realised_share()
     }
 
+    /// The share controller's state (recent scores, decisions so far), for checkpoints.
+    pub fn share_controller(&self) -> &ShareController {
+        &self.share
+    }
+
+    /// Restores a checkpointed controller, keeping this gate's target.
+    pub fn restore_share_controller(&mut self, mut share: ShareController) {
+        share.set_target(self.share.target());
+        self.share = share;
+    }
+
     /// Decides for one scored query. `strong_estimate` is reserved against `budget` before the
     /// strong model may be called.
     pub fn decide(&mut self, score: f32, budget: &Budget, strong_estimate: Micros) -> GateDecision {
+        self.decide_by(score, || budget.try_reserve(strong_estimate))
+    }
+
+    /// Decides for one scored query; `reserve` is asked for a budget reservation whenever the
+    /// strong model would be called, and None from it routes the query to the weak model.
+    pub fn decide_by<R>(
+        &mut self,
+        score: f32,
+        reserve: impl FnOnce() -> Option<R>,
+    ) -> GateDecision<R> {
         let explore_draw: f64 = self.rng.gen();
         let tie_draw: f64 = self.rng.gen();
         let exploring = explore_draw < self.explore;
-        let d = self.share.decide(score, self.base, tie_draw);
+        let d = match self.fixed {
+            Some(t) => crate::calibrate::ShareDecision {
+                escalate: score > t,
+                threshold: t,
+            },
+            None => self.share.decide(score, self.base, tie_draw),
+        };
         let wanted = if exploring {
             Route::Both
         } else if d.escalate {
@@ -92,7 +135,7 @@ impl Gate {
         };
         let (route, reservation, capped) = match wanted {
             Route::Weak => (Route::Weak, None, false),
-            _ => match budget.try_reserve(strong_estimate) {
+            _ => match reserve() {
                 Some(r) => (wanted, Some(r), false),
                 None => (Route::Weak, None, true),
             },
@@ -195,5 +238,16 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn fixed_threshold_gate() {
+        let budget = Budget::unlimited();
+        let mut g = Gate::fixed(0.5, 0.0, 1).unwrap();
+        assert_eq!(g.decide(0.6, &budget, 0).route, Route::Strong);
+        assert_eq!(g.decide(0.4, &budget, 0).route, Route::Weak);
+        assert!((g.realised_share() - 0.5).abs() < 1e-9);
+        let d = g.decide_by(0.9, || None::<()>);
+        assert!(d.capped && d.route == Route::Weak);
     }
 }

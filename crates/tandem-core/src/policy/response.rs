@@ -231,6 +231,57 @@ impl Parser<'_> {
     }
 }
 
+/// How far two generated answers say the same thing, in [0, 1]: when both end in a final number,
+/// whether the numbers match (the answer, not the wording, is what counts); otherwise the F1 of
+/// their lower-cased word multisets. Used to learn from a cascade's escalations, where the large
+/// model's answer stands in for the truth.
+pub fn agreement(a: &str, b: &str) -> f32 {
+    let (sa, sb) = (analyze("", a), analyze("", b));
+    if let (Some(x), Some(y)) = (sa.final_answer, sb.final_answer) {
+        if sa.has_final_marker
+            || sb.has_final_marker
+            || (sa.ends_with_number && sb.ends_with_number)
+        {
+            return if (x - y).abs() <= 1e-6 * x.abs().max(1.0) {
+                1.0
+            } else {
+                0.0
+            };
+        }
+    }
+    let words = |t: &str| -> Vec<String> {
+        let mut w: Vec<String> = t
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect();
+        w.sort_unstable();
+        w
+    };
+    let (wa, wb) = (words(a), words(b));
+    if wa.is_empty() || wb.is_empty() {
+        return if wa.is_empty() && wb.is_empty() {
+            1.0
+        } else {
+            0.0
+        };
+    }
+    // Multiset intersection of two sorted lists.
+    let (mut i, mut j, mut common) = (0, 0, 0usize);
+    while i < wa.len() && j < wb.len() {
+        match wa[i].cmp(&wb[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                common += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    (2 * common) as f32 / (wa.len() + wb.len()) as f32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,5 +329,14 @@ mod tests {
             numbers_in("costs $1,200.50 or -3, x-2"),
             vec![1200.5, -3.0, 2.0]
         );
+    }
+
+    #[test]
+    fn agreement_of_answers() {
+        assert_eq!(agreement("so 3 * 4 = 12\n#### 12", "The answer is 12"), 1.0);
+        assert_eq!(agreement("#### 12", "#### 13"), 0.0);
+        assert!((agreement("Paris is the capital", "the capital is Paris") - 1.0).abs() < 1e-6);
+        assert!(agreement("Paris", "Lyon, France") < 0.01);
+        assert_eq!(agreement("", ""), 1.0);
     }
 }

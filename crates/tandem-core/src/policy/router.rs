@@ -5,7 +5,7 @@
 
 use super::{Observation, RouteScorer};
 use crate::error::CoreError;
-use crate::features::{ns, FeatureVec, Featurizer, TextFeatures};
+use crate::features::{ns, FeatureVec, Featurizer, Scratch, TextFeatures};
 use crate::learner::{LearnerConfig, OnlineSoftmax};
 use crate::query::Query;
 
@@ -33,6 +33,7 @@ impl Default for RouterConfig {
     }
 }
 
+#[derive(Clone)]
 pub struct GainRouter {
     cfg: RouterConfig,
     featurizer: Featurizer,
@@ -63,21 +64,7 @@ impl GainRouter {
         if self.x_of.as_deref() == Some(q.id.as_str()) {
             return;
         }
-        self.x.clear();
-        self.featurizer.add_bias(&mut self.x);
-        self.featurizer.add_text(
-            ns::PROMPT,
-            q.routing_text(),
-            self.cfg.text,
-            1.0,
-            &mut self.x,
-        );
-        if self.cfg.use_metadata {
-            for (k, v) in &q.metadata {
-                self.featurizer
-                    .add_token(ns::META ^ hash_key(k), v, 0.5, &mut self.x);
-            }
-        }
+        Self::features_into(&self.cfg, &mut self.featurizer, q, &mut self.x);
         match &mut self.x_of {
             Some(s) => {
                 s.clear();
@@ -85,6 +72,49 @@ impl GainRouter {
             }
             None => self.x_of = Some(q.id.clone()),
         }
+    }
+
+    /// The query's features, into a caller-owned buffer so a shared, read-only model can score.
+    fn features_into(cfg: &RouterConfig, f: &mut Featurizer, q: &Query, x: &mut FeatureVec) {
+        x.clear();
+        f.add_bias(x);
+        f.add_text(ns::PROMPT, q.routing_text(), cfg.text, 1.0, x);
+        if cfg.use_metadata {
+            for (k, v) in &q.metadata {
+                f.add_token(ns::META ^ hash_key(k), v, 0.5, x);
+            }
+        }
+    }
+
+    /// Buffers for [`Self::score_ref`].
+    pub fn scratch(&self) -> Result<Scratch, CoreError> {
+        Scratch::new(self.cfg.bits)
+    }
+
+    /// The strong model's expected gain, from a model shared read-only between threads.
+    pub fn score_ref(&self, q: &Query, s: &mut Scratch) -> f32 {
+        Self::features_into(&self.cfg, &mut s.featurizer, q, &mut s.a);
+        self.strong.prob1(&s.a) - self.weak.prob1(&s.a)
+    }
+
+    /// Checkpoint: the two learners; the configuration is the caller's to give back on load.
+    pub fn save(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        self.weak.save(w)?;
+        self.strong.save(w)
+    }
+
+    pub fn load(cfg: RouterConfig, r: &mut impl std::io::Read) -> Result<Self, CoreError> {
+        let mut g = GainRouter::new(cfg)?;
+        g.weak = OnlineSoftmax::load(r)?;
+        g.strong = OnlineSoftmax::load(r)?;
+        if g.weak.config().bits != cfg.bits || g.strong.config().bits != cfg.bits {
+            return Err(CoreError::config(
+                "bits",
+                cfg.bits,
+                "the checkpoint was saved with a different feature size",
+            ));
+        }
+        Ok(g)
     }
 
     /// Estimated probabilities that the weak and the strong model answer `q` well.
@@ -173,5 +203,34 @@ mod tests {
         let (w1, s1) = r.probabilities(&q);
         assert_eq!(w0, w1);
         assert!(s1 > s0);
+    }
+
+    #[test]
+    fn shared_scoring_and_checkpoint_match_the_learner() {
+        let mut r = GainRouter::new(RouterConfig {
+            bits: 12,
+            ..RouterConfig::default()
+        })
+        .unwrap();
+        for i in 0..50 {
+            let q = Query::text(format!("q{i}"), format!("prove lemma {i}"));
+            r.learn(
+                &q,
+                &Observation {
+                    weak: Some(0.0),
+                    strong: Some(1.0),
+                },
+            );
+        }
+        let q = Query::text("x", "prove lemma 7");
+        let mut scratch = r.scratch().unwrap();
+        let shared = r.score_ref(&q, &mut scratch);
+        assert!((shared - r.score(&q)).abs() < 1e-6 && shared > 0.2);
+        let mut buf = Vec::new();
+        r.save(&mut buf).unwrap();
+        let back = GainRouter::load(r.cfg, &mut buf.as_slice()).unwrap();
+        assert_eq!(back.score_ref(&q, &mut scratch), shared);
+        let other = RouterConfig { bits: 13, ..r.cfg };
+        assert!(GainRouter::load(other, &mut buf.as_slice()).is_err());
     }
 }

@@ -52,6 +52,8 @@ pub struct Generation {
     pub token_energies: Vec<f32>,
     pub prompt_tokens: usize,
     pub finished: bool,
+    /// Stopped by the caller's deadline.
+    pub timed_out: bool,
 }
 
 pub struct GgufLm {
@@ -176,6 +178,17 @@ impl GgufLm {
         messages: &[Message],
         max_tokens: usize,
     ) -> Result<Generation, GgufError> {
+        self.generate_until(messages, max_tokens, None)
+    }
+
+    /// As [`Self::generate`], stopping early (with `finished` false and `timed_out` true) once
+    /// `deadline` passes, so a caller's timeout also frees the CPU.
+    pub fn generate_until(
+        &self,
+        messages: &[Message],
+        max_tokens: usize,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Generation, GgufError> {
         let prompt = self.chat_prompt(messages)?;
         let ids = self.tokenizer.encode_prompt(&prompt)?;
         let (mut logits, mut cache) = self.model.forward(&ids, &Cache::default(), Logits::Last)?;
@@ -186,8 +199,13 @@ impl GgufLm {
             token_energies: Vec::new(),
             prompt_tokens: ids.len(),
             finished: false,
+            timed_out: false,
         };
         for _ in 0..max_tokens {
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                g.timed_out = true;
+                break;
+            }
             let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();

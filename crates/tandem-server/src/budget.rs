@@ -1,0 +1,170 @@
+//! A route's large-model budget per time window, on top of the engine's [`Budget`] (which reserves
+//! before a call and trues up after, so concurrent requests can never pass the cap together). A new
+//! window starts a fresh engine budget; calls still in flight settle into the window they reserved in.
+
+use std::sync::{Arc, Mutex};
+use tandem_core::{Budget, BudgetLimits, CoreError, Micros, Reservation};
+
+pub struct WindowBudget {
+    limits: BudgetLimits,
+    /// Window length in seconds; None: one window for the life of the state.
+    window_s: Option<u64>,
+    current: Mutex<Window>,
+}
+
+struct Window {
+    /// Start of the window, in seconds since the Unix epoch (0 when unwindowed).
+    start: u64,
+    budget: Arc<Budget>,
+}
+
+/// A reservation bound to the window it was taken in.
+#[must_use = "settle or release the reservation"]
+pub struct Held {
+    budget: Arc<Budget>,
+    reservation: Reservation,
+}
+
+impl Held {
+    pub fn settle(self, actual: Micros) {
+        self.budget.settle(self.reservation, actual);
+    }
+
+    pub fn release(self) {
+        self.budget.release(self.reservation);
+    }
+}
+
+/// Spend in the current window, as persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Spent {
+    pub window_start: u64,
+    pub calls: u64,
+    pub micros: Micros,
+}
+
+impl WindowBudget {
+    pub fn new(limits: BudgetLimits, window_s: Option<u64>, now: u64) -> Result<Self, CoreError> {
+        let b = WindowBudget {
+            limits,
+            window_s,
+            current: Mutex::new(Window {
+                start: 0,
+                budget: Arc::new(Budget::new(limits)?),
+            }),
+        };
+        b.lock().start = b.window_start(now);
+        Ok(b)
+    }
+
+    /// Restores spend from a checkpoint, if it is of the window `now` falls in.
+    pub fn restore(&self, spent: Spent, now: u64) -> Result<(), CoreError> {
+        let mut w = self.lock();
+        if spent.window_start == self.window_start(now) {
+            w.start = spent.window_start;
+            w.budget = Arc::new(Budget::with_spent(self.limits, spent.calls, spent.micros)?);
+        }
+        Ok(())
+    }
+
+    fn window_start(&self, now: u64) -> u64 {
+        match self.window_s {
+            Some(len) => now - now % len,
+            None => 0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
+        // The window is replaced whole; a panic elsewhere cannot leave it half-written.
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn budget_at(&self, now: u64) -> Result<Arc<Budget>, CoreError> {
+        let mut w = self.lock();
+        let start = self.window_start(now);
+        if start != w.start {
+            w.start = start;
+            w.budget = Arc::new(Budget::new(self.limits)?);
+        }
+        Ok(w.budget.clone())
+    }
+
+    /// Reserves one large call costing at most `estimate`, or None when the window's cap is reached.
+    pub fn try_reserve(&self, estimate: Micros, now: u64) -> Option<Held> {
+        let budget = self.budget_at(now).ok()?;
+        let reservation = budget.try_reserve(estimate)?;
+        Some(Held {
+            budget,
+            reservation,
+        })
+    }
+
+    pub fn spent(&self) -> Spent {
+        let w = self.lock();
+        Spent {
+            window_start: w.start,
+            calls: w.budget.calls(),
+            micros: w.budget.spent_micros(),
+        }
+    }
+
+    pub fn limits(&self) -> BudgetLimits {
+        self.limits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(calls: u64) -> BudgetLimits {
+        BudgetLimits {
+            max_calls: Some(calls),
+            max_micros: None,
+        }
+    }
+
+    #[test]
+    fn a_new_window_starts_fresh_and_old_calls_settle_in_theirs() {
+        let b = WindowBudget::new(limits(2), Some(60), 1000).unwrap();
+        let h1 = b.try_reserve(5, 1000).unwrap();
+        let _h2 = b.try_reserve(5, 1010).unwrap();
+        assert!(b.try_reserve(5, 1019).is_none(), "cap of 2 in the window");
+        // 1020 is the next window (960..1020, 1020..1080).
+        let h3 = b.try_reserve(5, 1020).unwrap();
+        h1.settle(3);
+        assert_eq!(b.spent().calls, 1);
+        assert_eq!(b.spent().micros, 5);
+        h3.release();
+        assert_eq!(b.spent().calls, 0);
+    }
+
+    #[test]
+    fn restore_keeps_spend_only_within_the_same_window() {
+        let b = WindowBudget::new(limits(3), Some(60), 1000).unwrap();
+        let spent = Spent {
+            window_start: 960,
+            calls: 3,
+            micros: 9,
+        };
+        b.restore(spent, 1000).unwrap();
+        assert!(b.try_reserve(1, 1000).is_none());
+        let b = WindowBudget::new(limits(3), Some(60), 1100).unwrap();
+        b.restore(spent, 1100).unwrap();
+        assert!(
+            b.try_reserve(1, 1100).is_some(),
+            "an old window's spend is gone"
+        );
+        let unwindowed = WindowBudget::new(limits(3), None, 5).unwrap();
+        unwindowed
+            .restore(
+                Spent {
+                    window_start: 0,
+                    ..spent
+                },
+                99_999,
+            )
+            .unwrap();
+        assert!(unwindowed.try_reserve(1, 99_999).is_none());
+    }
+}

@@ -1,0 +1,533 @@
+//! The gateway's TOML configuration: parsed with unknown fields refused, then validated as a whole
+//! (every route names upstreams that exist, prices and budgets make sense) so a bad file fails at
+//! start with the field and value at fault, never at the first request.
+
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use tandem_core::money::usd_to_micros;
+use tandem_core::{BudgetLimits, Micros, Price};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {field} = {value}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        value: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(rename = "upstream", default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    #[serde(rename = "route", default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address to listen on; `tandem serve --port` overrides the port.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Environment variable holding the keys clients must present (comma-separated). Unset: no auth.
+    pub api_keys_env: Option<String>,
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Where learned state and counters persist. Relative paths are relative to the config file.
+    pub state_dir: Option<PathBuf>,
+    #[serde(default = "default_persist_s")]
+    pub persist_interval_s: u64,
+    /// How many recent responses can still receive feedback.
+    #[serde(default = "default_feedback_window")]
+    pub feedback_window: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: default_listen(),
+            api_keys_env: None,
+            max_body_bytes: default_max_body(),
+            state_dir: None,
+            persist_interval_s: default_persist_s(),
+            feedback_window: default_feedback_window(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_max_body() -> usize {
+    1 << 20
+}
+fn default_persist_s() -> u64 {
+    30
+}
+fn default_feedback_window() -> usize {
+    10_000
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamKind {
+    /// Any OpenAI-compatible HTTP endpoint.
+    Openai,
+    /// A GGUF model from the installed assets, run in-process.
+    Gguf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub kind: UpstreamKind,
+    /// `openai`: the base URL up to and including `/v1`.
+    pub base_url: Option<String>,
+    /// `openai`: the environment variable holding the API key (never the key itself).
+    pub api_key_env: Option<String>,
+    /// `openai`: the model name sent upstream.
+    pub model: Option<String>,
+    /// `gguf`: the asset id (`tandem assets list`).
+    pub asset: Option<String>,
+    /// `token:IN[:OUT]` dollars per million tokens, or `call:USD`.
+    #[serde(default = "default_price")]
+    pub price: String,
+    #[serde(default = "default_total_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_price() -> String {
+    "call:0".into()
+}
+fn default_total_ms() -> u64 {
+    60_000
+}
+fn default_connect_ms() -> u64 {
+    2_000
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    /// One upstream, no decision (still budgeted and metered).
+    Fixed,
+    /// The learned prompt router decides before any model runs.
+    RouteBefore,
+    /// The small model answers first; its answer is accepted or escalated.
+    Cascade,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CascadeGate {
+    /// Escalate on low mean token log-probability of the small answer.
+    Logprob,
+    /// E-LANG: escalate on high mean token energy of the small answer.
+    Energy,
+    /// The learned cascade scorer (prompt and answer n-grams, answer signals, log-probs).
+    Learned,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExhausted {
+    /// Serve the small model when the large model's budget is spent.
+    #[default]
+    Small,
+    /// Refuse with 429 in OpenAI's shape.
+    Refuse,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// What clients put in `model`.
+    pub name: String,
+    pub kind: RouteKind,
+    /// `fixed`: the one upstream.
+    pub upstream: Option<String>,
+    pub small: Option<String>,
+    pub large: Option<String>,
+    /// Share of requests sent to the large model, held online (route_before, cascade).
+    pub target_share: Option<f64>,
+    /// `cascade` with a fixed threshold instead of a share: escalate when the score exceeds it.
+    pub threshold: Option<f32>,
+    #[serde(default = "default_gate")]
+    pub gate: CascadeGate,
+    /// Share of requests on which both models run, so that both outcomes are learned.
+    #[serde(default = "default_explore")]
+    pub explore: f64,
+    /// S4L: the small model's draft goes into the large model's prompt on escalation.
+    #[serde(default)]
+    pub s4l: bool,
+    /// Token cap sent upstream when the request has none (bounds the cost reservation).
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    #[serde(default)]
+    pub budget: RouteBudget,
+    #[serde(default)]
+    pub on_exhausted: OnExhausted,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_gate() -> CascadeGate {
+    CascadeGate::Logprob
+}
+fn default_explore() -> f64 {
+    0.05
+}
+fn default_max_tokens() -> u32 {
+    512
+}
+fn default_seed() -> u64 {
+    7
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteBudget {
+    /// Large-model spend cap per window, in dollars.
+    pub max_usd: Option<f64>,
+    pub max_calls: Option<u64>,
+    /// Window length; unset: one window for the life of the state.
+    pub window_s: Option<u64>,
+}
+
+/// A validated route: upstream names resolved to indices.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub cfg: RouteConfig,
+    pub small: Option<usize>,
+    pub large: Option<usize>,
+    pub limits: BudgetLimits,
+}
+
+/// A validated upstream.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub cfg: UpstreamConfig,
+    pub price: Price,
+}
+
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub server: ServerSection,
+    pub upstreams: Vec<Upstream>,
+    pub routes: Vec<Route>,
+    /// Directory of the config file, for relative paths.
+    pub base_dir: PathBuf,
+}
+
+impl ServerConfig {
+    pub fn load(path: &Path) -> Result<Validated, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: ServerConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        cfg.validate(path, base)
+    }
+
+    pub fn validate(self, path: &Path, base_dir: PathBuf) -> Result<Validated, ConfigError> {
+        let bad =
+            |field: String, value: &dyn std::fmt::Display, reason: &str| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                field,
+                value: value.to_string(),
+                reason: reason.to_string(),
+            };
+        if self.server.max_body_bytes < 1024 {
+            return Err(bad(
+                "server.max_body_bytes".into(),
+                &self.server.max_body_bytes,
+                "must be at least 1024",
+            ));
+        }
+        if self.server.feedback_window == 0 {
+            return Err(bad(
+                "server.feedback_window".into(),
+                &0,
+                "must be at least 1",
+            ));
+        }
+        let mut upstreams = Vec::new();
+        let mut names = BTreeSet::new();
+        for (i, u) in self.upstreams.into_iter().enumerate() {
+            let at = |f: &str| format!("upstream[{i}].{f}");
+            if !names.insert(u.name.clone()) {
+                return Err(bad(at("name"), &u.name, "is used by two upstreams"));
+            }
+            let price = Price::parse(&u.price).map_err(|e| bad(at("price"), &u.price, &e))?;
+            match u.kind {
+                UpstreamKind::Openai => {
+                    let Some(url) = &u.base_url else {
+                        return Err(bad(
+                            at("base_url"),
+                            &"(missing)",
+                            "an openai upstream needs a base URL",
+                        ));
+                    };
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return Err(bad(
+                            at("base_url"),
+                            url,
+                            "must start with http:// or https://",
+                        ));
+                    }
+                    if u.model.is_none() {
+                        return Err(bad(
+                            at("model"),
+                            &"(missing)",
+                            "an openai upstream needs the model name to send",
+                        ));
+                    }
+                    if u.asset.is_some() {
+                        return Err(bad(at("asset"), &"(set)", "applies to gguf upstreams only"));
+                    }
+                }
+                UpstreamKind::Gguf => {
+                    if u.asset.is_none() {
+                        return Err(bad(
+                            at("asset"),
+                            &"(missing)",
+                            "a gguf upstream needs an asset id",
+                        ));
+                    }
+                    for (f, set) in [
+                        ("base_url", u.base_url.is_some()),
+                        ("api_key_env", u.api_key_env.is_some()),
+                        ("model", u.model.is_some()),
+                    ] {
+                        if set {
+                            return Err(bad(at(f), &"(set)", "applies to openai upstreams only"));
+                        }
+                    }
+                }
+            }
+            if u.timeout_ms == 0 || u.connect_timeout_ms == 0 {
+                return Err(bad(at("timeout_ms"), &0, "timeouts must be positive"));
+            }
+            upstreams.push(Upstream { cfg: u, price });
+        }
+        let find = |name: &Option<String>, field: String| -> Result<Option<usize>, ConfigError> {
+            match name {
+                None => Ok(None),
+                Some(n) => upstreams
+                    .iter()
+                    .position(|u| &u.cfg.name == n)
+                    .map(Some)
+                    .ok_or_else(|| bad(field, n, "names no [[upstream]]")),
+            }
+        };
+        let mut routes = Vec::new();
+        let mut route_names = BTreeSet::new();
+        for (i, r) in self.routes.into_iter().enumerate() {
+            let at = |f: &str| format!("route[{i}].{f}");
+            if r.name.is_empty() || !route_names.insert(r.name.clone()) {
+                return Err(bad(at("name"), &r.name, "must be non-empty and unique"));
+            }
+            let (small, large) = match r.kind {
+                RouteKind::Fixed => {
+                    if r.upstream.is_none() {
+                        return Err(bad(
+                            at("upstream"),
+                            &"(missing)",
+                            "a fixed route needs its upstream",
+                        ));
+                    }
+                    // A fixed route's upstream counts as the large model: it is the one budgeted.
+                    (
+                        find(&r.small, at("small"))?,
+                        find(&r.upstream, at("upstream"))?,
+                    )
+                }
+                RouteKind::RouteBefore | RouteKind::Cascade => {
+                    if r.upstream.is_some() {
+                        return Err(bad(
+                            at("upstream"),
+                            &"(set)",
+                            "applies to fixed routes; set small and large",
+                        ));
+                    }
+                    let s = find(&r.small, at("small"))?;
+                    let l = find(&r.large, at("large"))?;
+                    if s.is_none() || l.is_none() {
+                        return Err(bad(
+                            at("small"),
+                            &"(missing)",
+                            "routing needs both small and large",
+                        ));
+                    }
+                    (s, l)
+                }
+            };
+            if let Some(t) = r.target_share {
+                if !(0.0..=1.0).contains(&t) {
+                    return Err(bad(at("target_share"), &t, "must be between 0 and 1"));
+                }
+            }
+            match r.kind {
+                RouteKind::RouteBefore if r.target_share.is_none() => {
+                    return Err(bad(
+                        at("target_share"),
+                        &"(missing)",
+                        "a route_before route holds a target share of large calls",
+                    ));
+                }
+                RouteKind::Cascade if r.target_share.is_some() == r.threshold.is_some() => {
+                    return Err(bad(
+                        at("threshold"),
+                        &"",
+                        "a cascade route needs exactly one of target_share and threshold",
+                    ));
+                }
+                RouteKind::Fixed if r.target_share.is_some() || r.threshold.is_some() => {
+                    return Err(bad(
+                        at("target_share"),
+                        &"(set)",
+                        "a fixed route makes no decision",
+                    ));
+                }
+                _ => {}
+            }
+            if !(0.0..=1.0).contains(&r.explore) {
+                return Err(bad(at("explore"), &r.explore, "must be between 0 and 1"));
+            }
+            if r.max_tokens == 0 {
+                return Err(bad(at("max_tokens"), &0, "must be at least 1"));
+            }
+            if r.s4l && r.kind != RouteKind::Cascade {
+                return Err(bad(
+                    at("s4l"),
+                    &true,
+                    "applies to cascade routes (the small draft exists only there)",
+                ));
+            }
+            let max_micros: Option<Micros> =
+                match r.budget.max_usd {
+                    None => None,
+                    Some(usd) => Some(usd_to_micros(usd).filter(|&m| m > 0).ok_or_else(|| {
+                        bad(at("budget.max_usd"), &usd, "must be a positive amount")
+                    })?),
+                };
+            if r.budget.max_calls == Some(0) {
+                return Err(bad(at("budget.max_calls"), &0, "must be at least 1"));
+            }
+            if r.budget.window_s == Some(0) {
+                return Err(bad(at("budget.window_s"), &0, "must be at least 1 second"));
+            }
+            routes.push(Route {
+                limits: BudgetLimits {
+                    max_calls: r.budget.max_calls,
+                    max_micros,
+                },
+                small,
+                large,
+                cfg: r,
+            });
+        }
+        if routes.is_empty() {
+            return Err(bad(
+                "route".into(),
+                &"(none)",
+                "define at least one [[route]]",
+            ));
+        }
+        Ok(Validated {
+            server: self.server,
+            upstreams,
+            routes,
+            base_dir,
+        })
+    }
+}
+
+impl Validated {
+    pub fn state_dir(&self) -> Option<PathBuf> {
+        self.server.state_dir.as_ref().map(|d| {
+            if d.is_absolute() {
+                d.clone()
+            } else {
+                self.base_dir.join(d)
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Validated, ConfigError> {
+        let cfg: ServerConfig = toml::from_str(s).map_err(|e| ConfigError::Parse {
+            path: "t.toml".into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(Path::new("t.toml"), PathBuf::new())
+    }
+
+    const UPS: &str = r#"
+[[upstream]]
+name = "s"
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+model = "m"
+[[upstream]]
+name = "l"
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+model = "m"
+price = "token:10:30"
+"#;
+
+    #[test]
+    fn a_good_config_validates() {
+        let v = parse(&format!(
+            "{UPS}[[route]]\nname = \"tandem\"\nkind = \"cascade\"\nsmall = \"s\"\nlarge = \"l\"\ntarget_share = 0.3\n[route.budget]\nmax_usd = 1.5\n"
+        ))
+        .unwrap();
+        assert_eq!(v.routes[0].small, Some(0));
+        assert_eq!(v.routes[0].large, Some(1));
+        assert_eq!(v.routes[0].limits.max_micros, Some(1_500_000));
+    }
+
+    #[test]
+    fn errors_name_the_field_and_value() {
+        let cases = [
+            ("[[route]]\nname = \"x\"\nkind = \"cascade\"\nsmall = \"s\"\nlarge = \"nope\"\ntarget_share = 0.3\n", "route[0].large = nope"),
+            ("[[route]]\nname = \"x\"\nkind = \"cascade\"\nsmall = \"s\"\nlarge = \"l\"\n", "route[0].threshold"),
+            ("[[route]]\nname = \"x\"\nkind = \"route_before\"\nsmall = \"s\"\nlarge = \"l\"\ntarget_share = 1.5\n", "route[0].target_share = 1.5"),
+            ("[[route]]\nname = \"x\"\nkind = \"fixed\"\nupstream = \"l\"\n[route.budget]\nmax_usd = -1\n", "route[0].budget.max_usd = -1"),
+            ("[[route]]\nname = \"x\"\nkind = \"fixed\"\nupstream = \"l\"\ncolour = 1\n", "unknown field `colour`"),
+        ];
+        for (route, want) in cases {
+            let e = parse(&format!("{UPS}{route}")).err().unwrap().to_string();
+            assert!(e.contains(want), "{e} should contain {want}");
+        }
+        let e = parse("[[upstream]]\nname = \"s\"\nkind = \"openai\"\nbase_url = \"ftp://x\"\nmodel = \"m\"\n[[route]]\nname = \"x\"\nkind = \"fixed\"\nupstream = \"s\"\n").err().unwrap().to_string();
+        assert!(e.contains("upstream[0].base_url = ftp://x"), "{e}");
+    }
+}

@@ -1,0 +1,150 @@
+//! One route's live state: the learned model (read lock-free by requests, replaced whole by the
+//! learner), the gate that holds the share, the budget and the counters.
+
+use crate::budget::WindowBudget;
+use crate::config::{CascadeGate, Route as RouteCfg, RouteKind};
+use crate::error::GatewayError;
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use tandem_core::features::Scratch;
+use tandem_core::policy::cascade::{CascadeConfig, ResponseCascade};
+use tandem_core::policy::gate::{Gate, GateConfig};
+use tandem_core::policy::router::{GainRouter, RouterConfig};
+use tandem_core::{Answer, Query};
+
+/// Feature size of the server's learners: 2^18 weights per class keeps a snapshot copy cheap.
+pub const LEARNER_BITS: u32 = 18;
+
+/// What a route learns.
+#[derive(Clone)]
+pub enum Learned {
+    /// Fixed routes and cascades gated on log-probabilities or energy learn nothing but the
+    /// threshold (in the gate).
+    Nothing,
+    Router(Box<GainRouter>),
+    Cascade(Box<ResponseCascade>),
+}
+
+impl Learned {
+    pub fn for_route(r: &RouteCfg) -> Result<Learned, GatewayError> {
+        let internal = |e: tandem_core::CoreError| GatewayError::Internal(e.to_string());
+        Ok(match (r.cfg.kind, r.cfg.gate) {
+            (RouteKind::RouteBefore, _) => Learned::Router(Box::new(
+                GainRouter::new(router_config()).map_err(internal)?,
+            )),
+            (RouteKind::Cascade, CascadeGate::Learned) => Learned::Cascade(Box::new(
+                ResponseCascade::new(cascade_config()).map_err(internal)?,
+            )),
+            _ => Learned::Nothing,
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Learned::Nothing => "nothing",
+            Learned::Router(_) => "router",
+            Learned::Cascade(_) => "cascade",
+        }
+    }
+
+    pub fn scratch(&self) -> Option<Scratch> {
+        match self {
+            Learned::Nothing => None,
+            Learned::Router(r) => r.scratch().ok(),
+            Learned::Cascade(c) => c.scratch().ok(),
+        }
+    }
+}
+
+pub fn router_config() -> RouterConfig {
+    RouterConfig {
+        bits: LEARNER_BITS,
+        ..RouterConfig::default()
+    }
+}
+
+pub fn cascade_config() -> CascadeConfig {
+    CascadeConfig {
+        bits: LEARNER_BITS,
+        ..CascadeConfig::default()
+    }
+}
+
+/// What a request taught, sent to the route's learner off the request path.
+pub struct LearnEvent {
+    pub query: Query,
+    /// The small model's answer (cascade routes learn from it).
+    pub small: Option<Answer>,
+    pub observed: tandem_core::policy::Observation,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub small: AtomicU64,
+    pub large: AtomicU64,
+    /// Both models were called (exploration, or a cascade's escalation).
+    pub both: AtomicU64,
+    /// The large model was wanted but the budget refused it.
+    pub capped: AtomicU64,
+    pub feedback: AtomicU64,
+    pub learned: AtomicU64,
+}
+
+impl Counters {
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+pub struct RouteState {
+    pub index: usize,
+    pub cfg: RouteCfg,
+    pub model: ArcSwap<Learned>,
+    gate: Mutex<Gate>,
+    pub budget: WindowBudget,
+    pub counters: Counters,
+}
+
+impl RouteState {
+    pub fn new(index: usize, cfg: RouteCfg, now: u64) -> Result<Self, GatewayError> {
+        let internal = |e: tandem_core::CoreError| GatewayError::Internal(e.to_string());
+        let c = &cfg.cfg;
+        let gate = match (c.target_share, c.threshold) {
+            (Some(t), _) => Gate::new(GateConfig {
+                target_share: t,
+                explore: c.explore,
+                window: 500,
+                seed: c.seed,
+            }),
+            (None, Some(th)) => Gate::fixed(th, c.explore, c.seed),
+            // Fixed routes: the gate is never asked.
+            (None, None) => Gate::fixed(f32::INFINITY, 0.0, c.seed),
+        }
+        .map_err(internal)?;
+        let budget = WindowBudget::new(cfg.limits, c.budget.window_s, now).map_err(internal)?;
+        Ok(RouteState {
+            index,
+            model: ArcSwap::from_pointee(Learned::for_route(&cfg)?),
+            gate: Mutex::new(gate),
+            budget,
+            counters: Counters::default(),
+            cfg,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.cfg.name
+    }
+
+    pub fn gate(&self) -> MutexGuard<'_, Gate> {
+        // A gate is only mutated by whole decisions; a poisoned lock still holds a usable gate.
+        self.gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,494 @@
+//! The gateway against mock OpenAI upstreams: routing and cascade decisions with expected call
+//! counts, budgets under concurrency, timeouts, error shapes, streaming, feedback learning and
+//! restarts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+
+const KEY: &str = "sk-large-upstream-secret-123";
+
+fn setup_env() {
+    // Read by the large upstream's api_key_env; must never appear in a response.
+    std::env::set_var("TANDEM_TEST_LARGE_KEY", KEY);
+}
+
+/// The small model is sure of "easy" prompts and unsure of "hard" ones; both answer the same
+/// text so that escalations look like agreement unless the prompt says otherwise.
+fn small_reply() -> Reply {
+    reply(|p| {
+        if p.contains("hard") || p.contains("proof") {
+            ("maybe 7".into(), -3.0)
+        } else {
+            ("the answer is 4".into(), -0.05)
+        }
+    })
+}
+
+fn large_reply() -> Reply {
+    reply(|_| ("the answer is 4".into(), -0.01))
+}
+
+async fn post(url: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn header(r: &reqwest::Response, k: &str) -> String {
+    r.headers()
+        .get(k)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cascade_escalates_exactly_the_unsure_answers() {
+    setup_env();
+    let (small, s_url) = mock(small_reply()).await;
+    let (large, l_url) = mock(large_reply()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}[[route]]\nname = \"tandem\"\nkind = \"cascade\"\nsmall = \"small\"\nlarge = \"large\"\nthreshold = 1.0\nexplore = 0.0\n",
+        upstreams(&s_url, &l_url, "token:10:30")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    for i in 0..20 {
+        let text = if i % 2 == 0 { "easy sum" } else { "hard proof" };
+        let r = post(&gw.url, &chat_body("tandem", text)).await;
+        assert_eq!(r.status(), 200);
+        let role = header(&r, "x-tandem-role");
+        assert_eq!(role, if i % 2 == 0 { "small" } else { "large" }, "{text}");
+        let score: f32 = header(&r, "x-tandem-score").parse().unwrap();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["object"], "chat.completion");
+        assert_eq!(body["model"], "tandem");
+        assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+        assert!((score - if i % 2 == 0 { 0.05 } else { 3.0 }).abs() < 1e-3);
+    }
+    assert_eq!(small.calls(), 20, "the small model answers first, always");
+    assert_eq!(large.calls(), 10, "only the unsure answers escalate");
+    // The small call asked for log-probabilities; the large one got the client's conversation.
+    assert_eq!(small.last.lock().unwrap()["logprobs"], true);
+    assert_eq!(large.last.lock().unwrap()["model"], "large-model");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s4l_puts_the_small_draft_in_the_large_prompt() {
+    setup_env();
+    let (_small, s_url) = mock(small_reply()).await;
+    let (large, l_url) = mock(large_reply()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}[[route]]\nname = \"t\"\nkind = \"cascade\"\nsmall = \"small\"\nlarge = \"large\"\nthreshold = 1.0\nexplore = 0.0\ns4l = true\n",
+        upstreams(&s_url, &l_url, "token:10:30")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    let body = json!({"model": "t", "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hard one"}]});
+    assert_eq!(post(&gw.url, &body).await.status(), 200);
+    let sent = large.last.lock().unwrap().clone();
+    let msgs = sent["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 3);
+    assert_eq!(
+        msgs[0]["content"], "be brief",
+        "the client's system prompt stays first"
+    );
+    assert!(msgs[1]["content"].as_str().unwrap().contains("maybe 7"));
+    assert_eq!(msgs[2]["content"], "hard one");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_holds_under_64_concurrent_clients() {
+    setup_env();
+    let (small, s_url) = mock(small_reply()).await;
+    let (large, l_url) = mock(large_reply()).await;
+    large.delay_ms.store(20, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    // $0.01 a large call, $0.05 cap: five calls at most, whatever the concurrency.
+    let cfg = format!(
+        "{}[[route]]\nname = \"big\"\nkind = \"fixed\"\nupstream = \"large\"\nsmall = \"small\"\n[route.budget]\nmax_usd = 0.05\n\
+         [[route]]\nname = \"strict\"\nkind = \"fixed\"\nupstream = \"large\"\non_exhausted = \"refuse\"\n[route.budget]\nmax_calls = 3\n",
+        upstreams(&s_url, &l_url, "call:0.01")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let url = gw.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = post(&url, &chat_body("big", &format!("q{i}"))).await;
+            (r.status().as_u16(), header(&r, "x-tandem-role"))
+        }));
+    }
+    let mut large_served = 0;
+    for t in tasks {
+        let (status, role) = t.await.unwrap();
+        assert_eq!(status, 200, "over budget the route serves the small model");
+        large_served += usize::from(role == "large");
+    }
+    assert_eq!(large.calls(), 5);
+    assert_eq!(large_served, 5);
+    assert_eq!(small.calls(), 59);
+    let spent = gw.gateway.routes()[0].budget.spent();
+    assert_eq!(spent.calls, 5);
+    assert!(
+        spent.micros <= 50_000,
+        "spent {} micro-dollars",
+        spent.micros
+    );
+
+    // The refusing route: three calls, then 429 in OpenAI's shape.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let url = gw.url.clone();
+        tasks.push(tokio::spawn(async move {
+            post(&url, &chat_body("strict", &format!("s{i}"))).await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        if r.status() == 200 {
+            ok += 1;
+        } else {
+            assert_eq!(r.status(), 429);
+            let e: Value = r.json().await.unwrap();
+            assert_eq!(e["error"]["code"], "insufficient_quota");
+        }
+    }
+    assert_eq!(ok, 3);
+    assert_eq!(large.calls(), 8);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_and_failures_release_the_budget() {
+    setup_env();
+    let (_small, s_url) = mock(small_reply()).await;
+    let (large, l_url) = mock(large_reply()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}[[route]]\nname = \"casc\"\nkind = \"cascade\"\nsmall = \"small\"\nlarge = \"large\"\nthreshold = 1.0\nexplore = 0.0\n[route.budget]\nmax_calls = 100\n\
+         [[route]]\nname = \"direct\"\nkind = \"fixed\"\nupstream = \"large\"\n",
+        upstreams(&s_url, &l_url, "token:10:30")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    // The large upstream's total timeout is 300 ms.
+    large.delay_ms.store(1500, Ordering::SeqCst);
+    let r = post(&gw.url, &chat_body("direct", "anything")).await;
+    assert_eq!(r.status(), 504);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "upstream_timeout");
+    // A cascade whose large model times out serves the small draft, and gives the budget back.
+    let r = post(&gw.url, &chat_body("casc", "hard one")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-tandem-role"), "small");
+    assert_eq!(gw.gateway.routes()[0].budget.spent().calls, 0);
+    large.delay_ms.store(0, Ordering::SeqCst);
+    for (mode, status, needle) in [
+        (FAIL_500, 502, "mock is down"),
+        (GARBAGE, 502, "malformed response"),
+    ] {
+        large.mode.store(mode, Ordering::SeqCst);
+        let r = post(&gw.url, &chat_body("direct", "x")).await;
+        assert_eq!(r.status(), status);
+        assert_eq!(header(&r, "x-should-retry"), "true");
+        let text = r.text().await.unwrap();
+        assert!(text.contains(needle), "{text}");
+        assert!(!text.contains(KEY), "the upstream key leaked: {text}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_openai_shaped_errors() {
+    setup_env();
+    std::env::set_var("TANDEM_TEST_GATEWAY_KEYS", "k1, k2");
+    let (_s, s_url) = mock(small_reply()).await;
+    let (_l, l_url) = mock(large_reply()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "[server]\napi_keys_env = \"TANDEM_TEST_GATEWAY_KEYS\"\nmax_body_bytes = 4096\n{}[[route]]\nname = \"r\"\nkind = \"fixed\"\nupstream = \"large\"\n",
+        upstreams(&s_url, &l_url, "token:10:30")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    let c = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", gw.url);
+    let send = |body: String, key: Option<&str>| {
+        let mut r = c
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    let cases: Vec<(String, Option<&str>, u16, &str, &str)> = vec![
+        ("{}".into(), None, 401, "authentication_error", "API key"),
+        (
+            "{}".into(),
+            Some("wrong"),
+            401,
+            "authentication_error",
+            "API key",
+        ),
+        (
+            "{not json".into(),
+            Some("k2"),
+            400,
+            "invalid_request_error",
+            "invalid JSON",
+        ),
+        (
+            r#"{"model":"r"}"#.into(),
+            Some("k1"),
+            400,
+            "invalid_request_error",
+            "missing field `messages`",
+        ),
+        (
+            r#"{"model":"r","messages":[]}"#.into(),
+            Some("k1"),
+            400,
+            "invalid_request_error",
+            "must not be empty",
+        ),
+        (
+            r#"{"model":"nope","messages":[{"role":"user","content":"hi"}]}"#.into(),
+            Some("k1"),
+            404,
+            "invalid_request_error",
+            "`nope` does not exist",
+        ),
+        (
+            format!(
+                r#"{{"model":"r","messages":[{{"role":"user","content":"{}"}}]}}"#,
+                "x".repeat(5000)
+            ),
+            Some("k1"),
+            413,
+            "invalid_request_error",
+            "over the limit",
+        ),
+    ];
+    for (body, key, status, kind, needle) in cases {
+        let r = send(body.clone(), key).await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{body:.60}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["type"], kind, "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(needle),
+            "{e}"
+        );
+    }
+    let r = send(chat_body("r", "hi").to_string(), Some("k1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(format!("{}/v1/nothing", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string());
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    let r = c
+        .get(format!("{}/v1/models", gw.url))
+        .bearer_auth("k1")
+        .send()
+        .await
+        .unwrap();
+    let models: Value = r.json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], "r");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_is_openai_chunks_and_matches_the_plain_answer() {
+    setup_env();
+    let (_s, s_url) = mock(small_reply()).await;
+    let (_l, l_url) = mock(reply(|_| ("one two  three\nfour".into(), -0.1))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}[[route]]\nname = \"t\"\nkind = \"cascade\"\nsmall = \"small\"\nlarge = \"large\"\nthreshold = 1.0\nexplore = 0.0\n",
+        upstreams(&s_url, &l_url, "token:10:30")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    let mut body = chat_body("t", "hard one");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = post(&gw.url, &body).await;
+    assert_eq!(r.status(), 200);
+    assert!(header(&r, "content-type").starts_with("text/event-stream"));
+    assert_eq!(header(&r, "x-tandem-role"), "large");
+    let text = r.text().await.unwrap();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").unwrap())
+        .collect();
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "one two  three\nfour");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"].as_array().unwrap().len(), 0);
+    assert!(last["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    gw.stop().await;
+}
+
+async fn feedback(url: &str, id: &str, correct: bool) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{url}/v1/feedback"))
+        .json(&json!({"response_id": id, "correct": correct}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// "proof" prompts need the large model (the small one is wrong on them), "capital" prompts do
+/// not. Returns the share of each kind that went to the large model over `n` requests.
+async fn route_round(url: &str, n: usize, offset: usize, learn: bool) -> (f64, f64) {
+    let (mut proof_large, mut capital_large) = (0, 0);
+    for i in 0..n {
+        let proof = i % 2 == 0;
+        let text = if proof {
+            format!("give a proof of lemma {}", i + offset)
+        } else {
+            format!("what is the capital of country {}", i + offset)
+        };
+        let mut body = chat_body("rb", &text);
+        if !learn {
+            body["tandem"] = json!({"no_learn": true});
+        }
+        let r = post(url, &body).await;
+        assert_eq!(r.status(), 200);
+        let role = header(&r, "x-tandem-role");
+        let id = r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let large = role == "large";
+        if learn {
+            // The truth as a user would report it: the small model fails proofs.
+            let correct = large || !proof;
+            assert_eq!(feedback(url, &id, correct).await, 200);
+            assert_eq!(
+                feedback(url, &id, correct).await,
+                404,
+                "feedback counts once"
+            );
+        }
+        if proof {
+            proof_large += usize::from(large);
+        } else {
+            capital_large += usize::from(large);
+        }
+    }
+    let half = (n / 2) as f64;
+    (proof_large as f64 / half, capital_large as f64 / half)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_before_learns_from_feedback_and_survives_a_restart() {
+    setup_env();
+    let (_s, s_url) = mock(small_reply()).await;
+    let (_l, l_url) = mock(large_reply()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "[server]\nstate_dir = \"state\"\n{}[[route]]\nname = \"rb\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 0.5\nexplore = 0.1\n",
+        upstreams(&s_url, &l_url, "token:10:30")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    for round in 0..4 {
+        route_round(&gw.url, 100, round * 100, true).await;
+        gw.gateway.flush().await.unwrap();
+    }
+    let (proof, capital) = route_round(&gw.url, 100, 10_000, false).await;
+    assert!(
+        proof > 0.75 && capital < 0.25,
+        "large share: proofs {proof}, capitals {capital}"
+    );
+    let before = gw.gateway.routes()[0]
+        .counters
+        .requests
+        .load(Ordering::SeqCst);
+    gw.stop().await;
+    assert!(dir.path().join("state/rb.state").exists());
+
+    // A new process on the same state: same counters, same routing.
+    let gw = start(&cfg, dir.path()).await;
+    assert_eq!(
+        gw.gateway.routes()[0]
+            .counters
+            .requests
+            .load(Ordering::SeqCst),
+        before
+    );
+    let (proof2, capital2) = route_round(&gw.url, 100, 10_000, false).await;
+    assert!(
+        proof2 > 0.75 && capital2 < 0.25,
+        "after restart: proofs {proof2}, capitals {capital2}"
+    );
+    let m = reqwest::get(format!("{}/metrics", gw.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("tandem_overhead_seconds_bucket"), "{m:.400}");
+    assert!(m.contains("tandem_requests_total"));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_state_file_fails_the_start_with_its_path() {
+    setup_env();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(
+        dir.path().join("state/rb.state"),
+        b"garbage-garbage-garbage",
+    )
+    .unwrap();
+    let cfg = format!(
+        "[server]\nstate_dir = \"state\"\n{}[[route]]\nname = \"rb\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 0.5\n",
+        upstreams("http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1", "token:10:30")
+    );
+    let v = tandem_server::ServerConfig::validate(
+        toml::from_str(&cfg).unwrap(),
+        std::path::Path::new("t.toml"),
+        dir.path().to_path_buf(),
+    )
+    .unwrap();
+    let e = tandem_server::Gateway::start(&v).err().unwrap().to_string();
+    assert!(
+        e.contains("rb.state") && e.contains("not a tandem route state file"),
+        "{e}"
+    );
+}
