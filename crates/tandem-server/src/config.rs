@@ -112,6 +112,10 @@ pub struct UpstreamConfig {
     pub timeout_ms: u64,
     #[serde(default = "default_connect_ms")]
     pub connect_timeout_ms: u64,
+    /// Streams: longest wait for the first piece of text (default: `timeout_ms`).
+    pub first_token_timeout_ms: Option<u64>,
+    /// Streams: longest wait between two pieces (default: `timeout_ms`).
+    pub idle_timeout_ms: Option<u64>,
 }
 
 fn default_price() -> String {
@@ -327,8 +331,15 @@ impl ServerConfig {
                     }
                 }
             }
-            if u.timeout_ms == 0 || u.connect_timeout_ms == 0 {
-                return Err(bad(at("timeout_ms"), &0, "timeouts must be positive"));
+            for (f, v) in [
+                ("timeout_ms", Some(u.timeout_ms)),
+                ("connect_timeout_ms", Some(u.connect_timeout_ms)),
+                ("first_token_timeout_ms", u.first_token_timeout_ms),
+                ("idle_timeout_ms", u.idle_timeout_ms),
+            ] {
+                if v == Some(0) {
+                    return Err(bad(at(f), &0, "timeouts must be positive"));
+                }
             }
             upstreams.push(Upstream { cfg: u, price });
         }

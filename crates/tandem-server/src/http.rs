@@ -11,8 +11,9 @@
 //! Every error, including unknown paths and wrong methods, is OpenAI-shaped.
 
 use crate::error::GatewayError;
-use crate::gateway::{Gateway, Reply};
-use crate::openai::{ChatCompletion, ChatRequest, Feedback, Force};
+use crate::gateway::{Gateway, Reply, StreamReply};
+use crate::openai::{ChatCompletion, ChatRequest, Feedback, Force, TandemInfo};
+use crate::upstream::Piece;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -127,24 +128,33 @@ async fn chat(
     let force = force_header(&headers)?;
     let stream = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let Reply {
-        completion,
-        upstream,
-    } = st.gateway.chat(req, force).await?;
-    let mut resp = if stream {
-        sse(&completion, include_usage)
-    } else {
-        Json(&completion).into_response()
-    };
-    set_headers(resp.headers_mut(), &completion);
-    let overhead = t0.elapsed().saturating_sub(upstream);
-    metrics::histogram!("tandem_overhead_seconds", "route" => completion.model.clone())
-        .record(overhead.as_secs_f64());
-    Ok(resp)
+    match st.gateway.chat(req, force).await? {
+        Reply::Whole {
+            completion,
+            upstream,
+        } => {
+            let mut resp = if stream {
+                sse(&completion, include_usage)
+            } else {
+                Json(&completion).into_response()
+            };
+            set_headers(resp.headers_mut(), &completion.tandem, true);
+            let overhead = t0.elapsed().saturating_sub(upstream);
+            metrics::histogram!("tandem_overhead_seconds", "route" => completion.model.clone())
+                .record(overhead.as_secs_f64());
+            Ok(resp)
+        }
+        Reply::Stream(s) => {
+            let head = s.head.clone();
+            let mut resp = sse_live(s, include_usage);
+            // The final cost is only known at the end: it comes in the last chunk's `tandem`.
+            set_headers(resp.headers_mut(), &head, false);
+            Ok(resp)
+        }
+    }
 }
 
-fn set_headers(h: &mut HeaderMap, c: &ChatCompletion) {
-    let t = &c.tandem;
+fn set_headers(h: &mut HeaderMap, t: &TandemInfo, with_cost: bool) {
     let mut put = |k: &'static str, v: String| {
         if let Ok(v) = HeaderValue::from_str(&v) {
             h.insert(k, v);
@@ -153,23 +163,61 @@ fn set_headers(h: &mut HeaderMap, c: &ChatCompletion) {
     put("x-tandem-route", t.route.clone());
     put("x-tandem-tier", t.tier.clone());
     put("x-tandem-role", t.role.clone());
-    put("x-tandem-cost-usd", format!("{:.6}", t.cost_usd));
+    if with_cost {
+        put("x-tandem-cost-usd", format!("{:.6}", t.cost_usd));
+    }
     if let Some(s) = t.score {
         put("x-tandem-score", format!("{s:.4}"));
     }
     put("x-tandem-capped", t.capped.to_string());
 }
 
-/// The answer as OpenAI's stream of chunks: the role, the content in word-sized pieces, the
-/// finish reason, the usage when asked for, then `[DONE]`. The answer was judged in full before
-/// the first byte, so a cascade's client sees one clean stream whichever model answered.
+fn chunk(
+    id: &str,
+    created: u64,
+    model: &str,
+    delta: serde_json::Value,
+    finish: Option<&str>,
+) -> String {
+    let v = json!({
+        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    });
+    format!("data: {v}\n\n")
+}
+
+fn usage_chunk(
+    id: &str,
+    created: u64,
+    model: &str,
+    usage: &crate::openai::WireUsage,
+    t: &TandemInfo,
+) -> String {
+    let v = json!({
+        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [], "usage": usage, "tandem": t,
+    });
+    format!("data: {v}\n\n")
+}
+
+const DONE: &str = "data: [DONE]\n\n";
+
+fn sse_response(body: Body) -> Response {
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// A whole answer as OpenAI's stream of chunks: the role, the content in word-sized pieces, the
+/// finish reason, the usage when asked for, then `[DONE]`. A cascade's answer is judged in full
+/// before the first byte, so its client sees one clean stream whichever model answered.
 fn sse(c: &ChatCompletion, include_usage: bool) -> Response {
-    let chunk = |delta: serde_json::Value, finish: Option<&str>| {
-        json!({
-            "id": c.id, "object": "chat.completion.chunk", "created": c.created, "model": c.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        })
-    };
+    let (id, created, model) = (c.id.as_str(), c.created, c.model.as_str());
     let content = c
         .choices
         .first()
@@ -180,32 +228,98 @@ fn sse(c: &ChatCompletion, include_usage: bool) -> Response {
         .first()
         .map(|ch| ch.finish_reason.as_str())
         .unwrap_or("stop");
-    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), None)];
-    for piece in pieces(content) {
-        events.push(chunk(json!({"content": piece}), None));
-    }
-    events.push(chunk(json!({}), Some(finish)));
-    if include_usage {
-        events.push(json!({
-            "id": c.id, "object": "chat.completion.chunk", "created": c.created, "model": c.model,
-            "choices": [], "usage": c.usage, "tandem": c.tandem,
-        }));
-    }
-    let mut body = String::new();
-    for e in events {
-        body.push_str("data: ");
-        body.push_str(&e.to_string());
-        body.push_str("\n\n");
-    }
-    body.push_str("data: [DONE]\n\n");
-    let mut r = Response::new(Body::from(body));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
+    let mut body = chunk(
+        id,
+        created,
+        model,
+        json!({"role": "assistant", "content": ""}),
+        None,
     );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    r
+    for piece in pieces(content) {
+        body.push_str(&chunk(id, created, model, json!({"content": piece}), None));
+    }
+    body.push_str(&chunk(id, created, model, json!({}), Some(finish)));
+    if include_usage {
+        body.push_str(&usage_chunk(id, created, model, &c.usage, &c.tandem));
+    }
+    body.push_str(DONE);
+    sse_response(Body::from(body))
+}
+
+/// An answer streaming from its upstream, passed on piece by piece. An upstream failure
+/// mid-stream ends the stream with an OpenAI error event.
+fn sse_live(r: StreamReply, include_usage: bool) -> Response {
+    let (id, created, model) = (r.id.clone(), r.created, r.model.clone());
+    let (pieces, end) = r.into_parts();
+    struct St {
+        pieces: crate::upstream::Pieces,
+        end: crate::gateway::StreamEnd,
+        text: String,
+        started: bool,
+        over: bool,
+    }
+    let st = St {
+        pieces,
+        end,
+        text: String::new(),
+        started: false,
+        over: false,
+    };
+    let stream = futures_util::stream::unfold(st, move |mut st| {
+        let (id, model) = (id.clone(), model.clone());
+        async move {
+            if st.over {
+                return None;
+            }
+            if !st.started {
+                st.started = true;
+                let c = chunk(
+                    &id,
+                    created,
+                    &model,
+                    json!({"role": "assistant", "content": ""}),
+                    None,
+                );
+                return Some((Ok::<_, std::convert::Infallible>(Bytes::from(c)), st));
+            }
+            let out = match st.pieces.recv().await {
+                Some(Ok(Piece::Text(t))) => {
+                    st.text.push_str(&t);
+                    chunk(&id, created, &model, json!({"content": t}), None)
+                }
+                Some(Ok(Piece::Done {
+                    finish_reason,
+                    usage,
+                })) => {
+                    st.over = true;
+                    let text = std::mem::take(&mut st.text);
+                    match st.end.finish(text, finish_reason.clone(), usage) {
+                        Ok((info, usage)) => {
+                            let mut out =
+                                chunk(&id, created, &model, json!({}), Some(&finish_reason));
+                            if include_usage {
+                                out.push_str(&usage_chunk(&id, created, &model, &usage, &info));
+                            }
+                            out.push_str(DONE);
+                            out
+                        }
+                        Err(e) => format!("data: {}\n\n", e.body()),
+                    }
+                }
+                Some(Err(e)) => {
+                    st.over = true;
+                    format!("data: {}\n\n", e.body())
+                }
+                None => {
+                    st.over = true;
+                    let e = GatewayError::Internal("the upstream stream stopped".into());
+                    format!("data: {}\n\n", e.body())
+                }
+            };
+            Some((Ok(Bytes::from(out)), st))
+        }
+    });
+    sse_response(Body::from_stream(stream))
 }
 
 /// Splits text after each run of whitespace, so pieces rejoin to exactly the text.

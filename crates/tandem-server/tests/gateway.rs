@@ -357,6 +357,101 @@ async fn streaming_is_openai_chunks_and_matches_the_plain_answer() {
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"].as_array().unwrap().len(), 0);
     assert!(last["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    // An accepted small answer was judged whole, then sent as the same kind of stream.
+    let mut body = chat_body("t", "easy one");
+    body["stream"] = json!(true);
+    let r = post(&gw.url, &body).await;
+    assert_eq!(header(&r, "x-tandem-role"), "small");
+    let text = r.text().await.unwrap();
+    let content: String = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(content, "the answer is 4");
+    gw.stop().await;
+}
+
+fn data_events(text: &str) -> Vec<&str> {
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_streams_pass_through_with_their_timeouts_and_budget() {
+    setup_env();
+    let (_s, s_url) = mock(small_reply()).await;
+    let (large, l_url) = mock(reply(|_| ("one two three four".into(), -0.1))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}[[route]]\nname = \"t\"\nkind = \"cascade\"\nsmall = \"small\"\nlarge = \"large\"\nthreshold = 1.0\nexplore = 0.0\n[route.budget]\nmax_usd = 1.0\n\
+         [[route]]\nname = \"direct\"\nkind = \"fixed\"\nupstream = \"large\"\n",
+        upstreams(&s_url, &l_url, "token:10:30")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    let stream_body = |route: &str, text: &str| {
+        let mut b = chat_body(route, text);
+        b["stream"] = json!(true);
+        b["stream_options"] = json!({"include_usage": true});
+        b
+    };
+    // An escalated cascade streams the large answer from its upstream as it comes.
+    let r = post(&gw.url, &stream_body("t", "hard one")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-tandem-role"), "large");
+    assert_eq!(
+        header(&r, "x-tandem-cost-usd"),
+        "",
+        "the cost is only known at the end"
+    );
+    let text = r.text().await.unwrap();
+    let ev = data_events(&text);
+    assert_eq!(*ev.last().unwrap(), "[DONE]");
+    let last: Value = serde_json::from_str(ev[ev.len() - 2]).unwrap();
+    // 3 prompt tokens at $10/M and 4 completion tokens at $30/M: 150 micro-dollars, settled.
+    assert_eq!(last["usage"]["completion_tokens"], 4);
+    let spent = gw.gateway.routes()[0].budget.spent();
+    assert_eq!((spent.calls, spent.micros), (1, 150));
+    assert!(last["tandem"]["cost_usd"].as_f64().unwrap() >= 150e-6);
+    assert_eq!(large.last.lock().unwrap()["stream"], true);
+
+    // Cut mid-stream: the client gets the pieces so far, then an error event.
+    large.mode.store(CUT, Ordering::SeqCst);
+    let text = post(&gw.url, &stream_body("direct", "x"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let ev = data_events(&text);
+    let last: Value = serde_json::from_str(ev.last().unwrap()).unwrap();
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ended before its finish"),
+        "{text}"
+    );
+    // Stalled between pieces (idle timeout 150 ms).
+    large.mode.store(OK, Ordering::SeqCst);
+    large.chunk_delay_ms.store(400, Ordering::SeqCst);
+    let text = post(&gw.url, &stream_body("direct", "x"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let last: Value = serde_json::from_str(data_events(&text).last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_timeout", "{text}");
+    // No first byte within the first-token timeout (200 ms): a plain 504 before any stream.
+    large.chunk_delay_ms.store(0, Ordering::SeqCst);
+    large.delay_ms.store(1000, Ordering::SeqCst);
+    let r = post(&gw.url, &stream_body("direct", "x")).await;
+    assert_eq!(r.status(), 504);
     gw.stop().await;
 }
 

@@ -189,6 +189,20 @@ impl GgufLm {
         max_tokens: usize,
         deadline: Option<std::time::Instant>,
     ) -> Result<Generation, GgufError> {
+        self.generate_streaming(messages, max_tokens, deadline, &mut |_| true)
+    }
+
+    /// As [`Self::generate_until`], handing each new piece of decoded text to `on_text` as soon as
+    /// it is whole (never half a UTF-8 character); `on_text` returning false stops generation (the
+    /// reader went away).
+    pub fn generate_streaming(
+        &self,
+        messages: &[Message],
+        max_tokens: usize,
+        deadline: Option<std::time::Instant>,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, GgufError> {
+        let mut emitted = 0usize;
         let prompt = self.chat_prompt(messages)?;
         let ids = self.tokenizer.encode_prompt(&prompt)?;
         let (mut logits, mut cache) = self.model.forward(&ids, &Cache::default(), Logits::Last)?;
@@ -227,11 +241,22 @@ impl GgufLm {
             g.tokens.push(tok);
             g.token_logprobs.push(best - lse);
             g.token_energies.push(-lse);
+            let text = self.tokenizer.decode(&g.tokens)?;
+            if text.len() > emitted && !text.ends_with('\u{FFFD}') && text.is_char_boundary(emitted)
+            {
+                if !on_text(&text[emitted..]) {
+                    break;
+                }
+                emitted = text.len();
+            }
             let (l, c) = self.model.forward(&[tok], &cache, Logits::Last)?;
             logits = l;
             cache = c;
         }
         g.text = self.tokenizer.decode(&g.tokens)?;
+        if g.text.len() > emitted && g.text.is_char_boundary(emitted) {
+            on_text(&g.text[emitted..]);
+        }
         Ok(g)
     }
 }

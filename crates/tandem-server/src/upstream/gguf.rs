@@ -1,7 +1,7 @@
 //! A GGUF model from the installed assets, run in-process on a blocking thread. One generation at
 //! a time per model: on a CPU, concurrent generations only slow each other down.
 
-use super::{Call, Completion};
+use super::{Call, Completion, Piece, Pieces};
 use crate::config::UpstreamConfig;
 use crate::error::GatewayError;
 use std::sync::Arc;
@@ -39,6 +39,70 @@ impl GgufBackend {
         })
     }
 
+    fn messages(call: &Call) -> Vec<tandem_core::Message> {
+        call.messages
+            .iter()
+            .map(|m| tandem_core::Message {
+                role: m.role.clone(),
+                content: m.text(),
+            })
+            .collect()
+    }
+
+    async fn permit(
+        &self,
+        deadline: Instant,
+        timed_out: impl Fn() -> GatewayError,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, GatewayError> {
+        // Waiting for the model counts against the timeout too.
+        tokio::time::timeout_at(deadline.into(), self.one_at_a_time.clone().acquire_owned())
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|_| GatewayError::Internal("the model's queue was closed".into()))
+    }
+
+    /// Streams tokens as they are generated; generation stops when the reader goes away.
+    pub(super) async fn stream(
+        &self,
+        name: &str,
+        call: &Call,
+        timeout: Duration,
+    ) -> Result<Pieces, GatewayError> {
+        let deadline = Instant::now() + timeout;
+        let up = name.to_string();
+        let timed_out = move || GatewayError::UpstreamTimeout {
+            upstream: up.clone(),
+            ms: timeout.as_millis() as u64,
+        };
+        let permit = self.permit(deadline, timed_out.clone()).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let lm = self.lm.clone();
+        let messages = Self::messages(call);
+        let max_tokens = call.max_tokens as usize;
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut send = |t: &str| tx.blocking_send(Ok(Piece::Text(t.to_string()))).is_ok();
+            let last = match lm.generate_streaming(&messages, max_tokens, Some(deadline), &mut send)
+            {
+                Ok(g) if g.timed_out => Err(timed_out()),
+                Ok(g) => Ok(Piece::Done {
+                    finish_reason: if g.finished { "stop" } else { "length" }.into(),
+                    usage: Some(Usage {
+                        input_tokens: g.prompt_tokens as u64,
+                        output_tokens: g.tokens.len() as u64,
+                    }),
+                }),
+                Err(e) => Err(GatewayError::Upstream {
+                    upstream: name,
+                    reason: e.to_string(),
+                }),
+            };
+            let _ = tx.blocking_send(last);
+        });
+        Ok(rx)
+    }
+
     pub(super) async fn complete(
         &self,
         name: &str,
@@ -50,21 +114,9 @@ impl GgufBackend {
             upstream: name.to_string(),
             ms: timeout.as_millis() as u64,
         };
-        // Waiting for the model counts against the timeout too.
-        let permit =
-            tokio::time::timeout_at(deadline.into(), self.one_at_a_time.clone().acquire_owned())
-                .await
-                .map_err(|_| timed_out())?
-                .map_err(|_| GatewayError::Internal("the model's queue was closed".into()))?;
+        let permit = self.permit(deadline, timed_out).await?;
         let lm = self.lm.clone();
-        let messages: Vec<tandem_core::Message> = call
-            .messages
-            .iter()
-            .map(|m| tandem_core::Message {
-                role: m.role.clone(),
-                content: m.text(),
-            })
-            .collect();
+        let messages = Self::messages(call);
         let max_tokens = call.max_tokens as usize;
         let t0 = Instant::now();
         let g = tokio::task::spawn_blocking(move || {

@@ -27,6 +27,20 @@ pub struct Completion {
     pub elapsed: Duration,
 }
 
+/// One event of a streamed answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    Text(String),
+    /// The end: why it stopped, and the token counts when the upstream reported them.
+    Done {
+        finish_reason: String,
+        usage: Option<Usage>,
+    },
+}
+
+/// A streamed answer: pieces until `Done`, or an error (timeout, a cut stream, garbage).
+pub type Pieces = tokio::sync::mpsc::Receiver<Result<Piece, GatewayError>>;
+
 /// What to ask an upstream.
 #[derive(Debug, Clone)]
 pub struct Call {
@@ -46,8 +60,17 @@ enum Backend {
 pub struct Upstream {
     pub name: String,
     pub price: Price,
-    timeout: Duration,
+    timeouts: Timeouts,
     backend: Backend,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub total: Duration,
+    /// For streams: until the first piece of text.
+    pub first_token: Duration,
+    /// For streams: between two pieces.
+    pub idle: Duration,
 }
 
 impl Upstream {
@@ -65,10 +88,18 @@ impl Upstream {
             UpstreamKind::Openai => Backend::Http(http::HttpBackend::new(&u.cfg, client.clone())?),
             UpstreamKind::Gguf => Backend::Gguf(gguf::GgufBackend::load(&u.cfg)?),
         };
+        let total = Duration::from_millis(u.cfg.timeout_ms);
         Ok(Upstream {
             name: u.cfg.name.clone(),
             price: u.price,
-            timeout: Duration::from_millis(u.cfg.timeout_ms),
+            timeouts: Timeouts {
+                total,
+                first_token: u
+                    .cfg
+                    .first_token_timeout_ms
+                    .map_or(total, Duration::from_millis),
+                idle: u.cfg.idle_timeout_ms.map_or(total, Duration::from_millis),
+            },
             backend,
         })
     }
@@ -77,8 +108,8 @@ impl Upstream {
     pub async fn complete(&self, call: &Call) -> Result<Completion, GatewayError> {
         let t0 = std::time::Instant::now();
         let out = match &self.backend {
-            Backend::Http(h) => h.complete(&self.name, call, self.timeout).await,
-            Backend::Gguf(g) => g.complete(&self.name, call, self.timeout).await,
+            Backend::Http(h) => h.complete(&self.name, call, self.timeouts.total).await,
+            Backend::Gguf(g) => g.complete(&self.name, call, self.timeouts.total).await,
         };
         let secs = t0.elapsed().as_secs_f64();
         let status = if out.is_ok() { "ok" } else { "error" };
@@ -87,17 +118,34 @@ impl Upstream {
         out
     }
 
+    /// Starts a streamed call. Errors before the upstream accepted the call come back here (so
+    /// the client gets a proper status); later ones arrive as the stream's last item.
+    pub async fn stream(&self, call: &Call) -> Result<Pieces, GatewayError> {
+        let out = match &self.backend {
+            Backend::Http(h) => h.stream(&self.name, call, self.timeouts).await,
+            Backend::Gguf(g) => g.stream(&self.name, call, self.timeouts.total).await,
+        };
+        let status = if out.is_ok() { "ok" } else { "error" };
+        metrics::counter!("tandem_upstream_streams_total", "upstream" => self.name.clone(), "status" => status)
+            .increment(1);
+        out
+    }
+
+    /// Prompt tokens, bounded above: every byte a token, plus a few per message for the template.
+    pub fn input_token_bound(messages: &[ChatMessage]) -> u64 {
+        messages
+            .iter()
+            .map(|m| m.text().len() as u64 + 8)
+            .sum::<u64>()
+            + 8
+    }
+
     /// An upper bound of a call's cost, reserved against the budget before the call: every byte of
     /// the prompt counted as a token (byte-level tokenizers never do worse) plus a few per message
     /// for the chat template, and the full token cap of output.
     pub fn estimate(&self, messages: &[ChatMessage], max_tokens: u32) -> Micros {
-        let input: u64 = messages
-            .iter()
-            .map(|m| m.text().len() as u64 + 8)
-            .sum::<u64>()
-            + 8;
         self.price.cost(Usage {
-            input_tokens: input,
+            input_tokens: Self::input_token_bound(messages),
             output_tokens: u64::from(max_tokens),
         })
     }

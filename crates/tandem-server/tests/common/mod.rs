@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -18,6 +19,8 @@ use tandem_server::{Gateway, ServerConfig};
 pub const OK: u8 = 0;
 pub const FAIL_500: u8 = 1;
 pub const GARBAGE: u8 = 2;
+/// Streams: stop after the first piece, without a finish.
+pub const CUT: u8 = 3;
 
 /// How the mock answers a prompt: the reply text and the log-probability of each of its tokens.
 pub type Reply = Arc<dyn Fn(&str) -> (String, f32) + Send + Sync>;
@@ -26,6 +29,8 @@ pub struct Mock {
     pub calls: AtomicUsize,
     pub mode: AtomicU8,
     pub delay_ms: AtomicU64,
+    /// Streams: pause before each piece after the first.
+    pub chunk_delay_ms: AtomicU64,
     pub reply: Reply,
     /// The last request body, to check what was forwarded.
     pub last: std::sync::Mutex<Value>,
@@ -63,6 +68,9 @@ async fn complete(State(m): State<Arc<Mock>>, Json(body): Json<Value>) -> Respon
         .to_string();
     let (text, lp) = (m.reply)(&prompt);
     let words: Vec<&str> = text.split_whitespace().collect();
+    if body["stream"].as_bool().unwrap_or(false) {
+        return sse(&m, &body, &text, prompt.len() / 4 + 1, words.len());
+    }
     let logprobs = body["logprobs"].as_bool().unwrap_or(false).then(|| {
         json!({"content": words.iter().map(|w| json!({
             "token": w, "logprob": lp,
@@ -79,12 +87,72 @@ async fn complete(State(m): State<Arc<Mock>>, Json(body): Json<Value>) -> Respon
     .into_response()
 }
 
+fn sse(
+    m: &Mock,
+    body: &Value,
+    text: &str,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+) -> Response {
+    let chunk = |delta: Value, finish: Value| {
+        format!(
+            "data: {}\n\n",
+            json!({"id": "mock", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        )
+    };
+    let mut events = vec![chunk(json!({"role": "assistant"}), Value::Null)];
+    // Split after whitespace so the pieces rejoin to the exact text.
+    let mut rest = text;
+    while !rest.is_empty() {
+        let cut = rest
+            .char_indices()
+            .skip_while(|(_, c)| !c.is_whitespace())
+            .find(|(_, c)| !c.is_whitespace())
+            .map_or(rest.len(), |(i, _)| i);
+        events.push(chunk(json!({"content": &rest[..cut]}), Value::Null));
+        rest = &rest[cut..];
+    }
+    if m.mode.load(Ordering::SeqCst) == CUT {
+        events.truncate(2);
+    } else {
+        events.push(chunk(json!({}), json!("stop")));
+        if body["stream_options"]["include_usage"]
+            .as_bool()
+            .unwrap_or(false)
+        {
+            events.push(format!(
+                "data: {}\n\n",
+                json!({"id": "mock", "object": "chat.completion.chunk", "choices": [],
+                       "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens}})
+            ));
+        }
+        events.push("data: [DONE]\n\n".into());
+    }
+    let pause = m.chunk_delay_ms.load(Ordering::SeqCst);
+    let stream =
+        futures_util::stream::iter(events.into_iter().enumerate()).then(move |(i, e)| async move {
+            if i > 1 && pause > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            }
+            Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(e))
+        });
+    let mut r = Response::new(axum::body::Body::from_stream(stream));
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/event-stream"),
+    );
+    r
+}
+
 /// Starts a mock; returns it and its base URL (with `/v1`).
 pub async fn mock(reply: Reply) -> (Arc<Mock>, String) {
     let m = Arc::new(Mock {
         calls: AtomicUsize::new(0),
         mode: AtomicU8::new(OK),
         delay_ms: AtomicU64::new(0),
+        chunk_delay_ms: AtomicU64::new(0),
         reply,
         last: std::sync::Mutex::new(Value::Null),
     });
@@ -159,6 +227,8 @@ model = "large-model"
 api_key_env = "TANDEM_TEST_LARGE_KEY"
 price = "{large_price}"
 timeout_ms = 300
+first_token_timeout_ms = 200
+idle_timeout_ms = 150
 "#
     )
 }

@@ -1,0 +1,423 @@
+//! The request pipeline, independent of HTTP: pick the route, decide small or large (before
+//! generation, or after the small model's answer), hold the budget at every escalation, call,
+//! account, and hand what was learned to the learner.
+
+mod run;
+mod stream;
+
+pub use stream::{StreamEnd, StreamReply};
+
+use crate::config::{RouteKind, Validated};
+use crate::error::GatewayError;
+use crate::feedback::{observation, FeedbackLog, Pending, Served};
+use crate::learner::{self, LearnerHandle, Msg};
+use crate::openai::{
+    ChatCompletion, ChatMessage, ChatRequest, Choice, Feedback, Force, OutMessage, TandemInfo,
+    WireUsage,
+};
+use crate::persist;
+use crate::route::{Counters, LearnEvent, Learned, RouteState};
+use crate::upstream::{Call, Completion, Upstream};
+use run::{Done, Run};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tandem_core::money::micros_to_usd;
+use tandem_core::{Answer, Output, Query};
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub struct Gateway {
+    routes: Arc<Vec<RouteState>>,
+    by_name: HashMap<String, usize>,
+    upstreams: Vec<Upstream>,
+    feedback: Mutex<FeedbackLog>,
+    api_keys: Option<HashSet<String>>,
+    learner: LearnerHandle,
+    learn_tx: std::sync::mpsc::Sender<Msg>,
+    ids: AtomicU64,
+    id_prefix: String,
+}
+
+/// What the HTTP layer sends back.
+// One value per request, moved once: boxing a variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Reply {
+    /// The whole answer, and the time spent waiting on upstreams (for the overhead histogram).
+    Whole {
+        completion: ChatCompletion,
+        upstream: Duration,
+    },
+    /// The served answer streams from its upstream.
+    Stream(StreamReply),
+}
+
+/// Per-request context, carried to the end of a stream.
+pub(crate) struct Ctx {
+    pub route: usize,
+    pub id: String,
+    pub created: u64,
+    pub query: Query,
+    pub learn: bool,
+}
+
+impl Gateway {
+    /// Builds upstreams (loading in-process models), restores persisted state, starts the learner.
+    pub fn start(cfg: &Validated) -> Result<Gateway, GatewayError> {
+        let upstreams = Upstream::build_all(cfg)?;
+        Gateway::with_upstreams(cfg, upstreams)
+    }
+
+    pub fn with_upstreams(
+        cfg: &Validated,
+        upstreams: Vec<Upstream>,
+    ) -> Result<Gateway, GatewayError> {
+        let now = unix_now();
+        let routes: Vec<RouteState> = cfg
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RouteState::new(i, r.clone(), now))
+            .collect::<Result<_, _>>()?;
+        let state_dir = cfg.state_dir();
+        let mut masters = Vec::new();
+        for r in &routes {
+            let restored = match &state_dir {
+                Some(d) => persist::load(d, r, now)?,
+                None => None,
+            };
+            let m = match restored {
+                Some(m) => {
+                    tracing::info!(route = r.name(), "restored learned state");
+                    m
+                }
+                None => Learned::for_route(&r.cfg)?,
+            };
+            masters.push(m);
+        }
+        let api_keys = match &cfg.server.api_keys_env {
+            None => None,
+            Some(var) => {
+                let v = std::env::var(var).map_err(|_| {
+                    GatewayError::Internal(format!(
+                        "server.api_keys_env names {var}, which is not set"
+                    ))
+                })?;
+                let keys: HashSet<String> = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                if keys.is_empty() {
+                    return Err(GatewayError::Internal(format!("{var} holds no key")));
+                }
+                Some(keys)
+            }
+        };
+        let by_name = routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name().to_string(), i))
+            .collect();
+        let routes = Arc::new(routes);
+        let learner = learner::spawn(
+            routes.clone(),
+            masters,
+            learner::LearnerConfig {
+                state_dir,
+                persist_every: Duration::from_secs(cfg.server.persist_interval_s.max(1)),
+                publish_every: Duration::from_millis(100),
+            },
+        )
+        .map_err(|e| GatewayError::Internal(format!("cannot start the learner: {e}")))?;
+        let learn_tx = learner.sender();
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        Ok(Gateway {
+            routes,
+            by_name,
+            upstreams,
+            feedback: Mutex::new(FeedbackLog::new(cfg.server.feedback_window)),
+            api_keys,
+            learner,
+            learn_tx,
+            ids: AtomicU64::new(0),
+            id_prefix: format!("chatcmpl-{:08x}{:08x}", unix_now() as u32, nanos),
+        })
+    }
+
+    pub fn routes(&self) -> &[RouteState] {
+        &self.routes
+    }
+
+    pub fn check_key(&self, presented: Option<&str>) -> Result<(), GatewayError> {
+        match &self.api_keys {
+            None => Ok(()),
+            Some(keys) => match presented {
+                Some(k) if keys.contains(k) => Ok(()),
+                _ => Err(GatewayError::Unauthorized),
+            },
+        }
+    }
+
+    /// Applies and persists everything learned so far (used at shutdown and by tests).
+    pub async fn flush(&self) -> Result<(), GatewayError> {
+        self.learner.flush().await.map_err(GatewayError::Internal)
+    }
+
+    pub(crate) fn learn(&self, route: usize, ev: LearnEvent) {
+        // The learner thread lives as long as the gateway; a send can only fail while dropping.
+        let _ = self.learn_tx.send(Msg::Learn(route, Box::new(ev)));
+    }
+
+    pub(crate) fn upstream(&self, i: Option<usize>) -> Result<&Upstream, GatewayError> {
+        i.and_then(|i| self.upstreams.get(i))
+            .ok_or_else(|| GatewayError::Internal("route without its upstream".into()))
+    }
+
+    fn next_id(&self) -> String {
+        format!(
+            "{}{:08x}",
+            self.id_prefix,
+            self.ids.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Serves one chat request: the decision, the calls, the accounting. Streams when the client
+    /// asked and the served answer need not be judged before its first byte.
+    pub async fn chat(
+        self: &Arc<Self>,
+        req: ChatRequest,
+        force: Option<Force>,
+    ) -> Result<Reply, GatewayError> {
+        if req.messages.is_empty() {
+            return Err(GatewayError::BadRequest(
+                "`messages` must not be empty".into(),
+            ));
+        }
+        if req.n.is_some_and(|n| n != 1) {
+            return Err(GatewayError::BadRequest("only `n` = 1 is supported".into()));
+        }
+        let ri = *self
+            .by_name
+            .get(&req.model)
+            .ok_or_else(|| GatewayError::UnknownRoute(req.model.clone()))?;
+        let route = &self.routes[ri];
+        let overrides = req.tandem.clone().unwrap_or_default();
+        let force = force.or(overrides.force);
+        Counters::bump(&route.counters.requests);
+        // The response id doubles as the query id: learners cache features by query id.
+        let id = self.next_id();
+        let ctx = Ctx {
+            route: ri,
+            created: unix_now(),
+            query: Query {
+                id: id.clone(),
+                input: tandem_core::Input::Chat(req.core_messages()),
+                metadata: Default::default(),
+            },
+            id,
+            learn: !overrides.no_learn,
+        };
+        let call = Call {
+            messages: req.messages.clone(),
+            max_tokens: req.token_cap().unwrap_or(route.cfg.cfg.max_tokens),
+            logprobs: false,
+            extra: req.extra.clone(),
+        };
+        let mut run = Run::new(self, route);
+        let plan = match (route.cfg.cfg.kind, force) {
+            (RouteKind::Fixed, _) | (_, Some(Force::Large)) => run.plan_large(&call)?,
+            (_, Some(Force::Small)) => run.plan_small(&call)?,
+            (RouteKind::RouteBefore, None) => run.plan_route_before(&ctx.query, &call)?,
+            (RouteKind::Cascade, None) => run.plan_cascade(&ctx.query, &call).await?,
+        };
+        let done = if req.stream {
+            match run.streamed(&ctx.query, &call, plan, ctx.learn).await? {
+                Ok(s) => {
+                    let input_bound = Upstream::input_token_bound(&call.messages);
+                    return Ok(Reply::Stream(StreamReply::new(
+                        self.clone(),
+                        ctx,
+                        s,
+                        input_bound,
+                    )));
+                }
+                Err(done) => done,
+            }
+        } else {
+            run.whole(&ctx.query, &call, plan, ctx.learn).await?
+        };
+        let upstream = done.small.as_ref().map_or(Duration::ZERO, |s| s.elapsed)
+            + done.large.as_ref().map_or(Duration::ZERO, |l| l.elapsed);
+        let completion = self.record(&ctx, done)?;
+        Ok(Reply::Whole {
+            completion,
+            upstream,
+        })
+    }
+
+    /// Counters, metrics, the feedback record and the log line of a finished request; its
+    /// response.
+    fn record(&self, ctx: &Ctx, done: Done) -> Result<ChatCompletion, GatewayError> {
+        let route = &self.routes[ctx.route];
+        let rc = &route.cfg.cfg;
+        let (answer, up) = match done.served {
+            Served::Large => (done.large.as_ref(), self.upstream(route.cfg.large)?),
+            Served::Small => (done.small.as_ref(), self.upstream(route.cfg.small)?),
+        };
+        let answer = answer.ok_or_else(|| GatewayError::Internal("no answer to serve".into()))?;
+        let c = &route.counters;
+        Counters::bump(match (&done.small, &done.large) {
+            (Some(_), Some(_)) => &c.both,
+            (_, Some(_)) => &c.large,
+            _ => &c.small,
+        });
+        if done.capped {
+            Counters::bump(&c.capped);
+            metrics::counter!("tandem_budget_capped_total", "route" => rc.name.clone())
+                .increment(1);
+        }
+        let role = match done.served {
+            Served::Small => "small",
+            Served::Large => "large",
+        };
+        metrics::counter!("tandem_requests_total", "route" => rc.name.clone(), "served" => role)
+            .increment(1);
+        metrics::counter!("tandem_spend_micros_total", "route" => rc.name.clone())
+            .increment(done.cost);
+        let small_answer = match (&done.small, self.upstream(route.cfg.small)) {
+            (Some(s), Ok(u)) => Some(to_answer(&u.name, s)),
+            _ => None,
+        };
+        self.feedback
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                ctx.id.clone(),
+                Pending {
+                    route: ctx.route,
+                    query: ctx.query.clone(),
+                    small: small_answer,
+                    served: done.served,
+                    served_text: answer.text.clone(),
+                    learn: ctx.learn,
+                },
+            );
+        tracing::info!(
+            id = %ctx.id,
+            route = %rc.name,
+            tier = %up.name,
+            served = role,
+            score = ?done.score,
+            capped = done.capped,
+            cost_usd = micros_to_usd(done.cost),
+            "chat completion"
+        );
+        Ok(ChatCompletion {
+            id: ctx.id.clone(),
+            object: "chat.completion".into(),
+            created: ctx.created,
+            model: rc.name.clone(),
+            choices: vec![Choice {
+                index: 0,
+                message: OutMessage {
+                    role: "assistant".into(),
+                    content: answer.text.clone(),
+                },
+                finish_reason: answer.finish_reason.clone(),
+            }],
+            usage: WireUsage {
+                prompt_tokens: answer.usage.input_tokens,
+                completion_tokens: answer.usage.output_tokens,
+                total_tokens: answer.usage.input_tokens + answer.usage.output_tokens,
+            },
+            tandem: TandemInfo {
+                route: rc.name.clone(),
+                tier: up.name.clone(),
+                role: role.into(),
+                escalated: done.small.is_some() && done.large.is_some(),
+                score: done.score,
+                cost_usd: micros_to_usd(done.cost),
+                capped: done.capped,
+            },
+        })
+    }
+
+    /// Learns from feedback on an earlier response.
+    pub fn feedback(&self, fb: &Feedback) -> Result<(), GatewayError> {
+        let mut log = self.feedback.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(p) = log.take(&fb.response_id) else {
+            return Err(GatewayError::UnknownResponse(fb.response_id.clone()));
+        };
+        match observation(fb, &p) {
+            Ok(o) => {
+                drop(log);
+                let route = &self.routes[p.route];
+                Counters::bump(&route.counters.feedback);
+                metrics::counter!("tandem_feedback_total", "route" => route.name().to_string())
+                    .increment(1);
+                if p.learn {
+                    self.learn(
+                        p.route,
+                        LearnEvent {
+                            query: p.query,
+                            small: p.small,
+                            observed: o,
+                        },
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Bad feedback does not consume the response: the client may send it right.
+                log.insert(fb.response_id.clone(), p);
+                Err(e)
+            }
+        }
+    }
+}
+
+pub(crate) fn to_answer(tier: &str, c: &Completion) -> Answer {
+    Answer {
+        tier: tier.to_string(),
+        output: Output::Text {
+            text: c.text.clone(),
+            token_logprobs: c.token_logprobs.clone(),
+        },
+        usage: c.usage,
+        cost: 0,
+        compute: c.elapsed,
+    }
+}
+
+/// The S4L hint: the small model's draft, as a system message before the conversation.
+pub(crate) fn with_hint(messages: &[ChatMessage], draft: &str) -> Vec<ChatMessage> {
+    let hint = ChatMessage {
+        role: "system".into(),
+        content: serde_json::Value::String(format!(
+            "A smaller model drafted this answer to the user's last message. It may be wrong: check it and give your own best answer.\n---\n{draft}\n---"
+        )),
+        extra: Default::default(),
+    };
+    let mut out = Vec::with_capacity(messages.len() + 1);
+    // After the client's own system messages, so theirs keep the first word.
+    let split = messages.iter().take_while(|m| m.role == "system").count();
+    out.extend_from_slice(&messages[..split]);
+    out.push(hint);
+    out.extend_from_slice(&messages[split..]);
+    out
+}
+
+/// Mean of a per-token signal; None when the upstream gave none.
+pub(crate) fn mean(v: Option<&Vec<f32>>) -> Option<f32> {
+    v.filter(|v| !v.is_empty())
+        .map(|v| v.iter().sum::<f32>() / v.len() as f32)
+}
