@@ -28,6 +28,30 @@ enum BenchCommand {
     /// Every cascade policy (OCL, DS+ shunt with S4L/L4S, E-LANG, random deferral, each tier
     /// alone) on the movie-review and product-review streams, over several stream orders.
     Cascade(CascadeArgs),
+    /// The gateway's own overhead under open-loop load against an instant mock upstream, with
+    /// LiteLLM's proxy side by side when installed (scripts/setup-litellm).
+    Gateway(GatewayArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    /// Request rates (per second) for the mock alone and tandem.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000.0, 5000.0, 10000.0])]
+    rates: Vec<f64>,
+    /// Rates at which LiteLLM is compared too (it saturates at a few hundred per second).
+    #[arg(long, value_delimiter = ',', default_values_t = [50.0, 100.0, 200.0])]
+    compare_rates: Vec<f64>,
+    /// Seconds of load per row.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Leave LiteLLM out even if installed.
+    #[arg(long)]
+    no_litellm: bool,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where configs and the servers' logs go.
+    #[arg(long, default_value = "out/bench-gateway")]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -79,7 +103,52 @@ struct BenchJson {
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.command {
         BenchCommand::Cascade(c) => cascade(c),
+        BenchCommand::Gateway(g) => gateway(g),
     }
+}
+
+fn gateway(a: GatewayArgs) -> Result<()> {
+    for r in a.rates.iter().chain(&a.compare_rates) {
+        if !(r.is_finite() && *r > 0.0) {
+            bail!("rate {r}: must be a positive number of requests per second");
+        }
+    }
+    if !(a.seconds.is_finite() && a.seconds > 0.0) {
+        bail!("--seconds {}: must be positive", a.seconds);
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let litellm = Store::default_home().home().join("py/litellm");
+    let litellm = if a.no_litellm {
+        None
+    } else if litellm.join("litellm").is_dir() {
+        Some(litellm)
+    } else {
+        eprintln!(
+            "LiteLLM is not installed in {} (scripts/setup-litellm): benchmarking tandem alone",
+            litellm.display()
+        );
+        None
+    };
+    let opts = tandem_server::bench::Options {
+        rates: a.rates,
+        compare_rates: a.compare_rates,
+        seconds: a.seconds,
+        tandem: std::env::current_exe().context("finding the tandem executable")?,
+        litellm,
+        work_dir: a.out.clone(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = rt.block_on(tandem_server::bench::run(opts, |m| {
+        eprintln!("bench gateway: {m}")
+    }))?;
+    print!("{}", tandem_server::bench::table(&report));
+    if let Some(p) = &a.json {
+        write_json(p, &report)?;
+    }
+    Ok(())
 }
 
 fn plan(a: &CascadeArgs) -> Result<Plan> {

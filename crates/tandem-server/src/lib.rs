@@ -7,6 +7,7 @@
 //! [`gateway`] (route, decide, budget, call) → [`upstream`] (HTTP or in-process GGUF) →
 //! [`learner`] (off the request path) → [`persist`] (atomic checkpoints).
 
+pub mod bench;
 pub mod budget;
 pub mod config;
 pub mod error;
