@@ -316,7 +316,7 @@ impl Gateway {
             route = %rc.name,
             tier = %up.name,
             served = role,
-            score = ?done.score,
+            score = done.score.map_or(f64::NAN, f64::from),
             capped = done.capped,
             cost_usd = micros_to_usd(done.cost),
             "chat completion"
