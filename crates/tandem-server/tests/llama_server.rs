@@ -30,9 +30,11 @@ fn required() -> bool {
 fn prerequisites() -> Option<(PathBuf, PathBuf)> {
     let store = Store::default_home();
     let py = store.home().join("py/llama-server");
-    let model = find("smollm2-135m")
-        .ok()
-        .and_then(|_| store.path("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf").ok());
+    let model = find("smollm2-135m").ok().and_then(|_| {
+        store
+            .path("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf")
+            .ok()
+    });
     match (py.join("llama_cpp").is_dir(), model) {
         (true, Some(m)) => Some((py, m)),
         _ => {
@@ -63,7 +65,14 @@ async fn a_real_llama_cpp_server_as_the_small_upstream() {
             .args(["-m", "llama_cpp.server", "--model"])
             .arg(&model)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--n_ctx", "2048", "--n_threads", "2", "--model_alias", "smollm2"])
+            .args([
+                "--n_ctx",
+                "2048",
+                "--n_threads",
+                "2",
+                "--model_alias",
+                "smollm2",
+            ])
             .env("PYTHONPATH", &py)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -83,7 +92,10 @@ async fn a_real_llama_cpp_server_as_the_small_upstream() {
             break;
         }
         let log = std::fs::read_to_string(dir.path().join("llama.log")).unwrap_or_default();
-        assert!(t0.elapsed() < Duration::from_secs(120), "llama.cpp's server did not start:\n{log}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "llama.cpp's server did not start:\n{log}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let cfg = format!(
@@ -118,10 +130,21 @@ max_tokens = 12
     let r = client.post(&url).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-tandem-tier"], "llama-server");
-    let score: f32 = r.headers()["x-tandem-score"].to_str().unwrap().parse().unwrap();
-    assert!(score.is_finite() && score >= 0.0, "mean −log-prob {score}: the server gave log-probabilities");
+    let score: f32 = r.headers()["x-tandem-score"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        score.is_finite() && score >= 0.0,
+        "mean −log-prob {score}: the server gave log-probabilities"
+    );
     let v: Value = r.json().await.unwrap();
-    assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().trim().is_empty());
+    assert!(!v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .is_empty());
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
     // Forced large: the in-process model answers the same request.
     let r = client
@@ -155,6 +178,9 @@ max_tokens = 12
                 .map(str::to_string)
         })
         .collect();
-    assert!(!content.trim().is_empty() && text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(
+        !content.trim().is_empty() && text.trim_end().ends_with("data: [DONE]"),
+        "{text}"
+    );
     gw.stop().await;
 }
