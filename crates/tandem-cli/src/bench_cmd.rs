@@ -31,6 +31,9 @@ enum BenchCommand {
     /// The gateway's own overhead under open-loop load against an instant mock upstream, with
     /// LiteLLM's proxy side by side when installed (scripts/setup-litellm).
     Gateway(GatewayArgs),
+    /// LONDI's switching controller against always-small, always-large, random switching and a
+    /// confidence threshold, on held-out TextWorld games (scripts/setup-textworld installs them).
+    Londi(crate::londi_cmd::LondiArgs),
 }
 
 #[derive(Args, Debug)]
@@ -104,6 +107,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.command {
         BenchCommand::Cascade(c) => cascade(c),
         BenchCommand::Gateway(g) => gateway(g),
+        BenchCommand::Londi(l) => crate::londi_cmd::run(l),
     }
 }
 

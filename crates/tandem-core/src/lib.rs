@@ -9,6 +9,7 @@ pub mod error;
 pub mod features;
 pub mod learner;
 pub mod ledger;
+pub mod londi;
 pub mod metrics;
 pub mod money;
 pub mod policy;

@@ -1,0 +1,120 @@
+//! TextWorld games through the bridge: generate (offline, with TextWorld's own generator and
+//! Inform 7 compiler, both in its wheel), reset, step.
+
+use crate::bridge::{Bridge, BridgeCommand};
+use crate::error::AgentError;
+use serde::Deserialize;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The bridge script, embedded so the binary needs no file beside it.
+pub const TEXTWORLD_BRIDGE: &str = include_str!("../bridge/textworld_bridge.py");
+
+/// What a game looks like at one step.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct GameState {
+    pub observation: String,
+    pub description: String,
+    pub inventory: String,
+    pub objective: String,
+    pub admissible: Vec<String>,
+    pub score: i64,
+    pub max_score: i64,
+    pub moves: i64,
+    pub done: bool,
+    pub won: bool,
+    pub lost: bool,
+}
+
+/// A generated game: the generator's settings, of which the seed picks the world and quest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GameSpec {
+    pub seed: u64,
+    pub rooms: u32,
+    pub objects: u32,
+    pub quest_length: u32,
+}
+
+impl GameSpec {
+    pub fn file_name(&self) -> String {
+        format!(
+            "tw-r{}-o{}-q{}-s{}.z8",
+            self.rooms, self.objects, self.quest_length, self.seed
+        )
+    }
+}
+
+pub struct TextWorld {
+    bridge: Bridge,
+    step_timeout: Duration,
+    make_timeout: Duration,
+}
+
+impl TextWorld {
+    /// Starts the bridge with TextWorld from `site` (the directory scripts/setup-textworld
+    /// installs into).
+    pub fn start(site: &Path, python: &Path) -> Result<Self, AgentError> {
+        if !site.join("textworld").is_dir() {
+            return Err(AgentError::Missing(format!(
+                "TextWorld is not installed in {}: run scripts/setup-textworld",
+                site.display()
+            )));
+        }
+        let cmd = BridgeCommand {
+            program: python.to_path_buf(),
+            args: vec!["-u".into(), "-c".into(), TEXTWORLD_BRIDGE.into()],
+            env: vec![("PYTHONPATH".into(), site.display().to_string())],
+            start_timeout: Duration::from_secs(60),
+        };
+        Ok(TextWorld {
+            bridge: Bridge::start(&cmd, "textworld")?,
+            step_timeout: Duration::from_secs(30),
+            make_timeout: Duration::from_secs(180),
+        })
+    }
+
+    /// Over a bridge started some other way (tests use a fake one).
+    pub fn with_bridge(bridge: Bridge, step_timeout: Duration) -> Self {
+        TextWorld {
+            bridge,
+            step_timeout,
+            make_timeout: step_timeout,
+        }
+    }
+
+    /// The game's file in `dir`, generated when missing.
+    pub fn make(&mut self, spec: GameSpec, dir: &Path) -> Result<PathBuf, AgentError> {
+        let path = dir.join(spec.file_name());
+        if !path.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| AgentError::Io(dir.to_path_buf(), e))?;
+            self.bridge.request(
+                &json!({"op": "make", "seed": spec.seed, "rooms": spec.rooms,
+                        "objects": spec.objects, "quest_length": spec.quest_length,
+                        "path": path.display().to_string()}),
+                self.make_timeout,
+            )?;
+        }
+        Ok(path)
+    }
+
+    pub fn reset(&mut self, game: &Path) -> Result<GameState, AgentError> {
+        let v = self.bridge.request(
+            &json!({"op": "reset", "game": game.display().to_string()}),
+            self.step_timeout,
+        )?;
+        parse_state(v)
+    }
+
+    pub fn step(&mut self, action: &str) -> Result<GameState, AgentError> {
+        let v = self
+            .bridge
+            .request(&json!({"op": "step", "action": action}), self.step_timeout)?;
+        parse_state(v)
+    }
+}
+
+fn parse_state(v: serde_json::Value) -> Result<GameState, AgentError> {
+    serde_json::from_value(v)
+        .map_err(|e| AgentError::Env(format!("a game state is malformed: {e}")))
+}

@@ -1,0 +1,148 @@
+//! One episode of a game: at each step a switching rule picks the small or the large policy, the
+//! chosen one picks the action, and the large one's choices teach the small one (L4S).
+
+use crate::actor::{Context, LlmActor, NgramActor};
+use crate::env::TextWorld;
+use crate::error::AgentError;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use std::path::Path;
+use tandem_core::londi::{Switch, SwitchController, SwitchState};
+
+/// Who decides between the small and the large policy.
+pub enum Switcher<'a> {
+    AlwaysSmall,
+    AlwaysLarge,
+    /// Large with probability `share` at each step.
+    Random {
+        share: f32,
+        rng: &'a mut ChaCha8Rng,
+    },
+    /// Large when the small policy's confidence in its own choice is below `min_confidence`.
+    Threshold {
+        min_confidence: f32,
+    },
+    /// The learned controller (LONDI, or LONDI-B when its config has a budget).
+    Londi {
+        controller: &'a mut SwitchController,
+        explore: bool,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outcome {
+    pub won: bool,
+    /// Score over the game's maximum, in [0, 1].
+    pub score: f32,
+    pub steps: u32,
+    pub large_calls: u32,
+    /// Who acted at each step, and the action.
+    pub trace: Vec<(Switch, String)>,
+}
+
+pub struct Policies<'a> {
+    pub small: &'a mut NgramActor,
+    pub large: &'a mut LlmActor,
+    /// Train the small policy on the large one's choices.
+    pub l4s: bool,
+}
+
+/// The controller's view of a step: where the agent is, what it carries, what just happened.
+fn state_text(s: &crate::env::GameState) -> String {
+    format!("{}\n{}\n{}", s.description, s.inventory, s.observation)
+}
+
+pub fn play_episode(
+    env: &mut TextWorld,
+    game: &Path,
+    episode: &str,
+    p: &mut Policies,
+    switcher: &mut Switcher,
+    max_steps: u32,
+) -> Result<Outcome, AgentError> {
+    let mut state = env.reset(game)?;
+    let max_score = state.max_score.max(1) as f32;
+    let mut history: Vec<String> = Vec::new();
+    let mut out = Outcome::default();
+    let result = (|| {
+        while !state.done && out.steps < max_steps {
+            let ctx = Context {
+                objective: &state.objective,
+                observation: &state.observation,
+                description: &state.description,
+                inventory: &state.inventory,
+                history: &history,
+                admissible: &state.admissible,
+            };
+            let small = p.small.choose(&ctx)?;
+            let choice = match switcher {
+                Switcher::AlwaysSmall => Switch::Small,
+                Switcher::AlwaysLarge => Switch::Large,
+                Switcher::Random { share, rng } => {
+                    if rng.gen::<f32>() < *share {
+                        Switch::Large
+                    } else {
+                        Switch::Small
+                    }
+                }
+                Switcher::Threshold { min_confidence } => {
+                    if small.confidence() < *min_confidence {
+                        Switch::Large
+                    } else {
+                        Switch::Small
+                    }
+                }
+                Switcher::Londi {
+                    controller,
+                    explore,
+                } => {
+                    let text = state_text(&state);
+                    controller
+                        .decide(
+                            episode,
+                            &SwitchState {
+                                text: &text,
+                                step: out.steps,
+                                admissible: Some(state.admissible.len()),
+                                small_confidence: Some(small.confidence()),
+                                small_margin: Some(small.margin()),
+                            },
+                            *explore,
+                        )
+                        .choice
+                }
+            };
+            let index = if choice == Switch::Large {
+                out.large_calls += 1;
+                let large = p.large.choose(&ctx)?;
+                if p.l4s {
+                    p.small.learn(&ctx, large.index, large.confidence())?;
+                }
+                large.index
+            } else {
+                small.index
+            };
+            let action = state.admissible[index].clone();
+            let before = state.score;
+            state = env.step(&action)?;
+            out.trace.push((choice, action.clone()));
+            history.push(action);
+            out.steps += 1;
+            if let Switcher::Londi { controller, .. } = switcher {
+                let gained = (state.score - before) as f32 / max_score;
+                if gained != 0.0 {
+                    controller.reward(episode, gained)?;
+                }
+            }
+        }
+        Ok::<(), AgentError>(())
+    })();
+    if let Switcher::Londi { controller, .. } = switcher {
+        // Close the episode whatever happened, so no half-episode stays open.
+        controller.end_episode(episode);
+    }
+    result?;
+    out.won = state.won;
+    out.score = (state.score.max(0) as f32 / max_score).min(1.0);
+    Ok(out)
+}
