@@ -137,6 +137,9 @@ pub enum RouteKind {
     RouteBefore,
     /// The small model answers first; its answer is accepted or escalated.
     Cascade,
+    /// LONDI: requests are steps of episodes (agent runs); a learned switching controller picks
+    /// the model per step, trained by per-episode rewards sent as feedback.
+    Switching,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -191,6 +194,8 @@ pub struct RouteConfig {
     pub on_exhausted: OnExhausted,
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// `switching`: the controller's settings (`cost`, `budget` of large calls per episode, ...).
+    pub switching: Option<tandem_core::londi::SwitchConfig>,
 }
 
 fn default_gate() -> CascadeGate {
@@ -375,7 +380,7 @@ impl ServerConfig {
                         find(&r.upstream, at("upstream"))?,
                     )
                 }
-                RouteKind::RouteBefore | RouteKind::Cascade => {
+                RouteKind::RouteBefore | RouteKind::Cascade | RouteKind::Switching => {
                     if r.upstream.is_some() {
                         return Err(bad(
                             at("upstream"),
@@ -415,12 +420,29 @@ impl ServerConfig {
                         "a cascade route needs exactly one of target_share and threshold",
                     ));
                 }
-                RouteKind::Fixed if r.target_share.is_some() || r.threshold.is_some() => {
+                RouteKind::Fixed | RouteKind::Switching
+                    if r.target_share.is_some() || r.threshold.is_some() =>
+                {
                     return Err(bad(
                         at("target_share"),
                         &"(set)",
-                        "a fixed route makes no decision",
+                        "fixed routes make no share-held decision; switching routes learn theirs",
                     ));
+                }
+                _ => {}
+            }
+            match (&r.switching, r.kind) {
+                (Some(_), k) if k != RouteKind::Switching => {
+                    return Err(bad(
+                        at("switching"),
+                        &"(set)",
+                        "applies to switching routes",
+                    ));
+                }
+                (Some(s), _) => {
+                    if let Err(e) = s.validate() {
+                        return Err(bad(at("switching"), &e, "invalid controller settings"));
+                    }
                 }
                 _ => {}
             }

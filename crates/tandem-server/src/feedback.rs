@@ -117,7 +117,10 @@ mod tests {
 
     fn fb(score: Option<f64>, correct: Option<bool>, reference: Option<&str>) -> Feedback {
         Feedback {
-            response_id: "r".into(),
+            response_id: Some("r".into()),
+            episode_id: None,
+            reward: None,
+            done: false,
             score,
             correct,
             reference: reference.map(str::to_string),

@@ -123,9 +123,21 @@ async fn chat(
     let t0 = Instant::now();
     st.gateway.check_key(bearer(&headers))?;
     let bytes = read_body(&headers, body, st.max_body).await?;
-    let req: ChatRequest =
+    let mut req: ChatRequest =
         serde_json::from_slice(&bytes).map_err(|e| GatewayError::BadJson(e.to_string()))?;
     let force = force_header(&headers)?;
+    if let Some(ep) = headers.get("x-tandem-episode") {
+        let ep = ep
+            .to_str()
+            .ok()
+            .filter(|e| !e.is_empty() && e.len() <= 256)
+            .ok_or_else(|| {
+                GatewayError::BadRequest(
+                    "header x-tandem-episode must be 1 to 256 visible ASCII characters".into(),
+                )
+            })?;
+        req.tandem.get_or_insert_with(Default::default).episode = Some(ep.to_string());
+    }
     let stream = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     match st.gateway.chat(req, force).await? {
@@ -362,7 +374,10 @@ async fn feedback(
     let fb: Feedback =
         serde_json::from_slice(&bytes).map_err(|e| GatewayError::BadJson(e.to_string()))?;
     st.gateway.feedback(&fb)?;
-    Ok(Json(json!({"ok": true, "response_id": fb.response_id})).into_response())
+    Ok(
+        Json(json!({"ok": true, "response_id": fb.response_id, "episode_id": fb.episode_id}))
+            .into_response(),
+    )
 }
 
 async fn health() -> Response {

@@ -46,6 +46,9 @@ pub struct Overrides {
     /// Do not learn from this request.
     #[serde(default)]
     pub no_learn: bool,
+    /// `switching` routes: the episode (agent run) this request is a step of; also the header
+    /// `x-tandem-episode`.
+    pub episode: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -143,7 +146,14 @@ pub struct OutMessage {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Feedback {
-    pub response_id: String,
+    /// The response graded (feedback on one answer)...
+    pub response_id: Option<String>,
+    /// ...or, on `switching` routes, the episode rewarded: `reward` is added to its latest step.
+    pub episode_id: Option<String>,
+    pub reward: Option<f64>,
+    /// The episode is over: the controller learns from it and forgets it.
+    #[serde(default)]
+    pub done: bool,
     /// A quality score in [0, 1].
     pub score: Option<f64>,
     /// Or a flag: correct or not.

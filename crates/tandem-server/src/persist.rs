@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tandem_core::calibrate::ShareController;
+use tandem_core::londi::{SwitchController, SwitchSnapshot};
 use tandem_core::policy::cascade::ResponseCascade;
 use tandem_core::policy::router::GainRouter;
 
@@ -22,6 +23,9 @@ struct Header {
     gate: ShareController,
     budget: Spent,
     counters: Counters,
+    /// A switching route's controller (weights and counters; open episodes are not kept).
+    #[serde(default)]
+    switch: Option<SwitchSnapshot>,
 }
 
 pub fn state_path(dir: &Path, route: &str) -> PathBuf {
@@ -52,6 +56,7 @@ pub fn save(dir: &Path, route: &RouteState, learned: &Learned) -> Result<(), Gat
             feedback: load(&c.feedback),
             learned: load(&c.learned),
         },
+        switch: route.switch().map(|c| c.snapshot()),
     };
     let json = serde_json::to_vec(&header).map_err(|e| io_err(&path, "cannot encode", e))?;
     let mut buf = Vec::with_capacity(json.len() + 16);
@@ -126,6 +131,21 @@ pub fn load(dir: &Path, route: &RouteState, now: u64) -> Result<Option<Learned>,
             ResponseCascade::load(cascade_config(), &mut rest).map_err(|e| bad(&e.to_string()))?,
         )),
     };
+    if let (Some(snap), Some(mut c)) = (header.switch, route.switch()) {
+        let cfg = c.config().clone();
+        if snap.config.hash_bits != cfg.hash_bits {
+            return Err(bad(&format!(
+                "its controller has hash_bits {} but the route now asks for {}",
+                snap.config.hash_bits, cfg.hash_bits
+            )));
+        }
+        // The weights are kept; the settings (cost, budget, ...) are the config's.
+        *c = SwitchController::from_snapshot(SwitchSnapshot {
+            config: cfg,
+            ..snap
+        })
+        .map_err(|e| bad(&e.to_string()))?;
+    }
     route.gate().restore_share_controller(header.gate);
     route
         .budget

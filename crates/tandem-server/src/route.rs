@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use tandem_core::features::Scratch;
+use tandem_core::londi::{SwitchConfig, SwitchController};
 use tandem_core::policy::cascade::{CascadeConfig, ResponseCascade};
 use tandem_core::policy::gate::{Gate, GateConfig};
 use tandem_core::policy::router::{GainRouter, RouterConfig};
@@ -56,6 +57,14 @@ impl Learned {
             Learned::Cascade(c) => c.scratch().ok(),
         }
     }
+}
+
+/// A switching route's controller settings; its seed is the route's.
+pub fn switch_config(r: &RouteCfg) -> SwitchConfig {
+    r.cfg.switching.clone().unwrap_or(SwitchConfig {
+        seed: r.cfg.seed,
+        ..SwitchConfig::default()
+    })
 }
 
 pub fn router_config() -> RouterConfig {
@@ -110,6 +119,10 @@ pub struct RouteState {
     gate: Mutex<Gate>,
     pub budget: WindowBudget,
     pub counters: Counters,
+    /// `switching` routes: LONDI's controller. Decisions are a few microseconds of sparse dot
+    /// products and learning happens when an episode ends (on the feedback path), so a mutex is
+    /// enough here.
+    pub switch: Option<Mutex<SwitchController>>,
 }
 
 impl RouteState {
@@ -129,7 +142,14 @@ impl RouteState {
         }
         .map_err(internal)?;
         let budget = WindowBudget::new(cfg.limits, c.budget.window_s, now).map_err(internal)?;
+        let switch = match c.kind {
+            RouteKind::Switching => Some(Mutex::new(
+                SwitchController::new(switch_config(&cfg)).map_err(internal)?,
+            )),
+            _ => None,
+        };
         Ok(RouteState {
+            switch,
             index,
             model: ArcSwap::from_pointee(Learned::for_route(&cfg)?),
             gate: Mutex::new(gate),
@@ -141,6 +161,13 @@ impl RouteState {
 
     pub fn name(&self) -> &str {
         &self.cfg.cfg.name
+    }
+
+    pub fn switch(&self) -> Option<MutexGuard<'_, SwitchController>> {
+        // Like the gate: a poisoned lock still holds a usable controller.
+        self.switch
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn gate(&self) -> MutexGuard<'_, Gate> {

@@ -47,6 +47,8 @@ struct Episode {
     steps: Vec<StepRecord>,
     large_calls: u32,
     last_touch: u64,
+    /// Closed without learning (a step was asked not to teach).
+    no_learn: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +126,23 @@ impl SwitchController {
 
     pub fn epsilon(&self) -> f32 {
         self.cfg.epsilon(self.episodes)
+    }
+
+    /// The episode's steps still count against its budget, but it teaches nothing when it ends.
+    pub fn exclude_from_learning(&mut self, episode: &str) {
+        if let Some(e) = self.open.get_mut(episode) {
+            e.no_learn = true;
+        }
+    }
+
+    /// Whether an episode is open (has steps not yet learned from).
+    pub fn is_open(&self, episode: &str) -> bool {
+        self.open.contains_key(episode)
+    }
+
+    /// Steps taken so far in an open episode.
+    pub fn steps(&self, episode: &str) -> u32 {
+        self.open.get(episode).map_or(0, |e| e.steps.len() as u32)
     }
 
     /// Large calls made so far in an open episode.
@@ -209,6 +228,13 @@ impl SwitchController {
     /// from minibatches of the buffer. None when the episode is unknown.
     pub fn end_episode(&mut self, episode: &str) -> Option<EpisodeSummary> {
         let ep = self.open.remove(episode)?;
+        if ep.no_learn {
+            return Some(EpisodeSummary {
+                steps: ep.steps.len() as u32,
+                large_calls: ep.large_calls,
+                task_reward: ep.steps.iter().map(|s| s.task_reward).sum(),
+            });
+        }
         Some(self.learn_from(ep))
     }
 

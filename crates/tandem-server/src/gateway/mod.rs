@@ -238,6 +238,21 @@ impl Gateway {
             (_, Some(Force::Small)) => run.plan_small(&call)?,
             (RouteKind::RouteBefore, None) => run.plan_route_before(&ctx.query, &call)?,
             (RouteKind::Cascade, None) => run.plan_cascade(&ctx.query, &call).await?,
+            (RouteKind::Switching, None) => {
+                let episode = overrides.episode.as_deref().ok_or_else(|| {
+                    GatewayError::BadRequest(format!(
+                        "route `{}` is a switching route: each request names its episode \
+                         (header x-tandem-episode or `tandem.episode`)",
+                        route.name()
+                    ))
+                })?;
+                if episode.is_empty() || episode.len() > 256 {
+                    return Err(GatewayError::BadRequest(
+                        "`tandem.episode` must be 1 to 256 characters".into(),
+                    ));
+                }
+                run.plan_switching(episode, &req.core_messages(), &call, ctx.learn)?
+            }
         };
         let done = if req.stream {
             match run.streamed(&ctx.query, &call, plan, ctx.learn).await? {
@@ -351,11 +366,70 @@ impl Gateway {
         })
     }
 
-    /// Learns from feedback on an earlier response.
+    /// Rewards a step of an episode on a switching route; `done` ends it and the controller
+    /// learns from it.
+    fn episode_feedback(&self, episode: &str, fb: &Feedback) -> Result<(), GatewayError> {
+        let route = self
+            .routes
+            .iter()
+            .find(|r| r.switch().is_some_and(|c| c.is_open(episode)))
+            .ok_or_else(|| {
+                GatewayError::NotFound(format!(
+                    "episode `{episode}` has no open step on any switching route"
+                ))
+            })?;
+        let Some(mut c) = route.switch() else {
+            return Err(GatewayError::Internal(
+                "switching route without a controller".into(),
+            ));
+        };
+        if let Some(r) = fb.reward {
+            c.reward(episode, r as f32)
+                .map_err(|e| GatewayError::BadRequest(format!("`reward`: {e}")))?;
+        }
+        if fb.done {
+            c.end_episode(episode);
+        }
+        drop(c);
+        Counters::bump(&route.counters.feedback);
+        metrics::counter!("tandem_feedback_total", "route" => route.name().to_string())
+            .increment(1);
+        Ok(())
+    }
+
+    /// Learns from feedback on an earlier response, or on an episode of a switching route.
     pub fn feedback(&self, fb: &Feedback) -> Result<(), GatewayError> {
+        let response_id = match (&fb.response_id, &fb.episode_id) {
+            (None, Some(ep)) => {
+                if fb.score.is_some() || fb.correct.is_some() || fb.reference.is_some() {
+                    return Err(GatewayError::BadRequest(
+                        "episode feedback takes `reward` and `done`, not `score`, `correct` or `reference`".into(),
+                    ));
+                }
+                if fb.reward.is_none() && !fb.done {
+                    return Err(GatewayError::BadRequest(
+                        "episode feedback needs `reward` or `done`".into(),
+                    ));
+                }
+                return self.episode_feedback(ep, fb);
+            }
+            (Some(id), None) => {
+                if fb.reward.is_some() || fb.done {
+                    return Err(GatewayError::BadRequest(
+                        "`reward` and `done` go with `episode_id`".into(),
+                    ));
+                }
+                id
+            }
+            _ => {
+                return Err(GatewayError::BadRequest(
+                    "feedback names exactly one of `response_id` and `episode_id`".into(),
+                ))
+            }
+        };
         let mut log = self.feedback.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(p) = log.take(&fb.response_id) else {
-            return Err(GatewayError::UnknownResponse(fb.response_id.clone()));
+        let Some(p) = log.take(response_id) else {
+            return Err(GatewayError::UnknownResponse(response_id.clone()));
         };
         match observation(fb, &p) {
             Ok(o) => {
@@ -378,7 +452,7 @@ impl Gateway {
             }
             Err(e) => {
                 // Bad feedback does not consume the response: the client may send it right.
-                log.insert(fb.response_id.clone(), p);
+                log.insert(response_id.clone(), p);
                 Err(e)
             }
         }

@@ -121,6 +121,44 @@ impl<'a> Run<'a> {
         Ok((d.route, d.reservation, d.capped))
     }
 
+    /// LONDI: the route's controller picks the model for this step of `episode` from the last
+    /// user message and the step index; its per-episode budget of large calls is hard, and the
+    /// route's money budget is still checked at the call.
+    pub fn plan_switching(
+        &self,
+        episode: &str,
+        messages: &[tandem_core::Message],
+        call: &Call,
+        learn: bool,
+    ) -> Result<Plan, GatewayError> {
+        let text = messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map_or("", |m| m.content.as_str());
+        let Some(mut c) = self.route.switch() else {
+            return Err(GatewayError::Internal(
+                "switching route without a controller".into(),
+            ));
+        };
+        let state = tandem_core::londi::SwitchState {
+            text,
+            step: c.steps(episode),
+            ..Default::default()
+        };
+        let d = c.decide(episode, &state, learn);
+        if !learn {
+            c.exclude_from_learning(episode);
+        }
+        drop(c);
+        let mut plan = match d.choice {
+            tandem_core::londi::Switch::Large => self.plan_large(call)?,
+            tandem_core::londi::Switch::Small => self.plan_small(call)?,
+        };
+        plan.score = Some(d.q_large - d.q_small);
+        Ok(plan)
+    }
+
     pub fn plan_route_before(&self, q: &Query, call: &Call) -> Result<Plan, GatewayError> {
         let model = self.route.model.load();
         let score = match (&**model, model.scratch()) {
