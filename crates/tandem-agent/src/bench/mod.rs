@@ -50,7 +50,7 @@ impl BenchConfig {
             objects: 4,
             quest_length: 2,
             max_steps: 12,
-            train_episodes: 80,
+            train_episodes: 200,
             run_seeds: vec![1, 2, 3],
             costs: vec![0.02, 0.1],
             budgets: vec![2, 4],
@@ -216,12 +216,15 @@ impl Bench<'_> {
             rows.push(summarise(&m.name(), &runs, method_budget(m)));
             self.log_row(rows.last());
         }
-        // Random switching at the share each LONDI row reached, for the side-by-side comparison.
-        let shares: Vec<f32> = rows
+        // Random switching at the share each LONDI and LONDI-B row reached, for comparison at equal share.
+        let mut shares: Vec<f32> = rows
             .iter()
-            .filter(|r| r.name.starts_with("LONDI c="))
-            .map(|r| r.large_share as f32)
+            .filter(|r| r.name.starts_with("LONDI"))
+            // Shares are matched to the percent: rows closer than that share one random row.
+            .map(|r| (r.large_share as f32 * 100.0).round() / 100.0)
             .collect();
+        shares.sort_by(f32::total_cmp);
+        shares.dedup();
         for s in shares {
             let m = Method::Random(s);
             if !keep(&m.name()) {
