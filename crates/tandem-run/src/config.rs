@@ -69,6 +69,9 @@ pub struct PolicyConfig {
     pub explore: Option<f64>,
     /// OCL: the deferral models also learn from the input's words (default true).
     pub text_features: Option<bool>,
+    /// OCL: use the learned correction only as far as its validated log-loss beats the
+    /// calibrated confidence alone (default true).
+    pub validate: Option<bool>,
     /// Temperature of the energy signal E(x) = −T·logsumexp(f(x)/T).
     pub temperature: Option<f32>,
     /// S4L (DS+): what the top tier learns of the last cheap tier's answer when an item reaches it.
@@ -315,6 +318,7 @@ impl RunConfig {
             ("mu", p.mu.is_some(), &[K::Ocl][..]),
             ("explore", p.explore.is_some(), &[K::Ocl]),
             ("text_features", p.text_features.is_some(), &[K::Ocl]),
+            ("validate", p.validate.is_some(), &[K::Ocl]),
             (
                 "target_top_share",
                 p.target_top_share.is_some(),

@@ -302,17 +302,16 @@ pub fn run(
         let mut signals: Vec<Option<TierSignals>> = vec![None; tiers.len()];
         // The previous cheap tier's label and confidence, for the next one's deferral model.
         let mut prev: Option<(usize, f32)> = None;
-        // OCL: what deferring from each tier costs (the tiers above it, relative to the top one).
+        // OCL: what deferring from each tier pays: the next tier's price, relative to the top one's.
         let top_cost = tiers[top].price.cost(usage);
         let is_ocl = matches!(policy, Policy::Ocl { .. });
-        let defer_cost: Vec<f64> = (0..tiers.len())
+        let next_cost: Vec<f64> = (0..top)
             .filter(|_| is_ocl)
             .map(|i| {
-                let rest: u64 = tiers[i + 1..].iter().map(|t| t.price.cost(usage)).sum();
                 if top_cost == 0 {
                     1.0
                 } else {
-                    rest as f64 / top_cost as f64
+                    tiers[i + 1].price.cost(usage) as f64 / top_cost as f64
                 }
             })
             .collect();
@@ -381,7 +380,7 @@ pub fn run(
                         below,
                     };
                     // Warm-up sends everything up: not a decision to make or count.
-                    warm && !deferral.decide(i, &ctx, defer_cost[i]).defer
+                    warm && !deferral.decide(i, &ctx, next_cost[i]).defer
                 }
                 Policy::Gates(g) if !is_top => {
                     let score = match g.score {
@@ -658,6 +657,7 @@ pub fn policy_from(cfg: &crate::config::RunConfig, seed: u64) -> Result<Policy, 
                 target_top_share: p.target_top_share,
                 explore: p.explore.unwrap_or(d.explore),
                 text_features: p.text_features.unwrap_or(d.text_features),
+                validate: p.validate.unwrap_or(d.validate),
                 seed,
                 ..d
             };

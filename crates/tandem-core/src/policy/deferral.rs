@@ -1,17 +1,31 @@
 //! Online cascade learning (OCL, Nie et al. 2024). Each cheap tier i has a deferral decision
 //! d_i(x) ∈ {0, 1} chosen to minimise the cascade's cost-weighted imitation objective
-//! (1 − d_i)·loss(p_i, y_top) + d_i·μ·c_i, whose minimiser is d_i = 1 exactly when the expected
-//! loss — the probability that tier i disagrees with the top tier — exceeds μ·c_i. So each tier
-//! learns a calibrated estimate of that probability online, from the items the top tier labels
-//! (logistic over the tier's signals: top probability, margin, entropy, energy, input length,
-//! whether it agrees with the tier below it, and optionally the input's words), and defers when the
-//! estimate exceeds μ·c_i. Learning the probability rather than the thresholded target keeps what
-//! was learned valid when μ moves. Exploration forwards some items the tier would keep, with a
-//! probability that decays with its updates, so disagreements keep being found where it is sure.
+//! Σ_i Π_{k<i} d_k · [(1 − d_i)·loss(p_i, y_top) + d_i·μ·c_i], with c_i the next tier's price
+//! relative to the top one's. Tier i's part of it is minimised by deferring exactly when its
+//! expected loss — the probability that it disagrees with the top tier — exceeds μ·c_i plus what
+//! the item is expected to cost from the next tier on (its cost-to-go: 0 above the top tier). So
+//! each tier learns a calibrated estimate of that probability online, from the items the top tier
+//! labels (logistic over the tier's signals: top probability, margin, entropy, energy, input
+//! length, whether it agrees with the tier below it, and optionally the input's words), and keeps
+//! a moving average of the cost-to-go its own decisions realise, for the tier below. A cheap tier
+//! under a free one (a hashed model under an encoder) thus keeps only the items it would get right
+//! about as often as the cascade above it would; charging it a full top-tier call for deferring
+//! lets it answer far more than it should. Learning the probability rather than the thresholded
+//! target keeps what was learned valid when μ moves. Exploration forwards some items the tier
+//! would keep, with a probability that decays with its updates, so disagreements keep being found
+//! where it is sure.
+//!
+//! The words and the tier-below signals can also mislead: a correction fitted on the items the top
+//! tier labels (the unsure ones) may rank the rest worse than the tier's own confidence does. So,
+//! with `validate`, each tier also keeps a calibrated prior alone (a logistic over its error
+//! estimate: it ranks items exactly as the confidence shunt does), and the estimate is the
+//! Bayesian mixture of the two, weighted by each one's log-loss on the labelled items scored before
+//! learning from them (progressive validation). The mixture's log-loss is within ln 2 of the better
+//! of the two, so the learned correction is used only as far as it predicts better than the shunt.
 //!
 //! μ trades cost for accuracy. With a target share of top-tier calls, μ is held online: an item
-//! reaches the top tier when every cheap tier defers, i.e. when the lowest estimate/c_i along its
-//! path exceeds μ, so μ is set to the quantile of that path minimum (over recent items) that sends
+//! reaches the top tier when every cheap tier defers, i.e. when the lowest
+//! (estimate − next cost-to-go)/c_i along its path exceeds μ, so μ is set to the quantile of that path minimum (over recent items) that sends
 //! the target share up, corrected for drift (see `ShareController`).
 
 use super::signals::Signals;
@@ -34,6 +48,8 @@ pub struct DeferralConfig {
     /// Also learn from the input's words (hashed unigrams and bigrams): which kinds of inputs a
     /// tier gets wrong, beyond how unsure it says it is.
     pub text_features: bool,
+    /// Mix the learned correction with the calibrated prior alone by their validated log-loss.
+    pub validate: bool,
     pub seed: u64,
 }
 
@@ -45,6 +61,7 @@ impl Default for DeferralConfig {
             explore: 0.1,
             learning_rate: 0.1,
             text_features: false,
+            validate: true,
             seed: 0,
         }
     }
@@ -71,8 +88,16 @@ pub struct DeferDecision {
 pub struct OclDeferral {
     cfg: DeferralConfig,
     models: Vec<OnlineSoftmax>,
+    /// Per tier: the calibrated prior alone, and the validated log-loss of [correction, prior].
+    priors: Vec<OnlineSoftmax>,
+    losses: Vec<[f64; 2]>,
+    /// Per tier (the top one last, at 0): the expected cost-to-go of an item that reaches it, a
+    /// moving average of what its decisions realised (its estimate when it answers, μ·c plus the
+    /// next tier's cost-to-go when it defers).
+    to_go: Vec<f64>,
     featurizer: Featurizer,
     x: FeatureVec,
+    x_prior: FeatureVec,
     mu: f64,
     share: Option<ShareController>,
     rng: ChaCha8Rng,
@@ -105,13 +130,20 @@ impl OclDeferral {
             learning_rate: cfg.learning_rate,
             l2: 0.0,
         };
+        let prior_cfg = LearnerConfig { bits: 10, ..lc };
         Ok(OclDeferral {
             cfg,
             models: (0..cheap_tiers)
                 .map(|_| OnlineSoftmax::new(lc))
                 .collect::<Result<_, _>>()?,
+            priors: (0..cheap_tiers)
+                .map(|_| OnlineSoftmax::new(prior_cfg))
+                .collect::<Result<_, _>>()?,
+            losses: vec![[0.0; 2]; cheap_tiers],
+            to_go: vec![0.0; cheap_tiers + 1],
             featurizer: Featurizer::new(bits)?,
             x: FeatureVec::default(),
+            x_prior: FeatureVec::default(),
             mu: cfg.mu,
             share,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
@@ -128,6 +160,11 @@ impl OclDeferral {
     fn featurize(&mut self, c: &Context) {
         let s = &c.signals;
         let f = &self.featurizer;
+        // The prior's own features: a bias and its log-odds (Platt scaling), so it stays monotone
+        // in the tier's confidence.
+        self.x_prior.clear();
+        self.x_prior.push(0, 1.0);
+        self.x_prior.push(1, prior_logit(s) / 4.0);
         self.x.clear();
         f.add_bias(&mut self.x);
         f.add_numeric("max_prob", s.max_prob, &mut self.x);
@@ -160,9 +197,26 @@ impl OclDeferral {
     /// The estimated probability that tier `tier` disagrees with the top tier on this item.
     pub fn p_disagree(&mut self, tier: usize, c: &Context) -> f32 {
         self.featurize(c);
-        self.models
-            .get(tier)
-            .map_or(1.0, |m| with_prior(m, &self.x, &c.signals)[1])
+        let (Some(m), Some(prior)) = (self.models.get(tier), self.priors.get(tier)) else {
+            return 1.0;
+        };
+        let corrected = with_prior(m, &self.x, &c.signals)[1];
+        if !self.cfg.validate {
+            return corrected;
+        }
+        let alone = with_prior(prior, &self.x_prior, &c.signals)[1];
+        let w = self.correction_weight(tier);
+        (w * f64::from(corrected) + (1.0 - w) * f64::from(alone)) as f32
+    }
+
+    /// The mixture's weight on the learned correction: its posterior given both validated losses.
+    pub fn correction_weight(&self, tier: usize) -> f64 {
+        if !self.cfg.validate {
+            return 1.0;
+        }
+        self.losses.get(tier).map_or(1.0, |[full, prior]| {
+            1.0 / (1.0 + (full - prior).clamp(-50.0, 50.0).exp())
+        })
     }
 
     /// Starts an item (one tie-break draw, a fresh path minimum).
@@ -171,10 +225,14 @@ impl OclDeferral {
         self.path_min = None;
     }
 
-    /// Defer from tier `tier`? `defer_cost` is c_i, what deferring costs relative to the top tier.
-    pub fn decide(&mut self, tier: usize, c: &Context, defer_cost: f64) -> DeferDecision {
+    /// Defer from tier `tier`? `next_cost` is c_i, the price of the next tier relative to the top
+    /// one. Deferring pays μ·c_i plus the next tier's expected cost-to-go (0 for the top tier), so
+    /// a tier defers when its estimated loss exceeds that: a cheap tier below a free one keeps
+    /// only what it would get right about as often as the tiers above it.
+    pub fn decide(&mut self, tier: usize, c: &Context, next_cost: f64) -> DeferDecision {
         let p = self.p_disagree(tier, c);
-        let score = (f64::from(p) / defer_cost.max(1e-9)) as f32;
+        let next = self.to_go.get(tier + 1).copied().unwrap_or(0.0);
+        let score = ((f64::from(p) - next) / next_cost.max(1e-6)) as f32;
         self.path_min = Some(self.path_min.map_or(score, |m| m.min(score)));
         let defer = match (&self.share, self.cfg.target_top_share) {
             (Some(share), Some(target)) => {
@@ -187,6 +245,14 @@ impl OclDeferral {
             }
             _ => f64::from(score) > self.mu,
         };
+        let realised = if defer {
+            self.mu * next_cost + next
+        } else {
+            f64::from(p)
+        };
+        if let Some(v) = self.to_go.get_mut(tier) {
+            *v += TO_GO_RATE * (realised - *v);
+        }
         if defer {
             return DeferDecision {
                 defer: true,
@@ -207,11 +273,21 @@ impl OclDeferral {
     /// Learns from an item the top tier labelled: whether tier `tier` agreed with it.
     pub fn learn(&mut self, tier: usize, c: &Context, agreed: bool) {
         self.featurize(c);
-        let Some(m) = self.models.get_mut(tier) else {
+        let (Some(m), Some(prior), Some(loss)) = (
+            self.models.get_mut(tier),
+            self.priors.get_mut(tier),
+            self.losses.get_mut(tier),
+        ) else {
             return;
         };
+        let target = usize::from(!agreed);
         let p = with_prior(m, &self.x, &c.signals);
-        m.update(&self.x, usize::from(!agreed), 1.0, &p);
+        let q = with_prior(prior, &self.x_prior, &c.signals);
+        // Scored before learning from the item: an honest estimate of each one's loss.
+        loss[0] -= f64::from(p[target].max(1e-6)).ln();
+        loss[1] -= f64::from(q[target].max(1e-6)).ln();
+        m.update(&self.x, target, 1.0, &p);
+        prior.update(&self.x_prior, target, 1.0, &q);
     }
 
     /// Ends an item that some cheap tier decided on: whether it reached the top tier. The share
@@ -230,23 +306,41 @@ impl OclDeferral {
 /// tier's labels show the tier's confidence to be off (a weak tier's overconfidence, a kind of
 /// input it gets wrong), so the early stream is not spent on a blank model.
 fn with_prior(m: &OnlineSoftmax, x: &FeatureVec, s: &Signals) -> [f32; 2] {
-    let e = (1.0 - s.max_prob).clamp(1e-3, 1.0 - 1e-3);
     let mut l = [0.0f32; 2];
     m.logits(x, &mut l);
-    let z = l[1] - l[0] + (e / (1.0 - e)).ln();
+    let z = l[1] - l[0] + prior_logit(s);
     let p1 = 1.0 / (1.0 + (-z).exp());
     [1.0 - p1, p1]
 }
 
+/// The log-odds of the tier's own error estimate, 1 − max probability.
+fn prior_logit(s: &Signals) -> f32 {
+    let e = (1.0 - s.max_prob).clamp(1e-3, 1.0 - 1e-3);
+    (e / (1.0 - e)).ln()
+}
+
+/// The moving average's rate for the expected cost-to-go (about the last 100 items).
+const TO_GO_RATE: f64 = 0.01;
+
+/// Starts a checkpoint, so one from an earlier layout is refused with a clear error.
+const CHECKPOINT_MAGIC: &[u8; 4] = b"OCL3";
+
 impl OclDeferral {
     /// Checkpoint: μ, the exploration stream's position, each tier's model, the share controller.
     pub fn save(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        w.write_all(CHECKPOINT_MAGIC)?;
         w.write_all(&self.mu.to_le_bytes())?;
         // The exploration stream's position, so a resumed run explores exactly as an unbroken one.
         w.write_all(&self.rng.get_word_pos().to_le_bytes())?;
         w.write_all(&(self.models.len() as u32).to_le_bytes())?;
-        for m in &self.models {
+        for ((m, prior), [full, alone]) in self.models.iter().zip(&self.priors).zip(&self.losses) {
             m.save(w)?;
+            prior.save(w)?;
+            w.write_all(&full.to_le_bytes())?;
+            w.write_all(&alone.to_le_bytes())?;
+        }
+        for v in &self.to_go {
+            w.write_all(&v.to_le_bytes())?;
         }
         let share = serde_json::to_vec(&self.share).map_err(std::io::Error::other)?;
         w.write_all(&(share.len() as u64).to_le_bytes())?;
@@ -261,6 +355,14 @@ impl OclDeferral {
         let mut b8 = [0u8; 8];
         let mut b4 = [0u8; 4];
         let mut b16 = [0u8; 16];
+        r.read_exact(&mut b4).map_err(|e| bad(e.to_string()))?;
+        if &b4 != CHECKPOINT_MAGIC {
+            return Err(bad(
+                "not a deferral checkpoint of this version (written by an older tandem?); \
+                 remove the state directory to start fresh"
+                    .into(),
+            ));
+        }
         r.read_exact(&mut b8).map_err(|e| bad(e.to_string()))?;
         let mu = f64::from_le_bytes(b8);
         r.read_exact(&mut b16).map_err(|e| bad(e.to_string()))?;
@@ -273,8 +375,28 @@ impl OclDeferral {
             )));
         }
         let mut models = Vec::with_capacity(n);
+        let mut priors = Vec::with_capacity(n);
+        let mut losses = Vec::with_capacity(n);
         for _ in 0..n {
             models.push(OnlineSoftmax::load(r)?);
+            priors.push(OnlineSoftmax::load(r)?);
+            let mut pair = [0.0f64; 2];
+            for l in &mut pair {
+                r.read_exact(&mut b8).map_err(|e| bad(e.to_string()))?;
+                *l = f64::from_le_bytes(b8);
+                if !l.is_finite() || *l < 0.0 {
+                    return Err(bad(format!("validated loss {l}")));
+                }
+            }
+            losses.push(pair);
+        }
+        let mut to_go = vec![0.0f64; n + 1];
+        for v in &mut to_go {
+            r.read_exact(&mut b8).map_err(|e| bad(e.to_string()))?;
+            *v = f64::from_le_bytes(b8);
+            if !v.is_finite() {
+                return Err(bad(format!("cost-to-go {v}")));
+            }
         }
         r.read_exact(&mut b8).map_err(|e| bad(e.to_string()))?;
         let len = u64::from_le_bytes(b8) as usize;
@@ -289,6 +411,9 @@ impl OclDeferral {
             return Err(bad("written with another target-share setting".into()));
         }
         self.models = models;
+        self.priors = priors;
+        self.losses = losses;
+        self.to_go = to_go;
         self.mu = mu;
         self.share = share;
         self.rng.set_word_pos(u128::from_le_bytes(b16));
@@ -413,6 +538,55 @@ mod tests {
         }
         assert!(o.p_disagree(0, &ctx(0.8, "oh great another remake")) > 0.5);
         assert!(o.p_disagree(0, &ctx(0.8, "a moving story")) < 0.3);
+    }
+
+    /// Labels drawn so that the tier's own confidence is exactly right, with words that carry
+    /// nothing: the learned correction only adds noise, and validation hands the estimate back to
+    /// the calibrated prior. Where the words do carry the errors, it keeps the correction.
+    #[test]
+    fn validation_keeps_the_correction_only_where_it_predicts_better() {
+        let cfg = DeferralConfig {
+            text_features: true,
+            ..quiet()
+        };
+        for seed in 0..4u64 {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut noise = OclDeferral::new(1, cfg).unwrap();
+            let mut signal = OclDeferral::new(1, cfg).unwrap();
+            for k in 0..3000 {
+                let p: f32 = 0.5 + 0.5 * rng.gen::<f32>();
+                let word = format!("w{}", rng.gen_range(0..40));
+                let wrong = rng.gen::<f32>() < 1.0 - p;
+                noise.learn(0, &ctx(p, &word), !wrong);
+                // Here one kind of input is always wrong whatever the confidence.
+                let text = if k % 4 == 0 { "oh great" } else { "a film" };
+                signal.learn(0, &ctx(p, text), k % 4 != 0 && !wrong);
+            }
+            let w = noise.correction_weight(0);
+            assert!(w < 0.5, "seed {seed}: weight on a correction of noise {w}");
+            let w = signal.correction_weight(0);
+            assert!(
+                w > 0.99,
+                "seed {seed}: weight on a correction that helps {w}"
+            );
+            assert!(signal.p_disagree(0, &ctx(0.95, "oh great")) > 0.8);
+        }
+    }
+
+    /// Below a free tier, deferring costs only what the tier above is expected to lose: the
+    /// cheap tier keeps an item only if it is at least as likely to be right as the tier above.
+    #[test]
+    fn a_tier_below_a_free_one_keeps_only_what_it_gets_right_as_often() {
+        let mut o = OclDeferral::new(2, DeferralConfig { mu: 0.3, ..quiet() }).unwrap();
+        // The upper tier answers items it is 90% sure of: its cost-to-go settles near 0.1.
+        for _ in 0..2000 {
+            assert!(!o.decide(1, &ctx(0.9, "x"), 1.0).defer);
+        }
+        // Charged a whole top-tier call (c = 1) for deferring, the lower tier would keep both;
+        // with the tier above free (c = 0), it keeps only what it is surer of than 90%.
+        assert!(!o.decide(0, &ctx(0.8, "x"), 1.0).defer);
+        assert!(o.decide(0, &ctx(0.8, "x"), 0.0).defer);
+        assert!(!o.decide(0, &ctx(0.95, "x"), 0.0).defer);
     }
 
     #[test]

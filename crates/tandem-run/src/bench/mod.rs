@@ -75,6 +75,8 @@ pub struct RunResult {
     pub compute_s: f64,
     /// Per cheap tier, its accuracy on every item it predicted on (before learning from it).
     pub tier_accuracy: Vec<f64>,
+    /// Per cheap tier, the share of items it answered.
+    pub tier_answered: Vec<f64>,
     /// S4L: items answered by the top tier with the hint, and how many were right with it and
     /// (from the unhinted recording) without it.
     pub s4l_items: u64,
@@ -329,6 +331,10 @@ pub fn run_one(
         tier_accuracy: state.tiers[..top]
             .iter()
             .map(|t| ratio(t.correct, t.with_gold))
+            .collect(),
+        tier_answered: state.tiers[..top]
+            .iter()
+            .map(|t| t.answered as f64 / n)
             .collect(),
         s4l_items,
         s4l_right_with: with,
