@@ -20,13 +20,15 @@
 //! with `validate`, each tier also keeps a calibrated prior alone (a logistic over its error
 //! estimate: it ranks items exactly as the confidence shunt does), and the estimate is the
 //! Bayesian mixture of the two, weighted by each one's log-loss on the labelled items scored before
-//! learning from them (progressive validation). The mixture's log-loss is within ln 2 of the better
-//! of the two, so the learned correction is used only as far as it predicts better than the shunt.
+//! learning from them (progressive validation). The mixture's cumulative log-loss is within ln 2 of
+//! the better of the two, so the learned correction is used only as far as it predicts better
+//! than the shunt's own signal.
 //!
 //! μ trades cost for accuracy. With a target share of top-tier calls, μ is held online: an item
 //! reaches the top tier when every cheap tier defers, i.e. when the lowest
-//! (estimate − next cost-to-go)/c_i along its path exceeds μ, so μ is set to the quantile of that path minimum (over recent items) that sends
-//! the target share up, corrected for drift (see `ShareController`).
+//! (estimate − next cost-to-go)/c_i along its path exceeds μ, so μ is set to the quantile of that
+//! path minimum (over recent items) that sends the target share up, corrected for drift (see
+//! `ShareController`).
 
 use super::signals::Signals;
 use crate::calibrate::ShareController;
