@@ -67,7 +67,7 @@ pub struct PolicyConfig {
     pub target_top_share: Option<f64>,
     /// OCL: initial exploration probability (decays with updates).
     pub explore: Option<f64>,
-    /// OCL: the deferral models also learn from the input's words (default true).
+    /// OCL: the deferral models also learn from the input's words (default false).
     pub text_features: Option<bool>,
     /// OCL: use the learned correction only as far as its validated log-loss beats the
     /// calibrated confidence alone (default true).
