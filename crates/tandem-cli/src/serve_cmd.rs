@@ -64,7 +64,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             routes.join(", "),
             listener.local_addr()?
         );
-        tandem_server::serve(gateway, listener, cfg.server.max_body_bytes, shutdown())
+        tandem_server::serve(gateway, listener, cfg.server.clone(), shutdown())
             .await
             .context("server failed")
     })

@@ -127,6 +127,120 @@ fn gguf_generation_reports_token_logprobs() {
 }
 
 #[test]
+fn gguf_generate_with_reports_openai_style_logprobs() {
+    use tandem_models::gguf::{GenOptions, TokenLogprob};
+    let Some(path) = asset("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let lm = GgufLm::load(&path).unwrap();
+    let ask = user("Translate \"good morning\" into Japanese.");
+    let plain = lm.generate(&ask, 24).unwrap();
+    assert!(plain.token_details.is_empty());
+    let opts = GenOptions {
+        max_tokens: 24,
+        top_logprobs: 5,
+        logprobs: true,
+    };
+    let mut pieces: Vec<(String, Vec<TokenLogprob>)> = Vec::new();
+    let g = lm
+        .generate_with(&ask, &opts, None, &mut |text, toks| {
+            pieces.push((text.to_string(), toks.to_vec()));
+            true
+        })
+        .unwrap();
+    // Asking for logprobs changes nothing about the generation itself.
+    assert_eq!(g.text, plain.text);
+    assert_eq!(g.tokens, plain.tokens);
+    assert_eq!(g.token_logprobs, plain.token_logprobs);
+    assert_eq!(g.token_energies, plain.token_energies);
+    assert_eq!(g.token_details.len(), g.tokens.len());
+    // Decoding by per-token bytes gives what `tokenizers`' own decoder gives.
+    assert_eq!(g.text, lm.tokenizer.inner.decode(&g.tokens, true).unwrap());
+    // Per-token bytes add up to the text.
+    let bytes: Vec<u8> = g
+        .token_details
+        .iter()
+        .flat_map(|t| t.bytes.clone())
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&bytes), g.text);
+    if !g.text.ends_with('\u{FFFD}') {
+        assert_eq!(bytes, g.text.as_bytes());
+    }
+    for (d, (&tok, &lp)) in g
+        .token_details
+        .iter()
+        .zip(g.tokens.iter().zip(&g.token_logprobs))
+    {
+        assert_eq!(d.logprob, lp);
+        assert_eq!(d.token, String::from_utf8_lossy(&d.bytes));
+        if !lm.tokenizer.is_special(tok) {
+            assert_eq!(Some(d.bytes.clone()), lm.tokenizer.token_bytes(tok));
+        }
+        assert_eq!(d.top.len(), 5);
+        assert!(d.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        assert!(d
+            .top
+            .iter()
+            .all(|t| t.logprob <= 0.0 && t.logprob.is_finite()));
+        // Greedy: the chosen token is the most likely one, with the same log-probability.
+        assert_eq!(d.top[0].bytes, d.bytes);
+        assert_eq!(d.top[0].logprob, d.logprob);
+        assert!(d
+            .top
+            .iter()
+            .any(|t| t.bytes == d.bytes && t.logprob == d.logprob));
+    }
+    // The streamed pieces add up to the text, and their token slices to all the tokens.
+    let streamed: String = pieces.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(streamed, g.text);
+    let streamed_tokens: Vec<TokenLogprob> =
+        pieces.iter().flat_map(|(_, t)| t.iter().cloned()).collect();
+    assert_eq!(streamed_tokens, g.token_details);
+    assert!(pieces.iter().all(|(t, _)| !t.is_empty()));
+    // Each piece's tokens carry exactly that piece's bytes (the prompt makes characters span
+    // tokens; only a last piece cut mid-character differs, as U+FFFD).
+    for (text, toks) in &pieces {
+        let b: Vec<u8> = toks.iter().flat_map(|t| t.bytes.clone()).collect();
+        assert_eq!(String::from_utf8_lossy(&b), *text);
+        if !text.ends_with('\u{FFFD}') {
+            assert_eq!(b, text.as_bytes());
+        }
+    }
+    assert!(pieces.iter().any(|(_, toks)| toks.len() > 1));
+    // The old streaming entry point hands out the same pieces.
+    let mut old: Vec<String> = Vec::new();
+    let g2 = lm
+        .generate_streaming(&ask, 24, None, &mut |t| {
+            old.push(t.to_string());
+            true
+        })
+        .unwrap();
+    assert_eq!(g2, plain);
+    assert_eq!(
+        old,
+        pieces.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>()
+    );
+    // Logprobs off: no entries, empty slices; too many alternatives: a clear error.
+    let off = GenOptions {
+        max_tokens: 4,
+        top_logprobs: 3,
+        logprobs: false,
+    };
+    let g3 = lm
+        .generate_with(&ask, &off, None, &mut |_, toks| toks.is_empty())
+        .unwrap();
+    assert!(g3.token_details.is_empty());
+    assert_eq!(g3.tokens, plain.tokens[..g3.tokens.len()]);
+    let many = GenOptions {
+        top_logprobs: 21,
+        ..opts
+    };
+    assert!(lm
+        .generate_with(&ask, &many, None, &mut |_, _| true)
+        .is_err());
+}
+
+#[test]
 fn forward_pass_matches_candles_reference_llama() {
     use candle_core::{Device, Tensor};
     use tandem_models::gguf::model::{Cache, Logits};

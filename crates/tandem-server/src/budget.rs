@@ -111,6 +111,12 @@ impl WindowBudget {
     pub fn limits(&self) -> BudgetLimits {
         self.limits
     }
+
+    /// Seconds from `now` until the current window ends and a fresh budget starts; None without
+    /// a window (the budget never resets by itself).
+    pub fn seconds_to_reset(&self, now: u64) -> Option<u64> {
+        self.window_s.map(|len| len - now % len)
+    }
 }
 
 #[cfg(test)]

@@ -55,6 +55,54 @@ pub struct ServerSection {
     /// How many recent responses can still receive feedback.
     #[serde(default = "default_feedback_window")]
     pub feedback_window: usize,
+    /// Browser access from other origins (`[server.cors]`). Unset: no CORS headers at all.
+    pub cors: Option<CorsConfig>,
+}
+
+/// `[server.cors]`: which web origins may call the gateway from a browser.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// `["*"]` for any origin, else origins such as `"https://app.example"` (scheme, host and
+    /// optional port; no path). Validation normalises them to the form browsers send.
+    pub allow_origins: Vec<String>,
+    /// How long browsers may cache a preflight answer (`Access-Control-Max-Age`), in seconds.
+    pub max_age_s: Option<u64>,
+}
+
+/// An origin as browsers send it in `Origin` (lowercase scheme and host, default port left out),
+/// or why `s` is not an http(s) origin. A browser's `Origin` is matched byte for byte, so a
+/// configured `https://App.example:443` must become `https://app.example` to ever match.
+pub fn normalize_origin(s: &str) -> Result<String, &'static str> {
+    let uri: axum::http::Uri = s
+        .parse()
+        .map_err(|_| "is not an origin such as https://app.example")?;
+    let scheme = match uri.scheme_str() {
+        Some(x) if x.eq_ignore_ascii_case("http") => "http",
+        Some(x) if x.eq_ignore_ascii_case("https") => "https",
+        _ => return Err("must start with http:// or https:// (or be \"*\" alone)"),
+    };
+    let Some(auth) = uri.authority() else {
+        return Err("is not an origin such as https://app.example");
+    };
+    if auth.as_str().contains('@') {
+        return Err("an origin has no user name or password");
+    }
+    // `https://a.example/` parses with path `/`; browsers never send a path, not even that one.
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/")
+        || s.ends_with('/')
+        || s.contains('#')
+    {
+        return Err("an origin has no path (not even a trailing `/`), query or fragment");
+    }
+    let host = auth.host().to_ascii_lowercase();
+    if host.is_empty() {
+        return Err("is not an origin such as https://app.example");
+    }
+    match (scheme, auth.port_u16()) {
+        (_, None) | ("http", Some(80)) | ("https", Some(443)) => Ok(format!("{scheme}://{host}")),
+        (_, Some(p)) => Ok(format!("{scheme}://{host}:{p}")),
+    }
 }
 
 impl Default for ServerSection {
@@ -66,6 +114,7 @@ impl Default for ServerSection {
             state_dir: None,
             persist_interval_s: default_persist_s(),
             feedback_window: default_feedback_window(),
+            cors: None,
         }
     }
 }
@@ -116,6 +165,65 @@ pub struct UpstreamConfig {
     pub first_token_timeout_ms: Option<u64>,
     /// Streams: longest wait between two pieces (default: `timeout_ms`).
     pub idle_timeout_ms: Option<u64>,
+    /// Streams: an optional cap on a stream's whole length (`timeout_ms` does not cut streams that
+    /// keep producing).
+    pub stream_timeout_ms: Option<u64>,
+    /// `openai`: the upstream returns token log-probabilities when asked (`logprobs`,
+    /// `top_logprobs`). A cascade gated on log-probabilities or energy asks its small upstream
+    /// for them, which a backend without them refuses: so it must be declared. In-process GGUF
+    /// models always can.
+    pub logprobs: Option<bool>,
+    /// The upstream accepts `stream_options.include_usage`: tandem then asks for usage on every
+    /// stream (and hides the usage chunk from clients that did not ask). Otherwise a stream's
+    /// cost without the client's own usage request is estimated.
+    #[serde(default)]
+    pub stream_usage: bool,
+    /// Upper bound of the tokens one image, audio or file content part costs, for the budget's
+    /// reservation (their bytes are not tokens). Default 1,600; gpt-4o-mini's images bill ~37,000.
+    #[serde(default = "default_image_tokens")]
+    pub image_tokens: u64,
+    /// Output tokens reserved when a request names no cap (`max_tokens` or
+    /// `max_completion_tokens`): the model's own output limit.
+    #[serde(default = "default_max_output_tokens")]
+    pub max_output_tokens: u32,
+    /// The field a route's `max_tokens` cap is sent in when the client sent none.
+    #[serde(default)]
+    pub token_param: TokenParam,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenParam {
+    #[default]
+    MaxTokens,
+    /// Newer (reasoning) models take only this one.
+    MaxCompletionTokens,
+}
+
+impl TokenParam {
+    pub fn field(self) -> &'static str {
+        match self {
+            TokenParam::MaxTokens => "max_tokens",
+            TokenParam::MaxCompletionTokens => "max_completion_tokens",
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// Whether the upstream can return token log-probabilities.
+    pub fn gives_logprobs(&self) -> bool {
+        match self.kind {
+            UpstreamKind::Gguf => true,
+            UpstreamKind::Openai => self.logprobs == Some(true),
+        }
+    }
+}
+
+fn default_image_tokens() -> u64 {
+    1_600
+}
+fn default_max_output_tokens() -> u32 {
+    16_384
 }
 
 fn default_price() -> String {
@@ -185,9 +293,10 @@ pub struct RouteConfig {
     /// S4L: the small model's draft goes into the large model's prompt on escalation.
     #[serde(default)]
     pub s4l: bool,
-    /// Token cap sent upstream when the request has none (bounds the cost reservation).
-    #[serde(default = "default_max_tokens")]
-    pub max_tokens: u32,
+    /// A cap on output tokens for this route's calls: a client's larger cap is lowered to it, and
+    /// a request without one gets it (in the upstream's `token_param` field). Unset: requests go
+    /// upstream as the client sent them.
+    pub max_tokens: Option<u32>,
     #[serde(default)]
     pub budget: RouteBudget,
     #[serde(default)]
@@ -203,9 +312,6 @@ fn default_gate() -> CascadeGate {
 }
 fn default_explore() -> f64 {
     0.05
-}
-fn default_max_tokens() -> u32 {
-    512
 }
 fn default_seed() -> u64 {
     7
@@ -260,7 +366,7 @@ impl ServerConfig {
         cfg.validate(path, base)
     }
 
-    pub fn validate(self, path: &Path, base_dir: PathBuf) -> Result<Validated, ConfigError> {
+    pub fn validate(mut self, path: &Path, base_dir: PathBuf) -> Result<Validated, ConfigError> {
         let bad =
             |field: String, value: &dyn std::fmt::Display, reason: &str| ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -281,6 +387,28 @@ impl ServerConfig {
                 &0,
                 "must be at least 1",
             ));
+        }
+        if let Some(cors) = &mut self.server.cors {
+            let field = || "server.cors.allow_origins".to_string();
+            if cors.allow_origins.is_empty() {
+                return Err(bad(
+                    field(),
+                    &"[]",
+                    "list the origins allowed (or \"*\"); without [server.cors] no origin is",
+                ));
+            }
+            let mut normalized = Vec::with_capacity(cors.allow_origins.len());
+            for o in &cors.allow_origins {
+                if o == "*" {
+                    if cors.allow_origins.len() > 1 {
+                        return Err(bad(field(), o, "\"*\" allows every origin: list it alone"));
+                    }
+                    normalized.push(o.clone());
+                } else {
+                    normalized.push(normalize_origin(o).map_err(|why| bad(field(), o, why))?);
+                }
+            }
+            cors.allow_origins = normalized;
         }
         let mut upstreams = Vec::new();
         let mut names = BTreeSet::new();
@@ -336,7 +464,18 @@ impl ServerConfig {
                     }
                 }
             }
+            if u.kind == UpstreamKind::Gguf && u.logprobs.is_some() {
+                return Err(bad(
+                    at("logprobs"),
+                    &"(set)",
+                    "applies to openai upstreams (gguf models always give them)",
+                ));
+            }
+            if u.max_output_tokens == 0 {
+                return Err(bad(at("max_output_tokens"), &0, "must be at least 1"));
+            }
             for (f, v) in [
+                ("stream_timeout_ms", u.stream_timeout_ms),
                 ("timeout_ms", Some(u.timeout_ms)),
                 ("connect_timeout_ms", Some(u.connect_timeout_ms)),
                 ("first_token_timeout_ms", u.first_token_timeout_ms),
@@ -449,8 +588,34 @@ impl ServerConfig {
             if !(0.0..=1.0).contains(&r.explore) {
                 return Err(bad(at("explore"), &r.explore, "must be between 0 and 1"));
             }
-            if r.max_tokens == 0 {
+            if r.max_tokens == Some(0) {
                 return Err(bad(at("max_tokens"), &0, "must be at least 1"));
+            }
+            if let Some(t) = r.threshold {
+                if !t.is_finite() {
+                    return Err(bad(at("threshold"), &t, "must be a finite number"));
+                }
+            }
+            if !r.explore.is_finite() {
+                return Err(bad(at("explore"), &r.explore, "must be between 0 and 1"));
+            }
+            // A gate that reads the small model's token log-probabilities needs an upstream that
+            // gives them; asking one that does not fails every request.
+            if r.kind == RouteKind::Cascade
+                && matches!(r.gate, CascadeGate::Logprob | CascadeGate::Energy)
+            {
+                if let Some(u) = small.and_then(|i| upstreams.get(i)) {
+                    if !u.cfg.gives_logprobs() {
+                        return Err(bad(
+                            at("gate"),
+                            &format!("{:?}", r.gate).to_lowercase(),
+                            &format!(
+                                "reads the small model's token log-probabilities, but upstream `{}` does not declare `logprobs = true`; declare it if the endpoint returns them, or use gate = \"learned\"",
+                                u.cfg.name
+                            ),
+                        ));
+                    }
+                }
             }
             if r.s4l && r.kind != RouteKind::Cascade {
                 return Err(bad(
@@ -528,6 +693,7 @@ name = "s"
 kind = "openai"
 base_url = "http://127.0.0.1:1/v1"
 model = "m"
+logprobs = true
 [[upstream]]
 name = "l"
 kind = "openai"
@@ -560,7 +726,110 @@ price = "token:10:30"
             let e = parse(&format!("{UPS}{route}")).err().unwrap().to_string();
             assert!(e.contains(want), "{e} should contain {want}");
         }
+        // A logprob or energy gate on a small upstream that does not declare log-probabilities.
+        let no_lp = UPS.replace("logprobs = true\n", "");
+        for gate in ["logprob", "energy"] {
+            let e = parse(&format!(
+                "{no_lp}[[route]]\nname = \"x\"\nkind = \"cascade\"\nsmall = \"s\"\nlarge = \"l\"\ngate = \"{gate}\"\nthreshold = 1.0\n"
+            ))
+            .err()
+            .unwrap()
+            .to_string();
+            assert!(
+                e.contains("route[0].gate") && e.contains("`s` does not declare `logprobs = true`"),
+                "{e}"
+            );
+        }
+        assert!(parse(&format!(
+            "{no_lp}[[route]]\nname = \"x\"\nkind = \"cascade\"\nsmall = \"s\"\nlarge = \"l\"\ngate = \"learned\"\nthreshold = 1.0\n"
+        ))
+        .is_ok());
+        // Numbers that are not numbers.
+        for (field, v) in [
+            ("threshold", "nan"),
+            ("threshold", "inf"),
+            ("explore", "nan"),
+        ] {
+            let e = parse(&format!(
+                "{UPS}[[route]]\nname = \"x\"\nkind = \"cascade\"\nsmall = \"s\"\nlarge = \"l\"\n{}{field} = {v}\n",
+                if field == "threshold" { "" } else { "threshold = 1.0\n" }
+            ))
+            .err()
+            .unwrap()
+            .to_string();
+            assert!(e.contains(&format!("route[0].{field}")), "{e}");
+        }
         let e = parse("[[upstream]]\nname = \"s\"\nkind = \"openai\"\nbase_url = \"ftp://x\"\nmodel = \"m\"\n[[route]]\nname = \"x\"\nkind = \"fixed\"\nupstream = \"s\"\n").err().unwrap().to_string();
         assert!(e.contains("upstream[0].base_url = ftp://x"), "{e}");
+    }
+
+    fn with_cors(cors: &str) -> Result<Validated, ConfigError> {
+        parse(&format!(
+            "[server.cors]\n{cors}\n{UPS}[[route]]\nname = \"x\"\nkind = \"fixed\"\nupstream = \"l\"\n"
+        ))
+    }
+
+    #[test]
+    fn cors_origins_are_checked_and_normalised() {
+        let v = with_cors(
+            "allow_origins = [\"https://App.Example\", \"http://localhost:5173\", \"https://a.example:443\", \"http://[::1]:80\"]\nmax_age_s = 600",
+        )
+        .unwrap();
+        let cors = v.server.cors.unwrap();
+        assert_eq!(
+            cors.allow_origins,
+            [
+                "https://app.example",
+                "http://localhost:5173",
+                "https://a.example",
+                "http://[::1]"
+            ]
+        );
+        assert_eq!(cors.max_age_s, Some(600));
+        let any = with_cors("allow_origins = [\"*\"]").unwrap();
+        assert_eq!(any.server.cors.unwrap().allow_origins, ["*"]);
+        assert!(with_cors("allow_origins = []\n")
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("server.cors.allow_origins = []"));
+        for bad in [
+            "https://app.example/",
+            "https://app.example/path",
+            "https://app.example?q=1",
+            "https://app.example#top",
+            "ftp://app.example",
+            "app.example",
+            "https://user@app.example",
+            "https://",
+            "https://app example",
+            "null",
+        ] {
+            let e = with_cors(&format!("allow_origins = [\"{bad}\"]"))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.contains(&format!("server.cors.allow_origins = {bad}:")),
+                "{bad}: {e}"
+            );
+        }
+        let e = with_cors("allow_origins = [\"*\", \"https://a.example\"]")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("server.cors.allow_origins = *: "), "{e}");
+        let e = with_cors("allow_origins = [\"*\"]\nallow_methods = [\"GET\"]")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("unknown field `allow_methods`"), "{e}");
+        assert!(parse(&format!(
+            "{UPS}[[route]]\nname = \"x\"\nkind = \"fixed\"\nupstream = \"l\"\n"
+        ))
+        .unwrap()
+        .server
+        .cors
+        .is_none());
     }
 }

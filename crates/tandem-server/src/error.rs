@@ -1,7 +1,10 @@
 //! One error type for everything a request can hit, each variant with its HTTP status, OpenAI's
-//! error `type` and `code`, and whether a client may retry. Messages never carry keys or prompts.
+//! error `type`, `code` and `param`, and whether a client may retry. An upstream's own 4xx keeps its
+//! meaning (status, type, code, param, `Retry-After`); only what a retry can cure — connection
+//! failures, timeouts, 5xx, garbage — is a retryable 502/504. Messages never carry keys or prompts:
+//! upstream text is scrubbed ([`crate::scrub`]) before it is put in a variant.
 
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use thiserror::Error;
@@ -18,8 +21,13 @@ pub enum GatewayError {
     UnknownRoute(String),
     #[error("missing or wrong API key; send `Authorization: Bearer <key>`")]
     Unauthorized,
-    #[error("the large model's budget for route `{0}` is spent")]
-    BudgetExhausted(String),
+    /// The route's budget is spent; `retry_after_s` is the time until its window resets (None when
+    /// the budget has no window: it never resets by itself).
+    #[error("the large model's budget for route `{route}` is spent")]
+    BudgetExhausted {
+        route: String,
+        retry_after_s: Option<u64>,
+    },
     #[error("response `{0}` is unknown, too old, or has had its feedback already")]
     UnknownResponse(String),
     #[error("{0}")]
@@ -28,16 +36,42 @@ pub enum GatewayError {
     MethodNotAllowed,
     #[error("upstream `{upstream}` timed out after {ms} ms")]
     UpstreamTimeout { upstream: String, ms: u64 },
+    /// Connection failure, a cut or malformed answer: the upstream could not be read.
     #[error("upstream `{upstream}` failed: {reason}")]
     Upstream { upstream: String, reason: String },
+    /// The upstream answered 5xx.
     #[error("upstream `{upstream}` returned HTTP {status}: {reason}")]
     UpstreamStatus {
         upstream: String,
         status: u16,
         reason: String,
     },
+    /// The upstream refused the request (4xx): its status, OpenAI `type`, `code` and `param` pass
+    /// through to the client (boxed: the other variants stay small).
+    #[error("upstream `{}`: {}", .0.upstream, .0.message)]
+    UpstreamRejected(Box<Rejected>),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// An upstream's 4xx, as it answered it; `retry_after` is its `Retry-After` header (seconds or an
+/// HTTP date, as sent). Every text is scrubbed of keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub upstream: String,
+    pub status: u16,
+    pub kind: Option<String>,
+    pub code: Option<String>,
+    pub param: Option<String>,
+    pub message: String,
+    pub retry_after: Option<String>,
+}
+
+/// What a failed response was, put in the response's extensions for the request log line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ErrorInfo {
+    pub kind: String,
+    pub code: Option<String>,
 }
 
 impl GatewayError {
@@ -50,17 +84,20 @@ impl GatewayError {
             | GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
-            GatewayError::BudgetExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Upstream { .. } | GatewayError::UpstreamStatus { .. } => {
                 StatusCode::BAD_GATEWAY
+            }
+            GatewayError::UpstreamRejected(r) => {
+                StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST)
             }
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     /// OpenAI's `error.type`.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &str {
         match self {
             GatewayError::BadRequest(_)
             | GatewayError::BadJson(_)
@@ -70,34 +107,75 @@ impl GatewayError {
             | GatewayError::NotFound(_)
             | GatewayError::MethodNotAllowed => "invalid_request_error",
             GatewayError::Unauthorized => "authentication_error",
-            GatewayError::BudgetExhausted(_) => "insufficient_quota",
+            GatewayError::BudgetExhausted { .. } => "insufficient_quota",
             GatewayError::UpstreamTimeout { .. }
             | GatewayError::Upstream { .. }
             | GatewayError::UpstreamStatus { .. } => "upstream_error",
+            GatewayError::UpstreamRejected(r) => r.kind.as_deref().unwrap_or(match r.status {
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                429 => "rate_limit_error",
+                _ => "invalid_request_error",
+            }),
             GatewayError::Internal(_) => "server_error",
         }
     }
 
     /// OpenAI's `error.code`.
-    pub fn code(&self) -> Option<&'static str> {
+    pub fn code(&self) -> Option<&str> {
         match self {
             GatewayError::UnknownRoute(_) => Some("model_not_found"),
             GatewayError::Unauthorized => Some("invalid_api_key"),
-            GatewayError::BudgetExhausted(_) => Some("insufficient_quota"),
+            GatewayError::BudgetExhausted { .. } => Some("insufficient_quota"),
             GatewayError::BodyTooLarge(_) => Some("request_too_large"),
             GatewayError::UpstreamTimeout { .. } => Some("upstream_timeout"),
+            GatewayError::UpstreamRejected(r) => r.code.as_deref(),
             _ => None,
         }
     }
 
-    /// Whether the same request may succeed if retried.
+    /// OpenAI's `error.param`: the request field at fault, when the upstream named one.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            GatewayError::UpstreamRejected(r) => r.param.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Whether the same request may succeed if retried (as OpenAI's clients read it: 408, 409,
+    /// 429 and 5xx can; other 4xx cannot).
     pub fn retryable(&self) -> bool {
+        match self {
+            GatewayError::UpstreamTimeout { .. }
+            | GatewayError::Upstream { .. }
+            | GatewayError::UpstreamStatus { .. } => true,
+            GatewayError::BudgetExhausted { retry_after_s, .. } => retry_after_s.is_some(),
+            GatewayError::UpstreamRejected(r) => matches!(r.status, 408 | 409 | 429),
+            _ => false,
+        }
+    }
+
+    /// The `Retry-After` value to send, if any.
+    pub fn retry_after(&self) -> Option<String> {
+        match self {
+            GatewayError::BudgetExhausted { retry_after_s, .. } => {
+                retry_after_s.map(|s| s.max(1).to_string())
+            }
+            GatewayError::UpstreamRejected(r) => r.retry_after.clone(),
+            _ => None,
+        }
+    }
+
+    /// Whether the upstream could not serve this request for reasons of its own (down, slow,
+    /// rate-limited, context too small), so another upstream may: every upstream failure.
+    pub fn is_upstream(&self) -> bool {
         matches!(
             self,
             GatewayError::UpstreamTimeout { .. }
                 | GatewayError::Upstream { .. }
                 | GatewayError::UpstreamStatus { .. }
-                | GatewayError::BudgetExhausted(_)
+                | GatewayError::UpstreamRejected(_)
         )
     }
 
@@ -106,23 +184,99 @@ impl GatewayError {
             "error": {
                 "message": self.to_string(),
                 "type": self.kind(),
-                "param": null,
+                "param": self.param(),
                 "code": self.code(),
             }
         })
+    }
+
+    pub fn info(&self) -> ErrorInfo {
+        ErrorInfo {
+            kind: self.kind().to_string(),
+            code: self.code().map(str::to_string),
+        }
     }
 }
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        metrics::counter!("tandem_errors_total", "type" => self.kind()).increment(1);
+        metrics::counter!("tandem_errors_total", "type" => self.kind().to_string()).increment(1);
         let mut r = (self.status(), axum::Json(self.body())).into_response();
-        if self.retryable() {
-            r.headers_mut().insert(
-                "x-should-retry",
-                axum::http::HeaderValue::from_static("true"),
-            );
+        let h = r.headers_mut();
+        h.insert(
+            "x-should-retry",
+            HeaderValue::from_static(if self.retryable() { "true" } else { "false" }),
+        );
+        if let Some(v) = self
+            .retry_after()
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            h.insert(axum::http::header::RETRY_AFTER, v);
         }
+        r.extensions_mut().insert(self.info());
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(status: u16, retry_after: Option<&str>) -> GatewayError {
+        GatewayError::UpstreamRejected(Box::new(Rejected {
+            upstream: "u".into(),
+            status,
+            kind: None,
+            code: Some("c".into()),
+            param: Some("p".into()),
+            message: "m".into(),
+            retry_after: retry_after.map(str::to_string),
+        }))
+    }
+
+    #[test]
+    fn upstream_4xx_keep_status_and_only_some_retry() {
+        for (status, retry) in [
+            (400, false),
+            (401, false),
+            (403, false),
+            (404, false),
+            (408, true),
+            (409, true),
+            (422, false),
+            (429, true),
+        ] {
+            let e = rejected(status, None);
+            assert_eq!(e.status().as_u16(), status);
+            assert_eq!(e.retryable(), retry, "{status}");
+            assert_eq!(e.body()["error"]["param"], "p");
+            assert_eq!(e.body()["error"]["code"], "c");
+        }
+        let r = rejected(429, Some("7")).into_response();
+        assert_eq!(r.headers()["retry-after"], "7");
+        assert_eq!(r.headers()["x-should-retry"], "true");
+        assert_eq!(
+            r.extensions().get::<ErrorInfo>().unwrap().kind,
+            "rate_limit_error"
+        );
+    }
+
+    #[test]
+    fn a_spent_budget_says_when_it_resets() {
+        let e = GatewayError::BudgetExhausted {
+            route: "r".into(),
+            retry_after_s: Some(42),
+        };
+        let r = e.into_response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "42");
+        assert_eq!(r.headers()["x-should-retry"], "true");
+        let r = GatewayError::BudgetExhausted {
+            route: "r".into(),
+            retry_after_s: None,
+        }
+        .into_response();
+        assert!(r.headers().get("retry-after").is_none());
+        assert_eq!(r.headers()["x-should-retry"], "false");
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod budget;
+pub mod chunks;
 pub mod config;
 pub mod error;
 pub mod feedback;
@@ -18,6 +19,7 @@ pub mod learner;
 pub mod openai;
 pub mod persist;
 pub mod route;
+pub mod scrub;
 pub mod upstream;
 
 pub use config::{ServerConfig, Validated};
@@ -28,17 +30,19 @@ use axum::serve::ListenerExt;
 use std::future::Future;
 use std::sync::Arc;
 
-/// Serves until `shutdown` completes, then persists what was learned.
+/// Serves until `shutdown` completes, then persists what was learned. `server` is the validated
+/// `[server]` section (body limit, CORS).
 pub async fn serve(
     gateway: Arc<Gateway>,
     listener: tokio::net::TcpListener,
-    max_body: usize,
+    server: config::ServerSection,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = http::router(http::AppState {
         gateway: gateway.clone(),
-        max_body,
+        max_body: server.max_body_bytes,
         metrics: http::metrics_handle(),
+        cors: server.cors,
     });
     // Without TCP_NODELAY, small responses on kept-alive connections wait on Nagle's algorithm.
     let listener = listener.tap_io(|tcp| {

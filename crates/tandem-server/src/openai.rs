@@ -1,9 +1,13 @@
-//! OpenAI's chat-completions wire shapes, as far as the gateway reads and writes them. Fields the
-//! gateway does not interpret (tools, response_format, ...) are kept and forwarded upstream, so a
-//! client loses nothing by going through tandem.
+//! OpenAI's chat-completions wire shapes, as far as the gateway reads them. The gateway forwards
+//! the client's body as it came (less tandem's own `tandem` field, with `model` replaced) and the
+//! upstream's answer as it came (with tandem's id, the route as `model`, and a `tandem` field
+//! added): these types are views for deciding and accounting, never the shape that is sent on.
 
+use crate::error::GatewayError;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use tandem_core::Message;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -17,9 +21,10 @@ pub struct ChatMessage {
 }
 
 impl ChatMessage {
-    /// The message's text: the string, or the text parts joined.
+    /// The message's text: the string, or the text parts joined; an assistant turn's tool calls
+    /// as `name(arguments)` lines, so routers and scorers see them.
     pub fn text(&self) -> String {
-        match &self.content {
+        let mut out = match &self.content {
             Value::String(s) => s.clone(),
             Value::Array(parts) => parts
                 .iter()
@@ -27,14 +32,27 @@ impl ChatMessage {
                 .collect::<Vec<_>>()
                 .join("\n"),
             _ => String::new(),
+        };
+        if let Some(calls) = self.extra.get("tool_calls").and_then(Value::as_array) {
+            for c in calls {
+                if !out.is_empty() {
+                    out.push('\n');
+                }
+                out.push_str(&call_text(c));
+            }
         }
+        out
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-pub struct StreamOptions {
-    #[serde(default)]
-    pub include_usage: bool,
+/// A tool call (`{"function": {"name", "arguments"}}`) as one line of text: `name(arguments)`.
+pub fn call_text(c: &Value) -> String {
+    let f = &c["function"];
+    format!(
+        "{}({})",
+        f["name"].as_str().unwrap_or(""),
+        f["arguments"].as_str().unwrap_or("")
+    )
 }
 
 /// Per-request overrides, in the extension field `tandem` (or the matching headers).
@@ -58,28 +76,83 @@ pub enum Force {
     Large,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// The fields of a request the gateway reads; everything else is only forwarded.
+#[derive(Deserialize)]
+struct Known {
+    model: String,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<Value>,
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    logprobs: Option<bool>,
+    #[serde(default)]
+    top_logprobs: Option<u32>,
+    #[serde(default)]
+    tandem: Option<Overrides>,
+}
+
+/// A chat request: the client's body, kept whole for forwarding, and what the gateway reads of it.
+#[derive(Debug, Clone)]
 pub struct ChatRequest {
+    /// The client's JSON object less `tandem`: what every upstream receives (with its `model`).
+    pub body: Arc<Map<String, Value>>,
     pub model: String,
     pub messages: Vec<ChatMessage>,
-    #[serde(default)]
     pub stream: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream_options: Option<StreamOptions>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_tokens: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_completion_tokens: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub n: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `stream_options.include_usage`: the client wants the usage chunk.
+    pub include_usage: bool,
+    /// Choices asked for (`n`, default 1).
+    pub n: u32,
+    /// What the client asked of log-probabilities: None (nothing), or Some(k) top alternatives
+    /// per token (0 with `logprobs: true` alone).
+    pub logprobs: Option<u32>,
     pub tandem: Option<Overrides>,
-    /// Everything else (temperature, tools, ...), forwarded as is.
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
 }
 
 impl ChatRequest {
+    /// Parses a request body. Errors name the field at fault.
+    pub fn parse(bytes: &[u8]) -> Result<ChatRequest, GatewayError> {
+        let mut body: Map<String, Value> =
+            serde_json::from_slice(bytes).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+        let k: Known =
+            serde_json::from_slice(bytes).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+        body.remove("tandem");
+        let include_usage = k
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if k.n == Some(0) {
+            return Err(GatewayError::BadRequest("`n` must be at least 1".into()));
+        }
+        if let Some(t) = k.top_logprobs {
+            if t > 20 {
+                return Err(GatewayError::BadRequest(format!(
+                    "`top_logprobs` must be between 0 and 20, got {t}"
+                )));
+            }
+        }
+        let logprobs = match (k.logprobs, k.top_logprobs) {
+            (Some(true), t) => Some(t.unwrap_or(0)),
+            _ => None,
+        };
+        Ok(ChatRequest {
+            body: Arc::new(body),
+            model: k.model,
+            messages: k.messages,
+            stream: k.stream.unwrap_or(false),
+            include_usage,
+            n: k.n.unwrap_or(1),
+            logprobs,
+            tandem: k.tandem,
+        })
+    }
+
     pub fn core_messages(&self) -> Vec<Message> {
         self.messages
             .iter()
@@ -90,17 +163,32 @@ impl ChatRequest {
             .collect()
     }
 
-    pub fn token_cap(&self) -> Option<u32> {
-        self.max_completion_tokens.or(self.max_tokens)
+    /// The tools the request offers, by name, with their parameter schemas.
+    pub fn tools(&self) -> BTreeMap<String, Value> {
+        self.body
+            .get("tools")
+            .and_then(Value::as_array)
+            .map(|ts| {
+                ts.iter()
+                    .filter_map(|t| {
+                        let f = &t["function"];
+                        let name = f["name"].as_str()?;
+                        Some((name.to_string(), f["parameters"].clone()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
-}
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
-pub struct WireUsage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    #[serde(default)]
-    pub total_tokens: u64,
+    /// `tool_choice` as one word: `auto`, `none`, `required`, or `function:NAME`.
+    pub fn tool_choice(&self) -> Option<String> {
+        match self.body.get("tool_choice")? {
+            Value::String(s) => Some(s.clone()),
+            v => v["function"]["name"]
+                .as_str()
+                .map(|n| format!("function:{n}")),
+        }
+    }
 }
 
 /// What tandem did, in the response body as an extension (clients ignore unknown fields).
@@ -116,30 +204,13 @@ pub struct TandemInfo {
     pub cost_usd: f64,
     /// The large model was wanted but its budget refused it.
     pub capped: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ChatCompletion {
-    pub id: String,
-    pub object: String,
-    pub created: u64,
-    pub model: String,
-    pub choices: Vec<Choice>,
-    pub usage: WireUsage,
-    pub tandem: TandemInfo,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Choice {
-    pub index: u32,
-    pub message: OutMessage,
-    pub finish_reason: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct OutMessage {
-    pub role: String,
-    pub content: String,
+    /// The served upstream reported no usage: `usage` (and the cost) is tandem's estimate, an
+    /// upper bound.
+    #[serde(default)]
+    pub usage_estimated: bool,
+    /// Upstream calls made for this request.
+    #[serde(default)]
+    pub tried: u32,
 }
 
 /// Feedback on a response, as `POST /v1/feedback` takes it.
@@ -160,4 +231,54 @@ pub struct Feedback {
     pub correct: Option<bool>,
     /// A reference answer: the served answer is scored by its agreement with it.
     pub reference: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_is_kept_whole_less_tandem() {
+        let r = ChatRequest::parse(
+            br#"{"model":"t","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":64,
+                "future":{"a":1},"tandem":{"no_learn":true},"logprobs":true,"top_logprobs":3}"#,
+        )
+        .unwrap();
+        assert_eq!(r.body["max_completion_tokens"], 64);
+        assert_eq!(r.body["future"]["a"], 1);
+        assert!(!r.body.contains_key("tandem"));
+        assert!(!r.body.contains_key("max_tokens"));
+        assert_eq!(r.logprobs, Some(3));
+        assert!(r.tandem.unwrap().no_learn);
+    }
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        for (body, want) in [
+            (&br#"{"model":"t"}"#[..], "missing field `messages`"),
+            (br#"[1]"#, "invalid JSON"),
+            (
+                br#"{"model":"t","messages":[],"top_logprobs":50}"#,
+                "top_logprobs",
+            ),
+            (br#"{"model":"t","messages":[],"n":0}"#, "`n`"),
+            (
+                br#"{"model":"t","messages":[],"tandem":{"colour":1}}"#,
+                "colour",
+            ),
+        ] {
+            let e = ChatRequest::parse(body).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn tool_calls_are_part_of_a_messages_text() {
+        let m: ChatMessage = serde_json::from_str(
+            r#"{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function",
+                "function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(m.text(), r#"get_weather({"city":"Paris"})"#);
+    }
 }

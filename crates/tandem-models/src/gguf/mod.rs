@@ -9,6 +9,7 @@ pub mod tokenizer;
 use candle_core::quantized::gguf_file;
 use model::{log_softmax_row, Cache, Logits, QuantLm};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 use tandem_core::Message;
 use thiserror::Error;
 
@@ -50,10 +51,52 @@ pub struct Generation {
     pub token_logprobs: Vec<f32>,
     /// Energy −logsumexp(logits) of the distribution each token was drawn from (E-LANG).
     pub token_energies: Vec<f32>,
+    /// Per generated token, its text, bytes, log-probability and the most likely alternatives,
+    /// as OpenAI's `logprobs.content`; filled only when [`GenOptions::logprobs`] asks for it
+    /// (else empty), one entry per element of `tokens`.
+    pub token_details: Vec<TokenLogprob>,
     pub prompt_tokens: usize,
     pub finished: bool,
     /// Stopped by the caller's deadline.
     pub timed_out: bool,
+}
+
+/// One generated token as OpenAI's `logprobs.content[i]` describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token's text: lossy UTF-8 of `bytes` (a token may hold part of a character).
+    pub token: String,
+    /// The bytes the token adds to the generated text; concatenated over a generation they are
+    /// the text's UTF-8 (whenever the text is valid UTF-8, i.e. does not end mid-character).
+    /// Empty for a special token, which the text leaves out.
+    pub bytes: Vec<u8>,
+    /// Natural log-probability of the chosen token (≤ 0).
+    pub logprob: f32,
+    /// The [`GenOptions::top_logprobs`] most likely tokens at this step, most likely first;
+    /// under greedy decoding the first is the chosen token.
+    pub top: Vec<TopLogprob>,
+}
+
+/// An alternative token at one generation step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopLogprob {
+    /// Lossy UTF-8 of `bytes`.
+    pub token: String,
+    /// The token's raw bytes (a special token's literal text, such as `<|im_end|>`).
+    pub bytes: Vec<u8>,
+    /// Natural log-probability of this token at this step (≤ 0).
+    pub logprob: f32,
+}
+
+/// Options of [`GgufLm::generate_with`].
+#[derive(Debug, Clone, Default)]
+pub struct GenOptions {
+    /// Most tokens to generate (the end-of-turn token not counted).
+    pub max_tokens: usize,
+    /// Alternatives to record per token, 0..=[`MAX_TOP_LOGPROBS`]; only used with `logprobs`.
+    pub top_logprobs: usize,
+    /// Record a [`TokenLogprob`] per generated token in [`Generation::token_details`].
+    pub logprobs: bool,
 }
 
 pub struct GgufLm {
@@ -187,7 +230,7 @@ impl GgufLm {
         &self,
         messages: &[Message],
         max_tokens: usize,
-        deadline: Option<std::time::Instant>,
+        deadline: Option<Instant>,
     ) -> Result<Generation, GgufError> {
         self.generate_streaming(messages, max_tokens, deadline, &mut |_| true)
     }
@@ -199,10 +242,44 @@ impl GgufLm {
         &self,
         messages: &[Message],
         max_tokens: usize,
-        deadline: Option<std::time::Instant>,
+        deadline: Option<Instant>,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, GgufError> {
-        let mut emitted = 0usize;
+        let opts = GenOptions {
+            max_tokens,
+            ..GenOptions::default()
+        };
+        // Without logprobs every piece has text; the guard only keeps that promise explicit.
+        self.generate_with(messages, &opts, deadline, &mut |text, _| {
+            text.is_empty() || on_text(text)
+        })
+    }
+
+    /// Greedy generation (deterministic) up to `opts.max_tokens` tokens or an end-of-turn token,
+    /// stopping early (with `timed_out` true) once `deadline` passes.
+    ///
+    /// `on_piece(text, tokens)` gets each new piece of decoded text as soon as it is whole (never
+    /// half a UTF-8 character) with the [`TokenLogprob`] entries of the tokens decoded since the
+    /// previous piece (an empty slice when `opts.logprobs` is false); over a whole generation the
+    /// slices add up to [`Generation::token_details`]. A last piece may have empty text when only
+    /// special tokens remain. `on_piece` returning false stops generation (the reader went away);
+    /// nothing more is handed to it then.
+    ///
+    /// Errors with [`GgufError::Input`] when `opts.top_logprobs` exceeds [`MAX_TOP_LOGPROBS`].
+    pub fn generate_with(
+        &self,
+        messages: &[Message],
+        opts: &GenOptions,
+        deadline: Option<Instant>,
+        on_piece: &mut dyn FnMut(&str, &[TokenLogprob]) -> bool,
+    ) -> Result<Generation, GgufError> {
+        if opts.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(GgufError::Input(format!(
+                "top_logprobs is {}; at most {MAX_TOP_LOGPROBS} are supported",
+                opts.top_logprobs
+            )));
+        }
+        let top_k = if opts.logprobs { opts.top_logprobs } else { 0 };
         let prompt = self.chat_prompt(messages)?;
         let ids = self.tokenizer.encode_prompt(&prompt)?;
         let (mut logits, mut cache) = self.model.forward(&ids, &Cache::default(), Logits::Last)?;
@@ -211,12 +288,19 @@ impl GgufLm {
             tokens: Vec::new(),
             token_logprobs: Vec::new(),
             token_energies: Vec::new(),
+            token_details: Vec::new(),
             prompt_tokens: ids.len(),
             finished: false,
             timed_out: false,
         };
-        for _ in 0..max_tokens {
-            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+        // The decoded text's bytes, grown a token at a time (decoding is per-token bytes).
+        let mut bytes: Vec<u8> = Vec::new();
+        // Bytes of text and entries of `token_details` already handed to `on_piece`.
+        let (mut emitted, mut handed) = (0usize, 0usize);
+        let mut stopped = false;
+        let mut top: Vec<(f32, u32)> = Vec::with_capacity(top_k + 1);
+        for _ in 0..opts.max_tokens {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 g.timed_out = true;
                 break;
             }
@@ -238,25 +322,104 @@ impl GgufLm {
                 g.finished = true;
                 break;
             }
+            let piece = self.tokenizer.text_bytes(tok);
             g.tokens.push(tok);
             g.token_logprobs.push(best - lse);
             g.token_energies.push(-lse);
-            let text = self.tokenizer.decode(&g.tokens)?;
+            if opts.logprobs {
+                top_k_into(&row, top_k, &mut top);
+                g.token_details.push(TokenLogprob {
+                    token: String::from_utf8_lossy(&piece).into_owned(),
+                    bytes: piece.clone(),
+                    logprob: best - lse,
+                    top: top
+                        .iter()
+                        .map(|&(v, id)| {
+                            let b = self.tokenizer.token_bytes(id).unwrap_or_default();
+                            TopLogprob {
+                                token: String::from_utf8_lossy(&b).into_owned(),
+                                bytes: b,
+                                logprob: v - lse,
+                            }
+                        })
+                        .collect(),
+                });
+            }
+            bytes.extend_from_slice(&piece);
+            let text = String::from_utf8_lossy(&bytes);
             if text.len() > emitted && !text.ends_with('\u{FFFD}') && text.is_char_boundary(emitted)
             {
-                if !on_text(&text[emitted..]) {
+                if !on_piece(&text[emitted..], &g.token_details[handed..]) {
+                    stopped = true;
                     break;
                 }
                 emitted = text.len();
+                handed = g.token_details.len();
             }
             let (l, c) = self.model.forward(&[tok], &cache, Logits::Last)?;
             logits = l;
             cache = c;
         }
-        g.text = self.tokenizer.decode(&g.tokens)?;
-        if g.text.len() > emitted && g.text.is_char_boundary(emitted) {
-            on_text(&g.text[emitted..]);
+        g.text = String::from_utf8_lossy(&bytes).into_owned();
+        let rest = g.text.get(emitted..).unwrap_or_default();
+        if !stopped && (!rest.is_empty() || handed < g.token_details.len()) {
+            on_piece(rest, &g.token_details[handed..]);
         }
         Ok(g)
+    }
+}
+
+/// The most `top_logprobs` a request may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Writes the `k` largest logits of `row` into `top` as (logit, token id), largest first, ties by
+/// lower id first (as the greedy pick). One pass keeping a sorted list of `k` ≤ 20: after the
+/// first few tokens almost every logit fails the single comparison with the k-th, so it costs
+/// about one comparison per vocabulary entry — no sort, no allocation beyond `top`.
+fn top_k_into(row: &[f32], k: usize, top: &mut Vec<(f32, u32)>) {
+    top.clear();
+    if k == 0 {
+        return;
+    }
+    for (i, &v) in row.iter().enumerate() {
+        // Full: only a logit above the k-th enters (NaN compares false, so never does).
+        let enters = match top.last() {
+            Some(&(w, _)) if top.len() == k => v > w,
+            _ => !v.is_nan(),
+        };
+        if !enters {
+            continue;
+        }
+        let at = top.partition_point(|&(w, _)| w >= v);
+        top.insert(at, (v, i as u32));
+        top.truncate(k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_matches_a_full_sort() {
+        let row: Vec<f32> = (0..1000u32)
+            .map(|i| ((i * 7919) % 1009) as f32 * 0.01 - 5.0)
+            .chain([f32::NAN, 9.0, 9.0, f32::NEG_INFINITY])
+            .collect();
+        let mut want: Vec<(f32, u32)> = row
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| !v.is_nan())
+            .map(|(i, &v)| (v, i as u32))
+            .collect();
+        want.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut top = Vec::new();
+        for k in [0, 1, 2, 5, 20] {
+            top_k_into(&row, k, &mut top);
+            assert_eq!(top, want[..k], "k = {k}");
+        }
+        // Fewer entries than k: all of them.
+        top_k_into(&[1.0, 3.0, 2.0], 5, &mut top);
+        assert_eq!(top, [(3.0, 1), (2.0, 2), (1.0, 0)]);
     }
 }

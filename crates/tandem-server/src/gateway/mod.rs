@@ -2,24 +2,25 @@
 //! generation, or after the small model's answer), hold the budget at every escalation, call,
 //! account, and hand what was learned to the learner.
 
+mod judge;
 mod run;
 mod stream;
 
-pub use stream::{StreamEnd, StreamReply};
+pub use judge::{judge, Verdict};
+pub use stream::{sse_whole, Event, StreamReply};
 
+use crate::chunks::for_client;
 use crate::config::{RouteKind, Validated};
 use crate::error::GatewayError;
 use crate::feedback::{observation, FeedbackLog, Pending, Served};
 use crate::learner::{self, LearnerHandle, Msg};
-use crate::openai::{
-    ChatCompletion, ChatMessage, ChatRequest, Choice, Feedback, Force, OutMessage, TandemInfo,
-    WireUsage,
-};
+use crate::openai::{ChatRequest, Feedback, Force, TandemInfo};
 use crate::persist;
 use crate::route::{Counters, LearnEvent, Learned, RouteState};
 use crate::upstream::{Call, Completion, Upstream};
 use run::{Done, Run};
-use std::collections::{HashMap, HashSet};
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -48,9 +49,12 @@ pub struct Gateway {
 // One value per request, moved once: boxing a variant would buy nothing.
 #[allow(clippy::large_enum_variant)]
 pub enum Reply {
-    /// The whole answer, and the time spent waiting on upstreams (for the overhead histogram).
+    /// The whole answer as the client gets it (the upstream's body with tandem's id, the route
+    /// as `model` and the `tandem` field), what tandem did, and the time spent waiting on
+    /// upstreams (for the overhead histogram).
     Whole {
-        completion: ChatCompletion,
+        body: Map<String, Value>,
+        info: TandemInfo,
         upstream: Duration,
     },
     /// The served answer streams from its upstream.
@@ -64,6 +68,12 @@ pub(crate) struct Ctx {
     pub created: u64,
     pub query: Query,
     pub learn: bool,
+    /// The tools the request offers (name → parameter schema), and its `tool_choice`.
+    pub tools: BTreeMap<String, Value>,
+    pub tool_choice: Option<String>,
+    /// The client's own log-probability request (top-k), honoured in what it gets back.
+    pub asked_logprobs: Option<u32>,
+    pub include_usage: bool,
 }
 
 impl Gateway {
@@ -114,6 +124,9 @@ impl Gateway {
                     .filter(|k| !k.is_empty())
                     .map(str::to_string)
                     .collect();
+                for k in &keys {
+                    crate::scrub::register_secret(k);
+                }
                 if keys.is_empty() {
                     return Err(GatewayError::Internal(format!("{var} holds no key")));
                 }
@@ -202,42 +215,64 @@ impl Gateway {
                 "`messages` must not be empty".into(),
             ));
         }
-        if req.n.is_some_and(|n| n != 1) {
-            return Err(GatewayError::BadRequest("only `n` = 1 is supported".into()));
-        }
         let ri = *self
             .by_name
             .get(&req.model)
             .ok_or_else(|| GatewayError::UnknownRoute(req.model.clone()))?;
         let route = &self.routes[ri];
+        let kind = route.cfg.cfg.kind;
+        if req.n != 1 && matches!(kind, RouteKind::Cascade | RouteKind::Switching) {
+            return Err(GatewayError::BadRequest(format!(
+                "`n` = {} is not supported on route `{}`: a {} route judges one answer",
+                req.n,
+                route.name(),
+                if kind == RouteKind::Cascade {
+                    "cascade"
+                } else {
+                    "switching"
+                }
+            )));
+        }
         let overrides = req.tandem.clone().unwrap_or_default();
         let force = force.or(overrides.force);
         Counters::bump(&route.counters.requests);
         // The response id doubles as the query id: learners cache features by query id.
         let id = self.next_id();
+        let tools = req.tools();
+        let tool_choice = req.tool_choice();
+        let mut metadata = BTreeMap::new();
+        if !tools.is_empty() {
+            // Routers see that tools are offered, and which.
+            metadata.insert(
+                "tools".to_string(),
+                tools.keys().cloned().collect::<Vec<_>>().join(" "),
+            );
+        }
+        if let Some(c) = &tool_choice {
+            metadata.insert("tool_choice".to_string(), c.clone());
+        }
         let ctx = Ctx {
             route: ri,
             created: unix_now(),
             query: Query {
                 id: id.clone(),
                 input: tandem_core::Input::Chat(req.core_messages()),
-                metadata: Default::default(),
+                metadata,
             },
             id,
             learn: !overrides.no_learn,
+            tools,
+            tool_choice,
+            asked_logprobs: req.logprobs,
+            include_usage: req.include_usage,
         };
-        let call = Call {
-            messages: req.messages.clone(),
-            max_tokens: req.token_cap().unwrap_or(route.cfg.cfg.max_tokens),
-            logprobs: false,
-            extra: req.extra.clone(),
-        };
+        let call = Call::new(req.body.clone());
         let mut run = Run::new(self, route);
-        let plan = match (route.cfg.cfg.kind, force) {
+        let plan = match (kind, force) {
             (RouteKind::Fixed, _) | (_, Some(Force::Large)) => run.plan_large(&call)?,
             (_, Some(Force::Small)) => run.plan_small(&call)?,
-            (RouteKind::RouteBefore, None) => run.plan_route_before(&ctx.query, &call)?,
-            (RouteKind::Cascade, None) => run.plan_cascade(&ctx.query, &call).await?,
+            (RouteKind::RouteBefore, None) => run.plan_route_before(&ctx, &call)?,
+            (RouteKind::Cascade, None) => run.plan_cascade(&ctx, &call).await?,
             (RouteKind::Switching, None) => {
                 let episode = overrides.episode.as_deref().ok_or_else(|| {
                     GatewayError::BadRequest(format!(
@@ -251,37 +286,35 @@ impl Gateway {
                         "`tandem.episode` must be 1 to 256 characters".into(),
                     ));
                 }
-                run.plan_switching(episode, &req.core_messages(), &call, ctx.learn)?
+                run.plan_switching(episode, &ctx, &call)?
             }
         };
         let done = if req.stream {
-            match run.streamed(&ctx.query, &call, plan, ctx.learn).await? {
-                Ok(s) => {
-                    let input_bound = Upstream::input_token_bound(&call.messages);
-                    return Ok(Reply::Stream(StreamReply::new(
-                        self.clone(),
-                        ctx,
-                        s,
-                        input_bound,
-                    )));
-                }
+            match run.streamed(&ctx, &call, plan).await? {
+                Ok(s) => return Ok(Reply::Stream(StreamReply::new(self.clone(), ctx, s))),
                 Err(done) => done,
             }
         } else {
-            run.whole(&ctx.query, &call, plan, ctx.learn).await?
+            run.whole(&ctx, &call, plan).await?
         };
         let upstream = done.small.as_ref().map_or(Duration::ZERO, |s| s.elapsed)
             + done.large.as_ref().map_or(Duration::ZERO, |l| l.elapsed);
-        let completion = self.record(&ctx, done)?;
+        let (body, info) = self.record(&ctx, done)?;
         Ok(Reply::Whole {
-            completion,
+            body,
+            info,
             upstream,
         })
     }
 
-    /// Counters, metrics, the feedback record and the log line of a finished request; its
-    /// response.
-    fn record(&self, ctx: &Ctx, done: Done) -> Result<ChatCompletion, GatewayError> {
+    /// Counters, metrics and the feedback record of a finished request; the body the client gets
+    /// (the served upstream's whole answer with tandem's id, the route as `model`, log-probabilities
+    /// as asked, usage — estimated when the upstream gave none — and the `tandem` field).
+    fn record(
+        &self,
+        ctx: &Ctx,
+        done: Done,
+    ) -> Result<(Map<String, Value>, TandemInfo), GatewayError> {
         let route = &self.routes[ctx.route];
         let rc = &route.cfg.cfg;
         let (answer, up) = match done.served {
@@ -322,48 +355,37 @@ impl Gateway {
                     query: ctx.query.clone(),
                     small: small_answer,
                     served: done.served,
-                    served_text: answer.text.clone(),
+                    served_text: answer.text(),
                     learn: ctx.learn,
                 },
             );
-        tracing::info!(
-            id = %ctx.id,
-            route = %rc.name,
-            tier = %up.name,
-            served = role,
-            score = done.score.map_or(f64::NAN, f64::from),
-            capped = done.capped,
-            cost_usd = micros_to_usd(done.cost),
-            "chat completion"
+        let info = TandemInfo {
+            route: rc.name.clone(),
+            tier: up.name.clone(),
+            role: role.into(),
+            escalated: done.small.is_some() && done.large.is_some(),
+            score: done.score,
+            cost_usd: micros_to_usd(done.cost),
+            capped: done.capped,
+            usage_estimated: answer.usage_estimated,
+            tried: done.tried,
+        };
+        let mut body = answer.body.clone();
+        for_client(
+            &mut body,
+            &ctx.id,
+            ctx.created,
+            &rc.name,
+            ctx.asked_logprobs,
         );
-        Ok(ChatCompletion {
-            id: ctx.id.clone(),
-            object: "chat.completion".into(),
-            created: ctx.created,
-            model: rc.name.clone(),
-            choices: vec![Choice {
-                index: 0,
-                message: OutMessage {
-                    role: "assistant".into(),
-                    content: answer.text.clone(),
-                },
-                finish_reason: answer.finish_reason.clone(),
-            }],
-            usage: WireUsage {
-                prompt_tokens: answer.usage.input_tokens,
-                completion_tokens: answer.usage.output_tokens,
-                total_tokens: answer.usage.input_tokens + answer.usage.output_tokens,
-            },
-            tandem: TandemInfo {
-                route: rc.name.clone(),
-                tier: up.name.clone(),
-                role: role.into(),
-                escalated: done.small.is_some() && done.large.is_some(),
-                score: done.score,
-                cost_usd: micros_to_usd(done.cost),
-                capped: done.capped,
-            },
-        })
+        if answer.usage_estimated || !body.get("usage").is_some_and(Value::is_object) {
+            body.insert("usage".into(), usage_json(answer.usage));
+        }
+        body.insert(
+            "tandem".into(),
+            serde_json::to_value(&info).unwrap_or(Value::Null),
+        );
+        Ok((body, info))
     }
 
     /// Rewards a step of an episode on a switching route; `done` ends it and the controller
@@ -463,7 +485,7 @@ pub(crate) fn to_answer(tier: &str, c: &Completion) -> Answer {
     Answer {
         tier: tier.to_string(),
         output: Output::Text {
-            text: c.text.clone(),
+            text: c.text(),
             token_logprobs: c.token_logprobs.clone(),
         },
         usage: c.usage,
@@ -472,18 +494,30 @@ pub(crate) fn to_answer(tier: &str, c: &Completion) -> Answer {
     }
 }
 
+/// `usage` in OpenAI's shape.
+pub(crate) fn usage_json(u: tandem_core::Usage) -> Value {
+    json!({
+        "prompt_tokens": u.input_tokens,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.input_tokens + u.output_tokens,
+    })
+}
+
 /// The S4L hint: the small model's draft, as a system message before the conversation.
-pub(crate) fn with_hint(messages: &[ChatMessage], draft: &str) -> Vec<ChatMessage> {
-    let hint = ChatMessage {
-        role: "system".into(),
-        content: serde_json::Value::String(format!(
+pub(crate) fn with_hint(messages: &[Value], draft: &str) -> Vec<Value> {
+    let hint = json!({
+        "role": "system",
+        "content": format!(
             "A smaller model drafted this answer to the user's last message. It may be wrong: check it and give your own best answer.\n---\n{draft}\n---"
-        )),
-        extra: Default::default(),
-    };
+        ),
+    });
     let mut out = Vec::with_capacity(messages.len() + 1);
-    // After the client's own system messages, so theirs keep the first word.
-    let split = messages.iter().take_while(|m| m.role == "system").count();
+    // After the client's own system messages (and developer messages), so theirs keep the
+    // first word.
+    let split = messages
+        .iter()
+        .take_while(|m| matches!(m["role"].as_str(), Some("system" | "developer")))
+        .count();
     out.extend_from_slice(&messages[..split]);
     out.push(hint);
     out.extend_from_slice(&messages[split..]);

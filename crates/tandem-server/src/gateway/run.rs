@@ -1,18 +1,22 @@
 //! One request's decision and calls. First a [`Plan`]: which model serves (and, for a cascade,
-//! the small model's draft and its score), with the large call's budget already reserved; then the
-//! plan is carried out whole, or streamed when the client asked and the answer need not be judged.
+//! the small model's draft, judged), with the large call's budget already reserved; then the plan
+//! is carried out whole, or streamed when the client asked and the answer need not be judged.
+//! A small model that cannot serve (any upstream failure) hands the request to the large one,
+//! within the budget; a large model that fails falls back to a usable small draft.
 
-use super::{mean, to_answer, with_hint, Gateway};
+use super::judge::{judge, Verdict};
+use super::{mean, to_answer, with_hint, Ctx, Gateway};
 use crate::budget::Held;
 use crate::config::{CascadeGate, OnExhausted};
 use crate::error::GatewayError;
 use crate::feedback::Served;
 use crate::route::{LearnEvent, Learned, RouteState};
-use crate::upstream::{Call, Completion, Pieces, Upstream};
+use crate::upstream::{Call, Completion, Pieces, Upstream, GATE_TOP_LOGPROBS};
+use serde_json::{json, Value};
 use tandem_core::policy::gate::Route as Pick;
 use tandem_core::policy::response::agreement;
 use tandem_core::policy::Observation;
-use tandem_core::{Micros, Query};
+use tandem_core::Micros;
 
 pub(super) enum Target {
     Small,
@@ -25,6 +29,8 @@ pub(super) struct Plan {
     pub target: Target,
     /// A cascade's small answer, already paid for.
     pub draft: Option<Completion>,
+    /// The draft may be served if the large model fails (not empty, not an invalid tool call).
+    pub draft_usable: bool,
     pub score: Option<f32>,
     pub capped: bool,
 }
@@ -37,6 +43,8 @@ pub(super) struct Done {
     pub score: Option<f32>,
     pub capped: bool,
     pub cost: Micros,
+    /// Upstream calls made.
+    pub tried: u32,
 }
 
 /// A request whose served answer is still streaming.
@@ -50,17 +58,26 @@ pub(super) struct Streaming {
     pub capped: bool,
     /// Spent before the streamed call (the draft).
     pub cost: Micros,
+    pub tried: u32,
+    /// The streamed call as sent, to bound its cost when the upstream reports no usage.
+    pub call: Call,
 }
 
 pub(super) struct Run<'a> {
     pub gw: &'a Gateway,
     pub route: &'a RouteState,
     pub cost: Micros,
+    pub tried: u32,
 }
 
 impl<'a> Run<'a> {
     pub fn new(gw: &'a Gateway, route: &'a RouteState) -> Self {
-        Run { gw, route, cost: 0 }
+        Run {
+            gw,
+            route,
+            cost: 0,
+            tried: 0,
+        }
     }
 
     pub fn small_up(&self) -> Result<&'a Upstream, GatewayError> {
@@ -71,16 +88,40 @@ impl<'a> Run<'a> {
         self.gw.upstream(self.route.cfg.large)
     }
 
+    /// The call as sent to `up`: the client's body, with the route's token cap when one is
+    /// configured (a larger cap of the client's lowered in the field it used; none given: the
+    /// upstream's `token_param` added).
+    pub fn call_for(&self, up: &Upstream, base: &Call) -> Call {
+        let Some(cap) = self.route.cfg.cfg.max_tokens else {
+            return base.clone();
+        };
+        let mut c = base.clone();
+        let mut given = false;
+        for f in ["max_completion_tokens", "max_tokens"] {
+            if let Some(v) = base.get(f).and_then(Value::as_u64) {
+                given = true;
+                if v > u64::from(cap) {
+                    c = c.with(f, Some(json!(cap)));
+                }
+            }
+        }
+        if !given {
+            c = c.with(up.cfg.token_param.field(), Some(json!(cap)));
+        }
+        c
+    }
+
     fn reserve(&self, call: &Call) -> Option<Held> {
-        let est = self
-            .large_up()
-            .ok()?
-            .estimate(&call.messages, call.max_tokens);
+        let up = self.large_up().ok()?;
+        let est = up.estimate(&self.call_for(up, call));
         self.route.budget.try_reserve(est, super::unix_now())
     }
 
     fn exhausted(&self) -> GatewayError {
-        GatewayError::BudgetExhausted(self.route.name().to_string())
+        GatewayError::BudgetExhausted {
+            route: self.route.name().to_string(),
+            retry_after_s: self.route.budget.seconds_to_reset(super::unix_now()),
+        }
     }
 
     fn refuses(&self) -> bool {
@@ -90,6 +131,7 @@ impl<'a> Run<'a> {
     fn plan(target: Target, draft: Option<Completion>, score: Option<f32>, capped: bool) -> Plan {
         Plan {
             target,
+            draft_usable: draft.is_some(),
             draft,
             score,
             capped,
@@ -122,32 +164,32 @@ impl<'a> Run<'a> {
     }
 
     /// LONDI: the route's controller picks the model for this step of `episode` from the last
-    /// user message and the step index; its per-episode budget of large calls is hard, and the
-    /// route's money budget is still checked at the call.
+    /// user message (and the tools offered) and the step index; its per-episode budget of large
+    /// calls is hard, and the route's money budget is still checked at the call.
     pub fn plan_switching(
         &self,
         episode: &str,
-        messages: &[tandem_core::Message],
+        ctx: &Ctx,
         call: &Call,
-        learn: bool,
     ) -> Result<Plan, GatewayError> {
-        let text = messages
-            .iter()
-            .rev()
-            .find(|m| m.role == "user")
-            .map_or("", |m| m.content.as_str());
+        let mut text = ctx.query.routing_text().to_string();
+        if let Some(t) = ctx.query.metadata.get("tools") {
+            text.push_str(" [tools: ");
+            text.push_str(t);
+            text.push(']');
+        }
         let Some(mut c) = self.route.switch() else {
             return Err(GatewayError::Internal(
                 "switching route without a controller".into(),
             ));
         };
         let state = tandem_core::londi::SwitchState {
-            text,
+            text: &text,
             step: c.steps(episode),
             ..Default::default()
         };
-        let d = c.decide(episode, &state, learn);
-        if !learn {
+        let d = c.decide(episode, &state, ctx.learn);
+        if !ctx.learn {
             c.exclude_from_learning(episode);
         }
         drop(c);
@@ -159,10 +201,10 @@ impl<'a> Run<'a> {
         Ok(plan)
     }
 
-    pub fn plan_route_before(&self, q: &Query, call: &Call) -> Result<Plan, GatewayError> {
+    pub fn plan_route_before(&self, ctx: &Ctx, call: &Call) -> Result<Plan, GatewayError> {
         let model = self.route.model.load();
         let score = match (&**model, model.scratch()) {
-            (Learned::Router(r), Some(mut s)) => r.score_ref(q, &mut s),
+            (Learned::Router(r), Some(mut s)) => r.score_ref(&ctx.query, &mut s),
             _ => 0.0,
         };
         let (pick, held, capped) = self.decide(score, call)?;
@@ -174,15 +216,46 @@ impl<'a> Run<'a> {
         Ok(Self::plan(target, None, Some(score), capped))
     }
 
-    /// The small model answers (with log-probabilities); the gate judges the answer.
-    pub async fn plan_cascade(&mut self, q: &Query, call: &Call) -> Result<Plan, GatewayError> {
-        let small_call = Call {
-            logprobs: true,
-            ..call.clone()
-        };
+    /// The small model answers (with log-probabilities when the gate reads them); the draft is
+    /// judged — an empty answer, a refusal or an invalid tool call escalates whatever its score
+    /// — then scored by the gate. A small model that fails hands the request to the large one.
+    pub async fn plan_cascade(&mut self, ctx: &Ctx, call: &Call) -> Result<Plan, GatewayError> {
         let small = self.small_up()?;
-        let s = small.complete(&small_call).await?;
+        let mut small_call = self.call_for(small, call);
+        match self.route.cfg.cfg.gate {
+            CascadeGate::Logprob | CascadeGate::Energy => {
+                let k = ctx.asked_logprobs.unwrap_or(0).max(GATE_TOP_LOGPROBS);
+                small_call = small_call
+                    .with("logprobs", Some(json!(true)))
+                    .with("top_logprobs", Some(json!(k)));
+            }
+            CascadeGate::Learned => {}
+        }
+        self.tried += 1;
+        let s = match small.complete(&small_call).await {
+            Ok(s) => s,
+            Err(e) if e.is_upstream() => return self.small_failed(e, call),
+            Err(e) => return Err(e),
+        };
         self.cost += small.cost(s.usage);
+        let verdict = judge(&s.draft, &ctx.tools, ctx.tool_choice.as_deref());
+        if verdict != Verdict::Valid {
+            metrics::counter!("tandem_draft_rejected_total", "route" => self.route.name().to_string(), "why" => verdict.name())
+                .increment(1);
+            // An unusable draft goes up whatever the gate says; the budget still decides.
+            let (target, capped) = match self.reserve(call) {
+                Some(h) => (Target::Large(h), false),
+                None if self.refuses() => return Err(self.exhausted()),
+                None => (Target::Small, true),
+            };
+            return Ok(Plan {
+                target,
+                draft: Some(s),
+                draft_usable: false,
+                score: Some(f32::INFINITY),
+                capped,
+            });
+        }
         let score = match self.route.cfg.cfg.gate {
             // Unknown confidence escalates: an upstream without log-probabilities cannot vouch.
             CascadeGate::Logprob => mean(s.token_logprobs.as_ref()).map_or(f32::INFINITY, |m| -m),
@@ -191,7 +264,7 @@ impl<'a> Run<'a> {
                 let model = self.route.model.load();
                 match (&**model, model.scratch()) {
                     (Learned::Cascade(c), Some(mut sc)) => {
-                        c.score_ref(q, &to_answer(&small.name, &s), &mut sc)
+                        c.score_ref(&ctx.query, &to_answer(&small.name, &s), &mut sc)
                     }
                     _ => 0.0,
                 }
@@ -205,28 +278,68 @@ impl<'a> Run<'a> {
         Ok(Self::plan(target, Some(s), Some(score), capped))
     }
 
-    /// The large model's call: with the small draft as a hint when the route asks for S4L.
-    fn large_call(&self, call: &Call, draft: Option<&Completion>) -> Call {
-        match draft.filter(|_| self.route.cfg.cfg.s4l) {
-            Some(d) => Call {
-                messages: with_hint(&call.messages, &d.text),
-                ..call.clone()
-            },
-            None => call.clone(),
+    /// The small model could not serve: the large one does, if the budget allows; else the
+    /// small model's error stands.
+    fn small_failed(&self, e: GatewayError, call: &Call) -> Result<Plan, GatewayError> {
+        tracing::warn!(route = self.route.name(), error = %e, "small model failed; trying the large one");
+        metrics::counter!("tandem_small_failures_total", "route" => self.route.name().to_string())
+            .increment(1);
+        match self.reserve(call) {
+            Some(held) => Ok(Self::plan(Target::Large(held), None, None, false)),
+            None => Err(e),
         }
     }
 
-    async fn call_small(&mut self, call: &Call) -> Result<Completion, GatewayError> {
-        let up = self.small_up()?;
-        let c = up.complete(call).await?;
-        self.cost += up.cost(c.usage);
-        Ok(c)
+    /// The large model's call: with the small draft as a hint when the route asks for S4L.
+    fn large_call(&self, call: &Call, draft: Option<&Completion>) -> Result<Call, GatewayError> {
+        let base = self.call_for(self.large_up()?, call);
+        Ok(match draft.filter(|_| self.route.cfg.cfg.s4l) {
+            Some(d) => {
+                let messages = call
+                    .get("messages")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                base.with(
+                    "messages",
+                    Some(Value::Array(with_hint(&messages, &d.text()))),
+                )
+            }
+            None => base,
+        })
     }
 
-    /// Calls the large model on a held reservation, settling it with the real cost (or releasing
-    /// it when the call failed: nothing was spent).
+    /// Calls the small model; when it cannot serve, the large one on a fresh reservation.
+    async fn call_small_or_large(
+        &mut self,
+        call: &Call,
+    ) -> Result<(Completion, Served), GatewayError> {
+        let up = self.small_up()?;
+        self.tried += 1;
+        match up.complete(&self.call_for(up, call)).await {
+            Ok(c) => {
+                self.cost += up.cost(c.usage);
+                Ok((c, Served::Small))
+            }
+            Err(e) if e.is_upstream() && self.route.cfg.large.is_some() => {
+                let plan = self.small_failed(e, call)?;
+                match plan.target {
+                    Target::Large(held) => {
+                        let lc = self.large_call(call, None)?;
+                        Ok((self.call_large(&lc, held).await?, Served::Large))
+                    }
+                    _ => Err(GatewayError::Internal("no model to serve".into())),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Calls the large model on a held reservation, settling it with the real cost (an estimate
+    /// when the upstream reports no usage), or releasing it when the call failed.
     async fn call_large(&mut self, call: &Call, held: Held) -> Result<Completion, GatewayError> {
         let up = self.large_up()?;
+        self.tried += 1;
         match up.complete(call).await {
             Ok(c) => {
                 let cost = up.cost(c.usage);
@@ -253,10 +366,11 @@ impl<'a> Run<'a> {
             score: p.score,
             capped: p.capped,
             cost: self.cost,
+            tried: self.tried,
         }
     }
 
-    /// The small draft stands in when the large model fails: a real answer beats an error.
+    /// A usable small draft stands in when the large model fails: a real answer beats an error.
     fn fall_back(&self, e: &GatewayError) {
         tracing::warn!(route = self.route.name(), error = %e, "large model failed; serving the small draft");
         metrics::counter!("tandem_fallbacks_total", "route" => self.route.name().to_string())
@@ -266,39 +380,41 @@ impl<'a> Run<'a> {
     /// Carries the plan out and returns whole answers.
     pub async fn whole(
         &mut self,
-        q: &Query,
+        ctx: &Ctx,
         call: &Call,
         plan: Plan,
-        learn: bool,
     ) -> Result<Done, GatewayError> {
         let info = PlanInfo::of(&plan);
         match plan.target {
-            Target::Small => {
-                let s = match plan.draft {
-                    Some(d) => d,
-                    None => self.call_small(call).await?,
-                };
-                Ok(self.done(Some(s), None, &info))
-            }
+            Target::Small => match plan.draft {
+                Some(d) => Ok(self.done(Some(d), None, &info)),
+                None => match self.call_small_or_large(call).await? {
+                    (c, Served::Small) => Ok(self.done(Some(c), None, &info)),
+                    (c, Served::Large) => Ok(self.done(None, Some(c), &info)),
+                },
+            },
             Target::Large(held) => {
-                let lc = self.large_call(call, plan.draft.as_ref());
+                let lc = self.large_call(call, plan.draft.as_ref())?;
                 match (self.call_large(&lc, held).await, plan.draft) {
                     (Ok(l), draft) => {
                         if let Some(d) = &draft {
-                            self.teach(q, d, &l, learn, true);
+                            self.teach(ctx, d, &l, true);
                         }
                         Ok(self.done(draft, Some(l), &info))
                     }
-                    (Err(e), Some(d)) => {
+                    (Err(e), Some(d)) if plan.draft_usable => {
                         self.fall_back(&e);
                         Ok(self.done(Some(d), None, &info))
                     }
-                    (Err(e), None) => Err(e),
+                    (Err(e), _) => Err(e),
                 }
             }
             Target::Both(held) => {
                 let (small_up, large_up) = (self.small_up()?, self.large_up()?);
-                let (s, l) = tokio::join!(small_up.complete(call), large_up.complete(call));
+                let sc = self.call_for(small_up, call);
+                let lc = self.large_call(call, None)?;
+                self.tried += 2;
+                let (s, l) = tokio::join!(small_up.complete(&sc), large_up.complete(&lc));
                 let l = match l {
                     Ok(l) => {
                         let cost = large_up.cost(l.usage);
@@ -308,13 +424,20 @@ impl<'a> Run<'a> {
                     }
                     Err(e) => {
                         held.release();
-                        return Err(e);
+                        // Exploration is the gateway's own wish: the small answer still serves.
+                        return match s {
+                            Ok(s) => {
+                                self.cost += small_up.cost(s.usage);
+                                Ok(self.done(Some(s), None, &info))
+                            }
+                            Err(_) => Err(e),
+                        };
                     }
                 };
                 let s = s.ok();
                 if let Some(s) = &s {
                     self.cost += small_up.cost(s.usage);
-                    self.teach(q, s, &l, learn, false);
+                    self.teach(ctx, s, &l, false);
                 }
                 Ok(self.done(s, Some(l), &info))
             }
@@ -325,46 +448,81 @@ impl<'a> Run<'a> {
     /// small model's own answer (no draft), or the large model's. Otherwise returns it whole.
     pub async fn streamed(
         &mut self,
-        q: &Query,
+        ctx: &Ctx,
         call: &Call,
         plan: Plan,
-        learn: bool,
     ) -> Result<Result<Streaming, Done>, GatewayError> {
         let info = PlanInfo::of(&plan);
         match plan.target {
             Target::Small if plan.draft.is_none() => {
-                let pieces = self.small_up()?.stream(call).await?;
-                Ok(Ok(self.streaming(pieces, None, Served::Small, None, &info)))
+                let up = self.small_up()?;
+                let sc = self.call_for(up, call);
+                self.tried += 1;
+                match up.stream(&sc).await {
+                    Ok(pieces) => Ok(Ok(self.streaming(
+                        pieces,
+                        None,
+                        Served::Small,
+                        None,
+                        &info,
+                        sc,
+                    ))),
+                    Err(e) if e.is_upstream() && self.route.cfg.large.is_some() => {
+                        match self.small_failed(e, call)?.target {
+                            Target::Large(held) => {
+                                let lc = self.large_call(call, None)?;
+                                self.stream_large(lc, held, None, false, &info).await
+                            }
+                            _ => Err(GatewayError::Internal("no model to serve".into())),
+                        }
+                    }
+                    Err(e) => Err(e),
+                }
             }
             Target::Large(held) => {
-                let lc = self.large_call(call, plan.draft.as_ref());
-                match (self.large_up()?.stream(&lc).await, plan.draft) {
-                    (Ok(pieces), draft) => Ok(Ok(self.streaming(
-                        pieces,
-                        Some(held),
-                        Served::Large,
-                        draft,
-                        &info,
-                    ))),
-                    (Err(e), Some(d)) => {
-                        held.release();
-                        self.fall_back(&e);
-                        Ok(Err(self.done(Some(d), None, &info)))
-                    }
-                    (Err(e), None) => {
-                        held.release();
-                        Err(e)
-                    }
-                }
+                let lc = self.large_call(call, plan.draft.as_ref())?;
+                self.stream_large(lc, held, plan.draft, plan.draft_usable, &info)
+                    .await
             }
             target => {
                 let plan = Plan {
                     target,
                     draft: plan.draft,
+                    draft_usable: plan.draft_usable,
                     score: info.score,
                     capped: info.capped,
                 };
-                Ok(Err(self.whole(q, call, plan, learn).await?))
+                Ok(Err(self.whole(ctx, call, plan).await?))
+            }
+        }
+    }
+
+    async fn stream_large(
+        &mut self,
+        lc: Call,
+        held: Held,
+        draft: Option<Completion>,
+        draft_usable: bool,
+        info: &PlanInfo,
+    ) -> Result<Result<Streaming, Done>, GatewayError> {
+        self.tried += 1;
+        match (self.large_up()?.stream(&lc).await, draft) {
+            (Ok(pieces), draft) => Ok(Ok(self.streaming(
+                pieces,
+                Some(held),
+                Served::Large,
+                draft,
+                info,
+                lc,
+            ))),
+            (Err(e), Some(d)) if draft_usable => {
+                held.release();
+                self.fall_back(&e);
+                Ok(Err(self.done(Some(d), None, info)))
+            }
+            (Err(e), _) => {
+                held.release();
+                Err(e)
             }
         }
     }
@@ -376,6 +534,7 @@ impl<'a> Run<'a> {
         served: Served,
         draft: Option<Completion>,
         p: &PlanInfo,
+        call: Call,
     ) -> Streaming {
         Streaming {
             pieces,
@@ -385,19 +544,14 @@ impl<'a> Run<'a> {
             score: p.score,
             capped: p.capped,
             cost: self.cost,
+            tried: self.tried,
+            call,
         }
     }
 
     /// The large answer grades the small one: the cheap route learns to imitate the expensive one.
-    pub fn teach(
-        &self,
-        q: &Query,
-        small: &Completion,
-        large: &Completion,
-        learn: bool,
-        with_draft: bool,
-    ) {
-        if !learn {
+    pub fn teach(&self, ctx: &Ctx, small: &Completion, large: &Completion, with_draft: bool) {
+        if !ctx.learn {
             return;
         }
         let small_answer = with_draft
@@ -406,10 +560,10 @@ impl<'a> Run<'a> {
         self.gw.learn(
             self.route.index,
             LearnEvent {
-                query: q.clone(),
+                query: ctx.query.clone(),
                 small: small_answer,
                 observed: Observation {
-                    weak: Some(agreement(&small.text, &large.text)),
+                    weak: Some(agreement(&small.text(), &large.text())),
                     strong: Some(1.0),
                 },
             },
@@ -418,7 +572,7 @@ impl<'a> Run<'a> {
 }
 
 /// What a plan decided, kept once its target is consumed.
-struct PlanInfo {
+pub(super) struct PlanInfo {
     score: Option<f32>,
     capped: bool,
 }

@@ -1,17 +1,34 @@
-//! A streamed answer on its way to the client: the pieces from the upstream, and the accounting
-//! that can only happen at the end (the budget trued up from `usage`, counters, the feedback record,
-//! learning from an escalated cascade). A stream the client abandons keeps its reservation
-//! charged in full: what the upstream billed is unknown, and the budget must not be passed.
+//! A streamed answer on its way to the client: each upstream chunk passes whole (tandem's id and
+//! the route as `model`, log-probabilities as asked), while an [`Assembler`] rebuilds the answer for
+//! the accounting that can only happen at the end (the budget trued up from `usage` — or an
+//! estimate when the stream ends without one — counters, the feedback record, learning from an
+//! escalated cascade). The usage chunk is tandem's, sent only to clients that asked for it. A
+//! stream the client abandons, or the upstream cuts, keeps its reservation charged in full: what
+//! the upstream billed is unknown, and the budget must not be passed.
 
 use super::run::{Done, Streaming};
 use super::{Ctx, Gateway};
+use crate::chunks::{chunks_of, for_client, Assembler};
 use crate::error::GatewayError;
 use crate::feedback::Served;
-use crate::openai::{TandemInfo, WireUsage};
-use crate::upstream::{Completion, Pieces};
+use crate::openai::TandemInfo;
+use crate::upstream::{logprob_signals, Call, Completion, Draft, Piece, Pieces};
+use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Instant;
 use tandem_core::Usage;
+
+/// One step of a stream for the HTTP layer.
+pub enum Event {
+    /// SSE bytes to send on.
+    Data(String),
+    /// The last bytes; the final accounting (or the error that ended the stream).
+    End {
+        data: String,
+        info: Option<TandemInfo>,
+        error: Option<GatewayError>,
+    },
+}
 
 pub struct StreamReply {
     pub id: String,
@@ -19,30 +36,75 @@ pub struct StreamReply {
     pub model: String,
     /// What is known when the first byte goes out (cost so far; the final one comes at the end).
     pub head: TandemInfo,
-    pub pieces: Pieces,
-    finish: Finisher,
+    pieces: Pieces,
+    finish: Option<Finisher>,
+    asm: Assembler,
+    asked_logprobs: Option<u32>,
+    include_usage: bool,
+    over: bool,
 }
 
 struct Finisher {
     gw: Arc<Gateway>,
     ctx: Ctx,
-    s: StreamingRest,
-    input_bound: u64,
-    started: Instant,
-}
-
-/// [`Streaming`] without its receiver.
-struct StreamingRest {
     held: Option<crate::budget::Held>,
     served: Served,
     draft: Option<Completion>,
     score: Option<f32>,
     capped: bool,
     cost: tandem_core::Micros,
+    tried: u32,
+    call: Call,
+    started: Instant,
+}
+
+fn event(v: &impl serde::Serialize) -> String {
+    format!(
+        "data: {}\n\n",
+        serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
+    )
+}
+
+const DONE: &str = "data: [DONE]\n\n";
+
+/// The usage chunk: tandem's, with the final cost in its `tandem` field.
+fn usage_chunk(id: &str, created: u64, model: &str, usage: &Value, t: &TandemInfo) -> String {
+    event(&json!({
+        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [], "usage": usage, "tandem": t,
+    }))
+}
+
+/// A whole answer (as the client gets it: `id`, `model`, `usage` and `tandem` already set) as
+/// OpenAI's stream of chunks: every choice's message whole in deltas, its finish reason, the usage
+/// chunk when asked for, then `[DONE]`. A cascade's answer is judged in full before the first
+/// byte, so its client sees one clean stream whichever model answered.
+pub fn sse_whole(body: &Map<String, Value>, include_usage: bool) -> String {
+    let id = body.get("id").and_then(Value::as_str).unwrap_or("");
+    let model = body.get("model").and_then(Value::as_str).unwrap_or("");
+    let created = body.get("created").and_then(Value::as_u64).unwrap_or(0);
+    let mut plain = body.clone();
+    let tandem = plain.remove("tandem").unwrap_or(Value::Null);
+    let usage = plain.remove("usage").unwrap_or(Value::Null);
+    let mut out = String::new();
+    for mut c in chunks_of(&plain) {
+        c.insert("id".into(), json!(id));
+        c.entry("created").or_insert(json!(created));
+        c.insert("model".into(), json!(model));
+        out.push_str(&event(&c));
+    }
+    if include_usage {
+        out.push_str(&event(&json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [], "usage": usage, "tandem": tandem,
+        })));
+    }
+    out.push_str(DONE);
+    out
 }
 
 impl StreamReply {
-    pub(super) fn new(gw: Arc<Gateway>, ctx: Ctx, s: Streaming, input_bound: u64) -> StreamReply {
+    pub(super) fn new(gw: Arc<Gateway>, ctx: Ctx, s: Streaming) -> StreamReply {
         let route = &gw.routes[ctx.route];
         let up = match s.served {
             Served::Large => route.cfg.large,
@@ -61,6 +123,8 @@ impl StreamReply {
             score: s.score,
             cost_usd: tandem_core::money::micros_to_usd(s.cost),
             capped: s.capped,
+            usage_estimated: false,
+            tried: s.tried,
         };
         StreamReply {
             id: ctx.id.clone(),
@@ -68,99 +132,167 @@ impl StreamReply {
             model: route.name().to_string(),
             head,
             pieces: s.pieces,
-            finish: Finisher {
+            asm: Assembler::default(),
+            asked_logprobs: ctx.asked_logprobs,
+            include_usage: ctx.include_usage,
+            over: false,
+            finish: Some(Finisher {
                 gw: gw.clone(),
                 ctx,
-                s: StreamingRest {
-                    held: s.held,
-                    served: s.served,
-                    draft: s.draft,
-                    score: s.score,
-                    capped: s.capped,
-                    cost: s.cost,
-                },
-                input_bound,
+                held: s.held,
+                served: s.served,
+                draft: s.draft,
+                score: s.score,
+                capped: s.capped,
+                cost: s.cost,
+                tried: s.tried,
+                call: s.call,
                 started: Instant::now(),
-            },
+            }),
         }
     }
 
-    /// Splits the reply into its pieces and the accounting to run at their end.
-    pub fn into_parts(self) -> (Pieces, StreamEnd) {
-        (self.pieces, StreamEnd(Some(self.finish)))
+    fn fail(&mut self, e: GatewayError) -> Event {
+        self.over = true;
+        Event::End {
+            data: event(&e.body()),
+            info: None,
+            error: Some(e),
+        }
     }
-}
 
-/// Completes a stream's accounting once, with the full text and the upstream's final event.
-pub struct StreamEnd(Option<Finisher>);
-
-impl StreamEnd {
-    pub fn finish(
-        &mut self,
-        text: String,
-        finish_reason: String,
-        usage: Option<Usage>,
-    ) -> Result<(TandemInfo, WireUsage), GatewayError> {
-        let Some(f) = self.0.take() else {
-            return Err(GatewayError::Internal("a stream finished twice".into()));
-        };
-        f.finish(text, finish_reason, usage)
+    /// The next thing to send, or None once the stream is over.
+    pub async fn next(&mut self) -> Option<Event> {
+        if self.over {
+            return None;
+        }
+        loop {
+            match self.pieces.recv().await {
+                Some(Ok(Piece::Chunk(mut c))) => {
+                    self.asm.feed(&c);
+                    // Usage is tandem's to report, once, at the end (and only when asked).
+                    c.remove("usage");
+                    let empty = c
+                        .get("choices")
+                        .and_then(Value::as_array)
+                        .is_some_and(Vec::is_empty);
+                    if empty {
+                        continue;
+                    }
+                    for_client(
+                        &mut c,
+                        &self.id,
+                        self.created,
+                        &self.model,
+                        self.asked_logprobs,
+                    );
+                    return Some(Event::Data(event(&c)));
+                }
+                Some(Ok(Piece::Done { usage })) => {
+                    self.over = true;
+                    let Some(f) = self.finish.take() else {
+                        return Some(
+                            self.fail(GatewayError::Internal("a stream finished twice".into())),
+                        );
+                    };
+                    let mut body = self.asm.body();
+                    if let Some(u) = &self.asm.usage {
+                        body.insert("usage".into(), u.clone());
+                    }
+                    return Some(match f.finish(body, usage) {
+                        Ok((info, usage)) => {
+                            let mut data = String::new();
+                            if self.include_usage {
+                                data.push_str(&usage_chunk(
+                                    &self.id,
+                                    self.created,
+                                    &self.model,
+                                    &usage,
+                                    &info,
+                                ));
+                            }
+                            data.push_str(DONE);
+                            Event::End {
+                                data,
+                                info: Some(info),
+                                error: None,
+                            }
+                        }
+                        Err(e) => self.fail(e),
+                    });
+                }
+                Some(Err(e)) => return Some(self.fail(e)),
+                None => {
+                    return Some(
+                        self.fail(GatewayError::Internal("the upstream stream stopped".into())),
+                    )
+                }
+            }
+        }
     }
 }
 
 impl Finisher {
     fn finish(
         self,
-        text: String,
-        finish_reason: String,
+        mut body: Map<String, Value>,
         usage: Option<Usage>,
-    ) -> Result<(TandemInfo, WireUsage), GatewayError> {
+    ) -> Result<(TandemInfo, Value), GatewayError> {
         let gw = &self.gw;
         let route = &gw.routes[self.ctx.route];
-        let s = self.s;
-        let up = gw.upstream(match s.served {
+        let up = gw.upstream(match self.served {
             Served::Large => route.cfg.large,
             Served::Small => route.cfg.small,
         })?;
-        // Without the upstream's count, bound it: a token is at least a byte.
-        let usage = usage.unwrap_or(Usage {
-            input_tokens: self.input_bound,
-            output_tokens: text.len() as u64,
-        });
+        let draft = Draft::of(&body);
+        // Without the upstream's count, an upper bound: never $0.
+        let (usage, usage_estimated) = match usage {
+            Some(u) => (u, false),
+            None => (up.usage_estimate(&self.call, &draft), true),
+        };
+        if let Some(u) = self.asm_usage(&usage, usage_estimated) {
+            body.insert("usage".into(), u);
+        }
         let cost = up.cost(usage);
-        if let Some(h) = s.held {
+        if let Some(h) = self.held {
             h.settle(cost);
         }
+        let (token_logprobs, token_energies) = body
+            .get("choices")
+            .and_then(|c| c.get(0))
+            .map(|c| logprob_signals(&c["logprobs"]).unwrap_or((None, None)))
+            .unwrap_or((None, None));
         let answer = Completion {
-            text,
-            finish_reason,
+            body,
+            draft,
             usage,
-            token_logprobs: None,
-            token_energies: None,
+            usage_estimated,
+            token_logprobs,
+            token_energies,
             elapsed: self.started.elapsed(),
         };
-        if let (Served::Large, Some(d)) = (s.served, &s.draft) {
-            super::run::Run::new(gw, route).teach(
-                &self.ctx.query,
-                d,
-                &answer,
-                self.ctx.learn,
-                true,
-            );
+        if let (Served::Large, Some(d)) = (self.served, &self.draft) {
+            super::run::Run::new(gw, route).teach(&self.ctx, d, &answer, true);
         }
-        let (small, large) = match s.served {
-            Served::Large => (s.draft, Some(answer)),
+        let (small, large) = match self.served {
+            Served::Large => (self.draft, Some(answer)),
             Served::Small => (Some(answer), None),
         };
         let done = Done {
             small,
             large,
-            served: s.served,
-            score: s.score,
-            capped: s.capped,
-            cost: s.cost + cost,
+            served: self.served,
+            score: self.score,
+            capped: self.capped,
+            cost: self.cost + cost,
+            tried: self.tried,
         };
-        let c = gw.record(&self.ctx, done)?;
-        Ok((c.tandem, c.usage))
+        let (client, info) = gw.record(&self.ctx, done)?;
+        Ok((info, client.get("usage").cloned().unwrap_or(Value::Null)))
+    }
+
+    /// The usage object the client will see: tandem's estimate when the upstream gave none.
+    fn asm_usage(&self, usage: &Usage, estimated: bool) -> Option<Value> {
+        estimated.then(|| super::usage_json(*usage))
     }
 }
