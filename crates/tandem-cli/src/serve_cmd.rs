@@ -25,6 +25,7 @@ pub struct ServeArgs {
 pub fn run(a: ServeArgs) -> Result<()> {
     init_logging();
     let cfg = ServerConfig::load(&a.config)?;
+    cfg.check_environment(&a.config)?;
     if a.check {
         println!(
             "{}: {} upstreams, {} routes: ok",

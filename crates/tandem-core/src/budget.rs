@@ -58,6 +58,13 @@ pub struct Reservation {
     estimate: Micros,
 }
 
+impl Reservation {
+    /// The cost reserved, in micro-dollars.
+    pub fn estimate(&self) -> Micros {
+        self.estimate
+    }
+}
+
 impl Budget {
     pub fn new(limits: BudgetLimits) -> Result<Self, CoreError> {
         limits.validate()?;

@@ -33,6 +33,19 @@ impl Held {
     pub fn release(self) {
         self.budget.release(self.reservation);
     }
+
+    /// The cost reserved, in micro-dollars.
+    pub fn estimate(&self) -> Micros {
+        self.reservation.estimate()
+    }
+
+    /// Keeps the whole reservation as spent: the call ran, what it cost is unknown, and the
+    /// budget must not be passed.
+    pub fn keep(self) -> Micros {
+        let e = self.estimate();
+        self.settle(e);
+        e
+    }
 }
 
 /// Spend in the current window, as persisted.

@@ -27,6 +27,8 @@ pub struct Assembler {
     top: Map<String, Value>,
     choices: BTreeMap<u64, ChoiceAcc>,
     pub usage: Option<Value>,
+    /// The first chunk's `created`.
+    pub created: Option<Value>,
 }
 
 /// Appends strings; anything else is replaced by the newer value.
@@ -48,7 +50,15 @@ fn merge(dst: &mut Map<String, Value>, k: &str, v: &Value) {
 }
 
 impl Assembler {
+    /// The fields beyond the answer (`system_fingerprint`, `service_tier`, unknown ones).
+    pub fn top(&self) -> &Map<String, Value> {
+        &self.top
+    }
+
     pub fn feed(&mut self, chunk: &Map<String, Value>) {
+        if self.created.is_none() {
+            self.created = chunk.get("created").cloned();
+        }
         for (k, v) in chunk {
             if !OWN.contains(&k.as_str()) {
                 self.top.insert(k.clone(), v.clone());
@@ -196,19 +206,33 @@ pub fn chunks_of(body: &Map<String, Value>) -> Vec<Map<String, Value>> {
             Some(Value::String(_)) => json!(""),
             _ => Value::Null,
         };
-        let mut first = json!({"index": index, "delta": {"role": role, "content": start}, "finish_reason": null});
-        if content.is_empty() {
-            if let Some(lp) = logprobs.take() {
-                first["logprobs"] = lp;
-            }
-        }
+        let first = json!({"index": index, "delta": {"role": role, "content": start}, "finish_reason": null});
         out.push(chunk(first));
-        for p in pieces(content) {
-            let mut c = json!({"index": index, "delta": {"content": p}, "finish_reason": null});
-            if let Some(lp) = logprobs.take() {
-                c["logprobs"] = lp;
+        match logprobs.take().map(|lp| per_token(content, lp)) {
+            // Token by token, each with its own entry, as the upstream would have streamed it.
+            Some(Ok(tokens)) => {
+                for (text, entry) in tokens {
+                    out.push(chunk(json!({"index": index, "delta": {"content": text},
+                        "logprobs": {"content": [entry]}, "finish_reason": null})));
+                }
             }
-            out.push(chunk(c));
+            other => {
+                let mut lp = other.and_then(|r| r.err());
+                for p in pieces(content) {
+                    let mut c =
+                        json!({"index": index, "delta": {"content": p}, "finish_reason": null});
+                    if let Some(lp) = lp.take() {
+                        c["logprobs"] = lp;
+                    }
+                    out.push(chunk(c));
+                }
+                if let Some(lp) = lp {
+                    // No content to carry them (a tool call): on a delta of their own.
+                    out.push(chunk(
+                        json!({"index": index, "delta": {}, "logprobs": lp, "finish_reason": null}),
+                    ));
+                }
+            }
         }
         for (ti, tc) in msg
             .get("tool_calls")
@@ -252,6 +276,29 @@ pub fn chunks_of(body: &Map<String, Value>) -> Vec<Map<String, Value>> {
         out.push(chunk(last));
     }
     out
+}
+
+/// A choice's `logprobs` split by token: (token text, its entry) when the tokens spell the content
+/// exactly and nothing else is in it; else the `logprobs` back whole.
+fn per_token(content: &str, lp: Value) -> Result<Vec<(String, Value)>, Value> {
+    let Some(entries) = lp
+        .as_object()
+        .filter(|o| o.len() == 1)
+        .and_then(|o| o.get("content"))
+    else {
+        return Err(lp);
+    };
+    let Some(entries) = entries.as_array().filter(|e| !e.is_empty()) else {
+        return Err(lp);
+    };
+    let tokens: Option<Vec<(String, Value)>> = entries
+        .iter()
+        .map(|e| e["token"].as_str().map(|t| (t.to_string(), e.clone())))
+        .collect();
+    match tokens {
+        Some(t) if t.iter().map(|(s, _)| s.as_str()).collect::<String>() == content => Ok(t),
+        _ => Err(lp),
+    }
 }
 
 /// Log-probabilities as the client asked: none (`null`) when it did not ask, else at most `k`
@@ -343,6 +390,30 @@ mod tests {
             }
             assert_eq!(Value::Object(a.body()), b);
         }
+    }
+
+    #[test]
+    fn logprobs_that_spell_the_content_go_token_by_token() {
+        let b = json!({"object": "chat.completion", "choices": [{"index": 0,
+            "message": {"role": "assistant", "content": "Hi there"},
+            "logprobs": {"content": [{"token": "Hi", "logprob": -0.1, "top_logprobs": []},
+                                     {"token": " there", "logprob": -0.2, "top_logprobs": []}]},
+            "finish_reason": "stop"}]});
+        let chunks = chunks_of(&obj(b.clone()));
+        let texts: Vec<_> = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(texts, ["", "Hi", " there"]);
+        assert_eq!(
+            chunks[2]["choices"][0]["logprobs"]["content"][0]["token"],
+            " there"
+        );
+        let mut a = Assembler::default();
+        for c in &chunks {
+            a.feed(c);
+        }
+        assert_eq!(Value::Object(a.body()), b);
     }
 
     #[test]

@@ -555,7 +555,11 @@ impl ServerConfig {
                 RouteKind::Cascade if r.target_share.is_some() == r.threshold.is_some() => {
                     return Err(bad(
                         at("threshold"),
-                        &"",
+                        &format!(
+                            "{} (target_share = {})",
+                            r.threshold.map_or("(missing)".into(), |t| t.to_string()),
+                            r.target_share.map_or("(missing)".into(), |t| t.to_string())
+                        ),
                         "a cascade route needs exactly one of target_share and threshold",
                     ));
                 }
@@ -664,6 +668,38 @@ impl ServerConfig {
 }
 
 impl Validated {
+    /// Checks what the config names in the environment: every `api_key_env` (upstreams) and
+    /// `server.api_keys_env` (clients) is set and not empty. Run by `--check` and before start.
+    pub fn check_environment(&self, path: &Path) -> Result<(), ConfigError> {
+        let mut vars: Vec<(String, &str)> = self
+            .upstreams
+            .iter()
+            .enumerate()
+            .filter_map(|(i, u)| {
+                u.cfg
+                    .api_key_env
+                    .as_deref()
+                    .map(|v| (format!("upstream[{i}].api_key_env"), v))
+            })
+            .collect();
+        if let Some(v) = self.server.api_keys_env.as_deref() {
+            vars.push(("server.api_keys_env".into(), v));
+        }
+        for (field, var) in vars {
+            let set = std::env::var(var).is_ok_and(|k| k.split(',').any(|k| !k.trim().is_empty()));
+            if !set {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    field,
+                    value: var.to_string(),
+                    reason: "names an environment variable that is not set (or holds no key)"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn state_dir(&self) -> Option<PathBuf> {
         self.server.state_dir.as_ref().map(|d| {
             if d.is_absolute() {
@@ -701,6 +737,33 @@ base_url = "http://127.0.0.1:1/v1"
 model = "m"
 price = "token:10:30"
 "#;
+
+    #[test]
+    fn check_environment_names_unset_key_variables() {
+        let ups = UPS.replace(
+            "price = \"token:10:30\"\n",
+            "price = \"token:10:30\"\napi_key_env = \"TANDEM_TEST_UNSET_VAR_1\"\n",
+        );
+        let v = parse(&format!(
+            "{ups}[[route]]\nname = \"f\"\nkind = \"fixed\"\nupstream = \"l\"\n"
+        ))
+        .unwrap();
+        let e = v
+            .check_environment(Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("upstream[1].api_key_env = TANDEM_TEST_UNSET_VAR_1"),
+            "{e}"
+        );
+        std::env::set_var("TANDEM_TEST_UNSET_VAR_1", " , ");
+        assert!(
+            v.check_environment(Path::new("t.toml")).is_err(),
+            "no key in it"
+        );
+        std::env::set_var("TANDEM_TEST_UNSET_VAR_1", "sk-x");
+        assert!(v.check_environment(Path::new("t.toml")).is_ok());
+    }
 
     #[test]
     fn a_good_config_validates() {

@@ -23,7 +23,7 @@ pub enum GatewayError {
     Unauthorized,
     /// The route's budget is spent; `retry_after_s` is the time until its window resets (None when
     /// the budget has no window: it never resets by itself).
-    #[error("the large model's budget for route `{route}` is spent")]
+    #[error("the large model's budget for route `{route}` is spent (or reserved by requests still running)")]
     BudgetExhausted {
         route: String,
         retry_after_s: Option<u64>,

@@ -668,3 +668,44 @@ async fn route_before_learns_from_the_tools_offered() {
     assert_eq!(r.status(), 200);
     gw.stop().await;
 }
+
+/// A route's cap lowers the client's own field, fills a field the client nulled, and leaves a
+/// value that is not a number for the upstream to refuse; with no cap configured, nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_cap_respects_the_clients_fields() {
+    setup_env();
+    let (_s, s_url) = mock(small_reply()).await;
+    let (large, l_url) = mock(large_reply()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}[[route]]\nname = \"capped\"\nkind = \"fixed\"\nupstream = \"large\"\nmax_tokens = 50\n",
+        upstreams(&s_url, &l_url, "token:10:30")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    let cases = [
+        (json!({"max_tokens": 500}), json!({"max_tokens": 50})),
+        (json!({"max_tokens": 20}), json!({"max_tokens": 20})),
+        (
+            json!({"max_completion_tokens": 900}),
+            json!({"max_completion_tokens": 50}),
+        ),
+        (
+            json!({"max_completion_tokens": null}),
+            json!({"max_completion_tokens": 50}),
+        ),
+        (json!({"max_tokens": "abc"}), json!({"max_tokens": "abc"})),
+        (json!({}), json!({"max_tokens": 50})),
+    ];
+    for (sent, want) in cases {
+        let mut body = chat_body("capped", "hi");
+        for (k, v) in sent.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        post(&gw.url, &body).await;
+        let got = large.last.lock().unwrap().clone();
+        for f in ["max_tokens", "max_completion_tokens"] {
+            assert_eq!(got.get(f), want.get(f), "sent {sent}: {f} upstream");
+        }
+    }
+    gw.stop().await;
+}

@@ -279,6 +279,8 @@ async fn every_request_gets_one_line_and_no_secret() {
     assert_eq!(l["status"], 200, "{l}");
     assert_eq!(l["complete"], true, "{l}");
     assert!(l["error_type"].as_str().is_some(), "{l}");
+    // Its reservation stays charged, and the line says so.
+    assert!(l["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{l}");
     small.mode.store(OK, Ordering::SeqCst);
 
     // A client that gives up before the answer: logged all the same, as 499.

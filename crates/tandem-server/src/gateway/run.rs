@@ -98,10 +98,19 @@ impl<'a> Run<'a> {
         let mut c = base.clone();
         let mut given = false;
         for f in ["max_completion_tokens", "max_tokens"] {
-            if let Some(v) = base.get(f).and_then(Value::as_u64) {
-                given = true;
-                if v > u64::from(cap) {
+            match base.get(f) {
+                None => {}
+                // A cap the client named (or nulled) is lowered in its own field.
+                Some(Value::Null) => {
+                    given = true;
                     c = c.with(f, Some(json!(cap)));
+                }
+                Some(v) => {
+                    given = true;
+                    // A value that is not a number goes on as sent: the upstream's 400 says why.
+                    if v.as_u64().is_some_and(|v| v > u64::from(cap)) {
+                        c = c.with(f, Some(json!(cap)));
+                    }
                 }
             }
         }
@@ -281,7 +290,14 @@ impl<'a> Run<'a> {
     /// The small model could not serve: the large one does, if the budget allows; else the
     /// small model's error stands.
     fn small_failed(&self, e: GatewayError, call: &Call) -> Result<Plan, GatewayError> {
-        tracing::warn!(route = self.route.name(), error = %e, "small model failed; trying the large one");
+        // The error's kind, not its text: upstream messages may quote the prompt.
+        tracing::warn!(
+            route = self.route.name(),
+            error_type = e.kind(),
+            error_code = e.code(),
+            status = e.status().as_u16(),
+            "small model failed; trying the large one"
+        );
         metrics::counter!("tandem_small_failures_total", "route" => self.route.name().to_string())
             .increment(1);
         match self.reserve(call) {
@@ -372,7 +388,13 @@ impl<'a> Run<'a> {
 
     /// A usable small draft stands in when the large model fails: a real answer beats an error.
     fn fall_back(&self, e: &GatewayError) {
-        tracing::warn!(route = self.route.name(), error = %e, "large model failed; serving the small draft");
+        tracing::warn!(
+            route = self.route.name(),
+            error_type = e.kind(),
+            error_code = e.code(),
+            status = e.status().as_u16(),
+            "large model failed; serving the small draft"
+        );
         metrics::counter!("tandem_fallbacks_total", "route" => self.route.name().to_string())
             .increment(1);
     }

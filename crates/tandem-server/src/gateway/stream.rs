@@ -22,11 +22,13 @@ use tandem_core::Usage;
 pub enum Event {
     /// SSE bytes to send on.
     Data(String),
-    /// The last bytes; the final accounting (or the error that ended the stream).
+    /// The last bytes; the final accounting (or the error that ended the stream, and what the
+    /// request was charged: its reservation, kept whole).
     End {
         data: String,
         info: Option<TandemInfo>,
         error: Option<GatewayError>,
+        charged_usd: f64,
     },
 }
 
@@ -67,12 +69,31 @@ fn event(v: &impl serde::Serialize) -> String {
 
 const DONE: &str = "data: [DONE]\n\n";
 
-/// The usage chunk: tandem's, with the final cost in its `tandem` field.
-fn usage_chunk(id: &str, created: u64, model: &str, usage: &Value, t: &TandemInfo) -> String {
-    event(&json!({
-        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [], "usage": usage, "tandem": t,
-    }))
+/// The usage chunk: tandem's, with the final cost in its `tandem` field, and the stream's own
+/// `created` and other fields (`system_fingerprint`, ...) like its other chunks.
+fn usage_chunk(
+    asm: &Assembler,
+    id: &str,
+    created: u64,
+    model: &str,
+    usage: &Value,
+    t: &TandemInfo,
+) -> String {
+    let mut c = asm.top().clone();
+    c.insert("id".into(), json!(id));
+    c.insert("object".into(), json!("chat.completion.chunk"));
+    c.insert(
+        "created".into(),
+        asm.created.clone().unwrap_or(json!(created)),
+    );
+    c.insert("model".into(), json!(model));
+    c.insert("choices".into(), json!([]));
+    c.insert("usage".into(), usage.clone());
+    c.insert(
+        "tandem".into(),
+        serde_json::to_value(t).unwrap_or(Value::Null),
+    );
+    event(&c)
 }
 
 /// A whole answer (as the client gets it: `id`, `model`, `usage` and `tandem` already set) as
@@ -94,10 +115,19 @@ pub fn sse_whole(body: &Map<String, Value>, include_usage: bool) -> String {
         out.push_str(&event(&c));
     }
     if include_usage {
-        out.push_str(&event(&json!({
-            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": usage, "tandem": tandem,
-        })));
+        let mut c: Map<String, Value> = plain
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "choices" | "object"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        c.insert("id".into(), json!(id));
+        c.insert("object".into(), json!("chat.completion.chunk"));
+        c.insert("created".into(), json!(created));
+        c.insert("model".into(), json!(model));
+        c.insert("choices".into(), json!([]));
+        c.insert("usage".into(), usage);
+        c.insert("tandem".into(), tandem);
+        out.push_str(&event(&c));
     }
     out.push_str(DONE);
     out
@@ -154,10 +184,12 @@ impl StreamReply {
 
     fn fail(&mut self, e: GatewayError) -> Event {
         self.over = true;
+        let charged = self.finish.take().map_or(0, Finisher::abandon);
         Event::End {
             data: event(&e.body()),
             info: None,
             error: Some(e),
+            charged_usd: tandem_core::money::micros_to_usd(charged),
         }
     }
 
@@ -204,6 +236,7 @@ impl StreamReply {
                             let mut data = String::new();
                             if self.include_usage {
                                 data.push_str(&usage_chunk(
+                                    &self.asm,
                                     &self.id,
                                     self.created,
                                     &self.model,
@@ -214,6 +247,7 @@ impl StreamReply {
                             data.push_str(DONE);
                             Event::End {
                                 data,
+                                charged_usd: info.cost_usd,
                                 info: Some(info),
                                 error: None,
                             }
@@ -232,7 +266,28 @@ impl StreamReply {
     }
 }
 
+impl Drop for StreamReply {
+    /// A stream dropped before its end (the client went away) is charged like a failed one.
+    fn drop(&mut self) {
+        if let Some(f) = self.finish.take() {
+            f.abandon();
+        }
+    }
+}
+
 impl Finisher {
+    /// A stream that will not finish (the upstream failed mid-way, or the client left): its
+    /// reservation is kept whole, and the spend shows in the metrics. Returns what the request
+    /// was charged, in micro-dollars.
+    fn abandon(self) -> tandem_core::Micros {
+        let kept = self.held.map_or(0, crate::budget::Held::keep);
+        let total = self.cost + kept;
+        let route = self.gw.routes[self.ctx.route].name().to_string();
+        metrics::counter!("tandem_spend_micros_total", "route" => route.clone()).increment(total);
+        metrics::counter!("tandem_streams_unfinished_total", "route" => route).increment(1);
+        total
+    }
+
     fn finish(
         self,
         mut body: Map<String, Value>,

@@ -341,8 +341,14 @@ fn sse_live(r: StreamReply, log: Option<log::RequestLog>) -> Response {
     let stream = futures_util::stream::unfold((r, log), |(mut r, log)| async move {
         let data = match r.next().await? {
             Event::Data(d) => d,
-            Event::End { data, info, error } => {
+            Event::End {
+                data,
+                info,
+                error,
+                charged_usd,
+            } => {
                 if let Some(l) = &log {
+                    l.set(|f| f.cost_usd = Some(charged_usd));
                     if let Some(t) = &info {
                         l.set(|f| {
                             f.cost_usd = Some(t.cost_usd);
