@@ -199,23 +199,54 @@ impl OnlineSoftmax {
         r.read_exact(&mut b8)
             .map_err(|e| bad(&format!("truncated header: {e}")))?;
         let updates = u64::from_le_bytes(b8);
-        let mut m = OnlineSoftmax::new(LearnerConfig {
+        let cfg = LearnerConfig {
             bits,
             classes,
             learning_rate,
             l2,
-        })?;
-        m.updates = updates;
-        let mut buf = vec![0u8; m.weights.len() * 4];
-        for dst in [&mut m.weights, &mut m.grad_sq] {
-            r.read_exact(&mut buf)
-                .map_err(|e| bad(&format!("truncated weights: {e}")))?;
-            for (v, c) in dst.iter_mut().zip(buf.chunks_exact(4)) {
-                *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
+        };
+        cfg.validate()?;
+        let n = (1usize << cfg.bits) * cfg.classes;
+        // Read in pieces, growing with what the file really holds: a header that claims more
+        // than is there fails at its end instead of allocating what it claims up front.
+        let weights = read_f32s(r, n).map_err(|e| bad(&format!("weights: {e}")))?;
+        let grad_sq = read_f32s(r, n).map_err(|e| bad(&format!("accumulators: {e}")))?;
+        if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
+            return Err(bad(&format!("weight {i} is {} (not a number)", weights[i])));
         }
+        if let Some(i) = grad_sq.iter().position(|g| !(g.is_finite() && *g > 0.0)) {
+            return Err(bad(&format!(
+                "accumulator {i} is {} (must be positive)",
+                grad_sq[i]
+            )));
+        }
+        let m = OnlineSoftmax {
+            cfg,
+            mask: (1u32 << cfg.bits) - 1,
+            weights,
+            grad_sq,
+            updates,
+        };
         Ok(m)
     }
+}
+
+/// Reads `n` little-endian f32s, 64 KiB at a time.
+fn read_f32s(r: &mut impl Read, n: usize) -> Result<Vec<f32>, String> {
+    const PIECE: usize = 1 << 14;
+    let mut out: Vec<f32> = Vec::with_capacity(n.min(PIECE));
+    let mut buf = vec![0u8; PIECE * 4];
+    while out.len() < n {
+        let k = (n - out.len()).min(PIECE);
+        r.read_exact(&mut buf[..k * 4])
+            .map_err(|e| format!("truncated after {} of {n} values: {e}", out.len()))?;
+        out.extend(
+            buf[..k * 4]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+    }
+    Ok(out)
 }
 
 pub fn softmax_in_place(v: &mut [f32]) {
@@ -294,6 +325,44 @@ mod tests {
         assert_eq!(late_errors, 0, "progressive errors after warm-up");
         let s: f32 = probs.iter().sum();
         assert!((s - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn a_lying_or_poisoned_checkpoint_is_refused_without_allocating_its_claim() {
+        // A header that claims 2^28 buckets x 1,024 classes (1 TiB) over a few bytes of data.
+        let mut buf = Vec::new();
+        buf.extend_from_slice(MAGIC);
+        buf.extend_from_slice(&28u32.to_le_bytes());
+        buf.extend_from_slice(&1024u32.to_le_bytes());
+        buf.extend_from_slice(&0.1f32.to_le_bytes());
+        buf.extend_from_slice(&0.0f32.to_le_bytes());
+        buf.extend_from_slice(&5u64.to_le_bytes());
+        buf.extend_from_slice(&[0u8; 64]);
+        let e = OnlineSoftmax::load(&mut buf.as_slice())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncated after 0 of"), "{e}");
+        // NaN or infinite weights, a non-positive accumulator.
+        let m = OnlineSoftmax::new(LearnerConfig::binary(10)).unwrap();
+        for (which, at, v) in [
+            (0, 7, f32::NAN),
+            (0, 0, f32::INFINITY),
+            (1, 3, 0.0),
+            (1, 5, -1.0),
+        ] {
+            let mut b = Vec::new();
+            m.save(&mut b).unwrap();
+            let header = 8 + 4 * 4 + 8;
+            let off = header + which * m.weights.len() * 4 + at * 4;
+            b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+            let e = OnlineSoftmax::load(&mut b.as_slice())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!(" {at} is ")), "{e}");
+        }
+        let mut b = Vec::new();
+        m.save(&mut b).unwrap();
+        assert!(OnlineSoftmax::load(&mut b.as_slice()).is_ok());
     }
 
     #[test]

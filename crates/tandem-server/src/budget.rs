@@ -2,6 +2,7 @@
 //! before a call and trues up after, so concurrent requests can never pass the cap together). A new
 //! window starts a fresh engine budget; calls still in flight settle into the window they reserved in.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tandem_core::{Budget, BudgetLimits, CoreError, Micros, Reservation};
 
@@ -10,6 +11,9 @@ pub struct WindowBudget {
     /// Window length in seconds; None: one window for the life of the state.
     window_s: Option<u64>,
     current: Mutex<Window>,
+    /// No more reservations: the route's persisted spend could not be read, and a cap that
+    /// forgot its spend could be passed.
+    closed: AtomicBool,
 }
 
 struct Window {
@@ -65,6 +69,7 @@ impl WindowBudget {
                 start: 0,
                 budget: Arc::new(Budget::new(limits)?),
             }),
+            closed: AtomicBool::new(false),
         };
         b.lock().start = b.window_start(now);
         Ok(b)
@@ -104,6 +109,9 @@ impl WindowBudget {
 
     /// Reserves one large call costing at most `estimate`, or None when the window's cap is reached.
     pub fn try_reserve(&self, estimate: Micros, now: u64) -> Option<Held> {
+        if self.is_closed() {
+            return None;
+        }
         let budget = self.budget_at(now).ok()?;
         let reservation = budget.try_reserve(estimate)?;
         Some(Held {
@@ -123,6 +131,15 @@ impl WindowBudget {
 
     pub fn limits(&self) -> BudgetLimits {
         self.limits
+    }
+
+    /// Refuses every reservation from now on (until a restart with readable state).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Seconds from `now` until the current window ends and a fresh budget starts; None without

@@ -811,16 +811,33 @@ price = "token:10:30"
         for (field, v) in [
             ("threshold", "nan"),
             ("threshold", "inf"),
+            ("threshold", "-inf"),
             ("explore", "nan"),
+            ("budget.max_usd", "nan"),
+            ("budget.max_usd", "inf"),
         ] {
+            let line = match field.strip_prefix("budget.") {
+                Some(f) => format!("threshold = 1.0\n[route.budget]\n{f} = {v}\n"),
+                None if field == "threshold" => format!("{field} = {v}\n"),
+                None => format!("threshold = 1.0\n{field} = {v}\n"),
+            };
             let e = parse(&format!(
-                "{UPS}[[route]]\nname = \"x\"\nkind = \"cascade\"\nsmall = \"s\"\nlarge = \"l\"\n{}{field} = {v}\n",
-                if field == "threshold" { "" } else { "threshold = 1.0\n" }
+                "{UPS}[[route]]\nname = \"x\"\nkind = \"cascade\"\nsmall = \"s\"\nlarge = \"l\"\n{line}"
             ))
             .err()
             .unwrap()
             .to_string();
             assert!(e.contains(&format!("route[0].{field}")), "{e}");
+        }
+        for price in ["token:nan", "call:inf", "token:1:-inf"] {
+            let e = parse(&format!(
+                "{}[[route]]\nname = \"x\"\nkind = \"fixed\"\nupstream = \"l\"\n",
+                UPS.replace("token:10:30", price)
+            ))
+            .err()
+            .unwrap()
+            .to_string();
+            assert!(e.contains(&format!("upstream[1].price = {price}")), "{e}");
         }
         let e = parse("[[upstream]]\nname = \"s\"\nkind = \"openai\"\nbase_url = \"ftp://x\"\nmodel = \"m\"\n[[route]]\nname = \"x\"\nkind = \"fixed\"\nupstream = \"s\"\n").err().unwrap().to_string();
         assert!(e.contains("upstream[0].base_url = ftp://x"), "{e}");

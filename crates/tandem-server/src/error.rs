@@ -28,6 +28,10 @@ pub enum GatewayError {
         route: String,
         retry_after_s: Option<u64>,
     },
+    /// The route's state file was refused at start: its large model stays closed (a budget that
+    /// forgot its spend could be passed) until an operator repairs or removes the file.
+    #[error("route `{route}` has its large model closed: {reason}")]
+    BudgetClosed { route: String, reason: String },
     #[error("response `{0}` is unknown, too old, or has had its feedback already")]
     UnknownResponse(String),
     #[error("{0}")]
@@ -85,6 +89,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
             GatewayError::BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::BudgetClosed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Upstream { .. } | GatewayError::UpstreamStatus { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -118,7 +123,7 @@ impl GatewayError {
                 429 => "rate_limit_error",
                 _ => "invalid_request_error",
             }),
-            GatewayError::Internal(_) => "server_error",
+            GatewayError::Internal(_) | GatewayError::BudgetClosed { .. } => "server_error",
         }
     }
 
@@ -128,6 +133,7 @@ impl GatewayError {
             GatewayError::UnknownRoute(_) => Some("model_not_found"),
             GatewayError::Unauthorized => Some("invalid_api_key"),
             GatewayError::BudgetExhausted { .. } => Some("insufficient_quota"),
+            GatewayError::BudgetClosed { .. } => Some("route_state_refused"),
             GatewayError::BodyTooLarge(_) => Some("request_too_large"),
             GatewayError::UpstreamTimeout { .. } => Some("upstream_timeout"),
             GatewayError::UpstreamRejected(r) => r.code.as_deref(),

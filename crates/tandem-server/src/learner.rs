@@ -147,6 +147,10 @@ fn persist_all(
         return Ok(());
     };
     for (r, m) in routes.iter().zip(masters) {
+        if r.refused_state().is_some() {
+            // Its refused file is the operator's evidence (and spend): never overwritten.
+            continue;
+        }
         persist::save(dir, r, m).map_err(|e| e.to_string())?;
     }
     Ok(())

@@ -123,6 +123,9 @@ pub struct RouteState {
     /// products and learning happens when an episode ends (on the feedback path), so a mutex is
     /// enough here.
     pub switch: Option<Mutex<SwitchController>>,
+    /// Why the route's state file was refused at start, if it was: the route then serves with
+    /// its large model's budget closed and its file left as it is, until an operator acts.
+    refused_state: std::sync::OnceLock<String>,
 }
 
 impl RouteState {
@@ -155,12 +158,26 @@ impl RouteState {
             gate: Mutex::new(gate),
             budget,
             counters: Counters::default(),
+            refused_state: std::sync::OnceLock::new(),
             cfg,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.cfg.cfg.name
+    }
+
+    /// Marks the route's state file as refused (`why` names the file and the fault): its budget
+    /// closes, and its state is no longer written (the file stays for the operator).
+    pub fn refuse_state(&self, why: String) {
+        self.budget.close();
+        metrics::gauge!("tandem_route_state_refused", "route" => self.name().to_string()).set(1.0);
+        let _ = self.refused_state.set(why);
+    }
+
+    /// Why the route's state file was refused, if it was.
+    pub fn refused_state(&self) -> Option<&str> {
+        self.refused_state.get().map(String::as_str)
     }
 
     pub fn switch(&self) -> Option<MutexGuard<'_, SwitchController>> {

@@ -561,31 +561,97 @@ async fn route_before_learns_from_feedback_and_survives_a_restart() {
     gw.stop().await;
 }
 
+/// A bad state file (garbage, truncated, a learner header that lies about its size, NaN
+/// weights) stops only its own route's large calls: the gateway starts, the other routes serve,
+/// the route answers from its small model (or 503 when it has none to fall back on), `/health`
+/// names the file, and the file is left as it was for the operator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_state_file_fails_the_start_with_its_path() {
+async fn a_bad_state_file_closes_its_route_only() {
     setup_env();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("state")).unwrap();
-    std::fs::write(
-        dir.path().join("state/rb.state"),
-        b"garbage-garbage-garbage",
-    )
-    .unwrap();
+    let (_s, s_url) = mock(small_reply()).await;
+    let (large, l_url) = mock(large_reply()).await;
     let cfg = format!(
-        "[server]\nstate_dir = \"state\"\n{}[[route]]\nname = \"rb\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 0.5\n",
-        upstreams("http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1", "token:10:30")
+        "[server]\nstate_dir = \"state\"\n{}[[route]]\nname = \"rb\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 0.5\n\
+         [[route]]\nname = \"direct\"\nkind = \"fixed\"\nupstream = \"large\"\non_exhausted = \"refuse\"\n\
+         [[route]]\nname = \"healthy\"\nkind = \"fixed\"\nupstream = \"large\"\n",
+        upstreams(&s_url, &l_url, "token:10:30")
     );
-    let v = tandem_server::ServerConfig::validate(
-        toml::from_str(&cfg).unwrap(),
-        std::path::Path::new("t.toml"),
-        dir.path().to_path_buf(),
-    )
-    .unwrap();
-    let e = tandem_server::Gateway::start(&v).err().unwrap().to_string();
-    assert!(
-        e.contains("rb.state") && e.contains("not a tandem route state file"),
-        "{e}"
-    );
+    // A good route_before state to corrupt in several ways.
+    let good = {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = start(&cfg, dir.path()).await;
+        post(&gw.url, &chat_body("rb", "hello")).await;
+        gw.stop().await;
+        std::fs::read(dir.path().join("state/rb.state")).unwrap()
+    };
+    let header_len = u32::from_le_bytes(good[8..12].try_into().unwrap()) as usize;
+    let learner = 12 + header_len; // the router's first learner checkpoint starts here
+    let mut lying = good.clone();
+    lying[learner + 8..learner + 12].copy_from_slice(&28u32.to_le_bytes());
+    lying[learner + 12..learner + 16].copy_from_slice(&1024u32.to_le_bytes());
+    let mut nan = good.clone();
+    let w = learner + 32 + 4 * 11;
+    nan[w..w + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        (
+            "garbage",
+            b"garbage-garbage-garbage".to_vec(),
+            "not a tandem route state file",
+        ),
+        ("truncated", good[..good.len() / 2].to_vec(), "truncated"),
+        ("lying header", lying, "truncated after"),
+        ("NaN weight", nan, "not a number"),
+    ];
+    for (what, bytes, needle) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        let path = dir.path().join("state/rb.state");
+        std::fs::write(&path, &bytes).unwrap();
+        std::fs::write(dir.path().join("state/direct.state"), b"junk").unwrap();
+        let calls = large.calls();
+        let gw = start(&cfg, dir.path()).await;
+        let health: Value = reqwest::get(format!("{}/health", gw.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(health["status"], "degraded", "{what}: {health}");
+        let why = health["routes"]["rb"]["state_refused"].as_str().unwrap();
+        assert!(
+            why.contains("rb.state") && why.contains(needle),
+            "{what}: {why}"
+        );
+        // Its large model is closed, even when forced; its small model serves.
+        let mut body = chat_body("rb", "anything");
+        body["tandem"] = json!({"force": "large"});
+        let r = post(&gw.url, &body).await;
+        assert_eq!(r.status(), 200, "{what}");
+        assert_eq!(header(&r, "x-tandem-role"), "small", "{what}");
+        assert_eq!(header(&r, "x-tandem-capped"), "true", "{what}");
+        // A route with nothing to fall back on refuses, saying why.
+        let r = post(&gw.url, &chat_body("direct", "x")).await;
+        assert_eq!(r.status(), 503, "{what}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "route_state_refused");
+        // The other routes serve.
+        assert_eq!(
+            post(&gw.url, &chat_body("healthy", "x")).await.status(),
+            200
+        );
+        assert_eq!(
+            large.calls(),
+            calls + 1,
+            "{what}: only the healthy route called large"
+        );
+        gw.stop().await;
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "{what}: the file is left as it was"
+        );
+        assert!(dir.path().join("state/healthy.state").exists());
+    }
 }
 
 /// The router sees the tools a request offers: with the same words, requests offering the

@@ -98,7 +98,15 @@ impl Gateway {
         let mut masters = Vec::new();
         for r in &routes {
             let restored = match &state_dir {
-                Some(d) => persist::load(d, r, now)?,
+                // A bad file stops its own route's large calls, not the gateway.
+                Some(d) => match persist::load(d, r, now) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::error!(route = r.name(), error = %e, "state file refused: the route serves with its large model's budget closed");
+                        r.refuse_state(e.to_string());
+                        None
+                    }
+                },
                 None => None,
             };
             let m = match restored {

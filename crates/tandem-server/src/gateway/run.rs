@@ -127,6 +127,12 @@ impl<'a> Run<'a> {
     }
 
     fn exhausted(&self) -> GatewayError {
+        if let Some(why) = self.route.refused_state() {
+            return GatewayError::BudgetClosed {
+                route: self.route.name().to_string(),
+                reason: why.to_string(),
+            };
+        }
         GatewayError::BudgetExhausted {
             route: self.route.name().to_string(),
             retry_after_s: self.route.budget.seconds_to_reset(super::unix_now()),

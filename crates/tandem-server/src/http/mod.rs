@@ -419,8 +419,23 @@ async fn feedback(
     )
 }
 
-async fn health() -> Response {
-    Json(json!({"status": "ok"})).into_response()
+/// Liveness, and what an operator must act on: routes whose state file was refused (they serve,
+/// with their large model closed) make the status `degraded`.
+async fn health(State(st): State<AppState>) -> Response {
+    let refused: serde_json::Map<String, serde_json::Value> = st
+        .gateway
+        .routes()
+        .iter()
+        .filter_map(|r| {
+            r.refused_state()
+                .map(|why| (r.name().to_string(), json!({"state_refused": why})))
+        })
+        .collect();
+    if refused.is_empty() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        Json(json!({"status": "degraded", "routes": refused})).into_response()
+    }
 }
 
 async fn metrics_text(State(st): State<AppState>) -> Response {
