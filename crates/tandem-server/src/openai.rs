@@ -116,10 +116,15 @@ pub struct ChatRequest {
 impl ChatRequest {
     /// Parses a request body. Errors name the field at fault.
     pub fn parse(bytes: &[u8]) -> Result<ChatRequest, GatewayError> {
-        let mut body: Map<String, Value> =
+        // One parse of the bytes; the fields tandem reads are taken from the parsed tree.
+        let v: Value =
             serde_json::from_slice(bytes).map_err(|e| GatewayError::BadJson(e.to_string()))?;
-        let k: Known =
-            serde_json::from_slice(bytes).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+        let k = Known::deserialize(&v).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+        let Value::Object(mut body) = v else {
+            return Err(GatewayError::BadJson(
+                "the body must be a JSON object".into(),
+            ));
+        };
         body.remove("tandem");
         let include_usage = k
             .stream_options

@@ -17,7 +17,7 @@ use crate::learner::{self, LearnerHandle, Msg};
 use crate::openai::{ChatRequest, Feedback, Force, TandemInfo};
 use crate::persist;
 use crate::route::{Counters, LearnEvent, Learned, RouteState};
-use crate::upstream::{Call, Completion, Upstream};
+use crate::upstream::{usage_json, Call, Completion, Upstream};
 use run::{Done, Run};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -378,7 +378,13 @@ impl Gateway {
             usage_estimated: answer.usage_estimated,
             tried: done.tried,
         };
-        let mut body = answer.body.clone();
+        let (estimated, usage) = (answer.usage_estimated, answer.usage);
+        // The served answer's body is moved out, not copied: `done` ends here.
+        let served = match done.served {
+            Served::Large => done.large,
+            Served::Small => done.small,
+        };
+        let mut body = served.map(|c| c.body).unwrap_or_default();
         for_client(
             &mut body,
             &ctx.id,
@@ -386,8 +392,8 @@ impl Gateway {
             &rc.name,
             ctx.asked_logprobs,
         );
-        if answer.usage_estimated || !body.get("usage").is_some_and(Value::is_object) {
-            body.insert("usage".into(), usage_json(answer.usage));
+        if estimated || !body.get("usage").is_some_and(Value::is_object) {
+            body.insert("usage".into(), usage_json(usage));
         }
         body.insert(
             "tandem".into(),
@@ -500,15 +506,6 @@ pub(crate) fn to_answer(tier: &str, c: &Completion) -> Answer {
         cost: 0,
         compute: c.elapsed,
     }
-}
-
-/// `usage` in OpenAI's shape.
-pub(crate) fn usage_json(u: tandem_core::Usage) -> Value {
-    json!({
-        "prompt_tokens": u.input_tokens,
-        "completion_tokens": u.output_tokens,
-        "total_tokens": u.input_tokens + u.output_tokens,
-    })
 }
 
 /// The S4L hint: the small model's draft, as a system message before the conversation.

@@ -305,8 +305,8 @@ impl Finisher {
             Some(u) => (u, false),
             None => (up.usage_estimate(&self.call, &draft), true),
         };
-        if let Some(u) = self.asm_usage(&usage, usage_estimated) {
-            body.insert("usage".into(), u);
+        if usage_estimated {
+            body.insert("usage".into(), crate::upstream::usage_json(usage));
         }
         let cost = up.cost(usage);
         if let Some(h) = self.held {
@@ -344,10 +344,5 @@ impl Finisher {
         };
         let (client, info) = gw.record(&self.ctx, done)?;
         Ok((info, client.get("usage").cloned().unwrap_or(Value::Null)))
-    }
-
-    /// The usage object the client will see: tandem's estimate when the upstream gave none.
-    fn asm_usage(&self, usage: &Usage, estimated: bool) -> Option<Value> {
-        estimated.then(|| super::usage_json(*usage))
     }
 }

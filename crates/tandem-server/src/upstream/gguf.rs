@@ -2,7 +2,7 @@
 //! OpenAI's shapes (log-probabilities included when asked). One generation at a time per model:
 //! on a CPU, concurrent generations only slow each other down.
 
-use super::{Answered, Call, Piece, Pieces, Timeouts};
+use super::{usage_json, Answered, Call, Piece, Pieces, Timeouts};
 use crate::config::UpstreamConfig;
 use crate::error::GatewayError;
 use serde_json::{json, Map, Value};
@@ -35,14 +35,6 @@ fn logprob_entries(tokens: &[TokenLogprob]) -> Vec<Value> {
             })
         })
         .collect()
-}
-
-fn usage_json(u: Usage) -> Value {
-    json!({
-        "prompt_tokens": u.input_tokens,
-        "completion_tokens": u.output_tokens,
-        "total_tokens": u.input_tokens + u.output_tokens,
-    })
 }
 
 impl GgufBackend {

@@ -284,10 +284,6 @@ pub struct Upstream {
     pub name: String,
     pub price: Price,
     timeouts: Timeouts,
-    /// Tokens reserved per image/audio/file part.
-    media_tokens: u64,
-    /// Output tokens reserved when a request names no cap.
-    max_output_tokens: u32,
     pub cfg: crate::config::UpstreamConfig,
     backend: Backend,
 }
@@ -332,8 +328,6 @@ impl Upstream {
                 idle: u.cfg.idle_timeout_ms.map_or(total, Duration::from_millis),
                 stream: u.cfg.stream_timeout_ms.map(Duration::from_millis),
             },
-            media_tokens: u.cfg.image_tokens,
-            max_output_tokens: u.cfg.max_output_tokens,
             cfg: u.cfg.clone(),
             backend,
         })
@@ -383,7 +377,7 @@ impl Upstream {
     /// Output tokens the call may produce, over all its choices.
     pub fn output_bound(&self, call: &Call) -> u64 {
         call.token_cap()
-            .unwrap_or(u64::from(self.max_output_tokens))
+            .unwrap_or(u64::from(self.cfg.max_output_tokens))
             .saturating_mul(call.n())
     }
 
@@ -392,7 +386,7 @@ impl Upstream {
     /// the full output bound.
     pub fn estimate(&self, call: &Call) -> Micros {
         self.price.cost(Usage {
-            input_tokens: call.input_bound(self.media_tokens),
+            input_tokens: call.input_bound(self.cfg.image_tokens),
             output_tokens: self.output_bound(call),
         })
     }
@@ -401,18 +395,13 @@ impl Upstream {
     /// answer's bytes as tokens (within the output bound). Never zero for a real call.
     pub fn usage_estimate(&self, call: &Call, answer: &Draft) -> Usage {
         Usage {
-            input_tokens: call.input_bound(self.media_tokens),
+            input_tokens: call.input_bound(self.cfg.image_tokens),
             output_tokens: answer.answer_bytes().min(self.output_bound(call)).max(1),
         }
     }
 
     pub fn cost(&self, usage: Usage) -> Micros {
         self.price.cost(usage)
-    }
-
-    /// Whether the upstream takes `stream_options.include_usage`.
-    pub fn stream_usage(&self) -> bool {
-        self.cfg.stream_usage || self.cfg.kind == UpstreamKind::Gguf
     }
 }
 
@@ -441,6 +430,15 @@ pub(crate) fn usage_of(v: Option<&Value>) -> Option<Usage> {
 
 /// Per-token log-probabilities and energies, when an answer carries them.
 pub(crate) type TokenSignals = (Option<Vec<f32>>, Option<Vec<f32>>);
+
+/// `usage` in OpenAI's shape (the inverse of [`usage_of`]).
+pub(crate) fn usage_json(u: Usage) -> Value {
+    serde_json::json!({
+        "prompt_tokens": u.input_tokens,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.input_tokens + u.output_tokens,
+    })
+}
 
 /// Token log-probabilities (and energies from the top alternatives) of a choice's `logprobs`.
 pub(crate) fn logprob_signals(logprobs: &Value) -> Result<TokenSignals, String> {
