@@ -31,6 +31,10 @@ enum BenchCommand {
     /// The gateway's own overhead under open-loop load against an instant mock upstream, with
     /// LiteLLM's proxy side by side when installed (scripts/setup-litellm).
     Gateway(GatewayArgs),
+    /// The gateway against failing upstreams (mock endpoints on loopback, no key): two per
+    /// model, one failing 30% of its calls (5xx, 429, resets, hangs, garbage, cut bodies), then
+    /// both failing 10%; requests served, lost and failed, and spend billed against counted.
+    Faults(FaultsArgs),
     /// LONDI's switching controller against always-small, always-large, random switching and a
     /// confidence threshold, on held-out TextWorld games (scripts/setup-textworld installs them).
     Londi(crate::londi_cmd::LondiArgs),
@@ -97,6 +101,26 @@ pub struct CascadeArgs {
     out: PathBuf,
 }
 
+#[derive(Args, Debug)]
+pub struct FaultsArgs {
+    /// Requests per scenario.
+    #[arg(long, default_value_t = 5000)]
+    requests: usize,
+    /// Requests per second (open loop).
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// The degraded upstream's fault rate in the first scenario.
+    #[arg(long, default_value_t = 0.3)]
+    fault_rate: f64,
+    /// Both upstreams' fault rate in the second scenario.
+    #[arg(long, default_value_t = 0.1)]
+    both_rate: f64,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 #[derive(Serialize)]
 struct BenchJson {
     datasets: Vec<summary::DatasetSummary>,
@@ -107,6 +131,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.command {
         BenchCommand::Cascade(c) => cascade(c),
         BenchCommand::Gateway(g) => gateway(g),
+        BenchCommand::Faults(f) => faults(f),
         BenchCommand::Londi(l) => crate::londi_cmd::run(l),
     }
 }
@@ -149,6 +174,42 @@ fn gateway(a: GatewayArgs) -> Result<()> {
         eprintln!("bench gateway: {m}")
     }))?;
     print!("{}", tandem_server::bench::table(&report));
+    if let Some(p) = &a.json {
+        write_json(p, &report)?;
+    }
+    Ok(())
+}
+
+fn faults(a: FaultsArgs) -> Result<()> {
+    if !(a.rate.is_finite() && a.rate > 0.0) {
+        bail!(
+            "--rate {}: must be a positive number of requests per second",
+            a.rate
+        );
+    }
+    for (flag, r) in [("--fault-rate", a.fault_rate), ("--both-rate", a.both_rate)] {
+        if !(0.0..=1.0).contains(&r) {
+            bail!("{flag} {r}: must be a share between 0 and 1");
+        }
+    }
+    if a.requests == 0 {
+        bail!("--requests 0: must be at least 1");
+    }
+    let opts = tandem_server::bench::faults::FaultOptions {
+        requests: a.requests,
+        rate: a.rate,
+        fault_rate: a.fault_rate,
+        both_rate: a.both_rate,
+        seed: a.seed,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = rt.block_on(tandem_server::bench::faults::run(opts, |m| {
+        eprintln!("bench faults: {m}")
+    }))?;
+    print!("{}", tandem_server::bench::faults::table(&report));
     if let Some(p) = &a.json {
         write_json(p, &report)?;
     }

@@ -1,9 +1,13 @@
 //! A route's large-model budget per time window, on top of the engine's [`Budget`] (which reserves
 //! before a call and trues up after, so concurrent requests can never pass the cap together). A new
 //! window starts a fresh engine budget; calls still in flight settle into the window they reserved in.
+//! With a spend journal attached ([`crate::journal`]), every reservation, settlement and release is
+//! also written there, so spend survives a crash.
 
+use crate::error::GatewayError;
+use crate::journal::{Journal, Ticket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tandem_core::{Budget, BudgetLimits, CoreError, Micros, Reservation};
 
 pub struct WindowBudget {
@@ -14,6 +18,8 @@ pub struct WindowBudget {
     /// No more reservations: the route's persisted spend could not be read, and a cap that
     /// forgot its spend could be passed.
     closed: AtomicBool,
+    /// The route's spend journal (capped routes with a `state_dir`), attached once at start.
+    journal: OnceLock<Journal>,
 }
 
 struct Window {
@@ -22,33 +28,93 @@ struct Window {
     budget: Arc<Budget>,
 }
 
-/// A reservation bound to the window it was taken in.
+/// A reservation bound to the window it was taken in (and, on a journaled route, to its reserve
+/// record). Settle it with the real cost, release it when the call was not made, or keep it
+/// whole. Dropped without any of these, it is kept whole — the call may have run — unless
+/// [`Held::durable`] failed, in which case the call was never made and it is released.
 #[must_use = "settle or release the reservation"]
 pub struct Held {
     budget: Arc<Budget>,
-    reservation: Reservation,
+    /// None once settled or released.
+    reservation: Option<Reservation>,
+    ticket: Option<Ticket>,
+    /// [`Held::durable`] failed: the call it would pay for is not made.
+    not_durable: AtomicBool,
 }
 
 impl Held {
-    pub fn settle(self, actual: Micros) {
-        self.budget.settle(self.reservation, actual);
+    /// Replaces the estimate by the real cost, `actual` micro-dollars (journaled without waiting:
+    /// a lost settlement only over-counts).
+    pub fn settle(mut self, actual: Micros) {
+        if let Some(r) = self.reservation.take() {
+            self.budget.settle(r, actual);
+            if let Some(t) = &self.ticket {
+                t.settle(actual);
+            }
+        }
     }
 
-    pub fn release(self) {
-        self.budget.release(self.reservation);
+    /// Gives the reservation back: the call was not made (journaled without waiting).
+    pub fn release(mut self) {
+        if let Some(r) = self.reservation.take() {
+            self.budget.release(r);
+            if let Some(t) = &self.ticket {
+                t.release();
+            }
+        }
     }
 
     /// The cost reserved, in micro-dollars.
     pub fn estimate(&self) -> Micros {
-        self.reservation.estimate()
+        self.reservation.as_ref().map_or(0, Reservation::estimate)
     }
 
     /// Keeps the whole reservation as spent: the call ran, what it cost is unknown, and the
-    /// budget must not be passed.
+    /// budget must not be passed. Returns the estimate kept, in micro-dollars.
     pub fn keep(self) -> Micros {
         let e = self.estimate();
         self.settle(e);
         e
+    }
+
+    /// Resolves once the reservation is on disk in the route's spend journal — await it right
+    /// before making the call it pays for. Resolves at once on a route without a journal (no
+    /// cap, or no `state_dir`).
+    ///
+    /// Errors: [`GatewayError::SpendNotDurable`] when the reserve record could not be written
+    /// (disk full, I/O error, the journal closed at shutdown); the call must then not be made,
+    /// and dropping the `Held` gives the reservation back.
+    pub async fn durable(&self) -> Result<(), GatewayError> {
+        let Some(t) = &self.ticket else {
+            return Ok(());
+        };
+        t.durable().await.map_err(|e| {
+            self.not_durable.store(true, Ordering::SeqCst);
+            GatewayError::SpendNotDurable {
+                route: t.route().to_string(),
+                reason: e.to_string(),
+            }
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Some(r) = self.reservation.take() else {
+            return;
+        };
+        if self.not_durable.load(Ordering::SeqCst) {
+            self.budget.release(r);
+            if let Some(t) = &self.ticket {
+                t.release();
+            }
+        } else {
+            let e = r.estimate();
+            self.budget.settle(r, e);
+            if let Some(t) = &self.ticket {
+                t.settle(e);
+            }
+        }
     }
 }
 
@@ -70,6 +136,7 @@ impl WindowBudget {
                 budget: Arc::new(Budget::new(limits)?),
             }),
             closed: AtomicBool::new(false),
+            journal: OnceLock::new(),
         };
         b.lock().start = b.window_start(now);
         Ok(b)
@@ -97,27 +164,53 @@ impl WindowBudget {
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn budget_at(&self, now: u64) -> Result<Arc<Budget>, CoreError> {
+    fn budget_at(&self, now: u64) -> Result<(u64, Arc<Budget>), CoreError> {
         let mut w = self.lock();
         let start = self.window_start(now);
         if start != w.start {
             w.start = start;
             w.budget = Arc::new(Budget::new(self.limits)?);
         }
-        Ok(w.budget.clone())
+        Ok((w.start, w.budget.clone()))
     }
 
-    /// Reserves one large call costing at most `estimate`, or None when the window's cap is reached.
+    /// Reserves one large call costing at most `estimate` micro-dollars at `now` (seconds since
+    /// the epoch), or None when the window's cap is reached. On a journaled route the reserve
+    /// record is queued here; [`Held::durable`] says when it is on disk.
     pub fn try_reserve(&self, estimate: Micros, now: u64) -> Option<Held> {
         if self.is_closed() {
             return None;
         }
-        let budget = self.budget_at(now).ok()?;
+        let (start, budget) = self.budget_at(now).ok()?;
         let reservation = budget.try_reserve(estimate)?;
+        let ticket = self.journal.get().map(|j| j.reserve(start, estimate));
         Some(Held {
             budget,
-            reservation,
+            reservation: Some(reservation),
+            ticket,
+            not_durable: AtomicBool::new(false),
         })
+    }
+
+    /// Attaches the route's spend journal (once, at start, after its spend was restored from
+    /// it); a second one is refused and returned.
+    pub fn attach_journal(&self, j: Journal) -> Result<(), Journal> {
+        self.journal.set(j)
+    }
+
+    /// The route's spend journal, if it keeps one.
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.get()
+    }
+
+    /// Whether the budget caps anything (calls or dollars): only then is its spend journaled.
+    pub fn is_capped(&self) -> bool {
+        self.limits.max_calls.is_some() || self.limits.max_micros.is_some()
+    }
+
+    /// Window length in seconds (None: one window for the life of the state).
+    pub fn window_s(&self) -> Option<u64> {
+        self.window_s
     }
 
     pub fn spent(&self) -> Spent {
@@ -173,6 +266,24 @@ mod tests {
         assert_eq!(b.spent().micros, 5);
         h3.release();
         assert_eq!(b.spent().calls, 0);
+    }
+
+    #[test]
+    fn a_dropped_reservation_is_kept_whole() {
+        let b = WindowBudget::new(limits(5), None, 0).unwrap();
+        let h = b.try_reserve(9, 0).unwrap();
+        drop(h);
+        // The call may have run: it stays counted at its estimate.
+        assert_eq!((b.spent().calls, b.spent().micros), (1, 9));
+        // Without a journal, `durable` is immediate.
+        let h = b.try_reserve(4, 0).unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(h.durable())
+            .unwrap();
+        h.release();
+        assert_eq!((b.spent().calls, b.spent().micros), (1, 9));
     }
 
     #[test]

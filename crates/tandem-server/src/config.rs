@@ -2,6 +2,7 @@
 //! (every route names upstreams that exist, prices and budgets make sense) so a bad file fails at
 //! start with the field and value at fault, never at the first request.
 
+use crate::resilience::{BreakerConfig, Group, RetryConfig};
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -189,6 +190,15 @@ pub struct UpstreamConfig {
     /// The field a route's `max_tokens` cap is sent in when the client sent none.
     #[serde(default)]
     pub token_param: TokenParam,
+    /// `[upstream.retry]`: attempts per request on this upstream, backoff, `Retry-After`.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// `[upstream.breaker]`: when calls stop going to this upstream, and how they come back.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// Calls in flight to this upstream at most; the next request of its group goes to another
+    /// upstream, or waits when all are at their limit. Unset: no limit.
+    pub max_concurrency: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -277,10 +287,14 @@ pub struct RouteConfig {
     /// What clients put in `model`.
     pub name: String,
     pub kind: RouteKind,
-    /// `fixed`: the one upstream.
-    pub upstream: Option<String>,
-    pub small: Option<String>,
-    pub large: Option<String>,
+    /// `fixed`: its upstream, or a group of them (see `small`).
+    pub upstream: Option<toml::Value>,
+    /// The small model: an upstream's name, or a group — a list of names tried in order
+    /// (`["a", "b"]`), or of `{ upstream = "a", weight = 3 }` tables, the first drawn by weight.
+    /// A failed call moves to the next upstream of the group.
+    pub small: Option<toml::Value>,
+    /// The large model: a name or a group, as `small`.
+    pub large: Option<toml::Value>,
     /// Share of requests sent to the large model, held online (route_before, cascade).
     pub target_share: Option<f64>,
     /// `cascade` with a fixed threshold instead of a share: escalate when the score exceeds it.
@@ -327,12 +341,13 @@ pub struct RouteBudget {
     pub window_s: Option<u64>,
 }
 
-/// A validated route: upstream names resolved to indices.
+/// A validated route: upstream names resolved to groups of indices.
 #[derive(Debug, Clone)]
 pub struct Route {
     pub cfg: RouteConfig,
-    pub small: Option<usize>,
-    pub large: Option<usize>,
+    pub small: Option<Group>,
+    /// The large model's group (a fixed route's upstream).
+    pub large: Option<Group>,
     pub limits: BudgetLimits,
 }
 
@@ -485,18 +500,28 @@ impl ServerConfig {
                     return Err(bad(at(f), &0, "timeouts must be positive"));
                 }
             }
+            if let Err((f, v, why)) = u.retry.check() {
+                return Err(bad(at(&format!("retry.{f}")), &v, why));
+            }
+            if let Err((f, v, why)) = u.breaker.check() {
+                return Err(bad(at(&format!("breaker.{f}")), &v, why));
+            }
+            if u.max_concurrency == Some(0) {
+                return Err(bad(
+                    at("max_concurrency"),
+                    &0,
+                    "must be at least 1 (or unset: no limit)",
+                ));
+            }
             upstreams.push(Upstream { cfg: u, price });
         }
-        let find = |name: &Option<String>, field: String| -> Result<Option<usize>, ConfigError> {
-            match name {
-                None => Ok(None),
-                Some(n) => upstreams
-                    .iter()
-                    .position(|u| &u.cfg.name == n)
+        let find =
+            |spec: &Option<toml::Value>, field: String| -> Result<Option<Group>, ConfigError> {
+                let Some(spec) = spec else { return Ok(None) };
+                group_of(spec, &field, &upstreams)
                     .map(Some)
-                    .ok_or_else(|| bad(field, n, "names no [[upstream]]")),
-            }
-        };
+                    .map_err(|(f, v, why)| bad(f, &v, &why))
+            };
         let mut routes = Vec::new();
         let mut route_names = BTreeSet::new();
         for (i, r) in self.routes.into_iter().enumerate() {
@@ -608,7 +633,11 @@ impl ServerConfig {
             if r.kind == RouteKind::Cascade
                 && matches!(r.gate, CascadeGate::Logprob | CascadeGate::Energy)
             {
-                if let Some(u) = small.and_then(|i| upstreams.get(i)) {
+                for u in small
+                    .iter()
+                    .flat_map(|g| &g.members)
+                    .filter_map(|&i| upstreams.get(i))
+                {
                     if !u.cfg.gives_logprobs() {
                         return Err(bad(
                             at("gate"),
@@ -665,6 +694,111 @@ impl ServerConfig {
             base_dir,
         })
     }
+}
+
+/// Reads a role's upstream (`"name"`) or group (`["a", "b"]`, or `[{ upstream = "a", weight
+/// = 3 }, ...]`) against the upstreams defined; an error is (field, value, why).
+fn group_of(
+    spec: &toml::Value,
+    field: &str,
+    ups: &[Upstream],
+) -> Result<Group, (String, String, String)> {
+    let index = |name: &str, f: String| -> Result<usize, (String, String, String)> {
+        ups.iter()
+            .position(|u| u.cfg.name == name)
+            .ok_or_else(|| (f, name.to_string(), "names no [[upstream]]".into()))
+    };
+    let items =
+        match spec {
+            toml::Value::String(name) => return Ok(Group::one(index(name, field.to_string())?)),
+            toml::Value::Array(items) => items,
+            other => return Err((
+                field.to_string(),
+                other.to_string(),
+                "must be an upstream's name, or a list of names or of { upstream, weight } tables"
+                    .into(),
+            )),
+        };
+    if items.is_empty() {
+        return Err((
+            field.to_string(),
+            "[]".into(),
+            "a group needs at least one upstream".into(),
+        ));
+    }
+    let mut members = Vec::with_capacity(items.len());
+    let mut weights = Vec::with_capacity(items.len());
+    let mut weighted = false;
+    for (j, it) in items.iter().enumerate() {
+        let at = |k: &str| format!("{field}[{j}]{k}");
+        let (i, w) = match it {
+            toml::Value::String(name) => (index(name, at(""))?, 1),
+            toml::Value::Table(t) => {
+                if let Some(k) = t
+                    .keys()
+                    .find(|k| !matches!(k.as_str(), "upstream" | "weight"))
+                {
+                    return Err((
+                        at(&format!(".{k}")),
+                        t[k].to_string(),
+                        "unknown field: a member has `upstream` and `weight`".into(),
+                    ));
+                }
+                let name = match t.get("upstream") {
+                    Some(toml::Value::String(n)) => n,
+                    Some(v) => {
+                        return Err((
+                            at(".upstream"),
+                            v.to_string(),
+                            "must be an upstream's name".into(),
+                        ))
+                    }
+                    None => {
+                        return Err((
+                            at(".upstream"),
+                            "(missing)".into(),
+                            "a member names its upstream".into(),
+                        ))
+                    }
+                };
+                let w = match t.get("weight") {
+                    None => 1,
+                    Some(toml::Value::Integer(w)) if (1..=1_000_000).contains(w) => {
+                        weighted = true;
+                        *w as u32
+                    }
+                    Some(v) => {
+                        return Err((
+                            at(".weight"),
+                            v.to_string(),
+                            "must be a whole number from 1 to 1000000".into(),
+                        ))
+                    }
+                };
+                (index(name, at(".upstream"))?, w)
+            }
+            other => {
+                return Err((
+                    at(""),
+                    other.to_string(),
+                    "must be an upstream's name or a { upstream, weight } table".into(),
+                ))
+            }
+        };
+        if members.contains(&i) {
+            return Err((
+                at(""),
+                ups[i].cfg.name.clone(),
+                "is in the group twice".into(),
+            ));
+        }
+        members.push(i);
+        weights.push(w);
+    }
+    Ok(Group {
+        members,
+        weights: weighted.then_some(weights),
+    })
 }
 
 impl Validated {
@@ -771,8 +905,8 @@ price = "token:10:30"
             "{UPS}[[route]]\nname = \"tandem\"\nkind = \"cascade\"\nsmall = \"s\"\nlarge = \"l\"\ntarget_share = 0.3\n[route.budget]\nmax_usd = 1.5\n"
         ))
         .unwrap();
-        assert_eq!(v.routes[0].small, Some(0));
-        assert_eq!(v.routes[0].large, Some(1));
+        assert_eq!(v.routes[0].small, Some(Group::one(0)));
+        assert_eq!(v.routes[0].large, Some(Group::one(1)));
         assert_eq!(v.routes[0].limits.max_micros, Some(1_500_000));
     }
 

@@ -32,6 +32,11 @@ pub enum GatewayError {
     /// forgot its spend could be passed) until an operator repairs or removes the file.
     #[error("route `{route}` has its large model closed: {reason}")]
     BudgetClosed { route: String, reason: String },
+    /// The large call's reservation could not be written to the route's spend journal (disk
+    /// full, I/O error, shutting down): the call is not made, since a crash could then forget it
+    /// and a restart pass the cap. A retry may succeed once the disk recovers.
+    #[error("route `{route}`: the large model's spend could not be recorded on disk, so the call was not made: {reason}")]
+    SpendNotDurable { route: String, reason: String },
     #[error("response `{0}` is unknown, too old, or has had its feedback already")]
     UnknownResponse(String),
     #[error("{0}")]
@@ -43,12 +48,20 @@ pub enum GatewayError {
     /// Connection failure, a cut or malformed answer: the upstream could not be read.
     #[error("upstream `{upstream}` failed: {reason}")]
     Upstream { upstream: String, reason: String },
-    /// The upstream answered 5xx.
+    /// The upstream answered 5xx; `retry_after` is its `Retry-After` header, as sent.
     #[error("upstream `{upstream}` returned HTTP {status}: {reason}")]
     UpstreamStatus {
         upstream: String,
         status: u16,
         reason: String,
+        retry_after: Option<String>,
+    },
+    /// No upstream of the route's `role` group could take the call: every circuit breaker is
+    /// open; `retry_after_s` is when the first may close.
+    #[error("no upstream of this route's {role} model is available (circuit breakers open)")]
+    NoUpstream {
+        role: String,
+        retry_after_s: Option<u64>,
     },
     /// The upstream refused the request (4xx): its status, OpenAI `type`, `code` and `param` pass
     /// through to the client (boxed: the other variants stay small).
@@ -89,7 +102,9 @@ impl GatewayError {
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
             GatewayError::BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::BudgetClosed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::BudgetClosed { .. }
+            | GatewayError::NoUpstream { .. }
+            | GatewayError::SpendNotDurable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Upstream { .. } | GatewayError::UpstreamStatus { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -115,7 +130,8 @@ impl GatewayError {
             GatewayError::BudgetExhausted { .. } => "insufficient_quota",
             GatewayError::UpstreamTimeout { .. }
             | GatewayError::Upstream { .. }
-            | GatewayError::UpstreamStatus { .. } => "upstream_error",
+            | GatewayError::UpstreamStatus { .. }
+            | GatewayError::NoUpstream { .. } => "upstream_error",
             GatewayError::UpstreamRejected(r) => r.kind.as_deref().unwrap_or(match r.status {
                 401 => "authentication_error",
                 403 => "permission_error",
@@ -123,7 +139,9 @@ impl GatewayError {
                 429 => "rate_limit_error",
                 _ => "invalid_request_error",
             }),
-            GatewayError::Internal(_) | GatewayError::BudgetClosed { .. } => "server_error",
+            GatewayError::Internal(_)
+            | GatewayError::BudgetClosed { .. }
+            | GatewayError::SpendNotDurable { .. } => "server_error",
         }
     }
 
@@ -134,8 +152,10 @@ impl GatewayError {
             GatewayError::Unauthorized => Some("invalid_api_key"),
             GatewayError::BudgetExhausted { .. } => Some("insufficient_quota"),
             GatewayError::BudgetClosed { .. } => Some("route_state_refused"),
+            GatewayError::SpendNotDurable { .. } => Some("spend_not_durable"),
             GatewayError::BodyTooLarge(_) => Some("request_too_large"),
             GatewayError::UpstreamTimeout { .. } => Some("upstream_timeout"),
+            GatewayError::NoUpstream { .. } => Some("upstream_unavailable"),
             GatewayError::UpstreamRejected(r) => r.code.as_deref(),
             _ => None,
         }
@@ -155,7 +175,9 @@ impl GatewayError {
         match self {
             GatewayError::UpstreamTimeout { .. }
             | GatewayError::Upstream { .. }
-            | GatewayError::UpstreamStatus { .. } => true,
+            | GatewayError::UpstreamStatus { .. }
+            | GatewayError::NoUpstream { .. }
+            | GatewayError::SpendNotDurable { .. } => true,
             GatewayError::BudgetExhausted { retry_after_s, .. } => retry_after_s.is_some(),
             GatewayError::UpstreamRejected(r) => matches!(r.status, 408 | 409 | 429),
             _ => false,
@@ -168,7 +190,11 @@ impl GatewayError {
             GatewayError::BudgetExhausted { retry_after_s, .. } => {
                 retry_after_s.map(|s| s.max(1).to_string())
             }
+            GatewayError::NoUpstream { retry_after_s, .. } => {
+                retry_after_s.map(|s| s.max(1).to_string())
+            }
             GatewayError::UpstreamRejected(r) => r.retry_after.clone(),
+            GatewayError::UpstreamStatus { retry_after, .. } => retry_after.clone(),
             _ => None,
         }
     }
@@ -182,6 +208,7 @@ impl GatewayError {
                 | GatewayError::Upstream { .. }
                 | GatewayError::UpstreamStatus { .. }
                 | GatewayError::UpstreamRejected(_)
+                | GatewayError::NoUpstream { .. }
         )
     }
 
@@ -265,6 +292,20 @@ mod tests {
             r.extensions().get::<ErrorInfo>().unwrap().kind,
             "rate_limit_error"
         );
+    }
+
+    #[test]
+    fn spend_not_durable_is_a_retryable_openai_503() {
+        let r = GatewayError::SpendNotDurable {
+            route: "r".into(),
+            reason: "state/r.journal: cannot write: No space left on device".into(),
+        }
+        .into_response();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["x-should-retry"], "true");
+        let info = r.extensions().get::<ErrorInfo>().unwrap();
+        assert_eq!(info.kind, "server_error");
+        assert_eq!(info.code.as_deref(), Some("spend_not_durable"));
     }
 
     #[test]

@@ -146,12 +146,23 @@ fn persist_all(
     let Some(dir) = &cfg.state_dir else {
         return Ok(());
     };
+    let mut errors = Vec::new();
     for (r, m) in routes.iter().zip(masters) {
         if r.refused_state().is_some() {
             // Its refused file is the operator's evidence (and spend): never overwritten.
             continue;
         }
-        persist::save(dir, r, m).map_err(|e| e.to_string())?;
+        if let Err(e) = persist::save(dir, r, m) {
+            errors.push(e.to_string());
+        }
+        // The journal stays small: rewritten as its spend total and open reservations.
+        if let Some(Err(e)) = r.budget.journal().map(|j| j.compact()) {
+            errors.push(e.to_string());
+        }
     }
-    Ok(())
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
 }

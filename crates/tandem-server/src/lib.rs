@@ -5,7 +5,8 @@
 //!
 //! Stages, one module each: [`config`] (parse, validate) → [`http`] (auth, body, shapes) →
 //! [`gateway`] (route, decide, budget, call) → [`upstream`] (HTTP or in-process GGUF) →
-//! [`learner`] (off the request path) → [`persist`] (atomic checkpoints).
+//! [`learner`] (off the request path) → [`persist`] (atomic checkpoints); [`journal`] keeps
+//! budget spend crash-safe.
 
 pub mod bench;
 pub mod budget;
@@ -15,11 +16,14 @@ pub mod error;
 pub mod feedback;
 pub mod gateway;
 pub mod http;
+pub mod journal;
 pub mod learner;
 pub mod openai;
 pub mod persist;
+pub mod resilience;
 pub mod route;
 pub mod scrub;
+pub mod shared;
 pub mod upstream;
 
 pub use config::{ServerConfig, Validated};

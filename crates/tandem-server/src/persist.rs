@@ -1,6 +1,15 @@
-//! Learned state and counters on disk, one file per route: a magic, a JSON header (gate, budget
-//! spend, counters) and the learners' weights. Written atomically (new file, fsync, rename, fsync
-//! of the directory), so a crash leaves the old state or the new one, never half of each.
+//! Learned state and counters on disk, one file per route. Written atomically (new file, fsync,
+//! rename, fsync of the directory), so a crash leaves the old state or the new one, never half of
+//! each; a crash loses what was learned since the last write (at most `persist_interval_s`). Budget
+//! spend of a capped route lives in its spend journal ([`crate::journal`]), which is written before
+//! every large call; the state file's `budget` only seeds a journal that does not exist yet.
+//!
+//! Version 2 (written): magic `TNDMSTAT`, version (u32, 2), the JSON header's length (u32), the
+//! learners' weights' length (u64), the xxh3-64 of everything after it (u64), the JSON header
+//! (gate, budget spend, counters, ...), the weights. All little-endian. Lengths must add up to the
+//! file's size exactly, and are checked before anything is read into memory past the prefix.
+//! Version 1 (read, so upgrades keep their state): magic `TNDMSRV1`, the header's length (u32),
+//! the header, the weights; no checksum.
 
 use crate::budget::Spent;
 use crate::error::GatewayError;
@@ -13,8 +22,16 @@ use tandem_core::calibrate::ShareController;
 use tandem_core::londi::{SwitchController, SwitchSnapshot};
 use tandem_core::policy::cascade::ResponseCascade;
 use tandem_core::policy::router::GainRouter;
+use xxhash_rust::xxh3::xxh3_64;
 
-const MAGIC: &[u8; 8] = b"TNDMSRV1";
+const MAGIC_V1: &[u8; 8] = b"TNDMSRV1";
+const MAGIC: &[u8; 8] = b"TNDMSTAT";
+const VERSION: u32 = 2;
+/// Magic, version, header length, weights length, checksum.
+const PREFIX: usize = 8 + 4 + 4 + 8 + 8;
+/// No state tandem writes comes near this (a route's learners are a few MiB): a larger file is
+/// refused before it is read.
+pub const MAX_STATE_BYTES: u64 = 1 << 30;
 
 #[derive(Serialize, Deserialize)]
 struct Header {
@@ -26,6 +43,18 @@ struct Header {
     /// A switching route's controller (weights and counters; open episodes are not kept).
     #[serde(default)]
     switch: Option<SwitchSnapshot>,
+    /// The route's spend is kept in its journal, which must then exist (`budget` above is only a
+    /// copy): a missing journal is refused rather than the spend reset to this older copy.
+    #[serde(default)]
+    spend_journal: bool,
+}
+
+/// A route's state as loaded.
+pub struct Restored {
+    /// The learner's master copy.
+    pub learned: Learned,
+    /// The state file says the route's spend is in its journal (see [`Header`]).
+    pub spend_journal: bool,
 }
 
 pub fn state_path(dir: &Path, route: &str) -> PathBuf {
@@ -57,18 +86,9 @@ pub fn save(dir: &Path, route: &RouteState, learned: &Learned) -> Result<(), Gat
             learned: load(&c.learned),
         },
         switch: route.switch().map(|c| c.snapshot()),
+        spend_journal: route.budget.journal().is_some(),
     };
-    let json = serde_json::to_vec(&header).map_err(|e| io_err(&path, "cannot encode", e))?;
-    let mut buf = Vec::with_capacity(json.len() + 16);
-    buf.extend_from_slice(MAGIC);
-    buf.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&json);
-    let w = match learned {
-        Learned::Nothing => Ok(()),
-        Learned::Router(r) => r.save(&mut buf),
-        Learned::Cascade(c) => c.save(&mut buf),
-    };
-    w.map_err(|e| io_err(&path, "cannot encode", e))?;
+    let buf = encode(&header, learned).map_err(|e| io_err(&path, "cannot encode", e))?;
     let tmp = path.with_extension("state.tmp");
     let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, "cannot create", e))?;
     f.write_all(&buf)
@@ -83,34 +103,123 @@ pub fn save(dir: &Path, route: &RouteState, learned: &Learned) -> Result<(), Gat
     Ok(())
 }
 
-/// Loads a route's state if a file exists, into the route; returns the learner's master copy.
-pub fn load(dir: &Path, route: &RouteState, now: u64) -> Result<Option<Learned>, GatewayError> {
-    let path = state_path(dir, route.name());
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(&path, "cannot read", e)),
+/// A version 2 file's bytes.
+fn encode(header: &Header, learned: &Learned) -> Result<Vec<u8>, String> {
+    let json = serde_json::to_vec(header).map_err(|e| e.to_string())?;
+    let mut weights = Vec::new();
+    match learned {
+        Learned::Nothing => Ok(()),
+        Learned::Router(r) => r.save(&mut weights),
+        Learned::Cascade(c) => c.save(&mut weights),
+    }
+    .map_err(|e| e.to_string())?;
+    let json_len = u32::try_from(json.len()).map_err(|_| "header over 4 GiB".to_string())?;
+    let mut buf = Vec::with_capacity(PREFIX + json.len() + weights.len());
+    buf.extend_from_slice(MAGIC);
+    buf.extend_from_slice(&VERSION.to_le_bytes());
+    buf.extend_from_slice(&json_len.to_le_bytes());
+    buf.extend_from_slice(&(weights.len() as u64).to_le_bytes());
+    let sum = {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&json);
+        h.update(&weights);
+        h.digest()
     };
+    buf.extend_from_slice(&sum.to_le_bytes());
+    buf.extend_from_slice(&json);
+    buf.extend_from_slice(&weights);
+    Ok(buf)
+}
+
+fn le_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn le_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Splits a state file's bytes into its JSON header and its weights, checking the version,
+/// the lengths and (version 2) the checksum. Errors are the fault, without the file's name.
+fn split(bytes: &[u8]) -> Result<(&[u8], &[u8], bool), String> {
+    let magic = bytes.get(..8).ok_or("truncated header")?;
+    if magic == MAGIC_V1 {
+        let len = le_u32(bytes, 8).ok_or("truncated header")? as usize;
+        let rest = &bytes[12..];
+        if rest.len() < len {
+            return Err(format!(
+                "truncated header: it claims {len} bytes but {} follow",
+                rest.len()
+            ));
+        }
+        let (json, weights) = rest.split_at(len);
+        return Ok((json, weights, false));
+    }
+    if magic != MAGIC {
+        return Err("not a tandem route state file".into());
+    }
+    let version = le_u32(bytes, 8).ok_or("truncated header")?;
+    if version != VERSION {
+        return Err(format!(
+            "unknown version {version} (this tandem reads versions 1 and {VERSION}; was it written by a newer one?)"
+        ));
+    }
+    let (json_len, weights_len, sum) =
+        match (le_u32(bytes, 12), le_u64(bytes, 16), le_u64(bytes, 24)) {
+            (Some(j), Some(w), Some(s)) => (j, w, s),
+            _ => return Err("truncated header".into()),
+        };
+    // Checked in u64 (a lying length cannot overflow) before anything is sliced or allocated.
+    let claimed = (PREFIX as u64)
+        .checked_add(u64::from(json_len))
+        .and_then(|n| n.checked_add(weights_len));
+    if claimed != Some(bytes.len() as u64) {
+        return Err(format!(
+            "its lengths (header {json_len} bytes, weights {weights_len} bytes) do not match its size of {} bytes: truncated or damaged",
+            bytes.len()
+        ));
+    }
+    let body = &bytes[PREFIX..];
+    if xxh3_64(body) != sum {
+        return Err("checksum mismatch: the file is damaged".into());
+    }
+    let (json, weights) = body.split_at(json_len as usize);
+    Ok((json, weights, true))
+}
+
+/// Loads a route's state if a file exists, into the route; returns the learner's master copy.
+/// Errors name the file and the fault (unreadable, too large, unknown version, bad lengths or
+/// checksum, a header or weights that do not parse, a model of another kind).
+pub fn load(dir: &Path, route: &RouteState, now: u64) -> Result<Option<Restored>, GatewayError> {
+    let path = state_path(dir, route.name());
     let bad = |why: &str| {
         GatewayError::Internal(format!(
             "{}: {why}; move the file away to start this route afresh",
             path.display()
         ))
     };
-    let mut r = bytes.as_slice();
-    let mut magic = [0u8; 8];
-    let mut len = [0u8; 4];
-    r.read_exact(&mut magic)
-        .and_then(|_| r.read_exact(&mut len))
-        .map_err(|_| bad("truncated header"))?;
-    if &magic != MAGIC {
-        return Err(bad("not a tandem route state file"));
-    }
-    let len = u32::from_le_bytes(len) as usize;
-    if r.len() < len {
-        return Err(bad("truncated header"));
-    }
-    let (json, mut rest) = r.split_at(len);
+    let bytes = match std::fs::File::open(&path) {
+        Ok(f) => {
+            let size = f
+                .metadata()
+                .map_err(|e| io_err(&path, "cannot read", e))?
+                .len();
+            if size > MAX_STATE_BYTES {
+                return Err(bad(&format!(
+                    "it is {size} bytes, more than the {MAX_STATE_BYTES} any route state can be"
+                )));
+            }
+            let mut b = Vec::new();
+            // Read no more than the limit even if the file grows meanwhile.
+            f.take(MAX_STATE_BYTES + 1)
+                .read_to_end(&mut b)
+                .map_err(|e| io_err(&path, "cannot read", e))?;
+            b
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&path, "cannot read", e)),
+    };
+    let (json, mut rest, v2) = split(&bytes).map_err(|e| bad(&e))?;
     let header: Header =
         serde_json::from_slice(json).map_err(|e| bad(&format!("bad header: {e}")))?;
     let fresh = Learned::for_route(&route.cfg)?;
@@ -131,6 +240,12 @@ pub fn load(dir: &Path, route: &RouteState, now: u64) -> Result<Option<Learned>,
             ResponseCascade::load(cascade_config(), &mut rest).map_err(|e| bad(&e.to_string()))?,
         )),
     };
+    if v2 && !rest.is_empty() {
+        return Err(bad(&format!(
+            "{} bytes follow the learner's weights",
+            rest.len()
+        )));
+    }
     if let (Some(snap), Some(mut c)) = (header.switch, route.switch()) {
         let cfg = c.config().clone();
         if snap.config.hash_bits != cfg.hash_bits {
@@ -164,5 +279,206 @@ pub fn load(dir: &Path, route: &RouteState, now: u64) -> Result<Option<Learned>,
         dst.store(src.load(Ordering::Relaxed), Ordering::Relaxed);
     }
     route.model.store(std::sync::Arc::new(learned.clone()));
-    Ok(Some(learned))
+    Ok(Some(Restored {
+        learned,
+        spend_journal: header.spend_journal,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerConfig;
+
+    /// A route_before route (it learns a router: the file has weights) with a call cap.
+    fn route() -> RouteState {
+        let cfg: ServerConfig = toml::from_str(
+            r#"
+[[upstream]]
+name = "s"
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+model = "m"
+[[upstream]]
+name = "l"
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+model = "m"
+price = "token:10:30"
+[[route]]
+name = "rb"
+kind = "route_before"
+small = "s"
+large = "l"
+target_share = 0.5
+[route.budget]
+max_calls = 10
+"#,
+        )
+        .unwrap();
+        let v = cfg.validate(Path::new("t.toml"), PathBuf::new()).unwrap();
+        RouteState::new(0, v.routes[0].clone(), 1000).unwrap()
+    }
+
+    /// A saved state (two calls spent, 7 requests counted) and its file's bytes.
+    fn saved(dir: &Path) -> Vec<u8> {
+        let r = route();
+        let h1 = r.budget.try_reserve(5, 1000).unwrap();
+        let h2 = r.budget.try_reserve(5, 1000).unwrap();
+        h1.settle(3);
+        h2.settle(4);
+        r.counters.requests.store(7, Ordering::Relaxed);
+        let learned = Learned::for_route(&r.cfg).unwrap();
+        save(dir, &r, &learned).unwrap();
+        std::fs::read(state_path(dir, "rb")).unwrap()
+    }
+
+    fn load_bytes(dir: &Path, bytes: &[u8]) -> Result<RouteState, String> {
+        std::fs::write(state_path(dir, "rb"), bytes).unwrap();
+        let r = route();
+        load(dir, &r, 1000).map_err(|e| e.to_string())?.unwrap();
+        Ok(r)
+    }
+
+    #[test]
+    fn version_2_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = saved(dir.path());
+        assert_eq!(&bytes[..8], MAGIC);
+        assert_eq!(le_u32(&bytes, 8), Some(2));
+        let r = load_bytes(dir.path(), &bytes).unwrap();
+        assert_eq!(r.budget.spent().calls, 2);
+        assert_eq!(r.budget.spent().micros, 7);
+        assert_eq!(Counters::get(&r.counters.requests), 7);
+        assert!(matches!(**r.model.load(), Learned::Router(_)));
+    }
+
+    #[test]
+    fn any_flipped_byte_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = saved(dir.path());
+        let json_len = le_u32(&bytes, 12).unwrap() as usize;
+        // The magic, the version, each length, the checksum, the header, and weights at
+        // several places (the router's weights start after the header).
+        let weights = PREFIX + json_len;
+        let mut at = vec![0, 9, 13, 17, 25, PREFIX + 3, weights, weights + 40];
+        at.extend((1..6).map(|k| weights + (bytes.len() - weights) * k / 6));
+        for i in at {
+            let mut b = bytes.clone();
+            b[i] ^= 0x04;
+            let e = load_bytes(dir.path(), &b).err().unwrap();
+            assert!(e.contains("rb.state"), "byte {i}: {e}");
+            assert!(
+                [
+                    "checksum mismatch",
+                    "unknown version",
+                    "do not match its size",
+                    "not a tandem route state file"
+                ]
+                .iter()
+                .any(|n| e.contains(n)),
+                "byte {i}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn truncated_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = saved(dir.path());
+        for cut in [
+            0,
+            5,
+            8,
+            12,
+            PREFIX - 1,
+            PREFIX,
+            PREFIX + 10,
+            bytes.len() - 1,
+        ] {
+            let e = load_bytes(dir.path(), &bytes[..cut]).err().unwrap();
+            assert!(
+                e.contains("rb.state") && (e.contains("truncated") || e.contains("do not match")),
+                "cut at {cut}: {e}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(b"extra");
+        let e = load_bytes(dir.path(), &longer).err().unwrap();
+        assert!(e.contains("do not match its size"), "{e}");
+    }
+
+    #[test]
+    fn huge_length_claims_are_refused_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = saved(dir.path());
+        for (what, json_len, weights_len) in [
+            ("header", u32::MAX, 0u64),
+            ("weights", 10, u64::MAX),
+            ("weights near the top", 10, u64::MAX - 40),
+            ("both", u32::MAX, 1 << 40),
+        ] {
+            let mut b = bytes.clone();
+            b[12..16].copy_from_slice(&json_len.to_le_bytes());
+            b[16..24].copy_from_slice(&weights_len.to_le_bytes());
+            let e = load_bytes(dir.path(), &b).err().unwrap();
+            assert!(
+                e.contains("rb.state") && e.contains("do not match its size"),
+                "{what}: {e}"
+            );
+        }
+        // Version 1 has no total: its header length is checked against what follows.
+        let mut v1 = MAGIC_V1.to_vec();
+        v1.extend_from_slice(&u32::MAX.to_le_bytes());
+        v1.extend_from_slice(b"{}");
+        let e = load_bytes(dir.path(), &v1).err().unwrap();
+        assert!(e.contains("truncated header"), "{e}");
+    }
+
+    #[test]
+    fn unknown_versions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = saved(dir.path());
+        b[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let e = load_bytes(dir.path(), &b).err().unwrap();
+        assert!(
+            e.contains("rb.state") && e.contains("unknown version 3"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn version_1_files_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let v2 = saved(dir.path());
+        let json_len = le_u32(&v2, 12).unwrap() as usize;
+        let json = &v2[PREFIX..PREFIX + json_len];
+        // A v1 header had no `spend_journal` field.
+        let mut header: serde_json::Value = serde_json::from_slice(json).unwrap();
+        header.as_object_mut().unwrap().remove("spend_journal");
+        let json = serde_json::to_vec(&header).unwrap();
+        let mut v1 = MAGIC_V1.to_vec();
+        v1.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        v1.extend_from_slice(&json);
+        v1.extend_from_slice(&v2[PREFIX + json_len..]);
+        let r = load_bytes(dir.path(), &v1).unwrap();
+        assert_eq!(r.budget.spent().calls, 2);
+        assert_eq!(Counters::get(&r.counters.requests), 7);
+        // Saving writes version 2.
+        let learned = Learned::for_route(&r.cfg).unwrap();
+        save(dir.path(), &r, &learned).unwrap();
+        let again = std::fs::read(state_path(dir.path(), "rb")).unwrap();
+        assert_eq!(&again[..8], MAGIC);
+    }
+
+    #[test]
+    fn a_file_over_the_size_limit_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = state_path(dir.path(), "rb");
+        let f = std::fs::File::create(&path).unwrap();
+        // Sparse: no disk space used.
+        f.set_len(MAX_STATE_BYTES + 1).unwrap();
+        let e = load(dir.path(), &route(), 1000).err().unwrap().to_string();
+        assert!(e.contains("rb.state") && e.contains("more than"), "{e}");
+    }
 }

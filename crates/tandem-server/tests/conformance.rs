@@ -34,6 +34,11 @@ fn upstream(name: &str, url: &str, model: &str, extra: &str) -> String {
 const LARGE: &str =
     "api_key_env = \"TANDEM_TEST_LARGE_KEY\"\nprice = \"token:10:30\"\ntimeout_ms = 2000\n";
 
+/// `LARGE` without retries or breaker: the tests of how one upstream error reaches the client
+/// count calls and send many errors in a row (retries, failover and breakers have their own
+/// tests in resilience.rs).
+const LARGE_ONCE: &str = "api_key_env = \"TANDEM_TEST_LARGE_KEY\"\nprice = \"token:10:30\"\ntimeout_ms = 2000\n[upstream.retry]\nattempts = 1\n[upstream.breaker]\nconsecutive_failures = 1000\nmin_calls = 1000\n";
+
 /// "small" (declares logprobs, so a logprob cascade may use it) and "large" with `large_extra`.
 fn ups(s_url: &str, l_url: &str, large_extra: &str) -> String {
     format!(
@@ -1537,7 +1542,11 @@ async fn upstream_4xx_keep_status_type_code_and_param_after_one_call() {
     setup_env();
     let (_small, s_url, large, l_url) = two_mocks().await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = format!("{}{}", ups(&s_url, &l_url, LARGE), fixed("f", "large", ""));
+    let cfg = format!(
+        "{}{}",
+        ups(&s_url, &l_url, LARGE_ONCE),
+        fixed("f", "large", "")
+    );
     let gw = start(&cfg, dir.path()).await;
     // (status, type, code, param, x-should-retry)
     let cases: Vec<(u16, &str, Value, Value, &str)> = vec![
@@ -1641,7 +1650,11 @@ async fn upstream_429_keeps_retry_after_and_5xx_are_retryable_502() {
     setup_env();
     let (_small, s_url, large, l_url) = two_mocks().await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = format!("{}{}", ups(&s_url, &l_url, LARGE), fixed("f", "large", ""));
+    let cfg = format!(
+        "{}{}",
+        ups(&s_url, &l_url, LARGE_ONCE),
+        fixed("f", "large", "")
+    );
     let gw = start(&cfg, dir.path()).await;
     for stream in [false, true] {
         let body = if stream {
@@ -1712,7 +1725,7 @@ async fn a_failing_small_model_hands_the_request_to_the_large_one() {
             "small",
             &s_url,
             "small-model",
-            "price = \"token:0.1:0.1\"\ntimeout_ms = 400\nlogprobs = true\n"
+            "price = \"token:0.1:0.1\"\ntimeout_ms = 400\nlogprobs = true\n[upstream.retry]\nattempts = 1\n[upstream.breaker]\nconsecutive_failures = 1000\nmin_calls = 1000\n"
         ),
         upstream("large", &l_url, "large-model", LARGE),
         cascade("c", "small", "large", "")
@@ -1939,7 +1952,7 @@ async fn upstream_error_text_is_scrubbed_of_keys() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = format!(
         "[server]\napi_keys_env = \"TANDEM_TEST_CONF_GW_KEYS\"\n{}{}{}",
-        ups(&s_url, &l_url, LARGE),
+        ups(&s_url, &l_url, LARGE_ONCE),
         fixed("f", "large", ""),
         cascade("c", "small", "large", "")
     );

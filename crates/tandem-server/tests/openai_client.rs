@@ -104,6 +104,9 @@ kind = "openai"
 base_url = "{limited_url}"
 model = "limited-model"
 price = "token:1:1"
+# The client's own retry is under test here: tandem passes the 429 on at once.
+[upstream.retry]
+attempts = 1
 [[route]]
 name = "t"
 kind = "cascade"

@@ -3,6 +3,7 @@
 //! process, as deployed) and through LiteLLM's proxy when it is installed; latency percentiles side
 //! by side, and tandem's own overhead histogram (request time less upstream time) from `/metrics`.
 
+pub mod faults;
 pub mod load;
 
 use axum::routing::post;

@@ -43,6 +43,8 @@ pub struct Gateway {
     learn_tx: std::sync::mpsc::Sender<Msg>,
     ids: AtomicU64,
     id_prefix: String,
+    /// Counts the walks through upstream groups, so each draws its own seed.
+    walks: AtomicU64,
 }
 
 /// What the HTTP layer sends back.
@@ -109,10 +111,14 @@ impl Gateway {
                 },
                 None => None,
             };
+            if let Some(d) = &state_dir {
+                let journaled = restored.as_ref().is_some_and(|s| s.spend_journal);
+                open_journal(d, r, journaled, now);
+            }
             let m = match restored {
-                Some(m) => {
+                Some(s) => {
                     tracing::info!(route = r.name(), "restored learned state");
-                    m
+                    s.learned
                 }
                 None => Learned::for_route(&r.cfg)?,
             };
@@ -170,6 +176,7 @@ impl Gateway {
             learner,
             learn_tx,
             ids: AtomicU64::new(0),
+            walks: AtomicU64::new(0),
             id_prefix: format!("chatcmpl-{:08x}{:08x}", unix_now() as u32, nanos),
         })
     }
@@ -201,6 +208,69 @@ impl Gateway {
     pub(crate) fn upstream(&self, i: Option<usize>) -> Result<&Upstream, GatewayError> {
         i.and_then(|i| self.upstreams.get(i))
             .ok_or_else(|| GatewayError::Internal("route without its upstream".into()))
+    }
+
+    /// The seed of one walk through a group (its weighted draw and backoff jitter): the route's
+    /// seed and a counter, so a run with the same requests in the same order draws the same.
+    pub(crate) fn next_seed(&self, route: &RouteState) -> u64 {
+        let n = self.walks.fetch_add(1, Ordering::Relaxed);
+        route.cfg.cfg.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// Every upstream, in config order.
+    pub fn upstreams(&self) -> &[Upstream] {
+        &self.upstreams
+    }
+
+    /// `GET /health`: `status` is `ok`, or `degraded` when an operator must act — a route whose
+    /// state file was refused (it serves with its large model closed), or a route's model whose
+    /// every upstream has its circuit breaker open. `upstreams` gives each upstream's breaker
+    /// (`closed`, `open`, `half_open`) and, with a concurrency limit, its calls in flight.
+    pub fn health(&self) -> Value {
+        let upstreams: Map<String, Value> = self
+            .upstreams
+            .iter()
+            .map(|u| {
+                let mut v = json!({"breaker": u.health.state().name()});
+                if let Some(n) = u.health.in_flight() {
+                    v["in_flight"] = json!(n);
+                }
+                (u.name.clone(), v)
+            })
+            .collect();
+        let mut routes = Map::new();
+        for r in self.routes.iter() {
+            let mut why = Map::new();
+            if let Some(s) = r.refused_state() {
+                why.insert("state_refused".into(), json!(s));
+            }
+            for (role, g) in [("small", &r.cfg.small), ("large", &r.cfg.large)] {
+                let down = g.as_ref().is_some_and(|g| {
+                    g.members.iter().all(|&i| {
+                        self.upstreams.get(i).is_some_and(|u| {
+                            u.health.state() == crate::resilience::BreakerState::Open
+                        })
+                    })
+                });
+                if down {
+                    why.insert(
+                        format!("{role}_unavailable"),
+                        json!("every upstream's circuit breaker is open"),
+                    );
+                }
+            }
+            if !why.is_empty() {
+                routes.insert(r.name().to_string(), Value::Object(why));
+            }
+        }
+        let mut out = json!({
+            "status": if routes.is_empty() { "ok" } else { "degraded" },
+            "upstreams": upstreams,
+        });
+        if !routes.is_empty() {
+            out["routes"] = Value::Object(routes);
+        }
+        out
     }
 
     fn next_id(&self) -> String {
@@ -325,11 +395,12 @@ impl Gateway {
     ) -> Result<(Map<String, Value>, TandemInfo), GatewayError> {
         let route = &self.routes[ctx.route];
         let rc = &route.cfg.cfg;
-        let (answer, up) = match done.served {
-            Served::Large => (done.large.as_ref(), self.upstream(route.cfg.large)?),
-            Served::Small => (done.small.as_ref(), self.upstream(route.cfg.small)?),
+        let answer = match done.served {
+            Served::Large => done.large.as_ref(),
+            Served::Small => done.small.as_ref(),
         };
         let answer = answer.ok_or_else(|| GatewayError::Internal("no answer to serve".into()))?;
+        let up = self.upstream(Some(answer.by))?;
         let c = &route.counters;
         Counters::bump(match (&done.small, &done.large) {
             (Some(_), Some(_)) => &c.both,
@@ -349,10 +420,10 @@ impl Gateway {
             .increment(1);
         metrics::counter!("tandem_spend_micros_total", "route" => rc.name.clone())
             .increment(done.cost);
-        let small_answer = match (&done.small, self.upstream(route.cfg.small)) {
-            (Some(s), Ok(u)) => Some(to_answer(&u.name, s)),
-            _ => None,
-        };
+        let small_answer = done
+            .small
+            .as_ref()
+            .and_then(|s| Some(to_answer(&self.upstreams.get(s.by)?.name, s)));
         self.feedback
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -491,6 +562,45 @@ impl Gateway {
                 log.insert(response_id.clone(), p);
                 Err(e)
             }
+        }
+    }
+}
+
+/// Opens a capped route's spend journal in `dir` (unless its state was refused: its files are
+/// then left alone) and restores its spend from it; a journal that cannot be trusted or written
+/// refuses the route's state like a bad state file. `journaled`: the state file says the journal
+/// exists.
+fn open_journal(dir: &std::path::Path, r: &RouteState, journaled: bool, now: u64) {
+    if !r.budget.is_capped() || r.refused_state().is_some() {
+        return;
+    }
+    let opened = crate::journal::Journal::open(
+        dir,
+        r.name(),
+        r.budget.window_s(),
+        r.budget.spent(),
+        journaled,
+        now,
+    );
+    match opened {
+        Ok((j, o)) => {
+            if let Err(e) = r.budget.restore(o.spent, now) {
+                r.refuse_state(format!("{}: {e}", j.path().display()));
+                return;
+            }
+            if o.folded > 0 || o.torn > 0 {
+                tracing::warn!(
+                    route = r.name(),
+                    open_reservations = o.folded,
+                    torn_bytes = o.torn,
+                    "spend journal: reservations of the last run that never settled count at their estimate"
+                );
+            }
+            let _ = r.budget.attach_journal(j);
+        }
+        Err(e) => {
+            tracing::error!(route = r.name(), error = %e, "spend journal refused: the route serves with its large model's budget closed");
+            r.refuse_state(e.to_string());
         }
     }
 }

@@ -1,8 +1,11 @@
 //! One request's decision and calls. First a [`Plan`]: which model serves (and, for a cascade,
 //! the small model's draft, judged), with the large call's budget already reserved; then the plan
 //! is carried out whole, or streamed when the client asked and the answer need not be judged.
-//! A small model that cannot serve (any upstream failure) hands the request to the large one,
-//! within the budget; a large model that fails falls back to a usable small draft.
+//! Each model is a group of upstreams ([`crate::resilience`]): a failed call moves to the next
+//! upstream of the group (retried after a backoff), and a stream can still move until its first
+//! piece of answer. A small group that cannot serve hands the request to the large one, within
+//! the budget; a large group that fails falls back to a usable small draft. One reservation, the
+//! most any upstream of the large group could cost, covers all of a request's large attempts.
 
 use super::judge::{judge, Verdict};
 use super::{mean, to_answer, with_hint, Ctx, Gateway};
@@ -10,8 +13,9 @@ use crate::budget::Held;
 use crate::config::{CascadeGate, OnExhausted};
 use crate::error::GatewayError;
 use crate::feedback::Served;
+use crate::resilience::{Attempts, Group, Ticket};
 use crate::route::{LearnEvent, Learned, RouteState};
-use crate::upstream::{Call, Completion, Pieces, Upstream, GATE_TOP_LOGPROBS};
+use crate::upstream::{relay, until_answer, Call, Completion, Pieces, Upstream, GATE_TOP_LOGPROBS};
 use serde_json::{json, Value};
 use tandem_core::policy::gate::Route as Pick;
 use tandem_core::policy::response::agreement;
@@ -61,6 +65,24 @@ pub(super) struct Streaming {
     pub tried: u32,
     /// The streamed call as sent, to bound its cost when the upstream reports no usage.
     pub call: Call,
+    /// The upstream streaming (its index).
+    pub by: usize,
+}
+
+/// Which of a route's models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    Small,
+    Large,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Small => "small",
+            Role::Large => "large",
+        }
+    }
 }
 
 pub(super) struct Run<'a> {
@@ -80,12 +102,99 @@ impl<'a> Run<'a> {
         }
     }
 
-    pub fn small_up(&self) -> Result<&'a Upstream, GatewayError> {
-        self.gw.upstream(self.route.cfg.small)
+    fn group(&self, role: Role) -> Result<&'a Group, GatewayError> {
+        match role {
+            Role::Small => self.route.cfg.small.as_ref(),
+            Role::Large => self.route.cfg.large.as_ref(),
+        }
+        .ok_or_else(|| GatewayError::Internal(format!("route without its {} model", role.name())))
     }
 
-    pub fn large_up(&self) -> Result<&'a Upstream, GatewayError> {
-        self.gw.upstream(self.route.cfg.large)
+    /// What an answer cost, at the prices of the upstream that gave it.
+    pub fn cost_of(&self, c: &Completion) -> Micros {
+        self.gw.upstreams.get(c.by).map_or(0, |u| u.cost(c.usage))
+    }
+
+    /// Walks `role`'s group for one request: each attempt goes to the next upstream that may
+    /// serve, until one succeeds (`on_ok` then takes the result and the upstream's ticket) or none
+    /// is left. Returns the result or the error that ended the walk, and the attempts made.
+    async fn walk<T, R, Fut>(
+        &self,
+        role: Role,
+        attempt: impl Fn(&'a Upstream) -> Fut,
+        on_ok: impl Fn(T, Ticket, &'a Upstream) -> R,
+    ) -> (Result<R, GatewayError>, u32)
+    where
+        Fut: std::future::Future<Output = Result<T, GatewayError>>,
+    {
+        let group = match self.group(role) {
+            Ok(g) => g,
+            Err(e) => return (Err(e), 0),
+        };
+        let mut at = Attempts::new(
+            &self.gw.upstreams,
+            group,
+            role.name(),
+            self.gw.next_seed(self.route),
+        );
+        let mut tried = 0;
+        while let Some((up, ticket)) = at.next().await {
+            if tried > 0 {
+                self.retried(role);
+            }
+            tried += 1;
+            match attempt(up).await {
+                Ok(t) => return (Ok(on_ok(t, ticket, up)), tried),
+                Err(e) => {
+                    if let Err(e) = at.failed(up, ticket, e) {
+                        return (Err(e), tried);
+                    }
+                }
+            }
+        }
+        (Err(at.error()), tried)
+    }
+
+    /// One whole call to `role`'s group, each attempt with the call `make` builds for its upstream.
+    async fn complete_on(
+        &self,
+        role: Role,
+        make: &(dyn Fn(&Upstream) -> Call + Sync),
+    ) -> (Result<Completion, GatewayError>, u32) {
+        self.walk(
+            role,
+            |up| async move { up.complete(&make(up)).await },
+            |c, ticket, _| {
+                ticket.finish(true);
+                c
+            },
+        )
+        .await
+    }
+
+    /// A streamed call to `role`'s group, moving to the next upstream on any failure before the
+    /// first piece of answer. Returns the stream, the call as sent and the upstream streaming.
+    async fn stream_on(
+        &self,
+        role: Role,
+        make: &(dyn Fn(&Upstream) -> Call + Sync),
+    ) -> (Result<(Pieces, Call, usize), GatewayError>, u32) {
+        self.walk(
+            role,
+            |up| async move {
+                let call = make(up);
+                let rx = up.stream(&call).await?;
+                let (head, rx) = until_answer(rx, &up.name).await?;
+                Ok((head, rx, call))
+            },
+            |(head, rx, call), ticket, up| (relay(head, rx, ticket), call, up.index),
+        )
+        .await
+    }
+
+    fn retried(&self, role: Role) {
+        metrics::counter!("tandem_upstream_retries_total", "route" => self.route.name().to_string(), "role" => role.name())
+            .increment(1);
     }
 
     /// The call as sent to `up`: the client's body, with the route's token cap when one is
@@ -120,9 +229,17 @@ impl<'a> Run<'a> {
         c
     }
 
+    /// Reserves the most any upstream of the large group could cost for this call: a request
+    /// that moves to another upstream is still covered, and can never pass the cap.
     fn reserve(&self, call: &Call) -> Option<Held> {
-        let up = self.large_up().ok()?;
-        let est = up.estimate(&self.call_for(up, call));
+        let est = self
+            .group(Role::Large)
+            .ok()?
+            .members
+            .iter()
+            .filter_map(|&i| self.gw.upstreams.get(i))
+            .map(|up| up.estimate(&self.call_for(up, call)))
+            .max()?;
         self.route.budget.try_reserve(est, super::unix_now())
     }
 
@@ -235,24 +352,26 @@ impl<'a> Run<'a> {
     /// judged — an empty answer, a refusal or an invalid tool call escalates whatever its score
     /// — then scored by the gate. A small model that fails hands the request to the large one.
     pub async fn plan_cascade(&mut self, ctx: &Ctx, call: &Call) -> Result<Plan, GatewayError> {
-        let small = self.small_up()?;
-        let mut small_call = self.call_for(small, call);
-        match self.route.cfg.cfg.gate {
-            CascadeGate::Logprob | CascadeGate::Energy => {
-                let k = ctx.asked_logprobs.unwrap_or(0).max(GATE_TOP_LOGPROBS);
-                small_call = small_call
-                    .with("logprobs", Some(json!(true)))
-                    .with("top_logprobs", Some(json!(k)));
+        let gate = self.route.cfg.cfg.gate;
+        let small_call = |up: &Upstream| {
+            let c = self.call_for(up, call);
+            match gate {
+                CascadeGate::Logprob | CascadeGate::Energy => {
+                    let k = ctx.asked_logprobs.unwrap_or(0).max(GATE_TOP_LOGPROBS);
+                    c.with("logprobs", Some(json!(true)))
+                        .with("top_logprobs", Some(json!(k)))
+                }
+                CascadeGate::Learned => c,
             }
-            CascadeGate::Learned => {}
-        }
-        self.tried += 1;
-        let s = match small.complete(&small_call).await {
+        };
+        let (s, n) = self.complete_on(Role::Small, &small_call).await;
+        self.tried += n;
+        let s = match s {
             Ok(s) => s,
             Err(e) if e.is_upstream() => return self.small_failed(e, call),
             Err(e) => return Err(e),
         };
-        self.cost += small.cost(s.usage);
+        self.cost += self.cost_of(&s);
         let verdict = judge(&s.draft, &ctx.tools, ctx.tool_choice.as_deref());
         if verdict != Verdict::Valid {
             metrics::counter!("tandem_draft_rejected_total", "route" => self.route.name().to_string(), "why" => verdict.name())
@@ -279,7 +398,8 @@ impl<'a> Run<'a> {
                 let model = self.route.model.load();
                 match (&**model, model.scratch()) {
                     (Learned::Cascade(c), Some(mut sc)) => {
-                        c.score_ref(&ctx.query, &to_answer(&small.name, &s), &mut sc)
+                        let name = self.gw.upstreams.get(s.by).map_or("", |u| u.name.as_str());
+                        c.score_ref(&ctx.query, &to_answer(name, &s), &mut sc)
                     }
                     _ => 0.0,
                 }
@@ -296,6 +416,9 @@ impl<'a> Run<'a> {
     /// The small model could not serve: the large one does, if the budget allows; else the
     /// small model's error stands.
     fn small_failed(&self, e: GatewayError, call: &Call) -> Result<Plan, GatewayError> {
+        if self.route.cfg.large.is_none() {
+            return Err(e);
+        }
         // The error's kind, not its text: upstream messages may quote the prompt.
         tracing::warn!(
             route = self.route.name(),
@@ -312,10 +435,10 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// The large model's call: with the small draft as a hint when the route asks for S4L.
-    fn large_call(&self, call: &Call, draft: Option<&Completion>) -> Result<Call, GatewayError> {
-        let base = self.call_for(self.large_up()?, call);
-        Ok(match draft.filter(|_| self.route.cfg.cfg.s4l) {
+    /// The large model's call to `up`: with the small draft as a hint when the route asks for S4L.
+    fn large_call(&self, up: &Upstream, call: &Call, draft: Option<&Completion>) -> Call {
+        let base = self.call_for(up, call);
+        match draft.filter(|_| self.route.cfg.cfg.s4l) {
             Some(d) => {
                 let messages = call
                     .get("messages")
@@ -328,7 +451,7 @@ impl<'a> Run<'a> {
                 )
             }
             None => base,
-        })
+        }
     }
 
     /// Calls the small model; when it cannot serve, the large one on a fresh reservation.
@@ -336,35 +459,42 @@ impl<'a> Run<'a> {
         &mut self,
         call: &Call,
     ) -> Result<(Completion, Served), GatewayError> {
-        let up = self.small_up()?;
-        self.tried += 1;
-        match up.complete(&self.call_for(up, call)).await {
+        let (r, n) = self
+            .complete_on(Role::Small, &|up| self.call_for(up, call))
+            .await;
+        self.tried += n;
+        match r {
             Ok(c) => {
-                self.cost += up.cost(c.usage);
+                self.cost += self.cost_of(&c);
                 Ok((c, Served::Small))
             }
-            Err(e) if e.is_upstream() && self.route.cfg.large.is_some() => {
-                let plan = self.small_failed(e, call)?;
-                match plan.target {
-                    Target::Large(held) => {
-                        let lc = self.large_call(call, None)?;
-                        Ok((self.call_large(&lc, held).await?, Served::Large))
-                    }
-                    _ => Err(GatewayError::Internal("no model to serve".into())),
+            Err(e) if e.is_upstream() => match self.small_failed(e, call)?.target {
+                Target::Large(held) => {
+                    Ok((self.call_large(call, None, held).await?, Served::Large))
                 }
-            }
+                _ => Err(GatewayError::Internal("no model to serve".into())),
+            },
             Err(e) => Err(e),
         }
     }
 
     /// Calls the large model on a held reservation, settling it with the real cost (an estimate
-    /// when the upstream reports no usage), or releasing it when the call failed.
-    async fn call_large(&mut self, call: &Call, held: Held) -> Result<Completion, GatewayError> {
-        let up = self.large_up()?;
-        self.tried += 1;
-        match up.complete(call).await {
+    /// when the upstream reports no usage), or releasing it when no attempt succeeded.
+    async fn call_large(
+        &mut self,
+        call: &Call,
+        draft: Option<&Completion>,
+        held: Held,
+    ) -> Result<Completion, GatewayError> {
+        // The reservation is on disk before any attempt is made (a crash cannot forget it).
+        held.durable().await?;
+        let (r, n) = self
+            .complete_on(Role::Large, &|up| self.large_call(up, call, draft))
+            .await;
+        self.tried += n;
+        match r {
             Ok(c) => {
-                let cost = up.cost(c.usage);
+                let cost = self.cost_of(&c);
                 held.settle(cost);
                 self.cost += cost;
                 Ok(c)
@@ -422,8 +552,10 @@ impl<'a> Run<'a> {
                 },
             },
             Target::Large(held) => {
-                let lc = self.large_call(call, plan.draft.as_ref())?;
-                match (self.call_large(&lc, held).await, plan.draft) {
+                match (
+                    self.call_large(call, plan.draft.as_ref(), held).await,
+                    plan.draft,
+                ) {
                     (Ok(l), draft) => {
                         if let Some(d) = &draft {
                             self.teach(ctx, d, &l, true);
@@ -438,14 +570,17 @@ impl<'a> Run<'a> {
                 }
             }
             Target::Both(held) => {
-                let (small_up, large_up) = (self.small_up()?, self.large_up()?);
-                let sc = self.call_for(small_up, call);
-                let lc = self.large_call(call, None)?;
-                self.tried += 2;
-                let (s, l) = tokio::join!(small_up.complete(&sc), large_up.complete(&lc));
+                held.durable().await?;
+                let small_make = |up: &Upstream| self.call_for(up, call);
+                let large_make = |up: &Upstream| self.large_call(up, call, None);
+                let ((s, ns), (l, nl)) = tokio::join!(
+                    self.complete_on(Role::Small, &small_make),
+                    self.complete_on(Role::Large, &large_make)
+                );
+                self.tried += ns + nl;
                 let l = match l {
                     Ok(l) => {
-                        let cost = large_up.cost(l.usage);
+                        let cost = self.cost_of(&l);
                         held.settle(cost);
                         self.cost += cost;
                         l
@@ -455,7 +590,7 @@ impl<'a> Run<'a> {
                         // Exploration is the gateway's own wish: the small answer still serves.
                         return match s {
                             Ok(s) => {
-                                self.cost += small_up.cost(s.usage);
+                                self.cost += self.cost_of(&s);
                                 Ok(self.done(Some(s), None, &info))
                             }
                             Err(_) => Err(e),
@@ -464,7 +599,7 @@ impl<'a> Run<'a> {
                 };
                 let s = s.ok();
                 if let Some(s) = &s {
-                    self.cost += small_up.cost(s.usage);
+                    self.cost += self.cost_of(s);
                     self.teach(ctx, s, &l, false);
                 }
                 Ok(self.done(s, Some(l), &info))
@@ -483,33 +618,29 @@ impl<'a> Run<'a> {
         let info = PlanInfo::of(&plan);
         match plan.target {
             Target::Small if plan.draft.is_none() => {
-                let up = self.small_up()?;
-                let sc = self.call_for(up, call);
-                self.tried += 1;
-                match up.stream(&sc).await {
-                    Ok(pieces) => Ok(Ok(self.streaming(
-                        pieces,
+                let (r, n) = self
+                    .stream_on(Role::Small, &|up| self.call_for(up, call))
+                    .await;
+                self.tried += n;
+                match r {
+                    Ok(started) => Ok(Ok(self.streaming(
+                        started,
                         None,
                         Served::Small,
                         None,
                         &info,
-                        sc,
                     ))),
-                    Err(e) if e.is_upstream() && self.route.cfg.large.is_some() => {
-                        match self.small_failed(e, call)?.target {
-                            Target::Large(held) => {
-                                let lc = self.large_call(call, None)?;
-                                self.stream_large(lc, held, None, false, &info).await
-                            }
-                            _ => Err(GatewayError::Internal("no model to serve".into())),
+                    Err(e) if e.is_upstream() => match self.small_failed(e, call)?.target {
+                        Target::Large(held) => {
+                            self.stream_large(call, held, None, false, &info).await
                         }
-                    }
+                        _ => Err(GatewayError::Internal("no model to serve".into())),
+                    },
                     Err(e) => Err(e),
                 }
             }
             Target::Large(held) => {
-                let lc = self.large_call(call, plan.draft.as_ref())?;
-                self.stream_large(lc, held, plan.draft, plan.draft_usable, &info)
+                self.stream_large(call, held, plan.draft, plan.draft_usable, &info)
                     .await
             }
             target => {
@@ -527,21 +658,24 @@ impl<'a> Run<'a> {
 
     async fn stream_large(
         &mut self,
-        lc: Call,
+        call: &Call,
         held: Held,
         draft: Option<Completion>,
         draft_usable: bool,
         info: &PlanInfo,
     ) -> Result<Result<Streaming, Done>, GatewayError> {
-        self.tried += 1;
-        match (self.large_up()?.stream(&lc).await, draft) {
-            (Ok(pieces), draft) => Ok(Ok(self.streaming(
-                pieces,
+        held.durable().await?;
+        let (r, n) = self
+            .stream_on(Role::Large, &|up| self.large_call(up, call, draft.as_ref()))
+            .await;
+        self.tried += n;
+        match (r, draft) {
+            (Ok(started), draft) => Ok(Ok(self.streaming(
+                started,
                 Some(held),
                 Served::Large,
                 draft,
                 info,
-                lc,
             ))),
             (Err(e), Some(d)) if draft_usable => {
                 held.release();
@@ -555,15 +689,16 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// `started`: the stream, the call as sent, and the upstream streaming.
     fn streaming(
         &self,
-        pieces: Pieces,
+        started: (Pieces, Call, usize),
         held: Option<Held>,
         served: Served,
         draft: Option<Completion>,
         p: &PlanInfo,
-        call: Call,
     ) -> Streaming {
+        let (pieces, call, by) = started;
         Streaming {
             pieces,
             held,
@@ -574,6 +709,7 @@ impl<'a> Run<'a> {
             cost: self.cost,
             tried: self.tried,
             call,
+            by,
         }
     }
 
@@ -583,7 +719,12 @@ impl<'a> Run<'a> {
             return;
         }
         let small_answer = with_draft
-            .then(|| self.small_up().ok().map(|u| to_answer(&u.name, small)))
+            .then(|| {
+                self.gw
+                    .upstreams
+                    .get(small.by)
+                    .map(|u| to_answer(&u.name, small))
+            })
             .flatten();
         self.gw.learn(
             self.route.index,

@@ -57,6 +57,8 @@ struct Finisher {
     cost: tandem_core::Micros,
     tried: u32,
     call: Call,
+    /// The upstream streaming.
+    by: usize,
     started: Instant,
 }
 
@@ -136,11 +138,10 @@ pub fn sse_whole(body: &Map<String, Value>, include_usage: bool) -> String {
 impl StreamReply {
     pub(super) fn new(gw: Arc<Gateway>, ctx: Ctx, s: Streaming) -> StreamReply {
         let route = &gw.routes[ctx.route];
-        let up = match s.served {
-            Served::Large => route.cfg.large,
-            Served::Small => route.cfg.small,
-        };
-        let tier = gw.upstream(up).map(|u| u.name.clone()).unwrap_or_default();
+        let tier = gw
+            .upstream(Some(s.by))
+            .map(|u| u.name.clone())
+            .unwrap_or_default();
         let head = TandemInfo {
             route: route.name().to_string(),
             tier,
@@ -177,6 +178,7 @@ impl StreamReply {
                 cost: s.cost,
                 tried: s.tried,
                 call: s.call,
+                by: s.by,
                 started: Instant::now(),
             }),
         }
@@ -280,7 +282,18 @@ impl Finisher {
     /// reservation is kept whole, and the spend shows in the metrics. Returns what the request
     /// was charged, in micro-dollars.
     fn abandon(self) -> tandem_core::Micros {
-        let kept = self.held.map_or(0, crate::budget::Held::keep);
+        // Kept at the bound of the upstream that streamed, not the group's most expensive one
+        // (which the reservation was sized for).
+        let bound = self
+            .gw
+            .upstreams
+            .get(self.by)
+            .map(|u| u.estimate(&self.call));
+        let kept = self.held.map_or(0, |h| {
+            let keep = bound.map_or(h.estimate(), |b| b.min(h.estimate()));
+            h.settle(keep);
+            keep
+        });
         let total = self.cost + kept;
         let route = self.gw.routes[self.ctx.route].name().to_string();
         metrics::counter!("tandem_spend_micros_total", "route" => route.clone()).increment(total);
@@ -295,10 +308,7 @@ impl Finisher {
     ) -> Result<(TandemInfo, Value), GatewayError> {
         let gw = &self.gw;
         let route = &gw.routes[self.ctx.route];
-        let up = gw.upstream(match self.served {
-            Served::Large => route.cfg.large,
-            Served::Small => route.cfg.small,
-        })?;
+        let up = gw.upstream(Some(self.by))?;
         let draft = Draft::of(&body);
         // Without the upstream's count, an upper bound: never $0.
         let (usage, usage_estimated) = match usage {
@@ -325,6 +335,7 @@ impl Finisher {
             token_logprobs,
             token_energies,
             elapsed: self.started.elapsed(),
+            by: self.by,
         };
         if let (Served::Large, Some(d)) = (self.served, &self.draft) {
             super::run::Run::new(gw, route).teach(&self.ctx, d, &answer, true);

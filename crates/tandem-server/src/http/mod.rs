@@ -419,26 +419,21 @@ async fn feedback(
     )
 }
 
-/// Liveness, and what an operator must act on: routes whose state file was refused (they serve,
-/// with their large model closed) make the status `degraded`.
+/// Liveness, and what an operator must act on ([`crate::Gateway::health`]).
 async fn health(State(st): State<AppState>) -> Response {
-    let refused: serde_json::Map<String, serde_json::Value> = st
-        .gateway
-        .routes()
-        .iter()
-        .filter_map(|r| {
-            r.refused_state()
-                .map(|why| (r.name().to_string(), json!({"state_refused": why})))
-        })
-        .collect();
-    if refused.is_empty() {
-        Json(json!({"status": "ok"})).into_response()
-    } else {
-        Json(json!({"status": "degraded", "routes": refused})).into_response()
-    }
+    Json(st.gateway.health()).into_response()
 }
 
 async fn metrics_text(State(st): State<AppState>) -> Response {
+    // Budget spend is state, not an event count: read at scrape time. After a restart it is what
+    // the journal (or state file) restored, unlike `tandem_spend_micros_total`.
+    for r in st.gateway.routes() {
+        let s = r.budget.spent();
+        let route = r.name().to_string();
+        metrics::gauge!("tandem_budget_spent_micros", "route" => route.clone())
+            .set(s.micros as f64);
+        metrics::gauge!("tandem_budget_calls", "route" => route).set(s.calls as f64);
+    }
     match &st.metrics {
         Some(h) => (
             StatusCode::OK,

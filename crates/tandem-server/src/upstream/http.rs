@@ -1,7 +1,7 @@
 //! An OpenAI-compatible HTTP upstream over one pooled reqwest client (rustls, TCP_NODELAY). The
 //! body sent is the client's ([`Call::outgoing`]); the answer kept is the upstream's, whole.
 
-use super::{logprob_signals, usage_of, Answered, Call, Piece, Pieces, Timeouts};
+use super::{has_answer, logprob_signals, usage_of, Answered, Call, Piece, Pieces, Timeouts};
 use crate::config::UpstreamConfig;
 use crate::error::GatewayError;
 use crate::scrub::{register_secret, scrub};
@@ -180,21 +180,6 @@ impl HttpBackend {
     }
 }
 
-/// Whether a chunk carries part of the answer (anything beyond the role): the first-token
-/// timeout ends there.
-fn has_answer(c: &Map<String, Value>) -> bool {
-    c.get("choices")
-        .and_then(Value::as_array)
-        .is_some_and(|cs| {
-            cs.iter().any(|ch| {
-                ch["finish_reason"].is_string()
-                    || ch["delta"]
-                        .as_object()
-                        .is_some_and(|d| d.iter().any(|(k, v)| k != "role" && !v.is_null()))
-            })
-        })
-}
-
 fn timeout_err(name: &str, t: Duration) -> GatewayError {
     GatewayError::UpstreamTimeout {
         upstream: name.to_string(),
@@ -266,6 +251,7 @@ async fn check_status(
         upstream: name.to_string(),
         status: status.as_u16(),
         reason: msg,
+        retry_after,
     })
 }
 

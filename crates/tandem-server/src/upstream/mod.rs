@@ -246,6 +246,8 @@ pub struct Completion {
     pub token_energies: Option<Vec<f32>>,
     /// Time spent upstream, subtracted from the gateway's overhead.
     pub elapsed: Duration,
+    /// The upstream that answered (its [`Upstream::index`]).
+    pub by: usize,
 }
 
 impl Completion {
@@ -275,6 +277,92 @@ pub enum Piece {
 /// A streamed answer: pieces until `Done`, or an error (timeout, a cut stream, garbage).
 pub type Pieces = tokio::sync::mpsc::Receiver<Result<Piece, GatewayError>>;
 
+/// Whether a chunk carries part of the answer (anything beyond the role): the first-token
+/// timeout ends there, and so does the time a failed stream can still move to another upstream.
+pub(crate) fn has_answer(c: &Map<String, Value>) -> bool {
+    c.get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|ch| {
+                ch["finish_reason"].is_string()
+                    || ch["delta"]
+                        .as_object()
+                        .is_some_and(|d| d.iter().any(|(k, v)| k != "role" && !v.is_null()))
+            })
+        })
+}
+
+/// Reads a stream up to its first piece of answer (or its end), which nothing has yet been sent
+/// to the client for: a failure until then is the upstream's alone, and another upstream may
+/// still serve. Returns the pieces read and the rest of the stream.
+pub async fn until_answer(
+    mut rx: Pieces,
+    name: &str,
+) -> Result<(Vec<Piece>, Pieces), GatewayError> {
+    let mut head = Vec::new();
+    loop {
+        match rx.recv().await {
+            Some(Ok(Piece::Chunk(c))) => {
+                let answered = has_answer(&c);
+                head.push(Piece::Chunk(c));
+                if answered {
+                    return Ok((head, rx));
+                }
+            }
+            Some(Ok(done @ Piece::Done { .. })) => {
+                head.push(done);
+                return Ok((head, rx));
+            }
+            Some(Err(e)) => return Err(e),
+            None => {
+                return Err(GatewayError::Upstream {
+                    upstream: name.to_string(),
+                    reason: "the stream ended before any answer".into(),
+                })
+            }
+        }
+    }
+}
+
+/// The stream the client reads: `head`, then the rest of `rx`. `ticket` (the upstream's
+/// concurrency slot and breaker probe) is held until the stream ends, and reports how it ended.
+pub fn relay(head: Vec<Piece>, mut rx: Pieces, ticket: crate::resilience::Ticket) -> Pieces {
+    let (tx, out) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        for p in head {
+            let last = matches!(p, Piece::Done { .. });
+            if tx.send(Ok(p)).await.is_err() {
+                return; // the client left: the ticket is dropped unfinished
+            }
+            if last {
+                ticket.finish(true);
+                return;
+            }
+        }
+        loop {
+            let item = rx.recv().await;
+            let ok = match &item {
+                Some(Ok(Piece::Chunk(_))) => None,
+                Some(Ok(Piece::Done { .. })) => Some(true),
+                Some(Err(e)) => Some(!crate::resilience::Cure::of(e).blames_upstream()),
+                None => Some(false),
+            };
+            let sent = match item {
+                Some(it) => tx.send(it).await.is_ok(),
+                None => true,
+            };
+            if let Some(ok) = ok {
+                ticket.finish(ok);
+                return;
+            }
+            if !sent {
+                return;
+            }
+        }
+    });
+    out
+}
+
 enum Backend {
     Http(http::HttpBackend),
     Gguf(gguf::GgufBackend),
@@ -282,7 +370,11 @@ enum Backend {
 
 pub struct Upstream {
     pub name: String,
+    /// Its place in the gateway's upstreams (what groups and answers name it by).
+    pub index: usize,
     pub price: Price,
+    /// Its breaker, concurrency limit and retry policy.
+    pub health: Arc<crate::resilience::Health>,
     timeouts: Timeouts,
     pub cfg: crate::config::UpstreamConfig,
     backend: Backend,
@@ -306,11 +398,16 @@ impl Upstream {
         let client = http::client(&cfg.upstreams)?;
         cfg.upstreams
             .iter()
-            .map(|u| Upstream::build(u, &client))
+            .enumerate()
+            .map(|(i, u)| Upstream::build(i, u, &client))
             .collect()
     }
 
-    fn build(u: &UpstreamCfg, client: &reqwest::Client) -> Result<Upstream, GatewayError> {
+    fn build(
+        index: usize,
+        u: &UpstreamCfg,
+        client: &reqwest::Client,
+    ) -> Result<Upstream, GatewayError> {
         let backend = match u.cfg.kind {
             UpstreamKind::Openai => Backend::Http(http::HttpBackend::new(&u.cfg, client.clone())?),
             UpstreamKind::Gguf => Backend::Gguf(gguf::GgufBackend::load(&u.cfg)?),
@@ -318,6 +415,13 @@ impl Upstream {
         let total = Duration::from_millis(u.cfg.timeout_ms);
         Ok(Upstream {
             name: u.cfg.name.clone(),
+            index,
+            health: Arc::new(crate::resilience::Health::new(
+                &u.cfg.name,
+                u.cfg.retry.clone(),
+                u.cfg.breaker.clone(),
+                u.cfg.max_concurrency,
+            )),
             price: u.price,
             timeouts: Timeouts {
                 total,
@@ -358,6 +462,7 @@ impl Upstream {
             token_logprobs: a.token_logprobs,
             token_energies: a.token_energies,
             elapsed: a.elapsed,
+            by: self.index,
         })
     }
 

@@ -1,0 +1,137 @@
+//! State that gateway replicas share through Redis (`[server.shared] redis_url`), so that any
+//! number of replicas behind a load balancer together never pass a route's budget cap.
+//!
+//! - [`SharedBudget`]: a route's budget window as atomic reservations in Redis (Lua scripts:
+//!   check-and-reserve, settle, refund, expiry of old windows and reclaim of reservations whose
+//!   replica died).
+//! - [`LocalShare`]: what one replica may spend on its own while Redis is unreachable, as
+//!   configured by [`OnRedisDown`]; its spend is pushed to Redis when Redis answers again.
+//!
+//! Money is integer micro-dollars ([`Micros`](tandem_core::Micros)); times are seconds since the
+//! Unix epoch unless a field says otherwise.
+
+pub mod budget;
+pub mod fallback;
+
+pub use budget::{
+    Cap, Closed, Reserve, SharedBudget, SharedConfig, SharedReservation, SharedSpent, Totals,
+    Window, MAX_AMOUNT,
+};
+pub use fallback::{LocalHeld, LocalShare, OnRedisDown, Unsynced};
+
+use std::time::Duration;
+
+/// What can go wrong talking to the shared store. Every message names the store (its URL without
+/// the password) and the operation.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    /// The URL is not a Redis URL (`redis://` or `rediss://`).
+    #[error("shared store: bad Redis URL `{url}`: {source}")]
+    BadUrl {
+        url: String,
+        source: redis::RedisError,
+    },
+    /// A setting or an argument the store cannot take (an amount over [`MAX_AMOUNT`], an empty
+    /// route, a prefix with a `:`); nothing was sent.
+    #[error("shared store: {what}: {why}")]
+    BadInput { what: &'static str, why: String },
+    /// The client needs a Tokio runtime (it runs a background task per connection).
+    #[error("shared store at {url}: must be opened inside a Tokio runtime")]
+    NoRuntime { url: String },
+    /// Redis could not be reached, or the connection broke, or Redis answered with an error.
+    #[error("shared store at {url}: {op} failed: {source}")]
+    Redis {
+        url: String,
+        op: &'static str,
+        source: redis::RedisError,
+    },
+    /// No answer within the operation timeout. The operation may still have been applied in
+    /// Redis: a reservation then stays counted (as spent, once its hold ends), never lost.
+    #[error("shared store at {url}: {op} got no answer within {} ms", .timeout.as_millis())]
+    Timeout {
+        url: String,
+        op: &'static str,
+        timeout: Duration,
+    },
+    /// Not tried: Redis failed recently, and each request waiting a full timeout on a store known
+    /// to be down would stall the gateway. The next try is made after `retry_in`.
+    #[error("shared store at {url}: {op} not tried, Redis is down (next try in {} ms)", .retry_in.as_millis())]
+    Down {
+        url: String,
+        op: &'static str,
+        retry_in: Duration,
+    },
+    /// Redis answered something the scripts never return (another program wrote these keys?).
+    #[error("shared store at {url}: {op}: unexpected reply: {detail}")]
+    Reply {
+        url: String,
+        op: &'static str,
+        detail: String,
+    },
+}
+
+impl SharedError {
+    /// True when the store could not be reached or did not answer in time: the caller falls back
+    /// as its [`OnRedisDown`] says. False for bad input or replies, which a retry cannot cure.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            SharedError::Timeout { .. } | SharedError::Down { .. } => true,
+            SharedError::Redis { source, .. } => is_unreachable(source),
+            _ => false,
+        }
+    }
+}
+
+/// Errors that say the store is not there or cannot serve now (as opposed to an error in what was
+/// asked): I/O, a broken connection, and a server still loading its data, failing over or turned
+/// read-only.
+pub(crate) fn is_unreachable(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, RetryMethod, ServerErrorKind};
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || matches!(
+            e.retry_method(),
+            RetryMethod::Reconnect
+                | RetryMethod::ReconnectFromInitialConnections
+                | RetryMethod::WaitAndRetry
+        )
+        || e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+}
+
+/// `url` without its password, for messages and logs: `redis://user:***@host:6379/0`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    // The user info ends at the last `@` before the path; a password may itself contain `@`.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    let shown = match userinfo.find(':') {
+        Some(colon) => format!("{}:***", &userinfo[..colon]),
+        None => userinfo.to_string(),
+    };
+    format!("{}{}{}", &url[..scheme_end + 3], shown, &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_password_only() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://:s3cret@host:6379/2", "redis://:***@host:6379/2"),
+            ("rediss://tandem:p@ss@host/0", "rediss://tandem:***@host/0"),
+            ("redis://user@host", "redis://user@host"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+}
