@@ -56,6 +56,10 @@ pub struct GatewayArgs {
     no_litellm: bool,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The `tandem` executable to run as the gateway (default: this one), e.g. an older build to
+    /// compare with the same load generator.
+    #[arg(long)]
+    tandem: Option<PathBuf>,
     /// Where configs and the servers' logs go.
     #[arg(long, default_value = "out/bench-gateway")]
     out: PathBuf,
@@ -162,7 +166,10 @@ fn gateway(a: GatewayArgs) -> Result<()> {
         rates: a.rates,
         compare_rates: a.compare_rates,
         seconds: a.seconds,
-        tandem: std::env::current_exe().context("finding the tandem executable")?,
+        tandem: match a.tandem {
+            Some(p) => p,
+            None => std::env::current_exe().context("finding the tandem executable")?,
+        },
         litellm,
         work_dir: a.out.clone(),
     };

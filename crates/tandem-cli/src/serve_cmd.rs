@@ -56,7 +56,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
         let gateway = Arc::new(Gateway::start(&cfg)?);
-        let listener = tokio::net::TcpListener::bind(&listen)
+        let listener = tandem_server::listen::bind(&listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let routes: Vec<&str> = gateway.routes().iter().map(|r| r.name()).collect();

@@ -58,6 +58,54 @@ pub struct ServerSection {
     pub feedback_window: usize,
     /// Browser access from other origins (`[server.cors]`). Unset: no CORS headers at all.
     pub cors: Option<CorsConfig>,
+    /// Longest wait for a request's headers, in ms; also how long a kept-alive connection may
+    /// sit idle between two requests. A client that trickles its headers is disconnected.
+    /// Default 10,000.
+    #[serde(default = "default_header_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Longest wait for a request's whole body, in ms, from the first attempt to read it: past
+    /// it, 408 (a body trickled a byte at a time ends there too). Default 30,000.
+    #[serde(default = "default_body_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+    /// Open client connections at most (default 4,096). Past it, a new connection is answered
+    /// 503 `overloaded` with `Retry-After: 1` and closed, rather than left waiting in the listen
+    /// queue. Each connection is an open file: at start the gateway raises its soft open-file
+    /// limit to the hard one and, if this cap is above half of it (the other half is for
+    /// upstream connections and files), lowers the cap to that with a warning. HTTP/1 clients
+    /// hold one connection per request in flight, so size it to your clients' peak concurrency
+    /// with headroom (an idle one costs some tens of KB).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Requests in flight at most (a stream until its body ends; default 1,024). Past it, 503
+    /// `overloaded` with `Retry-After: 1` at once (load shedding), never a queue. A request in
+    /// flight costs memory (its body, up to `max_body_bytes`) and an upstream connection, and
+    /// little CPU while it waits: size it to peak requests per second × the upstreams' p99
+    /// latency in seconds (a stream's whole length), with headroom. Overload of the CPU shows
+    /// as requests piling up here, so a cap near that figure sheds an overload within about
+    /// cap ÷ throughput seconds instead of letting every request's latency grow.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// On shutdown, how long requests in flight get to finish (seconds; default 10) before the
+    /// connections still open are dropped; idle ones close at once, and the state and spend are
+    /// saved either way.
+    #[serde(default = "default_shutdown_grace_s")]
+    pub shutdown_grace_s: u64,
+}
+
+fn default_header_timeout_ms() -> u64 {
+    10_000
+}
+fn default_body_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_in_flight() -> usize {
+    1024
+}
+fn default_shutdown_grace_s() -> u64 {
+    10
 }
 
 /// `[server.cors]`: which web origins may call the gateway from a browser.
@@ -116,6 +164,11 @@ impl Default for ServerSection {
             persist_interval_s: default_persist_s(),
             feedback_window: default_feedback_window(),
             cors: None,
+            header_read_timeout_ms: default_header_timeout_ms(),
+            body_read_timeout_ms: default_body_timeout_ms(),
+            max_connections: default_max_connections(),
+            max_in_flight: default_max_in_flight(),
+            shutdown_grace_s: default_shutdown_grace_s(),
         }
     }
 }
@@ -395,6 +448,22 @@ impl ServerConfig {
                 &self.server.max_body_bytes,
                 "must be at least 1024",
             ));
+        }
+        for (field, v) in [
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            (
+                "server.body_read_timeout_ms",
+                self.server.body_read_timeout_ms,
+            ),
+            ("server.max_connections", self.server.max_connections as u64),
+            ("server.max_in_flight", self.server.max_in_flight as u64),
+        ] {
+            if v == 0 {
+                return Err(bad(field.into(), &0, "must be at least 1"));
+            }
         }
         if self.server.feedback_window == 0 {
             return Err(bad(
@@ -805,6 +874,17 @@ impl Validated {
     /// Checks what the config names in the environment: every `api_key_env` (upstreams) and
     /// `server.api_keys_env` (clients) is set and not empty. Run by `--check` and before start.
     pub fn check_environment(&self, path: &Path) -> Result<(), ConfigError> {
+        // State and spend files go in `state_dir`: a file there would close every route at start.
+        if let Some(d) = self.state_dir() {
+            if d.exists() && !d.is_dir() {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    field: "server.state_dir".into(),
+                    value: d.display().to_string(),
+                    reason: "is a file, not a directory".into(),
+                });
+            }
+        }
         let mut vars: Vec<(String, &str)> = self
             .upstreams
             .iter()

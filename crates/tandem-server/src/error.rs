@@ -67,6 +67,12 @@ pub enum GatewayError {
     /// through to the client (boxed: the other variants stay small).
     #[error("upstream `{}`: {}", .0.upstream, .0.message)]
     UpstreamRejected(Box<Rejected>),
+    /// More requests in flight than `server.max_in_flight`: shed, to be retried shortly.
+    #[error("the gateway is over capacity; retry shortly")]
+    Overloaded,
+    /// The request's body did not arrive within `server.body_read_timeout_ms`.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -104,7 +110,9 @@ impl GatewayError {
             GatewayError::BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::BudgetClosed { .. }
             | GatewayError::NoUpstream { .. }
-            | GatewayError::SpendNotDurable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | GatewayError::SpendNotDurable { .. }
+            | GatewayError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Upstream { .. } | GatewayError::UpstreamStatus { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -141,7 +149,9 @@ impl GatewayError {
             }),
             GatewayError::Internal(_)
             | GatewayError::BudgetClosed { .. }
-            | GatewayError::SpendNotDurable { .. } => "server_error",
+            | GatewayError::SpendNotDurable { .. }
+            | GatewayError::Overloaded => "server_error",
+            GatewayError::RequestTimeout => "invalid_request_error",
         }
     }
 
@@ -153,6 +163,8 @@ impl GatewayError {
             GatewayError::BudgetExhausted { .. } => Some("insufficient_quota"),
             GatewayError::BudgetClosed { .. } => Some("route_state_refused"),
             GatewayError::SpendNotDurable { .. } => Some("spend_not_durable"),
+            GatewayError::Overloaded => Some("overloaded"),
+            GatewayError::RequestTimeout => Some("request_timeout"),
             GatewayError::BodyTooLarge(_) => Some("request_too_large"),
             GatewayError::UpstreamTimeout { .. } => Some("upstream_timeout"),
             GatewayError::NoUpstream { .. } => Some("upstream_unavailable"),
@@ -177,7 +189,9 @@ impl GatewayError {
             | GatewayError::Upstream { .. }
             | GatewayError::UpstreamStatus { .. }
             | GatewayError::NoUpstream { .. }
-            | GatewayError::SpendNotDurable { .. } => true,
+            | GatewayError::SpendNotDurable { .. }
+            | GatewayError::Overloaded
+            | GatewayError::RequestTimeout => true,
             GatewayError::BudgetExhausted { retry_after_s, .. } => retry_after_s.is_some(),
             GatewayError::UpstreamRejected(r) => matches!(r.status, 408 | 409 | 429),
             _ => false,
@@ -195,6 +209,7 @@ impl GatewayError {
             }
             GatewayError::UpstreamRejected(r) => r.retry_after.clone(),
             GatewayError::UpstreamStatus { retry_after, .. } => retry_after.clone(),
+            GatewayError::Overloaded => Some("1".into()),
             _ => None,
         }
     }

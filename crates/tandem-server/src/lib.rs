@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod http;
 pub mod journal;
 pub mod learner;
+pub mod listen;
 pub mod openai;
 pub mod persist;
 pub mod resilience;
@@ -30,12 +31,19 @@ pub use config::{ServerConfig, Validated};
 pub use error::GatewayError;
 pub use gateway::Gateway;
 
-use axum::serve::ListenerExt;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Serves until `shutdown` completes, then persists what was learned. `server` is the validated
-/// `[server]` section (body limit, CORS).
+/// `[server]` section.
+///
+/// The accept loop ([`listen::run`]) protects the gateway: a header read timeout (a client that
+/// trickles its request line is dropped; also the keep-alive idle timeout), a cap on open
+/// connections (past it, 503 `overloaded` at once rather than a wait in the listen queue), and a
+/// shutdown with a deadline — idle connections close at once, requests in flight get
+/// `shutdown_grace_s` to finish, then whatever is left is dropped and the state is saved,
+/// whatever a client does. Bind `listener` with [`listen::bind`] for a deep listen queue.
 pub async fn serve(
     gateway: Arc<Gateway>,
     listener: tokio::net::TcpListener,
@@ -46,17 +54,19 @@ pub async fn serve(
         gateway: gateway.clone(),
         max_body: server.max_body_bytes,
         metrics: http::metrics_handle(),
-        cors: server.cors,
+        cors: server.cors.clone(),
+        body_timeout: Duration::from_millis(server.body_read_timeout_ms),
+        max_in_flight: server.max_in_flight,
     });
-    // Without TCP_NODELAY, small responses on kept-alive connections wait on Nagle's algorithm.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let limits = listen::Limits {
+        header_read_timeout: Duration::from_millis(server.header_read_timeout_ms),
+        max_connections: listen::fit_connections(
+            server.max_connections,
+            listen::raise_open_file_limit(),
+        ),
+        shutdown_grace: Duration::from_secs(server.shutdown_grace_s),
+    };
+    listen::run(listener, app, limits, shutdown).await;
     gateway
         .flush()
         .await

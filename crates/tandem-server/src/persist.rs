@@ -58,7 +58,22 @@ pub struct Restored {
 }
 
 pub fn state_path(dir: &Path, route: &str) -> PathBuf {
-    dir.join(format!("{route}.state"))
+    dir.join(format!("{}.state", file_stem(route)))
+}
+
+/// A route's name as a file name inside `state_dir`: letters, digits, `-`, `_` and (not first)
+/// `.` stay; every other byte is `%XX`. `openai/gpt-4o` → `openai%2Fgpt-4o`, `../x` → `%2E.%2Fx`:
+/// no route name can reach outside the directory, and two names never share a file.
+pub fn file_stem(route: &str) -> String {
+    let mut out = String::with_capacity(route.len());
+    for (i, b) in route.bytes().enumerate() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && i > 0) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn io_err(path: &Path, what: &str, e: impl std::fmt::Display) -> GatewayError {
@@ -283,6 +298,29 @@ pub fn load(dir: &Path, route: &RouteState, now: u64) -> Result<Option<Restored>
         learned,
         spend_journal: header.spend_journal,
     }))
+}
+
+#[cfg(test)]
+mod file_name_tests {
+    use super::*;
+
+    #[test]
+    fn route_names_stay_inside_the_state_dir_and_apart() {
+        for (name, stem) in [
+            ("tandem", "tandem"),
+            ("gpt-4o_mini.v2", "gpt-4o_mini.v2"),
+            ("openai/gpt-4o", "openai%2Fgpt-4o"),
+            ("../escaped", "%2E.%2Fescaped"),
+            (".hidden", "%2Ehidden"),
+            ("a b%", "a%20b%25"),
+            ("ü", "%C3%BC"),
+        ] {
+            assert_eq!(file_stem(name), stem, "{name}");
+            let p = state_path(Path::new("/s"), name);
+            assert_eq!(p.parent(), Some(Path::new("/s")), "{name}");
+        }
+        assert_ne!(file_stem("a/b"), file_stem("a%2Fb"));
+    }
 }
 
 #[cfg(test)]

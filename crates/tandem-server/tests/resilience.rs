@@ -718,6 +718,29 @@ async fn streams_fail_over_until_their_first_piece_of_answer() {
             },
         ),
         (
+            "OpenAI's opening chunk (role, empty content), no [DONE]",
+            Scripted::Sse {
+                chunks: vec![chunk(
+                    json!({"role": "assistant", "content": "", "refusal": null}),
+                    Value::Null,
+                )],
+                delay_ms: 0,
+            },
+        ),
+        (
+            "opening chunk with empty tool_calls, then garbage",
+            Scripted::Sse {
+                chunks: vec![
+                    chunk(
+                        json!({"role": "assistant", "content": "", "tool_calls": []}),
+                        Value::Null,
+                    ),
+                    "{oops".into(),
+                ],
+                delay_ms: 0,
+            },
+        ),
+        (
             "no chunk at all",
             Scripted::Sse {
                 chunks: vec![],

@@ -244,8 +244,13 @@ async fn serve_conn(mut s: TcpStream, st: Arc<MockState>) -> std::io::Result<()>
                 .await?
             }
             Some(Fault::Truncated) => {
-                // Headers promise more than is sent: the body (or the first event) is cut short.
-                let part = "data: {\"id\":\"x\",\"object\":\"chat.comp";
+                // Headers promise more than is sent: the body is cut short (a stream after
+                // OpenAI's opening chunk, which holds no answer yet).
+                let part = if stream {
+                    "data: {\"id\":\"x\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\ndata: {\"id\":\"x\",\"obj"
+                } else {
+                    "{\"id\":\"x\",\"object\":\"chat.comp"
+                };
                 let ctype = if stream {
                     "text/event-stream"
                 } else {

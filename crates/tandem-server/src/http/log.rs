@@ -61,6 +61,10 @@ impl RequestLog {
 /// The middleware (`axum::middleware::from_fn(log::requests)`), outermost so that every
 /// response, whichever layer produced it, gets its line.
 pub async fn requests(mut req: Request, next: Next) -> Response {
+    // The line filtered out (`RUST_LOG=warn`): none of its preparation either.
+    if !tracing::enabled!(target: "tandem::request", tracing::Level::INFO) {
+        return next.run(req).await;
+    }
     let t0 = Instant::now();
     let slot = RequestLog::default();
     req.extensions_mut().insert(slot.clone());

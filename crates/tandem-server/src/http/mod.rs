@@ -2,9 +2,15 @@
 //! [`Gateway`] and writes OpenAI's shapes. Order of work on a request, in one place (the layers
 //! are stacked in [`router`] in this order, outermost first):
 //!
-//! 1. log ([`log::requests`]): a fresh [`log::RequestLog`] slot in the request's extensions; one
+//! 1. the accept loop ([`crate::listen`]), before any layer: at most `server.max_connections`
+//!    open connections (past it, 503 `overloaded` and the connection closed), and a connection
+//!    whose request headers take longer than `server.header_read_timeout_ms` is closed;
+//! 2. log ([`log::requests`]): a fresh [`log::RequestLog`] slot in the request's extensions; one
 //!    line per request once the response is out (a stream's, when its body ends or is dropped);
-//! 2. CORS (tower-http `CorsLayer`, only with `[server.cors]`): a preflight `OPTIONS` is answered
+//! 3. load shedding ([`layers::InFlightLayer`]): past `server.max_in_flight` requests at once
+//!    (a stream counts until its body ends), 503 `overloaded` with `Retry-After: 1` at once,
+//!    never a queue;
+//! 4. CORS (tower-http `CorsLayer`, only with `[server.cors]`): a preflight `OPTIONS` is answered
 //!    here, before authentication (browsers send no key with it); other responses get
 //!    `access-control-allow-origin` and `-expose-headers` (the `x-tandem-*` headers,
 //!    `retry-after`, `x-should-retry`). Any request header a preflight names is allowed: the key
@@ -13,16 +19,18 @@
 //!    there are no CORS headers and `OPTIONS` is a method like any other: 405 in OpenAI's shape
 //!    with an `Allow` header — a browser only preflights a cross-origin call, which without CORS
 //!    fails whatever the answer;
-//! 3. request decompression (tower-http, `Content-Encoding: gzip | deflate | br | zstd`, matched
-//!    case-insensitively): lazy, so nothing is inflated before authentication, and the body limit
+//! 5. request decompression (tower-http, `Content-Encoding: gzip | deflate | br | zstd`, matched
+//!    case-insensitively by [`layers::CodingLayer`]): lazy, so nothing is inflated before authentication, and the body limit
 //!    below counts decompressed bytes. An unknown coding is a 415 in OpenAI's shape (with
 //!    `Accept-Encoding`); a body that does not decompress is a 400 when it is read;
-//! 4. authentication (`Authorization: Bearer <key>`, scheme case-insensitive, when
+//! 6. authentication (`Authorization: Bearer <key>`, scheme case-insensitive, when
 //!    `server.api_keys_env` is set) — before the body is read, so an unauthenticated client
 //!    cannot make the gateway buffer anything;
-//! 5. body limit (`server.max_body_bytes`, 413), then JSON parsing into the request shape;
-//! 6. the pipeline ([`Gateway::chat`]): route, decision, budget, upstream calls, learning;
-//! 7. response: JSON or an SSE stream, with `x-tandem-*` headers; the gateway's own overhead
+//! 7. the body, whole within `server.body_read_timeout_ms` of the first attempt to read it (408
+//!    past it: a client that trickles its body cannot hold a request open) and within
+//!    `server.max_body_bytes` (413), then JSON parsing into the request shape;
+//! 8. the pipeline ([`Gateway::chat`]): route, decision, budget, upstream calls, learning;
+//! 9. response: JSON or an SSE stream, with `x-tandem-*` headers; the gateway's own overhead
 //!    (total time less upstream time) goes to the `tandem_overhead_seconds` histogram.
 //!
 //! Every error, including unknown paths and wrong methods, is OpenAI-shaped.
@@ -42,14 +50,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 // For the layers (router, cors_layer, content_encoding) and GET /v1/models/{id}.
 use crate::config::CorsConfig;
-use crate::error::ErrorInfo;
 use axum::extract::{rejection::PathRejection, Path};
 use axum::http::{HeaderName, Method};
-use axum::middleware::Next;
 use std::time::Duration;
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
-use tower_http::decompression::RequestDecompressionLayer;
 
+pub mod layers;
 pub mod log;
 
 /// What the handlers and layers need.
@@ -61,6 +67,10 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// `[server.cors]`, validated; None: no CORS headers.
     pub cors: Option<CorsConfig>,
+    /// `server.body_read_timeout_ms`: a body that takes longer to arrive whole is a 408.
+    pub body_timeout: Duration,
+    /// `server.max_in_flight`: requests served at once; past it, 503 with `Retry-After`.
+    pub max_in_flight: usize,
 }
 
 /// The process-wide Prometheus recorder (installed once; tests start many gateways).
@@ -85,6 +95,7 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
 /// The gateway's routes under the layers listed in the module doc, in that order.
 pub fn router(state: AppState) -> Router {
     let cors = state.cors.as_ref().map(cors_layer);
+    let max_in_flight = state.max_in_flight.max(1);
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
@@ -100,9 +111,9 @@ pub fn router(state: AppState) -> Router {
             // ServiceBuilder runs its layers top to bottom: the first is the outermost.
             tower::ServiceBuilder::new()
                 .layer(axum::middleware::from_fn(log::requests))
+                .layer(layers::InFlightLayer::new(max_in_flight))
                 .option_layer(cors)
-                .layer(axum::middleware::from_fn(content_encoding))
-                .layer(RequestDecompressionLayer::new()),
+                .layer(layers::CodingLayer),
         )
 }
 
@@ -140,40 +151,6 @@ fn cors_layer(c: &CorsConfig) -> CorsLayer {
     }
 }
 
-/// Content codings are case-insensitive (RFC 9110) but tower-http matches them byte for byte:
-/// lowercase the header first. And its 415 for a coding it cannot decode has an empty body:
-/// give it OpenAI's shape.
-async fn content_encoding(mut req: axum::extract::Request, next: Next) -> Response {
-    let coding = req.headers().get(header::CONTENT_ENCODING).map(|v| {
-        String::from_utf8_lossy(v.as_bytes())
-            .trim()
-            .to_ascii_lowercase()
-    });
-    if let Some(v) = coding
-        .as_deref()
-        .and_then(|c| HeaderValue::from_str(c).ok())
-    {
-        req.headers_mut().insert(header::CONTENT_ENCODING, v);
-    }
-    let resp = next.run(req).await;
-    if resp.status() != StatusCode::UNSUPPORTED_MEDIA_TYPE
-        || resp.extensions().get::<ErrorInfo>().is_some()
-    {
-        return resp;
-    }
-    let shown: String = coding.unwrap_or_default().chars().take(64).collect();
-    let mut r = GatewayError::BadRequest(format!(
-        "Content-Encoding `{shown}` is not supported; send the body as is or compressed with one of gzip, deflate, br, zstd"
-    ))
-    .into_response();
-    *r.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
-    if let Some(accept) = resp.headers().get(header::ACCEPT_ENCODING) {
-        r.headers_mut()
-            .insert(header::ACCEPT_ENCODING, accept.clone());
-    }
-    r
-}
-
 async fn not_found() -> GatewayError {
     GatewayError::NotFound(
         "no such endpoint; see /v1/chat/completions, /v1/models, /v1/feedback".into(),
@@ -193,7 +170,14 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
-async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes, GatewayError> {
+/// The whole body, within `max` bytes and `within` (a deadline for the whole of it, not for
+/// each piece: a body that trickles a byte at a time still ends at the deadline).
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    max: usize,
+    within: Duration,
+) -> Result<Bytes, GatewayError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -201,7 +185,10 @@ async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes,
     if declared.is_some_and(|n| n > max) {
         return Err(GatewayError::BodyTooLarge(max));
     }
-    axum::body::to_bytes(body, max).await.map_err(|e| {
+    let read = tokio::time::timeout(within, axum::body::to_bytes(body, max))
+        .await
+        .map_err(|_| GatewayError::RequestTimeout)?;
+    read.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit")) {
             GatewayError::BodyTooLarge(max)
         } else {
@@ -226,15 +213,17 @@ fn force_header(headers: &HeaderMap) -> Result<Option<Force>, GatewayError> {
 
 async fn chat(
     State(st): State<AppState>,
-    log: Option<axum::Extension<log::RequestLog>>,
-    headers: HeaderMap,
-    body: Body,
+    request: axum::extract::Request,
 ) -> Result<Response, GatewayError> {
     let t0 = Instant::now();
-    st.gateway.check_key(bearer(&headers))?;
-    let bytes = read_body(&headers, body, st.max_body).await?;
+    // The request's parts by reference: the `HeaderMap` extractor would copy every header.
+    let (mut parts, body) = request.into_parts();
+    let headers = &parts.headers;
+    let log = parts.extensions.remove::<log::RequestLog>();
+    st.gateway.check_key(bearer(headers))?;
+    let bytes = read_body(headers, body, st.max_body, st.body_timeout).await?;
     let mut req = ChatRequest::parse(&bytes)?;
-    let force = force_header(&headers)?;
+    let force = force_header(headers)?;
     if let Some(ep) = headers.get("x-tandem-episode") {
         let ep = ep
             .to_str()
@@ -249,7 +238,6 @@ async fn chat(
     }
     let stream = req.stream;
     let include_usage = req.include_usage;
-    let log = log.map(|l| l.0);
     if let Some(l) = &log {
         l.set(|f| {
             f.route = Some(req.model.clone());
@@ -409,7 +397,7 @@ async fn feedback(
     body: Body,
 ) -> Result<Response, GatewayError> {
     st.gateway.check_key(bearer(&headers))?;
-    let bytes = read_body(&headers, body, st.max_body).await?;
+    let bytes = read_body(&headers, body, st.max_body, st.body_timeout).await?;
     let fb: Feedback =
         serde_json::from_slice(&bytes).map_err(|e| GatewayError::BadJson(e.to_string()))?;
     st.gateway.feedback(&fb)?;
@@ -427,6 +415,10 @@ async fn health(State(st): State<AppState>) -> Response {
 async fn metrics_text(State(st): State<AppState>) -> Response {
     // Budget spend is state, not an event count: read at scrape time. After a restart it is what
     // the journal (or state file) restored, unlike `tandem_spend_micros_total`.
+    // Breakers move from open to half-open with time alone: the gauge is read at scrape too.
+    for u in st.gateway.upstreams() {
+        u.health.publish_state();
+    }
     for r in st.gateway.routes() {
         let s = r.budget.spent();
         let route = r.name().to_string();

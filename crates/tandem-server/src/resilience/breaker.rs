@@ -85,11 +85,29 @@ impl BreakerConfig {
                 "must be 1 to 86400 seconds",
             ));
         }
-        if self.open_ms == 0 {
-            return Err(("open_ms", "0".into(), "must be positive"));
+        if !(1..=86_400_000).contains(&self.open_ms) {
+            return Err((
+                "open_ms",
+                self.open_ms.to_string(),
+                "must be 1 to 86400000 (a day)",
+            ));
         }
-        if self.half_open_probes == 0 {
-            return Err(("half_open_probes", "0".into(), "must be at least 1"));
+        if !(1..=1_000).contains(&self.half_open_probes) {
+            return Err((
+                "half_open_probes",
+                self.half_open_probes.to_string(),
+                "must be 1 to 1000",
+            ));
+        }
+        if self.min_calls == 0 {
+            return Err(("min_calls", "0".into(), "must be at least 1"));
+        }
+        if self.consecutive_failures > 1_000_000 {
+            return Err((
+                "consecutive_failures",
+                self.consecutive_failures.to_string(),
+                "must be 1 to 1000000",
+            ));
         }
         Ok(())
     }

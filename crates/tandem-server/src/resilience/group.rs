@@ -107,6 +107,11 @@ impl Health {
         self.lock().state(Instant::now())
     }
 
+    /// Sets the `tandem_upstream_breaker_state` gauge to the breaker's state now.
+    pub fn publish_state(&self) {
+        self.publish(self.state());
+    }
+
     /// Calls in flight, when the upstream has a concurrency limit.
     pub fn in_flight(&self) -> Option<u32> {
         let (lim, max) = (self.limit.as_ref()?, self.max_concurrency?);

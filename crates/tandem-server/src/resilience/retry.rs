@@ -56,6 +56,15 @@ impl RetryConfig {
         if !(1..=10).contains(&self.attempts) {
             return Err(("attempts", self.attempts.to_string(), "must be 1 to 10"));
         }
+        for (f, v, max) in [
+            ("backoff_ms", self.backoff_ms, 60_000),
+            ("max_backoff_ms", self.max_backoff_ms, 300_000),
+            ("max_retry_after_ms", self.max_retry_after_ms, 300_000),
+        ] {
+            if v > max {
+                return Err((f, v.to_string(), "is over its bound (backoff_ms 60000, max_backoff_ms and max_retry_after_ms 300000): a request would wait minutes"));
+            }
+        }
         if self.max_backoff_ms < self.backoff_ms {
             return Err((
                 "max_backoff_ms",

@@ -277,9 +277,17 @@ pub enum Piece {
 /// A streamed answer: pieces until `Done`, or an error (timeout, a cut stream, garbage).
 pub type Pieces = tokio::sync::mpsc::Receiver<Result<Piece, GatewayError>>;
 
-/// Whether a chunk carries part of the answer (anything beyond the role): the first-token
-/// timeout ends there, and so does the time a failed stream can still move to another upstream.
+/// Whether a chunk carries part of the answer (anything beyond the role; OpenAI's opening chunk
+/// `{"role": "assistant", "content": ""}` does not): the first-token timeout ends there, and so
+/// does the time a failed stream can still move to another upstream.
 pub(crate) fn has_answer(c: &Map<String, Value>) -> bool {
+    let says = |v: &Value| match v {
+        Value::Null => false,
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        _ => true,
+    };
     c.get("choices")
         .and_then(Value::as_array)
         .is_some_and(|cs| {
@@ -287,7 +295,7 @@ pub(crate) fn has_answer(c: &Map<String, Value>) -> bool {
                 ch["finish_reason"].is_string()
                     || ch["delta"]
                         .as_object()
-                        .is_some_and(|d| d.iter().any(|(k, v)| k != "role" && !v.is_null()))
+                        .is_some_and(|d| d.iter().any(|(k, v)| k != "role" && says(v)))
             })
         })
 }
