@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 // mimalloc rather than glibc's malloc: a gateway request makes hundreds of small, short-lived
-// allocations across threads, and glibc spent about a sixth of `tandem serve`'s CPU on them.
+// allocations across threads, and glibc's malloc and free were a fifth of `tandem serve`'s CPU.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

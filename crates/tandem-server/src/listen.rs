@@ -60,6 +60,7 @@ fn bind_one(a: SocketAddr) -> std::io::Result<TcpListener> {
 /// Raises the soft open-file limit to the hard one (as Go's runtime does: the soft default, often
 /// 1,024, is a leftover of `select`) and returns the soft limit now in force; None where there
 /// is no limit to read. Each client connection, upstream connection and file is one.
+#[cfg(unix)]
 pub fn raise_open_file_limit() -> Option<u64> {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut lim = getrlimit(Resource::Nofile);
@@ -71,6 +72,12 @@ pub fn raise_open_file_limit() -> Option<u64> {
         }
     }
     lim.current
+}
+
+/// No open-file limit to raise or read here.
+#[cfg(not(unix))]
+pub fn raise_open_file_limit() -> Option<u64> {
+    None
 }
 
 /// `max_connections` within the open-file limit: at most half of it (less a few for the
@@ -193,4 +200,32 @@ pub async fn run(
         );
     }
     tasks.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_fit_in_half_the_open_files() {
+        // A 1,024 soft limit: (1,024 − 64) / 2 connections; upstreams and files get the rest.
+        assert_eq!(fit_connections(4096, Some(1024)), 480);
+        assert_eq!(fit_connections(100, Some(1024)), 100);
+        assert_eq!(fit_connections(4096, Some(1_048_576)), 4096);
+        assert_eq!(fit_connections(4096, None), 4096);
+        assert_eq!(fit_connections(4096, Some(10)), 1);
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_not_lowered() {
+        #[cfg(unix)]
+        {
+            let before = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+            let after = raise_open_file_limit();
+            assert!(
+                after >= before || after.is_none(),
+                "{before:?} -> {after:?}"
+            );
+        }
+    }
 }
