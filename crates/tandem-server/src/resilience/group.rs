@@ -141,9 +141,13 @@ impl Health {
         let mut b = self.lock();
         match b.admit(now) {
             Admit::Yes { probe } => {
-                let s = b.state(now);
-                drop(b);
-                self.publish(s);
+                // Only a probe moves the state (open to half-open); an ordinary call leaves the
+                // gauge as it is, off the hot path.
+                if probe {
+                    let s = b.state(now);
+                    drop(b);
+                    self.publish(s);
+                }
                 Ok(Ticket {
                     health: self.clone(),
                     probe,
