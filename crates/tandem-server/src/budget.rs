@@ -6,6 +6,7 @@
 
 use crate::error::GatewayError;
 use crate::journal::{Journal, Ticket};
+use crate::shared::{RouteShare, SharedHold};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tandem_core::{Budget, BudgetLimits, CoreError, Micros, Reservation};
@@ -20,6 +21,8 @@ pub struct WindowBudget {
     closed: AtomicBool,
     /// The route's spend journal (capped routes with a `state_dir`), attached once at start.
     journal: OnceLock<Journal>,
+    /// The route's budget shared with other replicas through Redis (`[server.shared]`).
+    shared: OnceLock<Arc<RouteShare>>,
 }
 
 struct Window {
@@ -40,6 +43,15 @@ pub struct Held {
     ticket: Option<Ticket>,
     /// [`Held::durable`] failed: the call it would pay for is not made.
     not_durable: AtomicBool,
+    /// The reservation in the shared store, on a route shared between replicas.
+    shared: Option<SharedPart>,
+}
+
+struct SharedPart {
+    link: Arc<RouteShare>,
+    window_start: u64,
+    retry_after_s: Option<u64>,
+    hold: Mutex<SharedHold>,
 }
 
 impl Held {
@@ -51,6 +63,9 @@ impl Held {
             if let Some(t) = &self.ticket {
                 t.settle(actual);
             }
+            if let Some(s) = &self.shared {
+                s.link.settle(&s.hold, actual);
+            }
         }
     }
 
@@ -60,6 +75,9 @@ impl Held {
             self.budget.release(r);
             if let Some(t) = &self.ticket {
                 t.release();
+            }
+            if let Some(s) = &self.shared {
+                s.link.release(&s.hold);
             }
         }
     }
@@ -77,24 +95,34 @@ impl Held {
         e
     }
 
-    /// Resolves once the reservation is on disk in the route's spend journal — await it right
-    /// before making the call it pays for. Resolves at once on a route without a journal (no
-    /// cap, or no `state_dir`).
+    /// Resolves once the reservation is durable — on disk in the route's spend journal, or
+    /// taken in the shared store on a route whose budget replicas share — and may be spent:
+    /// await it right before making the call it pays for. Resolves at once on a route without
+    /// either (no cap, no `state_dir`, no `[server.shared]`). Safe to await again.
     ///
-    /// Errors: [`GatewayError::SpendNotDurable`] when the reserve record could not be written
-    /// (disk full, I/O error, the journal closed at shutdown); the call must then not be made,
-    /// and dropping the `Held` gives the reservation back.
+    /// Errors (the call must then not be made; dropping the `Held` gives the reservation back):
+    /// [`GatewayError::SpendNotDurable`] when the reserve record could not be written (disk
+    /// full, I/O error, the journal closed at shutdown); [`GatewayError::BudgetExhausted`] when
+    /// the replicas together have spent the cap; [`GatewayError::BudgetStoreDown`] when Redis
+    /// cannot be asked and the route may not spend without it.
     pub async fn durable(&self) -> Result<(), GatewayError> {
-        let Some(t) = &self.ticket else {
-            return Ok(());
-        };
-        t.durable().await.map_err(|e| {
-            self.not_durable.store(true, Ordering::SeqCst);
-            GatewayError::SpendNotDurable {
-                route: t.route().to_string(),
-                reason: e.to_string(),
-            }
-        })
+        if let Some(t) = &self.ticket {
+            t.durable().await.map_err(|e| {
+                self.not_durable.store(true, Ordering::SeqCst);
+                GatewayError::SpendNotDurable {
+                    route: t.route().to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
+        }
+        if let Some(s) = &self.shared {
+            let estimate = self.estimate();
+            s.link
+                .reserve(&s.hold, s.window_start, estimate, s.retry_after_s)
+                .await
+                .inspect_err(|_| self.not_durable.store(true, Ordering::SeqCst))?;
+        }
+        Ok(())
     }
 }
 
@@ -108,11 +136,17 @@ impl Drop for Held {
             if let Some(t) = &self.ticket {
                 t.release();
             }
+            if let Some(s) = &self.shared {
+                s.link.release(&s.hold);
+            }
         } else {
             let e = r.estimate();
             self.budget.settle(r, e);
             if let Some(t) = &self.ticket {
                 t.settle(e);
+            }
+            if let Some(s) = &self.shared {
+                s.link.settle(&s.hold, e);
             }
         }
     }
@@ -137,6 +171,7 @@ impl WindowBudget {
             }),
             closed: AtomicBool::new(false),
             journal: OnceLock::new(),
+            shared: OnceLock::new(),
         };
         b.lock().start = b.window_start(now);
         Ok(b)
@@ -184,12 +219,30 @@ impl WindowBudget {
         let (start, budget) = self.budget_at(now).ok()?;
         let reservation = budget.try_reserve(estimate)?;
         let ticket = self.journal.get().map(|j| j.reserve(start, estimate));
+        let shared = self.shared.get().map(|link| SharedPart {
+            link: link.clone(),
+            window_start: start,
+            retry_after_s: self.seconds_to_reset(now),
+            hold: Mutex::new(SharedHold::Pending),
+        });
         Some(Held {
             budget,
             reservation: Some(reservation),
             ticket,
             not_durable: AtomicBool::new(false),
+            shared,
         })
+    }
+
+    /// Shares the route's budget with other replicas through Redis (once, at start): every
+    /// reservation is then also taken there, by [`Held::durable`]. A second one is refused.
+    pub fn attach_shared(&self, s: Arc<RouteShare>) -> Result<(), Arc<RouteShare>> {
+        self.shared.set(s)
+    }
+
+    /// The route's link to the shared store, if replicas share its budget.
+    pub fn shared(&self) -> Option<&Arc<RouteShare>> {
+        self.shared.get()
     }
 
     /// Attaches the route's spend journal (once, at start, after its spend was restored from

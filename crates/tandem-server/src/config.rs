@@ -90,6 +90,57 @@ pub struct ServerSection {
     /// saved either way.
     #[serde(default = "default_shutdown_grace_s")]
     pub shutdown_grace_s: u64,
+    /// Replicas behind one load balancer share route budgets, feedback records and learning
+    /// through one Redis (`[server.shared]`). Unset: this process holds everything itself.
+    pub shared: Option<SharedSection>,
+}
+
+/// `[server.shared]`: what gateway replicas share through Redis ([`crate::shared`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedSection {
+    /// `redis://[[user]:password@]host[:port][/db]` (or `rediss://` for TLS). Give this or
+    /// `redis_url_env`, not both.
+    pub redis_url: Option<String>,
+    /// Environment variable holding the URL, so a password stays out of the file.
+    pub redis_url_env: Option<String>,
+    /// Namespace of this deployment's keys (`tandem:{prefix}:…`): every replica of one
+    /// deployment uses the same. Letters, digits, `_`, `-`, `.`. Default `default`.
+    #[serde(default = "default_shared_prefix")]
+    pub prefix: String,
+    /// What a replica does while Redis is unreachable: `{ mode = "fail_closed" }` (default: no
+    /// large calls) or `{ mode = "fail_open", share = 0.25 }` (spend up to that share of what
+    /// remained of each cap, on its own, and add it to Redis when Redis returns).
+    #[serde(default)]
+    pub on_redis_down: crate::shared::OnRedisDown,
+    /// Longest wait for one Redis operation, in ms (default 500); past it Redis counts as down.
+    #[serde(default = "default_shared_op_timeout_ms")]
+    pub op_timeout_ms: u64,
+    /// How long a reservation may stay open before it is presumed to belong to a dead replica
+    /// and kept as spent at its estimate, in seconds (default 900). Longer than any call or
+    /// stream lasts, or that call is counted at its estimate instead of its cost.
+    #[serde(default = "default_shared_hold_s")]
+    pub hold_s: u64,
+    /// How long a response can still take feedback through another replica, in seconds
+    /// (default 86,400).
+    #[serde(default = "default_shared_feedback_ttl_s")]
+    pub feedback_ttl_s: u64,
+    /// Names this replica in Redis (reservation ids, learning records); default: the host name
+    /// and process id.
+    pub replica_id: Option<String>,
+}
+
+fn default_shared_prefix() -> String {
+    "default".into()
+}
+fn default_shared_op_timeout_ms() -> u64 {
+    500
+}
+fn default_shared_hold_s() -> u64 {
+    900
+}
+fn default_shared_feedback_ttl_s() -> u64 {
+    86_400
 }
 
 fn default_header_timeout_ms() -> u64 {
@@ -154,6 +205,67 @@ pub fn normalize_origin(s: &str) -> Result<String, &'static str> {
     }
 }
 
+/// `[server.shared]` checked before anything connects: (field, value, reason) at fault.
+fn validate_shared(sh: &SharedSection) -> Result<(), (&'static str, String, String)> {
+    match (&sh.redis_url, &sh.redis_url_env) {
+        (Some(_), Some(_)) => {
+            return Err((
+                "redis_url_env",
+                sh.redis_url_env.clone().unwrap_or_default(),
+                "give redis_url or redis_url_env, not both".into(),
+            ))
+        }
+        (None, None) => {
+            return Err((
+                "redis_url",
+                "(missing)".into(),
+                "name the Redis replicas share (or redis_url_env)".into(),
+            ))
+        }
+        (Some(u), None) if !(u.starts_with("redis://") || u.starts_with("rediss://")) => {
+            return Err((
+                "redis_url",
+                crate::shared::redact_url(u),
+                "must start with redis:// or rediss://".into(),
+            ))
+        }
+        _ => {}
+    }
+    let prefix_ok = sh
+        .prefix
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if sh.prefix.is_empty() || sh.prefix.len() > 64 || !prefix_ok {
+        return Err((
+            "prefix",
+            sh.prefix.clone(),
+            "1 to 64 letters, digits, `_`, `-` or `.`".into(),
+        ));
+    }
+    if let Some(r) = &sh.replica_id {
+        if r.is_empty() || r.len() > 128 || r.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err((
+                "replica_id",
+                r.clone(),
+                "1 to 128 characters, no spaces".into(),
+            ));
+        }
+    }
+    sh.on_redis_down
+        .validate()
+        .map_err(|why| ("on_redis_down", format!("{:?}", sh.on_redis_down), why))?;
+    for (field, v, lo, hi) in [
+        ("op_timeout_ms", sh.op_timeout_ms, 1, 60_000),
+        ("hold_s", sh.hold_s, 10, 7 * 86_400),
+        ("feedback_ttl_s", sh.feedback_ttl_s, 1, 30 * 86_400),
+    ] {
+        if !(lo..=hi).contains(&v) {
+            return Err((field, v.to_string(), format!("must be {lo} to {hi}")));
+        }
+    }
+    Ok(())
+}
+
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
@@ -169,6 +281,7 @@ impl Default for ServerSection {
             max_connections: default_max_connections(),
             max_in_flight: default_max_in_flight(),
             shutdown_grace_s: default_shutdown_grace_s(),
+            shared: None,
         }
     }
 }
@@ -364,6 +477,11 @@ pub struct RouteConfig {
     /// a request without one gets it (in the upstream's `token_param` field). Unset: requests go
     /// upstream as the client sent them.
     pub max_tokens: Option<u32>,
+    /// Longest a request may wait for its answer across every attempt and model (ms): retries,
+    /// backoffs and fallbacks stop there and the client gets 504 `deadline_exceeded`. A stream
+    /// is bound until its first piece of answer; after that its own timeouts govern. Unset:
+    /// only each attempt's own timeouts bound it (so several hanging upstreams add up).
+    pub deadline_ms: Option<u64>,
     #[serde(default)]
     pub budget: RouteBudget,
     #[serde(default)]
@@ -464,6 +582,11 @@ impl ServerConfig {
             if v == 0 {
                 return Err(bad(field.into(), &0, "must be at least 1"));
             }
+        }
+        if let Some(sh) = &self.server.shared {
+            validate_shared(sh).map_err(|(field, value, why)| {
+                bad(format!("server.shared.{field}"), &value, &why)
+            })?;
         }
         if self.server.feedback_window == 0 {
             return Err(bad(
@@ -686,6 +809,9 @@ impl ServerConfig {
             if !(0.0..=1.0).contains(&r.explore) {
                 return Err(bad(at("explore"), &r.explore, "must be between 0 and 1"));
             }
+            if let Some(d) = r.deadline_ms.filter(|d| !(1..=3_600_000).contains(d)) {
+                return Err(bad(at("deadline_ms"), &d, "must be 1 to 3600000"));
+            }
             if r.max_tokens == Some(0) {
                 return Err(bad(at("max_tokens"), &0, "must be at least 1"));
             }
@@ -899,6 +1025,14 @@ impl Validated {
         if let Some(v) = self.server.api_keys_env.as_deref() {
             vars.push(("server.api_keys_env".into(), v));
         }
+        if let Some(v) = self
+            .server
+            .shared
+            .as_ref()
+            .and_then(|s| s.redis_url_env.as_deref())
+        {
+            vars.push(("server.shared.redis_url_env".into(), v));
+        }
         for (field, var) in vars {
             let set = std::env::var(var).is_ok_and(|k| k.split(',').any(|k| !k.trim().is_empty()));
             if !set {
@@ -977,6 +1111,77 @@ price = "token:10:30"
         );
         std::env::set_var("TANDEM_TEST_UNSET_VAR_1", "sk-x");
         assert!(v.check_environment(Path::new("t.toml")).is_ok());
+    }
+
+    #[test]
+    fn shared_settings_are_checked_before_anything_connects() {
+        let route = "[[route]]\nname = \"f\"\nkind = \"fixed\"\nupstream = \"l\"\n";
+        let ok = parse(&format!(
+            "[server.shared]\nredis_url = \"redis://127.0.0.1:6379/0\"\nprefix = \"prod-1\"\non_redis_down = {{ mode = \"fail_open\", share = 0.5 }}\n{UPS}{route}"
+        ))
+        .unwrap();
+        let sh = ok.server.shared.unwrap();
+        assert_eq!(sh.prefix, "prod-1");
+        assert_eq!(sh.hold_s, 900);
+        let cases = [
+            ("", "server.shared.redis_url = (missing)"),
+            ("redis_url = \"http://h:6379\"\n", "server.shared.redis_url = http://h:6379"),
+            (
+                "redis_url = \"tcp://:pw@h\"\n",
+                "must start with redis://",
+            ),
+            (
+                "redis_url = \"redis://h\"\nredis_url_env = \"X\"\n",
+                "server.shared.redis_url_env = X",
+            ),
+            ("redis_url = \"redis://h\"\nprefix = \"a:b\"\n", "server.shared.prefix = a:b"),
+            ("redis_url = \"redis://h\"\nprefix = \"\"\n", "server.shared.prefix"),
+            (
+                "redis_url = \"redis://h\"\non_redis_down = { mode = \"fail_open\", share = 0.0 }\n",
+                "server.shared.on_redis_down",
+            ),
+            (
+                "redis_url = \"redis://h\"\non_redis_down = { mode = \"fail_open\", share = nan }\n",
+                "server.shared.on_redis_down",
+            ),
+            (
+                "redis_url = \"redis://h\"\non_redis_down = { mode = \"fail_open\", share = 1.5 }\n",
+                "server.shared.on_redis_down",
+            ),
+            ("redis_url = \"redis://h\"\nop_timeout_ms = 0\n", "server.shared.op_timeout_ms = 0"),
+            ("redis_url = \"redis://h\"\nhold_s = 1\n", "server.shared.hold_s = 1"),
+            (
+                "redis_url = \"redis://h\"\nfeedback_ttl_s = 0\n",
+                "server.shared.feedback_ttl_s = 0",
+            ),
+            (
+                "redis_url = \"redis://h\"\nreplica_id = \"a b\"\n",
+                "server.shared.replica_id = a b",
+            ),
+        ];
+        for (section, want) in cases {
+            let e = parse(&format!("[server.shared]\n{section}{UPS}{route}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{section:?}: {e}");
+        }
+        // The password never shows in an error.
+        let e = parse(&format!(
+            "[server.shared]\nredis_url = \"tcp://user:s3cret@h\"\n{UPS}{route}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("s3cret"), "{e}");
+        // Unknown fields and modes are refused by name.
+        for bad in [
+            "redis_uri = \"redis://h\"\n",
+            "redis_url = \"redis://h\"\non_redis_down = { mode = \"fail_sometimes\" }\n",
+        ] {
+            let e = parse(&format!("[server.shared]\n{bad}{UPS}{route}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("unknown"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

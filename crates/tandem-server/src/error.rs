@@ -7,6 +7,7 @@
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use tandem_core::money::micros_to_usd;
 use thiserror::Error;
 
 #[derive(Debug, Error, Clone, PartialEq)]
@@ -37,6 +38,19 @@ pub enum GatewayError {
     /// and a restart pass the cap. A retry may succeed once the disk recovers.
     #[error("route `{route}`: the large model's spend could not be recorded on disk, so the call was not made: {reason}")]
     SpendNotDurable { route: String, reason: String },
+    /// The request's worst-case cost (its input as sent plus its whole output cap, at the
+    /// large model's price) is above the route's whole dollar cap: no window will ever fit it.
+    #[error("route `{route}`: this request could cost up to ${:.6}, more than the route's whole budget of ${:.6}; lower `max_tokens` (or `max_completion_tokens`) or shorten the input", micros_to_usd(*.estimate_micros), micros_to_usd(*.cap_micros))]
+    OverBudget {
+        route: String,
+        estimate_micros: u64,
+        cap_micros: u64,
+    },
+    /// Replicas share this route's budget through Redis, and Redis cannot be asked: the route
+    /// fails closed (`[server.shared] on_redis_down`), or this replica's fail-open share of
+    /// the budget is spent. No large call is made; a retry may succeed once Redis answers.
+    #[error("route `{route}`: the shared budget cannot be checked: {reason}")]
+    BudgetStoreDown { route: String, reason: String },
     #[error("response `{0}` is unknown, too old, or has had its feedback already")]
     UnknownResponse(String),
     #[error("{0}")]
@@ -45,6 +59,10 @@ pub enum GatewayError {
     MethodNotAllowed,
     #[error("upstream `{upstream}` timed out after {ms} ms")]
     UpstreamTimeout { upstream: String, ms: u64 },
+    /// The route's `deadline_ms` passed before any upstream answered (retries and fallbacks
+    /// included).
+    #[error("route `{route}`: no answer within its deadline of {ms} ms")]
+    DeadlineExceeded { route: String, ms: u64 },
     /// Connection failure, a cut or malformed answer: the upstream could not be read.
     #[error("upstream `{upstream}` failed: {reason}")]
     Upstream { upstream: String, reason: String },
@@ -100,7 +118,9 @@ pub struct ErrorInfo {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::BadRequest(_) | GatewayError::BadJson(_) => StatusCode::BAD_REQUEST,
+            GatewayError::BadRequest(_)
+            | GatewayError::BadJson(_)
+            | GatewayError::OverBudget { .. } => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::UnknownRoute(_)
             | GatewayError::UnknownResponse(_)
@@ -111,9 +131,12 @@ impl GatewayError {
             GatewayError::BudgetClosed { .. }
             | GatewayError::NoUpstream { .. }
             | GatewayError::SpendNotDurable { .. }
+            | GatewayError::BudgetStoreDown { .. }
             | GatewayError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::UpstreamTimeout { .. } | GatewayError::DeadlineExceeded { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             GatewayError::Upstream { .. } | GatewayError::UpstreamStatus { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -129,6 +152,7 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest(_)
             | GatewayError::BadJson(_)
+            | GatewayError::OverBudget { .. }
             | GatewayError::BodyTooLarge(_)
             | GatewayError::UnknownRoute(_)
             | GatewayError::UnknownResponse(_)
@@ -137,6 +161,7 @@ impl GatewayError {
             GatewayError::Unauthorized => "authentication_error",
             GatewayError::BudgetExhausted { .. } => "insufficient_quota",
             GatewayError::UpstreamTimeout { .. }
+            | GatewayError::DeadlineExceeded { .. }
             | GatewayError::Upstream { .. }
             | GatewayError::UpstreamStatus { .. }
             | GatewayError::NoUpstream { .. } => "upstream_error",
@@ -150,6 +175,7 @@ impl GatewayError {
             GatewayError::Internal(_)
             | GatewayError::BudgetClosed { .. }
             | GatewayError::SpendNotDurable { .. }
+            | GatewayError::BudgetStoreDown { .. }
             | GatewayError::Overloaded => "server_error",
             GatewayError::RequestTimeout => "invalid_request_error",
         }
@@ -161,12 +187,15 @@ impl GatewayError {
             GatewayError::UnknownRoute(_) => Some("model_not_found"),
             GatewayError::Unauthorized => Some("invalid_api_key"),
             GatewayError::BudgetExhausted { .. } => Some("insufficient_quota"),
+            GatewayError::OverBudget { .. } => Some("request_over_budget"),
             GatewayError::BudgetClosed { .. } => Some("route_state_refused"),
             GatewayError::SpendNotDurable { .. } => Some("spend_not_durable"),
+            GatewayError::BudgetStoreDown { .. } => Some("budget_store_unavailable"),
             GatewayError::Overloaded => Some("overloaded"),
             GatewayError::RequestTimeout => Some("request_timeout"),
             GatewayError::BodyTooLarge(_) => Some("request_too_large"),
             GatewayError::UpstreamTimeout { .. } => Some("upstream_timeout"),
+            GatewayError::DeadlineExceeded { .. } => Some("deadline_exceeded"),
             GatewayError::NoUpstream { .. } => Some("upstream_unavailable"),
             GatewayError::UpstreamRejected(r) => r.code.as_deref(),
             _ => None,
@@ -186,10 +215,12 @@ impl GatewayError {
     pub fn retryable(&self) -> bool {
         match self {
             GatewayError::UpstreamTimeout { .. }
+            | GatewayError::DeadlineExceeded { .. }
             | GatewayError::Upstream { .. }
             | GatewayError::UpstreamStatus { .. }
             | GatewayError::NoUpstream { .. }
             | GatewayError::SpendNotDurable { .. }
+            | GatewayError::BudgetStoreDown { .. }
             | GatewayError::Overloaded
             | GatewayError::RequestTimeout => true,
             GatewayError::BudgetExhausted { retry_after_s, .. } => retry_after_s.is_some(),
@@ -209,9 +240,18 @@ impl GatewayError {
             }
             GatewayError::UpstreamRejected(r) => r.retry_after.clone(),
             GatewayError::UpstreamStatus { retry_after, .. } => retry_after.clone(),
-            GatewayError::Overloaded => Some("1".into()),
+            GatewayError::Overloaded | GatewayError::BudgetStoreDown { .. } => Some("1".into()),
             _ => None,
         }
+    }
+
+    /// Whether the budget refused a large call (spent, or — shared through Redis — not
+    /// checkable now): a cascade then serves its small model, as when the local cap refuses.
+    pub fn is_budget_refusal(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::BudgetExhausted { .. } | GatewayError::BudgetStoreDown { .. }
+        )
     }
 
     /// Whether the upstream could not serve this request for reasons of its own (down, slow,

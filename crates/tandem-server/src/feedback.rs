@@ -10,7 +10,8 @@ use tandem_core::policy::Observation;
 use tandem_core::{Answer, Query};
 
 /// Which model's answer was served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Served {
     Small,
     Large,

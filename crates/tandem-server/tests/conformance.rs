@@ -1943,6 +1943,68 @@ async fn a_spent_route_answers_429_with_its_window() {
     gw.stop().await;
 }
 
+/// A request whose worst case (input plus its whole output cap at the large price) is above the
+/// route's whole dollar cap can never be served by the large model: a refusing route says so with
+/// 400 `request_over_budget` (not a 429 that invites waiting for a window), naming the cap and
+/// what to lower; the same route still serves requests that fit, and a cascade that does not
+/// refuse serves its small model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_can_never_fit_the_cap_is_told_so() {
+    setup_env();
+    let (_small, s_url, large, l_url) = two_mocks().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cap = "on_exhausted = \"refuse\"\n[route.budget]\nmax_usd = 0.05\nwindow_s = 3600\n";
+    let cfg = format!(
+        "{}{}{}{}",
+        ups(&s_url, &l_url, LARGE_ONCE),
+        fixed("tight", "large", cap),
+        cascade("ctight", "small", "large", cap),
+        cascade(
+            "cserve",
+            "small",
+            "large",
+            "[route.budget]\nmax_usd = 0.05\n"
+        )
+    );
+    let gw = start(&cfg, dir.path()).await;
+    // $30 per million output tokens: 2,000 fit in $0.06 no longer; 1,000 do.
+    for (field, n) in [
+        ("max_tokens", 2_000),
+        ("max_completion_tokens", 100_000),
+        ("max_tokens", 1_000_000),
+    ] {
+        for (route, text) in [("tight", "hi"), ("ctight", "hard one")] {
+            let calls = large.calls();
+            let mut body = req(route, text);
+            body[field] = json!(n);
+            for b in [body.clone(), streamed(body)] {
+                let r = send(&gw.url, &b).await;
+                let what = format!("{route} {field}={n} stream={}", b["stream"]);
+                assert_eq!(r.status, 400, "{what}: {}", r.text);
+                assert_eq!(r.body["error"]["code"], "request_over_budget", "{what}");
+                assert_eq!(r.h("x-should-retry").as_deref(), Some("false"), "{what}");
+                let msg = r.body["error"]["message"].as_str().unwrap_or_default();
+                assert!(
+                    msg.contains(route) && msg.contains("$0.05") && msg.contains("max_tokens"),
+                    "{what}: {msg}"
+                );
+            }
+            assert_eq!(large.calls(), calls, "no large call for {route}");
+        }
+    }
+    let mut fits = req("tight", "hi");
+    fits["max_tokens"] = json!(500);
+    assert_eq!(send(&gw.url, &fits).await.status, 200);
+    // A cascade that does not refuse serves its small model instead.
+    let mut body = req("cserve", "hard one");
+    body["max_tokens"] = json!(1_000_000);
+    let r = send(&gw.url, &body).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.h("x-tandem-role").as_deref(), Some("small"));
+    assert_eq!(r.h("x-tandem-capped").as_deref(), Some("true"));
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_error_text_is_scrubbed_of_keys() {
     setup_env();
@@ -2358,22 +2420,24 @@ async fn image_audio_and_file_parts_reserve_image_tokens() {
         let n = large.calls();
         let r = send(&gw.url, &with_parts(route, "describe", &[])).await;
         assert_eq!(r.status, 200, "{route} text: {}", r.text);
-        // With the part it cannot: refused before any call.
+        // With the part it never can: refused before any call, as over the whole budget.
         let r = send(&gw.url, &with_parts(route, "describe", &[part])).await;
-        assert_eq!(r.status, 429, "{route} with its part: {}", r.text);
+        assert_eq!(r.status, 400, "{route} with its part: {}", r.text);
+        assert_eq!(r.body["error"]["code"], "request_over_budget", "{route}");
         assert_eq!(
             large.calls(),
             n + 1,
             "{route}: the part's call must not be made"
         );
         let r = send(&gw.url, &streamed(with_parts(route, "describe", &[part]))).await;
-        assert_eq!(r.status, 429, "{route} streamed: {}", r.text);
+        assert_eq!(r.status, 400, "{route} streamed: {}", r.text);
     }
     // One image fits $0.008, two do not.
     let r = send(&gw.url, &with_parts("two", "compare", &[&image])).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let r = send(&gw.url, &with_parts("two", "compare", &[&image, &image])).await;
-    assert_eq!(r.status, 429, "two images: {}", r.text);
+    assert_eq!(r.status, 400, "two images: {}", r.text);
+    assert_eq!(r.body["error"]["code"], "request_over_budget");
     // A cascade whose budget fits the text but not the image serves the small draft.
     let n = large.calls();
     small.push(small_answer(text_msg("maybe"), "stop", -3.0));

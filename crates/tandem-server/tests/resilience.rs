@@ -1371,12 +1371,14 @@ async fn one_reservation_covers_every_attempt_and_settles_at_the_servers_price()
     );
 
     // The reservation is the group's most expensive estimate: with 10,000 output tokens a could
-    // cost ~$0.30 and b ~$0.60, so a $0.50 cap refuses although a alone would fit, and a $0.70
-    // cap admits (and, a serving, keeps a's actual cost only).
+    // cost ~$0.30 and b ~$0.60, so a $0.50 cap refuses although a alone would fit (it never
+    // can: 400 `request_over_budget`), and a $0.70 cap admits (and, a serving, keeps a's actual
+    // cost only).
     let capped = json!({"model": "tight", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10000});
     let (na, nb) = (a.calls(), b.calls());
     let r = send(&gw.url, &capped).await;
-    assert_eq!(r.status, 429, "{}", r.text);
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.body["error"]["code"], "request_over_budget");
     assert_eq!((a.calls() - na, b.calls() - nb), (0, 0));
     assert_eq!(spent(&gw, "tight"), (0, 0));
     let mut roomy = capped.clone();
@@ -1670,5 +1672,82 @@ async fn an_abandoned_stream_is_charged_at_its_own_upstreams_bound() {
         (30_000..40_000).contains(&micros),
         "charged {micros} micro-dollars: a's bound is 30,000 + its input, b's over 60,000"
     );
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deadline across attempts
+// ---------------------------------------------------------------------------------------------
+
+/// Three hanging upstreams with 2 attempts each would take 6 × `timeout_ms`; the route's
+/// `deadline_ms` stops the walk at its deadline with 504 `deadline_exceeded` (plain and
+/// streamed), while a route without one walks every attempt. A deadline that is not reached
+/// changes nothing, and a cascade whose large model runs out of time serves its usable draft.
+#[tokio::test]
+async fn a_route_deadline_bounds_every_attempt_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a_url) = answering("a").await;
+    let (b, b_url) = answering("b").await;
+    let (c, c_url) = answering("c").await;
+    let (s, s_url) = answering("s").await;
+    let hang = "timeout_ms = 400\nfirst_token_timeout_ms = 400\n[upstream.retry]\nattempts = 2\nbackoff_ms = 1\nmax_backoff_ms = 1\n";
+    let cfg = format!(
+        "{}{}{}{}{}{}{}",
+        up("a", &a_url, &format!("{hang}{CALM}")),
+        up("b", &b_url, &format!("{hang}{CALM}")),
+        up("c", &c_url, &format!("{hang}{CALM}")),
+        up("s", &s_url, "logprobs = true\n"),
+        fixed("bounded", "[\"a\", \"b\", \"c\"]", "deadline_ms = 700"),
+        fixed("unbounded", "[\"a\", \"b\", \"c\"]", ""),
+        "[[route]]\nname = \"casc\"\nkind = \"cascade\"\nsmall = \"s\"\nlarge = [\"a\", \"b\"]\nthreshold = -1000.0\ndeadline_ms = 900\n",
+    );
+    let gw = start(&cfg, dir.path()).await;
+    for m in [&a, &b, &c] {
+        m.delay_ms.store(3_000, Ordering::SeqCst);
+    }
+    for stream in [false, true] {
+        let calls = a.calls() + b.calls() + c.calls();
+        let t0 = Instant::now();
+        let body = req("bounded", "hello");
+        let r = send(&gw.url, &if stream { streamed(body) } else { body }).await;
+        let took = t0.elapsed();
+        assert_eq!(r.status, 504, "stream={stream}: {}", r.text);
+        assert_eq!(r.body["error"]["code"], "deadline_exceeded", "{}", r.text);
+        assert!(r.text.contains("bounded"), "names the route: {}", r.text);
+        assert!(
+            took < Duration::from_millis(2_000),
+            "stopped at the deadline: {took:?}"
+        );
+        // 400 ms each: the first times out, the second is cut by the deadline.
+        assert!(
+            a.calls() + b.calls() + c.calls() - calls <= 3,
+            "stream={stream}"
+        );
+    }
+    // Without a deadline every member's attempts are walked: at least 3 × 400 ms.
+    let t0 = Instant::now();
+    let r = send(&gw.url, &req("unbounded", "hello")).await;
+    assert_eq!(r.status, 504, "{}", r.text);
+    assert_eq!(r.body["error"]["code"], "upstream_timeout", "{}", r.text);
+    assert!(t0.elapsed() >= Duration::from_millis(1_200));
+    // The cascade's small draft is made at once; its large model runs out of time: the draft serves.
+    let large_calls = a.calls() + b.calls();
+    let t0 = Instant::now();
+    let r = send(&gw.url, &req("casc", "hello")).await;
+    let (tier, _, content) = served(&r, false, "cascade past its deadline");
+    assert_eq!((tier.as_str(), content.as_str()), ("s", "answer from s"));
+    assert!(a.calls() + b.calls() > large_calls, "it did escalate");
+    assert!(
+        t0.elapsed() < Duration::from_millis(2_500),
+        "{:?}",
+        t0.elapsed()
+    );
+    for m in [&a, &b, &c] {
+        m.delay_ms.store(0, Ordering::SeqCst);
+    }
+    // Answers within the deadline are untouched.
+    let (tier, tried, _) = served(&send(&gw.url, &req("bounded", "x")).await, false, "in time");
+    assert_eq!((tier.as_str(), tried), ("a", 1));
+    drop(s);
     gw.stop().await;
 }

@@ -3,6 +3,7 @@
 //! account, and hand what was learned to the learner.
 
 mod judge;
+mod replicas;
 mod run;
 mod stream;
 
@@ -10,13 +11,14 @@ pub use judge::{judge, Verdict};
 pub use stream::{sse_whole, Event, StreamReply};
 
 use crate::chunks::for_client;
-use crate::config::{RouteKind, Validated};
+use crate::config::{RouteKind, SharedSection, Validated};
 use crate::error::GatewayError;
 use crate::feedback::{observation, FeedbackLog, Pending, Served};
 use crate::learner::{self, LearnerHandle, Msg};
 use crate::openai::{ChatRequest, Feedback, Force, TandemInfo};
 use crate::persist;
 use crate::route::{Counters, LearnEvent, Learned, RouteState};
+use crate::shared::{RouteShare, SharedConfig, SharedStore};
 use crate::upstream::{usage_json, Call, Completion, Upstream};
 use run::{Done, Run};
 use serde_json::{json, Map, Value};
@@ -37,7 +39,7 @@ pub struct Gateway {
     routes: Arc<Vec<RouteState>>,
     by_name: HashMap<String, usize>,
     upstreams: Vec<Upstream>,
-    feedback: Mutex<FeedbackLog>,
+    feedback: Arc<Mutex<FeedbackLog>>,
     api_keys: Option<HashSet<String>>,
     learner: LearnerHandle,
     learn_tx: std::sync::mpsc::Sender<Msg>,
@@ -45,6 +47,18 @@ pub struct Gateway {
     id_prefix: String,
     /// Counts the walks through upstream groups, so each draws its own seed.
     walks: AtomicU64,
+    /// Feedback records and learning shared with other replicas (`[server.shared]`).
+    replicas: Option<replicas::Replicas>,
+    /// Adds spend made while Redis was away, in the background; stopped on drop.
+    sync_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(t) = &self.sync_task {
+            t.abort();
+        }
+    }
 }
 
 /// What the HTTP layer sends back.
@@ -97,7 +111,12 @@ impl Gateway {
             .map(|(i, r)| RouteState::new(i, r.clone(), now))
             .collect::<Result<_, _>>()?;
         let state_dir = cfg.state_dir();
+        let shared = match &cfg.server.shared {
+            Some(sh) => Some(open_shared(sh)?),
+            None => None,
+        };
         let mut masters = Vec::new();
+        let mut restored_any = Vec::new();
         for r in &routes {
             let restored = match &state_dir {
                 // A bad file stops its own route's large calls, not the gateway.
@@ -111,10 +130,17 @@ impl Gateway {
                 },
                 None => None,
             };
-            if let Some(d) = &state_dir {
-                let journaled = restored.as_ref().is_some_and(|s| s.spend_journal);
-                open_journal(d, r, journaled, now);
+            match (&shared, &cfg.server.shared) {
+                // Redis holds the route's spend, durably for every replica: no local journal.
+                (Some((store, _)), Some(sh)) => share_budget(store, sh, r),
+                _ => {
+                    if let Some(d) = &state_dir {
+                        let journaled = restored.as_ref().is_some_and(|s| s.spend_journal);
+                        open_journal(d, r, journaled, now);
+                    }
+                }
             }
+            restored_any.push(restored.is_some());
             let m = match restored {
                 Some(s) => {
                     tracing::info!(route = r.name(), "restored learned state");
@@ -164,6 +190,19 @@ impl Gateway {
         )
         .map_err(|e| GatewayError::Internal(format!("cannot start the learner: {e}")))?;
         let learn_tx = learner.sender();
+        let sync_task = shared.as_ref().map(|_| spawn_sync(routes.clone()));
+        let replicas = match (shared, &cfg.server.shared) {
+            (Some((store, origin)), Some(sh)) => Some(replicas::Replicas::start(
+                store,
+                origin,
+                Duration::from_secs(sh.feedback_ttl_s),
+                Duration::from_millis(sh.op_timeout_ms),
+                routes.clone(),
+                restored_any,
+                learn_tx.clone(),
+            )),
+            _ => None,
+        };
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -171,12 +210,14 @@ impl Gateway {
             routes,
             by_name,
             upstreams,
-            feedback: Mutex::new(FeedbackLog::new(cfg.server.feedback_window)),
+            feedback: Arc::new(Mutex::new(FeedbackLog::new(cfg.server.feedback_window))),
             api_keys,
             learner,
             learn_tx,
             ids: AtomicU64::new(0),
             walks: AtomicU64::new(0),
+            replicas,
+            sync_task,
             id_prefix: format!("chatcmpl-{:08x}{:08x}", unix_now() as u32, nanos),
         })
     }
@@ -195,12 +236,22 @@ impl Gateway {
         }
     }
 
-    /// Applies and persists everything learned so far (used at shutdown and by tests).
+    /// Applies and persists everything learned so far, and adds spend made while Redis was
+    /// away to Redis if it answers (used at shutdown and by tests).
     pub async fn flush(&self) -> Result<(), GatewayError> {
+        for r in self.routes.iter() {
+            if let Some(s) = r.budget.shared() {
+                s.sync().await;
+            }
+        }
         self.learner.flush().await.map_err(GatewayError::Internal)
     }
 
+    /// Hands what a request or feedback taught to the learner, and to the other replicas.
     pub(crate) fn learn(&self, route: usize, ev: LearnEvent) {
+        if let Some(r) = &self.replicas {
+            r.learned(route, &ev);
+        }
         // The learner thread lives as long as the gateway; a send can only fail while dropping.
         let _ = self.learn_tx.send(Msg::Learn(route, Box::new(ev)));
     }
@@ -223,8 +274,9 @@ impl Gateway {
     }
 
     /// `GET /health`: `status` is `ok`, or `degraded` when an operator must act — a route whose
-    /// state file was refused (it serves with its large model closed), or a route's model whose
-    /// every upstream has its circuit breaker open. `upstreams` gives each upstream's breaker
+    /// state file was refused (it serves with its large model closed), a route's model whose
+    /// every upstream has its circuit breaker open, or (`[server.shared]`) a Redis that failed
+    /// its last operation; `shared` then names the Redis and this replica. `upstreams` gives each upstream's breaker
     /// (`closed`, `open`, `half_open`) and, with a concurrency limit, its calls in flight.
     pub fn health(&self) -> Value {
         let upstreams: Map<String, Value> = self
@@ -263,12 +315,21 @@ impl Gateway {
                 routes.insert(r.name().to_string(), Value::Object(why));
             }
         }
+        let redis_down = self.replicas.as_ref().is_some_and(|r| r.store().is_down());
         let mut out = json!({
-            "status": if routes.is_empty() { "ok" } else { "degraded" },
+            "status": if routes.is_empty() && !redis_down { "ok" } else { "degraded" },
             "upstreams": upstreams,
         });
         if !routes.is_empty() {
             out["routes"] = Value::Object(routes);
+        }
+        if let Some(r) = &self.replicas {
+            // Down: the routes spend as `on_redis_down` says, and feedback stays local.
+            out["shared"] = json!({
+                "redis": r.store().url(),
+                "replica": r.origin(),
+                "reachable": !redis_down,
+            });
         }
         out
     }
@@ -367,6 +428,7 @@ impl Gateway {
                 run.plan_switching(episode, &ctx, &call)?
             }
         };
+        let plan = run.confirm(plan).await?;
         let done = if req.stream {
             match run.streamed(&ctx, &call, plan).await? {
                 Ok(s) => return Ok(Reply::Stream(StreamReply::new(self.clone(), ctx, s))),
@@ -424,20 +486,22 @@ impl Gateway {
             .small
             .as_ref()
             .and_then(|s| Some(to_answer(&self.upstreams.get(s.by)?.name, s)));
-        self.feedback
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                ctx.id.clone(),
-                Pending {
-                    route: ctx.route,
-                    query: ctx.query.clone(),
-                    small: small_answer,
-                    served: done.served,
-                    served_text: answer.text(),
-                    learn: ctx.learn,
-                },
-            );
+        let pending = Pending {
+            route: ctx.route,
+            query: ctx.query.clone(),
+            small: small_answer,
+            served: done.served,
+            served_text: answer.text(),
+            learn: ctx.learn,
+        };
+        match &self.replicas {
+            Some(r) => r.keep(ctx.id.clone(), pending, &rc.name, &self.feedback),
+            None => self
+                .feedback
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(ctx.id.clone(), pending),
+        }
         let info = TandemInfo {
             route: rc.name.clone(),
             tier: up.name.clone(),
@@ -505,7 +569,9 @@ impl Gateway {
     }
 
     /// Learns from feedback on an earlier response, or on an episode of a switching route.
-    pub fn feedback(&self, fb: &Feedback) -> Result<(), GatewayError> {
+    /// With `[server.shared]`, the response may have been served by another replica: its
+    /// record is taken from Redis (once for all replicas), else from this replica's log.
+    pub async fn feedback(&self, fb: &Feedback) -> Result<(), GatewayError> {
         let response_id = match (&fb.response_id, &fb.episode_id) {
             (None, Some(ep)) => {
                 if fb.score.is_some() || fb.correct.is_some() || fb.reference.is_some() {
@@ -534,13 +600,9 @@ impl Gateway {
                 ))
             }
         };
-        let mut log = self.feedback.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(p) = log.take(response_id) else {
-            return Err(GatewayError::UnknownResponse(response_id.clone()));
-        };
+        let (p, shared) = self.take_record(response_id).await?;
         match observation(fb, &p) {
             Ok(o) => {
-                drop(log);
                 let route = &self.routes[p.route];
                 Counters::bump(&route.counters.feedback);
                 metrics::counter!("tandem_feedback_total", "route" => route.name().to_string())
@@ -559,11 +621,134 @@ impl Gateway {
             }
             Err(e) => {
                 // Bad feedback does not consume the response: the client may send it right.
-                log.insert(response_id.clone(), p);
+                match (&self.replicas, shared) {
+                    (Some(r), true) => {
+                        let name = self.routes[p.route].name().to_string();
+                        r.put_back(response_id.clone(), p, &name, &self.feedback);
+                    }
+                    _ => self
+                        .feedback
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(response_id.clone(), p),
+                }
                 Err(e)
             }
         }
     }
+}
+
+impl Gateway {
+    /// Takes response `id`'s feedback record: from Redis (true: shared), else from this
+    /// replica's log. With `[server.shared]`, a record is written to Redis off the request path,
+    /// so feedback sent right after its response — to this replica or another — may come
+    /// before it: a miss is asked again, briefly, until the write has landed or failed (its
+    /// record then in the serving replica's log). Only a miss (an unknown, expired or answered
+    /// response) waits that long.
+    async fn take_record(&self, id: &str) -> Result<(Pending, bool), GatewayError> {
+        let take_local = || {
+            self.feedback
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(id)
+        };
+        let Some(r) = &self.replicas else {
+            return take_local()
+                .map(|p| (p, false))
+                .ok_or_else(|| GatewayError::UnknownResponse(id.to_string()));
+        };
+        let deadline = tokio::time::Instant::now() + r.write_grace();
+        let mut pause = Duration::from_millis(2);
+        let mut warned = false;
+        loop {
+            match r.take(id, |n| self.by_name.get(n).copied()).await {
+                Ok(Some(p)) => return Ok((p, true)),
+                Ok(None) => {}
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(error = %e, "feedback: Redis not asked; this replica's records only");
+                        warned = true;
+                    }
+                }
+            }
+            if let Some(p) = take_local() {
+                return Ok((p, false));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(GatewayError::UnknownResponse(id.to_string()));
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Opens the store replicas share (`[server.shared]`); Redis need not be up yet — until it
+/// answers, each route does what `on_redis_down` says.
+/// Returns the store and this replica's name in it.
+fn open_shared(sh: &SharedSection) -> Result<(Arc<SharedStore>, String), GatewayError> {
+    let url = match (&sh.redis_url, &sh.redis_url_env) {
+        (Some(u), _) => u.clone(),
+        (None, Some(var)) => std::env::var(var).map_err(|_| {
+            GatewayError::Internal(format!(
+                "server.shared.redis_url_env names {var}, which is not set"
+            ))
+        })?,
+        (None, None) => return Err(GatewayError::Internal("server.shared: no redis_url".into())),
+    };
+    let mut c = SharedConfig::new(url, sh.prefix.clone());
+    c.op_timeout = Duration::from_millis(sh.op_timeout_ms);
+    let origin = match &sh.replica_id {
+        Some(r) => r.clone(),
+        None => format!(
+            "{}-{}",
+            std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty() && !h.contains(char::is_whitespace))
+                .unwrap_or_else(|| "replica".into()),
+            std::process::id()
+        ),
+    };
+    // Ids in Redis stay unique even when two replicas are configured with one name.
+    let origin = format!("{origin}.{:08x}", rand::random::<u32>());
+    c.replica_id = Some(origin.clone());
+    let store = SharedStore::new(c).map_err(|e| GatewayError::Internal(e.to_string()))?;
+    tracing::info!(redis = store.url(), prefix = %sh.prefix, on_redis_down = ?sh.on_redis_down, "replicas share budgets, feedback and learning through Redis");
+    Ok((Arc::new(store), origin))
+}
+
+/// Links a capped route's budget to the shared store (unless its state was refused: it stays
+/// closed).
+fn share_budget(store: &Arc<SharedStore>, sh: &SharedSection, r: &RouteState) {
+    if !r.budget.is_capped() || r.refused_state().is_some() {
+        return;
+    }
+    let link = RouteShare::new(
+        store.clone(),
+        r.name(),
+        r.budget.limits(),
+        r.budget.window_s(),
+        Duration::from_secs(sh.hold_s),
+        sh.on_redis_down,
+    );
+    let _ = r.budget.attach_shared(Arc::new(link));
+}
+
+/// Every second, adds what routes spent on their own while Redis was away, once it answers.
+fn spawn_sync(routes: Arc<Vec<RouteState>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for r in routes.iter() {
+                if let Some(s) = r.budget.shared().filter(|s| s.has_unsynced()) {
+                    s.sync().await;
+                }
+            }
+        }
+    })
 }
 
 /// Opens a capped route's spend journal in `dir` (unless its state was refused: its files are

@@ -90,6 +90,11 @@ pub(super) struct Run<'a> {
     pub route: &'a RouteState,
     pub cost: Micros,
     pub tried: u32,
+    /// When the route's `deadline_ms` passes, counted from the request's start.
+    deadline: Option<tokio::time::Instant>,
+    /// The last large reservation asked for (micro-dollars), to tell a request that can never
+    /// fit the cap from a budget that is spent.
+    asked: std::sync::atomic::AtomicU64,
 }
 
 impl<'a> Run<'a> {
@@ -99,6 +104,27 @@ impl<'a> Run<'a> {
             route,
             cost: 0,
             tried: 0,
+            deadline: route
+                .cfg
+                .cfg
+                .deadline_ms
+                .map(|ms| tokio::time::Instant::now() + std::time::Duration::from_millis(ms)),
+            asked: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn past_deadline(&self) -> GatewayError {
+        GatewayError::DeadlineExceeded {
+            route: self.route.name().to_string(),
+            ms: self.route.cfg.cfg.deadline_ms.unwrap_or(0),
+        }
+    }
+
+    /// Runs `f` until the request's deadline, if the route sets one.
+    async fn by_deadline<T>(&self, f: impl std::future::Future<Output = T>) -> Option<T> {
+        match self.deadline {
+            Some(d) => tokio::time::timeout_at(d, f).await.ok(),
+            None => Some(f.await),
         }
     }
 
@@ -138,17 +164,33 @@ impl<'a> Run<'a> {
             self.gw.next_seed(self.route),
         );
         let mut tried = 0;
-        while let Some((up, ticket)) = at.next().await {
+        loop {
+            // Waiting for a backoff or a free slot counts against the deadline too.
+            let Some(next) = self.by_deadline(at.next()).await else {
+                return (Err(self.past_deadline()), tried);
+            };
+            let Some((up, ticket)) = next else {
+                break;
+            };
             if tried > 0 {
                 self.retried(role);
             }
             tried += 1;
-            match attempt(up).await {
-                Ok(t) => return (Ok(on_ok(t, ticket, up)), tried),
-                Err(e) => {
+            match self.by_deadline(attempt(up)).await {
+                Some(Ok(t)) => return (Ok(on_ok(t, ticket, up)), tried),
+                Some(Err(e)) => {
                     if let Err(e) = at.failed(up, ticket, e) {
                         return (Err(e), tried);
                     }
+                }
+                None => {
+                    // The upstream had not answered when the deadline came: as good as a timeout.
+                    let e = GatewayError::UpstreamTimeout {
+                        upstream: up.name.clone(),
+                        ms: self.route.cfg.cfg.deadline_ms.unwrap_or(0),
+                    };
+                    let _ = at.failed(up, ticket, e);
+                    return (Err(self.past_deadline()), tried);
                 }
             }
         }
@@ -240,10 +282,22 @@ impl<'a> Run<'a> {
             .filter_map(|&i| self.gw.upstreams.get(i))
             .map(|up| up.estimate(&self.call_for(up, call)))
             .max()?;
+        self.asked.store(est, std::sync::atomic::Ordering::Relaxed);
         self.route.budget.try_reserve(est, super::unix_now())
     }
 
     fn exhausted(&self) -> GatewayError {
+        let cap = self.route.budget.limits().max_micros;
+        if let Some(cap) =
+            cap.filter(|&c| self.asked.load(std::sync::atomic::Ordering::Relaxed) > c)
+        {
+            // Spent or not, this request can never fit: waiting for the window would not help.
+            return GatewayError::OverBudget {
+                route: self.route.name().to_string(),
+                estimate_micros: self.asked.load(std::sync::atomic::Ordering::Relaxed),
+                cap_micros: cap,
+            };
+        }
         if let Some(why) = self.route.refused_state() {
             return GatewayError::BudgetClosed {
                 route: self.route.name().to_string(),
@@ -411,6 +465,45 @@ impl<'a> Run<'a> {
             _ => Target::Small,
         };
         Ok(Self::plan(target, Some(s), Some(score), capped))
+    }
+
+    /// Makes the plan's large reservation durable (journaled, or taken in the shared store)
+    /// before anything is called for it. The shared store can still refuse what this replica's
+    /// own count allowed — the other replicas spent the cap, or Redis cannot be asked — and
+    /// that refusal is handled as the local cap's is: the small model serves (its draft, if
+    /// made), or the request is refused on a route that refuses or has no small model.
+    pub async fn confirm(&self, plan: Plan) -> Result<Plan, GatewayError> {
+        let held = match &plan.target {
+            Target::Large(h) | Target::Both(h) => h,
+            Target::Small => return Ok(plan),
+        };
+        match held.durable().await {
+            Ok(()) => Ok(plan),
+            Err(e) if e.is_budget_refusal() => {
+                let Plan {
+                    target,
+                    draft,
+                    draft_usable,
+                    score,
+                    ..
+                } = plan;
+                // Released: its durable step failed, so no call was made on it.
+                drop(target);
+                if self.refuses() || (draft.is_none() && self.route.cfg.small.is_none()) {
+                    return Err(e);
+                }
+                metrics::counter!("tandem_shared_budget_refusals_total", "route" => self.route.name().to_string(), "why" => e.code().unwrap_or("budget").to_string())
+                    .increment(1);
+                Ok(Plan {
+                    target: Target::Small,
+                    draft,
+                    draft_usable,
+                    score,
+                    capped: true,
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The small model could not serve: the large one does, if the budget allows; else the

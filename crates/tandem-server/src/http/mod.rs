@@ -400,7 +400,7 @@ async fn feedback(
     let bytes = read_body(&headers, body, st.max_body, st.body_timeout).await?;
     let fb: Feedback =
         serde_json::from_slice(&bytes).map_err(|e| GatewayError::BadJson(e.to_string()))?;
-    st.gateway.feedback(&fb)?;
+    st.gateway.feedback(&fb).await?;
     Ok(
         Json(json!({"ok": true, "response_id": fb.response_id, "episode_id": fb.episode_id}))
             .into_response(),

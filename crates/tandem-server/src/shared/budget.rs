@@ -146,7 +146,7 @@ pub struct SharedConfig {
     /// Letters, digits, `_`, `-` and `.`.
     pub prefix: String,
     /// Names this replica in reservation ids (for an operator reading Redis). Ids are unique
-    /// without it: each [`SharedBudget`] adds a random 64-bit tag and a counter.
+    /// without it: each [`SharedStore`] adds a random 64-bit tag and a counter.
     pub replica_id: Option<String>,
     /// Longest one operation may take, connecting included; then it fails with
     /// [`SharedError::Timeout`]. Default 500 ms.
@@ -213,7 +213,7 @@ pub struct Totals {
     pub micros: Micros,
 }
 
-/// A window as [`SharedBudget::spent`] reads it.
+/// A window as [`SharedStore::spent`] reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SharedSpent {
     /// Calls counted (settled, open, or reclaimed from a dead replica).
@@ -265,7 +265,7 @@ impl SharedReservation {
     }
 }
 
-/// The answer to [`SharedBudget::reserve`]; both arms carry the window's totals after it, for
+/// The answer to [`SharedStore::reserve`]; both arms carry the window's totals after it, for
 /// [`super::LocalShare::observe`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reserve {
@@ -277,7 +277,7 @@ pub enum Reserve {
     Refused { cap: Cap, totals: Totals },
 }
 
-/// The answer to [`SharedBudget::settle`] and [`SharedBudget::release`], with the window's totals
+/// The answer to [`SharedStore::settle`] and [`SharedStore::release`], with the window's totals
 /// after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Closed {
@@ -302,10 +302,14 @@ struct Scripts {
     spent: Script,
 }
 
-/// Route budgets in one Redis, shared by every replica that opens it with the same prefix.
-/// Cheap to share behind an `Arc`; one multiplexed connection, reconnected after Redis returns.
-pub struct SharedBudget {
-    conn: ConnectionManager,
+/// What replicas share in one Redis, for every replica that opens it with the same prefix:
+/// route budgets (here), feedback records ([`super::feedback`]) and learning
+/// ([`super::learning`]). Cheap to share behind an `Arc`; one multiplexed connection,
+/// reconnected after Redis returns.
+pub struct SharedStore {
+    pub(super) conn: ConnectionManager,
+    /// `tandem:{prefix}:`
+    pub(super) root: String,
     /// The URL without its password, for messages.
     url: String,
     /// `tandem:{prefix}:budget:`
@@ -322,9 +326,9 @@ pub struct SharedBudget {
     scripts: Scripts,
 }
 
-impl fmt::Debug for SharedBudget {
+impl fmt::Debug for SharedStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SharedBudget")
+        f.debug_struct("SharedStore")
             .field("url", &self.url)
             .field("key_root", &self.key_root)
             .field("id_root", &self.id_root)
@@ -359,7 +363,7 @@ fn cap_arg(cap: Option<u64>) -> i64 {
     cap.map_or(-1, |c| c.min(MAX_AMOUNT) as i64)
 }
 
-impl SharedBudget {
+impl SharedStore {
     /// Opens the store. No I/O: the connection is made by the first operation (so a gateway can
     /// start while Redis is down) and remade after Redis comes back. Must run inside a Tokio
     /// runtime. Errors: [`SharedError::BadUrl`], [`SharedError::BadInput`] (prefix, replica id,
@@ -424,10 +428,11 @@ impl SharedBudget {
             Some(r) => format!("{r}.{tag:016x}."),
             None => format!("{tag:016x}."),
         };
-        Ok(SharedBudget {
+        Ok(SharedStore {
             conn,
             url,
             key_root: format!("tandem:{}:budget:", config.prefix),
+            root: format!("tandem:{}:", config.prefix),
             id_root,
             next_id: AtomicU64::new(0),
             op_timeout: config.op_timeout,
@@ -445,6 +450,12 @@ impl SharedBudget {
     }
 
     /// The store's URL, without its password.
+    /// Whether the last operation failed to reach Redis (operations then fail at once until
+    /// `retry_after` has passed).
+    pub fn is_down(&self) -> bool {
+        self.down_until_ms.load(Ordering::Relaxed) != 0
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -617,7 +628,7 @@ impl SharedBudget {
         })
     }
 
-    fn reply(&self, op: &'static str, detail: String) -> SharedError {
+    pub(super) fn reply(&self, op: &'static str, detail: String) -> SharedError {
         SharedError::Reply {
             url: self.url.clone(),
             op,
@@ -631,7 +642,7 @@ impl SharedBudget {
     }
 
     /// Runs one request to Redis within `op_timeout`, unless Redis failed within `retry_after`.
-    async fn guarded<T: FromRedisValue>(
+    pub(super) async fn guarded<T: FromRedisValue>(
         &self,
         op: &'static str,
         request: impl Future<Output = RedisResult<T>>,
@@ -704,7 +715,7 @@ mod tests {
 
     #[test]
     fn opening_needs_a_runtime_and_a_sane_config() {
-        let e = SharedBudget::new(SharedConfig::new("redis://:pw@127.0.0.1:1", "t")).unwrap_err();
+        let e = SharedStore::new(SharedConfig::new("redis://:pw@127.0.0.1:1", "t")).unwrap_err();
         assert!(matches!(e, SharedError::NoRuntime { .. }), "{e}");
         assert!(!e.to_string().contains("pw"), "{e}");
     }
@@ -718,14 +729,14 @@ mod tests {
             ("http://127.0.0.1:1", "t"),
             ("redis://127.0.0.1:notaport", "t"),
         ] {
-            let e = SharedBudget::new(SharedConfig::new(url, prefix)).unwrap_err();
+            let e = SharedStore::new(SharedConfig::new(url, prefix)).unwrap_err();
             assert!(
                 matches!(e, SharedError::BadInput { .. } | SharedError::BadUrl { .. }),
                 "{url} {prefix}: {e}"
             );
         }
         // Port 1: nothing listens; every case below must fail before trying it.
-        let b = SharedBudget::new(SharedConfig::new("redis://127.0.0.1:1", "t")).unwrap();
+        let b = SharedStore::new(SharedConfig::new("redis://127.0.0.1:1", "t")).unwrap();
         let w = Window::containing(1000, Some(60));
         let hold = Duration::from_secs(60);
         let none = BudgetLimits {
@@ -762,8 +773,8 @@ mod tests {
     async fn keys_and_ids_are_namespaced_and_unique() {
         let mut c = SharedConfig::new("redis://127.0.0.1:1", "prod-eu");
         c.replica_id = Some("gw-1".into());
-        let a = SharedBudget::new(c.clone()).unwrap();
-        let b = SharedBudget::new(c).unwrap();
+        let a = SharedStore::new(c.clone()).unwrap();
+        let b = SharedStore::new(c).unwrap();
         assert_eq!(
             a.window_key("tandem", 1020),
             "tandem:prod-eu:budget:tandem:1020"
@@ -779,7 +790,7 @@ mod tests {
     async fn an_absent_store_fails_fast_then_is_not_retried_at_once() {
         let mut c = SharedConfig::new("redis://127.0.0.1:1", "t");
         c.retry_after = Duration::from_secs(30);
-        let b = SharedBudget::new(c).unwrap();
+        let b = SharedStore::new(c).unwrap();
         let t = Instant::now();
         let e = b.spent("r", 0).await.unwrap_err();
         assert!(e.is_unavailable(), "{e}");

@@ -4,7 +4,7 @@
 //! small model (or refuses, for a fixed route) until Redis answers. [`OnRedisDown::FailOpen`] lets
 //! each replica spend, on its own, `share` of what remained of each cap the last time it heard
 //! from Redis, once per window; [`LocalShare`] keeps that account and hands the spend back for
-//! Redis ([`LocalShare::take_unsynced`] → [`super::SharedBudget::add_spent`]).
+//! Redis ([`LocalShare::take_unsynced`] → [`super::SharedStore::add_spent`]).
 //!
 //! Fail-open trades the cap for availability, within a bound. Spend made alone reaches Redis only
 //! when its replica does; until then the other replicas cannot see it, so a cap can be passed by
@@ -194,7 +194,7 @@ impl LocalShare {
     }
 
     /// Takes the settled local spend not yet in Redis, per window, oldest first, for
-    /// [`super::SharedBudget::add_spent`]. Give back what could not be added with
+    /// [`super::SharedStore::add_spent`]. Give back what could not be added with
     /// [`LocalShare::restore_unsynced`]. Calls still open are taken once they settle.
     pub fn take_unsynced(&self) -> Vec<Unsynced> {
         let mut w = self.lock();

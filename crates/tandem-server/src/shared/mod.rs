@@ -1,7 +1,7 @@
 //! State that gateway replicas share through Redis (`[server.shared] redis_url`), so that any
 //! number of replicas behind a load balancer together never pass a route's budget cap.
 //!
-//! - [`SharedBudget`]: a route's budget window as atomic reservations in Redis (Lua scripts:
+//! - [`SharedStore`]: a route's budget window as atomic reservations in Redis (Lua scripts:
 //!   check-and-reserve, settle, refund, expiry of old windows and reclaim of reservations whose
 //!   replica died).
 //! - [`LocalShare`]: what one replica may spend on its own while Redis is unreachable, as
@@ -12,12 +12,16 @@
 
 pub mod budget;
 pub mod fallback;
+pub mod feedback;
+pub mod learning;
+pub mod route;
 
 pub use budget::{
-    Cap, Closed, Reserve, SharedBudget, SharedConfig, SharedReservation, SharedSpent, Totals,
+    Cap, Closed, Reserve, SharedConfig, SharedReservation, SharedSpent, SharedStore, Totals,
     Window, MAX_AMOUNT,
 };
 pub use fallback::{LocalHeld, LocalShare, OnRedisDown, Unsynced};
+pub use route::{RouteShare, SharedHold};
 
 use std::time::Duration;
 
