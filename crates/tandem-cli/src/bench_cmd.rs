@@ -65,6 +65,14 @@ pub struct GatewayArgs {
     /// rotated at each run).
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// `RUST_LOG` for the gateways: `warn` leaves the request log out, `info` writes a line per
+    /// request (as `tandem serve` does by default).
+    #[arg(long, default_value = "warn")]
+    log: String,
+    /// Worker threads of each tandem gateway (TOKIO_WORKER_THREADS); default: half the cores,
+    /// the load generator and mock having the other half; 0: one per core.
+    #[arg(long)]
+    gateway_threads: Option<usize>,
     /// Where configs and the servers' logs go.
     #[arg(long, default_value = "out/bench-gateway")]
     out: PathBuf,
@@ -176,6 +184,16 @@ fn gateway(a: GatewayArgs) -> Result<()> {
         seconds: a.seconds,
         tandem: gateways(&a.tandem)?,
         repeat: a.repeat,
+        log: a.log,
+        gateway_threads: match a.gateway_threads {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => Some(
+                std::thread::available_parallelism()
+                    .map_or(1, |n| n.get() / 2)
+                    .max(1),
+            ),
+        },
         litellm,
         work_dir: a.out.clone(),
     };

@@ -47,6 +47,11 @@ pub struct Options {
     pub tandem: Vec<(String, PathBuf)>,
     /// Times the whole sequence of rows is run; each column is reported as its median.
     pub repeat: usize,
+    /// `RUST_LOG` for the gateways (`warn`: no request log; `info`: a line per request).
+    pub log: String,
+    /// Worker threads of each gateway's runtime (`TOKIO_WORKER_THREADS`); None: tokio's default,
+    /// one per core.
+    pub gateway_threads: Option<usize>,
     /// Where LiteLLM is installed (`pip --target`); None: leave it out.
     pub litellm: Option<PathBuf>,
     pub work_dir: PathBuf,
@@ -62,8 +67,9 @@ pub struct Row {
     /// tandem only: its own overhead histogram over this load (upper bucket bounds).
     pub overhead_p50_ms: Option<f64>,
     pub overhead_p99_ms: Option<f64>,
-    /// The gateway process's CPU time (user and system) over this row's load, in seconds; None
-    /// for the mock (it shares the load generator's process) and where it cannot be read.
+    /// The gateway process's CPU time (user and system) over this row's load, in seconds; for
+    /// the mock alone, the bench's own process (load generator and mock together). None where
+    /// it cannot be read.
     pub cpu_s: Option<f64>,
     /// `cpu_s` per request completed, in microseconds.
     pub cpu_us_per_req: Option<f64>,
@@ -73,6 +79,8 @@ pub struct Row {
 pub struct Report {
     pub seconds: f64,
     pub cores: usize,
+    pub gateway_threads: Option<usize>,
+    pub log: String,
     pub repeat: usize,
     /// Each column the median over the repetitions.
     pub rows: Vec<Row>,
@@ -188,10 +196,15 @@ async fn start_tandem(
     };
     let path = o.work_dir.join(format!("tandem-bench{suffix}.toml"));
     std::fs::write(&path, cfg).map_err(io(format!("writing {}", path.display())))?;
-    let child = Command::new(bin)
-        .args(["serve", "--config"])
+    let mut cmd = Command::new(bin);
+    cmd.args(["serve", "--config"])
         .arg(&path)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", &o.log)
+        .env_remove("TOKIO_WORKER_THREADS");
+    if let Some(n) = o.gateway_threads {
+        cmd.env("TOKIO_WORKER_THREADS", n.to_string());
+    }
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(log_file(&o.work_dir, &format!("tandem{suffix}.log"))?)
         .spawn()
@@ -462,6 +475,7 @@ pub async fn run(o: Options, mut progress: impl FnMut(&str)) -> Result<Report, B
                 _ => format!(" (run {} of {repeat})", rep + 1),
             };
             progress(&format!("mock alone at {rate} req/s{of}"));
+            let own0 = cpu_seconds(std::process::id());
             let direct = load::run(
                 &client,
                 Load {
@@ -474,6 +488,9 @@ pub async fn run(o: Options, mut progress: impl FnMut(&str)) -> Result<Report, B
                 },
             )
             .await;
+            let own_cpu = own0
+                .zip(cpu_seconds(std::process::id()))
+                .map(|(a, b)| b - a);
             let mut measured = Vec::new();
             // Rotated at each repetition: none is always the first after the mock.
             for k in 0..targets.len() {
@@ -493,13 +510,15 @@ pub async fn run(o: Options, mut progress: impl FnMut(&str)) -> Result<Report, B
                 measured.push(measure(&client, t, &body, rate, duration, &direct).await);
             }
             rows.push(Row {
-                load: direct,
                 added_p50_ms: None,
                 added_p99_ms: None,
                 overhead_p50_ms: None,
                 overhead_p99_ms: None,
-                cpu_s: None,
-                cpu_us_per_req: None,
+                cpu_us_per_req: own_cpu
+                    .filter(|_| direct.ok > 0)
+                    .map(|c| c * 1e6 / direct.ok as f64),
+                cpu_s: own_cpu,
+                load: direct,
             });
             rows.extend(measured);
         }
@@ -514,6 +533,8 @@ pub async fn run(o: Options, mut progress: impl FnMut(&str)) -> Result<Report, B
     Ok(Report {
         seconds: o.seconds,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        gateway_threads: o.gateway_threads,
+        log: o.log,
         repeat,
         rows,
         runs,
@@ -523,9 +544,12 @@ pub async fn run(o: Options, mut progress: impl FnMut(&str)) -> Result<Report, B
 
 /// The report as a table.
 pub fn table(r: &Report) -> String {
+    let threads = r
+        .gateway_threads
+        .map_or("one per core".to_string(), |n| n.to_string());
     let mut s = format!(
-        "gateway overhead, open-loop load for {} s per row on {} cores (mock, load generator and gateways share them)",
-        r.seconds, r.cores
+        "gateway overhead, open-loop load for {} s per row on {} cores (mock, load generator and gateways share them; tandem's worker threads: {threads}; RUST_LOG={})",
+        r.seconds, r.cores, r.log
     );
     if r.repeat > 1 {
         s.push_str(&format!(
@@ -577,7 +601,7 @@ pub fn table(r: &Report) -> String {
             f(row.cpu_us_per_req, 1)
         ));
     }
-    s.push_str("+p50/+p99: latency less the mock's alone at the same rate, same run; own: tandem's histogram of request time less upstream time (bucket upper bounds); cpu: the gateway process's CPU time over the row, and per request served.\n");
+    s.push_str("+p50/+p99: latency less the mock's alone at the same rate, same run; own: tandem's histogram of request time less upstream time (bucket upper bounds); cpu: the gateway process's CPU time over the row, and per request served (mock alone: the load generator and mock's, one process).\n");
     s
 }
 
