@@ -69,8 +69,9 @@ pub struct GatewayArgs {
     /// request (as `tandem serve` does by default).
     #[arg(long, default_value = "warn")]
     log: String,
-    /// Worker threads of each tandem gateway (TOKIO_WORKER_THREADS); default: half the cores,
-    /// the load generator and mock having the other half; 0: one per core.
+    /// Worker threads of each tandem gateway (TOKIO_WORKER_THREADS); default: one per core, as
+    /// `tandem serve` runs. On a small machine `--gateway-threads 1` leaves the load generator
+    /// and mock a core of their own (and matches LiteLLM's single worker).
     #[arg(long)]
     gateway_threads: Option<usize>,
     /// Where configs and the servers' logs go.
@@ -185,15 +186,7 @@ fn gateway(a: GatewayArgs) -> Result<()> {
         tandem: gateways(&a.tandem)?,
         repeat: a.repeat,
         log: a.log,
-        gateway_threads: match a.gateway_threads {
-            Some(0) => None,
-            Some(n) => Some(n),
-            None => Some(
-                std::thread::available_parallelism()
-                    .map_or(1, |n| n.get() / 2)
-                    .max(1),
-            ),
-        },
+        gateway_threads: a.gateway_threads.filter(|&n| n > 0),
         litellm,
         work_dir: a.out.clone(),
     };
