@@ -57,9 +57,23 @@ pub struct GatewayArgs {
     #[arg(long)]
     json: Option<PathBuf>,
     /// The `tandem` executable to run as the gateway (default: this one), e.g. an older build to
-    /// compare with the same load generator.
+    /// compare with the same load generator; `LABEL=PATH` names its rows. Give it several times
+    /// to bench several builds in one run (they take turns at each rate).
     #[arg(long)]
-    tandem: Option<PathBuf>,
+    tandem: Vec<String>,
+    /// Run every row this many times and report each column's median (the gateways' order
+    /// rotated at each run).
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// `RUST_LOG` for the gateways: `warn` leaves the request log out, `info` writes a line per
+    /// request (as `tandem serve` does by default).
+    #[arg(long, default_value = "warn")]
+    log: String,
+    /// Worker threads of each tandem gateway (TOKIO_WORKER_THREADS); default: one per core, as
+    /// `tandem serve` runs. On a small machine `--gateway-threads 1` leaves the load generator
+    /// and mock a core of their own (and matches LiteLLM's single worker).
+    #[arg(long)]
+    gateway_threads: Option<usize>,
     /// Where configs and the servers' logs go.
     #[arg(long, default_value = "out/bench-gateway")]
     out: PathBuf,
@@ -149,6 +163,9 @@ fn gateway(a: GatewayArgs) -> Result<()> {
     if !(a.seconds.is_finite() && a.seconds > 0.0) {
         bail!("--seconds {}: must be positive", a.seconds);
     }
+    if a.repeat == 0 {
+        bail!("--repeat 0: must be at least 1");
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let litellm = Store::default_home().home().join("py/litellm");
     let litellm = if a.no_litellm {
@@ -166,10 +183,10 @@ fn gateway(a: GatewayArgs) -> Result<()> {
         rates: a.rates,
         compare_rates: a.compare_rates,
         seconds: a.seconds,
-        tandem: match a.tandem {
-            Some(p) => p,
-            None => std::env::current_exe().context("finding the tandem executable")?,
-        },
+        tandem: gateways(&a.tandem)?,
+        repeat: a.repeat,
+        log: a.log,
+        gateway_threads: a.gateway_threads.filter(|&n| n > 0),
         litellm,
         work_dir: a.out.clone(),
     };
@@ -185,6 +202,33 @@ fn gateway(a: GatewayArgs) -> Result<()> {
         write_json(p, &report)?;
     }
     Ok(())
+}
+
+/// The gateways to bench, labelled: `--tandem [LABEL=]PATH` each, or this executable. One
+/// unlabelled is `tandem`; several unlabelled take their file names.
+fn gateways(given: &[String]) -> Result<Vec<(String, PathBuf)>> {
+    if given.is_empty() {
+        let exe = std::env::current_exe().context("finding the tandem executable")?;
+        return Ok(vec![("tandem".into(), exe)]);
+    }
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    for g in given {
+        let (label, path) = match g.split_once('=') {
+            Some((l, p)) if !l.is_empty() && !l.contains(['/', '\\']) => (l.to_string(), p),
+            _ if given.len() == 1 => ("tandem".to_string(), g.as_str()),
+            _ => {
+                let name = Path::new(g)
+                    .file_name()
+                    .map_or_else(|| g.clone(), |n| n.to_string_lossy().into_owned());
+                (name, g.as_str())
+            }
+        };
+        if out.iter().any(|(l, _)| *l == label) {
+            bail!("--tandem {g}: the label `{label}` is taken; name each as LABEL=PATH");
+        }
+        out.push((label, PathBuf::from(path)));
+    }
+    Ok(out)
 }
 
 fn faults(a: FaultsArgs) -> Result<()> {

@@ -4,6 +4,7 @@ mod assets_cmd;
 mod bench_cmd;
 mod demo_cmd;
 mod eval_cmd;
+mod log_writer;
 mod londi_cmd;
 mod record_cmd;
 mod run_cmd;

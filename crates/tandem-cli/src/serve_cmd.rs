@@ -23,7 +23,8 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    init_logging();
+    // Held to the end: dropping it writes out the lines still queued.
+    let _log = init_logging()?;
     let cfg = ServerConfig::load(&a.config)?;
     cfg.check_environment(&a.config)?;
     if a.check {
@@ -93,13 +94,22 @@ async fn shutdown() {
     eprintln!("tandem: stopping; saving learned state");
 }
 
-/// One JSON line per request on stderr; `RUST_LOG` (e.g. `debug`) changes the level.
-fn init_logging() {
+/// One JSON line per request on stderr (the access log, target `tandem::request`, level info);
+/// `RUST_LOG` changes the level (`warn` turns the access log off, `debug` adds more). Lines are
+/// written out in batches ([`crate::log_writer`]): request threads never write to stderr
+/// themselves. The guard writes out what is buffered when dropped.
+fn init_logging() -> Result<crate::log_writer::Guard> {
+    use crate::log_writer::{spawn, FLUSH_EVERY, MAX_BUFFERED};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = spawn(std::io::stderr(), FLUSH_EVERY, MAX_BUFFERED)
+        .context("cannot start the log writer thread")?;
+    let counted = writer.clone();
+    tandem_server::http::log::count_dropped_lines(move || counted.dropped());
     let _ = tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(move || writer.clone())
         .try_init();
+    Ok(guard)
 }

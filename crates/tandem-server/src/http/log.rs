@@ -15,9 +15,27 @@ use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use futures_util::StreamExt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::Poll;
 use std::time::Instant;
+
+/// How many log lines the process's log writer has dropped (its queue full: a stderr slower
+/// than the requests), read at each scrape of `/metrics`.
+type DroppedLines = Box<dyn Fn() -> u64 + Send + Sync>;
+static DROPPED: OnceLock<DroppedLines> = OnceLock::new();
+
+/// Tells `/metrics` where to read the log writer's count of dropped lines
+/// (`tandem_log_lines_dropped_total`); the first call counts, later ones are ignored.
+pub fn count_dropped_lines(f: impl Fn() -> u64 + Send + Sync + 'static) {
+    let _ = DROPPED.set(Box::new(f));
+}
+
+/// Publishes the count of dropped log lines, if a writer reports one.
+pub(crate) fn publish_dropped_lines() {
+    if let Some(f) = DROPPED.get() {
+        metrics::counter!("tandem_log_lines_dropped_total").absolute(f());
+    }
+}
 
 /// The per-request slot handlers fill for the log line; the middleware puts a fresh one in each
 /// request's extensions (take it with `Extension<RequestLog>`).

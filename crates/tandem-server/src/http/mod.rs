@@ -419,6 +419,7 @@ async fn metrics_text(State(st): State<AppState>) -> Response {
     for u in st.gateway.upstreams() {
         u.health.publish_state();
     }
+    log::publish_dropped_lines();
     for r in st.gateway.routes() {
         let s = r.budget.spent();
         let route = r.name().to_string();
