@@ -1,4 +1,7 @@
-//! Online cascade learning (OCL, Nie et al. 2024). Each cheap tier i has a deferral decision
+//! Online cascade learning (OCL: Nie, Ding, Hu, Jermaine, Chaudhuri, "Online Cascade Learning for
+//! Efficient Inference over Streams", ICML 2024, arXiv 2402.04513; the cascade objective of its
+//! problem formulation and its online, imitation-learning algorithm). [`Ocl`] is the cascade
+//! engine's policy; [`OclDeferral`] its learner. Each cheap tier i has a deferral decision
 //! d_i(x) ∈ {0, 1} chosen to minimise the cascade's cost-weighted imitation objective
 //! Σ_i Π_{k<i} d_k · [(1 − d_i)·loss(p_i, y_top) + d_i·μ·c_i], with c_i the next tier's price
 //! relative to the top one's. Tier i's part of it is minimised by deferring exactly when its
@@ -31,6 +34,7 @@
 //! `ShareController`).
 
 use super::signals::Signals;
+use super::{Deferral, Finished, Step};
 use crate::calibrate::ShareController;
 use crate::error::CoreError;
 use crate::features::{ns, FeatureVec, Featurizer, TextFeatures};
@@ -307,6 +311,97 @@ impl OclDeferral {
 /// Untrained, the deferral is the confidence shunt; it departs from it only as far as the top
 /// tier's labels show the tier's confidence to be off (a weak tier's overconfidence, a kind of
 /// input it gets wrong), so the early stream is not spent on a blank model.
+/// OCL as the cascade engine's [`Deferral`] policy: each warm cheap tier asks its deferral model;
+/// every cheap tier that ran learns, from each item the top tier answers, whether it agreed; the
+/// share (when held) is steered only on items some cheap tier decided on.
+pub struct Ocl {
+    deferral: OclDeferral,
+    /// Temperature of the energy signal.
+    temperature: f32,
+    /// Some cheap tier decided on this item (not every one was still warming up).
+    decided: bool,
+}
+
+impl Ocl {
+    pub fn new(
+        cheap_tiers: usize,
+        cfg: DeferralConfig,
+        temperature: f32,
+    ) -> Result<Self, CoreError> {
+        Ok(Ocl {
+            deferral: OclDeferral::new(cheap_tiers, cfg)?,
+            temperature,
+            decided: false,
+        })
+    }
+
+    pub fn deferral(&self) -> &OclDeferral {
+        &self.deferral
+    }
+
+    fn context<'a>(&self, step: &Step<'a>) -> Context<'a> {
+        Context {
+            signals: Signals::of(step.probs, step.logits, self.temperature),
+            text: step.input,
+            below: step.agrees_below(),
+        }
+    }
+}
+
+impl Deferral for Ocl {
+    fn name(&self) -> &'static str {
+        "ocl"
+    }
+
+    fn begin_item(&mut self) {
+        self.deferral.begin_item();
+        self.decided = false;
+    }
+
+    fn defer(&mut self, step: &Step) -> bool {
+        self.decided = true;
+        let ctx = self.context(step);
+        self.deferral.decide(step.tier, &ctx, step.next_cost).defer
+    }
+
+    fn end_item(&mut self, f: &Finished) {
+        if let Some(top) = f.top_label {
+            for step in f.cheap {
+                let ctx = self.context(step);
+                self.deferral.learn(step.tier, &ctx, step.label == top);
+            }
+        }
+        // The share is steered only where a cheap tier could have answered: during warm-up
+        // everything goes to the top tier whatever μ is.
+        if self.decided {
+            self.deferral.end_item(f.answered == f.top);
+        }
+    }
+
+    fn state_file(&self) -> Option<&'static str> {
+        Some("deferral.bin")
+    }
+
+    fn save(&self) -> Result<Vec<u8>, CoreError> {
+        let mut buf = Vec::new();
+        self.deferral.save(&mut buf).map_err(|e| CoreError::Tier {
+            tier: "deferral checkpoint".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(buf)
+    }
+
+    fn restore(&mut self, saved: Option<&[u8]>, _items_done: u64) -> Result<(), CoreError> {
+        match saved {
+            Some(mut bytes) => self.deferral.load(&mut bytes),
+            None => Err(CoreError::Tier {
+                tier: "deferral checkpoint".into(),
+                reason: "missing".into(),
+            }),
+        }
+    }
+}
+
 fn with_prior(m: &OnlineSoftmax, x: &FeatureVec, s: &Signals) -> [f32; 2] {
     let mut l = [0.0f32; 2];
     m.logits(x, &mut l);
