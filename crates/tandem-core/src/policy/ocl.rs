@@ -756,6 +756,49 @@ mod tests {
             .is_err());
     }
 
+    /// Through the engine's trait: every cheap tier that ran learns from the top tier's label
+    /// whether it agreed; the state survives a checkpoint.
+    #[test]
+    fn as_a_policy_it_learns_from_how_items_ended() {
+        let mut o = Ocl::new(1, quiet(), 1.0).unwrap();
+        let probs = [0.4f32, 0.6];
+        let logits = [0.4f32.ln(), 0.6f32.ln()];
+        let unsure = Step {
+            tier: 0,
+            top: 1,
+            input: "x",
+            probs: &probs,
+            logits: &logits,
+            label: 1,
+            confidence: 0.6,
+            below: None,
+            next_cost: 1.0,
+        };
+        let p = |o: &mut Ocl| {
+            let c = o.context(&unsure);
+            o.deferral.p_disagree(0, &c)
+        };
+        let before = p(&mut o);
+        for _ in 0..500 {
+            o.begin_item();
+            // The top tier said 0 where the cheap tier said 1.
+            o.end_item(&Finished {
+                answered: 1,
+                top: 1,
+                top_label: Some(0),
+                cheap: &[unsure],
+            });
+        }
+        let after = p(&mut o);
+        assert!(after > before + 0.3, "{before} -> {after}");
+        assert!(o.defer(&unsure));
+        let saved = o.save().unwrap();
+        let mut back = Ocl::new(1, quiet(), 1.0).unwrap();
+        back.restore(Some(&saved), 500).unwrap();
+        assert_eq!(p(&mut back), after);
+        assert!(Ocl::new(1, quiet(), 1.0).unwrap().restore(None, 0).is_err());
+    }
+
     #[test]
     fn exploration_forwards_and_decays() {
         let mut o = OclDeferral::new(
