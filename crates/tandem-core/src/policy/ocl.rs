@@ -307,10 +307,6 @@ impl OclDeferral {
     }
 }
 
-/// The model learns a correction to a prior: the tier's own error estimate 1 − max probability.
-/// Untrained, the deferral is the confidence shunt; it departs from it only as far as the top
-/// tier's labels show the tier's confidence to be off (a weak tier's overconfidence, a kind of
-/// input it gets wrong), so the early stream is not spent on a blank model.
 /// OCL as the cascade engine's [`Deferral`] policy: each warm cheap tier asks its deferral model;
 /// every cheap tier that ran learns, from each item the top tier answers, whether it agreed; the
 /// share (when held) is steered only on items some cheap tier decided on.
@@ -402,6 +398,10 @@ impl Deferral for Ocl {
     }
 }
 
+/// The model learns a correction to a prior: the tier's own error estimate 1 − max probability.
+/// Untrained, the deferral is the confidence shunt; it departs from it only as far as the top
+/// tier's labels show the tier's confidence to be off (a weak tier's overconfidence, a kind of
+/// input it gets wrong), so the early stream is not spent on a blank model.
 fn with_prior(m: &OnlineSoftmax, x: &FeatureVec, s: &Signals) -> [f32; 2] {
     let mut l = [0.0f32; 2];
     m.logits(x, &mut l);
