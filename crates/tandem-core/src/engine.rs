@@ -16,8 +16,9 @@ use crate::error::CoreError;
 use crate::money::Micros;
 use crate::policy::teaching::{prune_classes, S4l, Teaching};
 use crate::policy::{Deferral, Finished, Step};
-use crate::{Price, Usage};
-use std::time::Duration;
+use crate::query::Query;
+use crate::Usage;
+use std::time::{Duration, Instant};
 
 /// S4L's soft prior for the top tier: the last cheap tier's answer and confidence.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,8 +30,14 @@ pub struct Hint {
 /// A tier's answer to one item.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
+    /// A classifier's class probabilities and logits (empty for a generated answer).
     pub probs: Vec<f32>,
     pub logits: Vec<f32>,
+    /// A generator's answer text.
+    pub text: Option<String>,
+    pub usage: Usage,
+    /// What the call cost.
+    pub cost: Micros,
     pub compute: Duration,
     /// The tier used the hint it was given.
     pub hinted: bool,
@@ -40,16 +47,18 @@ pub struct Reply {
 pub trait Tiers {
     type Error: From<CoreError>;
     fn count(&self) -> usize;
-    fn price(&self, tier: usize) -> Price;
+    /// What calling `tier` on `query` will most likely cost (reserved against the budget before a
+    /// metered call; the reply's cost settles it).
+    fn estimate(&mut self, tier: usize, query: &Query) -> Micros;
     /// Past its warm-up: it has learned enough to be asked to decide.
     fn warm(&mut self, tier: usize) -> bool;
     /// Labels it has learned from so far.
     fn updates(&mut self, tier: usize) -> u64;
-    /// Answers `input`; the top tier may be given S4L's hint.
+    /// Answers `query`; the top tier may be given S4L's hint.
     fn answer(
         &mut self,
         tier: usize,
-        input: &str,
+        query: &Query,
         hint: Option<Hint>,
     ) -> Result<Reply, Self::Error>;
     /// Learns `label` for `input` with `weight`.
@@ -71,6 +80,7 @@ pub struct Call {
     pub label: usize,
     pub confidence: f32,
     pub compute: Duration,
+    pub usage: Usage,
     pub cost: Micros,
     /// Paid through the budget.
     pub metered: bool,
@@ -91,6 +101,10 @@ pub struct Served {
     pub s4l: bool,
     /// A step up was refused by the budget.
     pub refused: bool,
+    /// Time the policy took to decide (route-before and each tier's decision).
+    pub decision: Duration,
+    /// The policy explored: it called a tier above the one it would have picked.
+    pub explored: bool,
 }
 
 impl Served {
@@ -172,14 +186,13 @@ impl Cascade {
         self.teaching
     }
 
-    /// Serves one item: up the tiers until one answers, then the teaching step. `usage` prices
-    /// the calls (an estimate where the tiers do not report it).
+    /// Serves one item: from the tier the policy enters at (the cheapest, unless it routes
+    /// before any call) up the tiers until one answers, then the teaching step.
     pub fn serve<T: Tiers + ?Sized>(
         &mut self,
         tiers: &mut T,
         budget: &Budget,
-        input: &str,
-        usage: Usage,
+        query: &Query,
     ) -> Result<Served, T::Error> {
         let n = self.tiers;
         if tiers.count() != n {
@@ -191,24 +204,36 @@ impl Cascade {
             .into());
         }
         let top = n - 1;
-        let costs: Vec<Micros> = (0..n).map(|i| tiers.price(i).cost(usage)).collect();
+        let input = query.routing_text();
+        let costs: Vec<Micros> = (0..n).map(|i| tiers.estimate(i, query)).collect();
         // What going up from tier i pays: the next tier's price, relative to the top one's.
         let next_cost = |i: usize| match costs[top] {
             0 => 1.0,
             t => costs.get(i + 1).copied().unwrap_or(t) as f64 / t as f64,
         };
         self.policy.begin_item();
+        let t0 = Instant::now();
+        let entry = self.policy.entry(query, top).min(top);
+        let mut decision = t0.elapsed();
         let mut replies: Vec<Reply> = Vec::with_capacity(n);
         let mut calls: Vec<Call> = Vec::with_capacity(n);
         let mut answered = None;
         // The last cheap tier was warm (its answer may inform the top tier: S4L).
         let mut last_warm = false;
         let (mut s4l, mut refused) = (false, false);
-        for (i, &cost) in costs.iter().enumerate() {
+        let mut i = entry;
+        while i < n {
             let is_top = i == top;
             let reservation = if self.metered[i] {
-                match budget.try_reserve(cost) {
+                match budget.try_reserve(costs[i]) {
                     Some(r) => Some(r),
+                    // Refused before any tier ran (the policy entered above the cheapest):
+                    // the cheapest answers.
+                    None if calls.is_empty() && i > 0 => {
+                        refused = true;
+                        i = 0;
+                        continue;
+                    }
                     None => {
                         refused = true;
                         break;
@@ -224,7 +249,7 @@ impl Cascade {
                 }
                 _ => None,
             };
-            let mut reply = match tiers.answer(i, input, hint) {
+            let mut reply = match tiers.answer(i, query, hint) {
                 Ok(r) => r,
                 Err(e) => {
                     if let Some(r) = reservation {
@@ -242,7 +267,7 @@ impl Cascade {
                 }
             }
             if let Some(r) = reservation {
-                budget.settle(r, cost);
+                budget.settle(r, reply.cost);
             }
             let (label, confidence) = (argmax(&reply.probs), max_prob(&reply.probs));
             calls.push(Call {
@@ -250,40 +275,46 @@ impl Cascade {
                 label,
                 confidence,
                 compute: reply.compute,
-                cost,
+                usage: reply.usage,
+                cost: reply.cost,
                 metered: self.metered[i],
             });
-            let keep = is_top || {
+            // After a refusal the cheapest tier answers without asking.
+            let keep = is_top || (refused && calls.len() == 1) || {
                 let warm = tiers.warm(i);
+                let t = Instant::now();
                 let keep = warm
                     && !self.policy.defer(&Step {
                         tier: i,
                         top,
-                        input,
+                        query,
                         probs: &reply.probs,
                         logits: &reply.logits,
+                        text: reply.text.as_deref(),
                         label,
                         confidence,
                         below,
                         next_cost: next_cost(i),
                     });
+                decision += t.elapsed();
                 last_warm = warm && self.teaching.s4l != S4l::Off;
                 keep
             };
             replies.push(reply);
             if keep {
-                answered = Some(i);
+                answered = Some(calls.len() - 1);
                 break;
             }
+            i += 1;
         }
         // Refused by the budget: the deepest tier that ran answers.
-        let Some(tier) = answered.or(calls.len().checked_sub(1)) else {
+        let Some(k) = answered.or(calls.len().checked_sub(1)) else {
             return Err(CoreError::BudgetExhausted("no tier answered".into()).into());
         };
-        let (label, confidence) = (calls[tier].label, calls[tier].confidence);
+        let (tier, label, confidence) = (calls[k].tier, calls[k].label, calls[k].confidence);
         if tier == top {
             // L4S: the top tier's label teaches every tier below it.
-            let classes = replies[top].probs.len();
+            let classes = replies.last().map_or(0, |r| r.probs.len());
             for i in 0..top {
                 let w = self
                     .teaching
@@ -298,17 +329,18 @@ impl Cascade {
         let cheap: Vec<Step> = replies
             .iter()
             .zip(&calls)
-            .take(top)
-            .map(|(r, c)| Step {
+            .enumerate()
+            .filter(|(_, (_, c))| c.tier < top)
+            .map(|(k, (r, c))| Step {
                 tier: c.tier,
                 top,
-                input,
+                query,
                 probs: &r.probs,
                 logits: &r.logits,
+                text: r.text.as_deref(),
                 label: c.label,
                 confidence: c.confidence,
-                below: c
-                    .tier
+                below: k
                     .checked_sub(1)
                     .map(|b| (calls[b].label, calls[b].confidence)),
                 next_cost: next_cost(c.tier),
@@ -329,7 +361,15 @@ impl Cascade {
             cost,
             s4l,
             refused,
+            decision,
+            explored: self.policy.explored(),
         })
+    }
+
+    /// Outcomes revealed after an item was served (per tier: the quality of its answer in
+    /// [0, 1], None when not revealed), for the policy to learn from.
+    pub fn learn_outcomes(&mut self, query: &Query, observed: &[Option<f32>]) {
+        self.policy.learn_outcomes(query, observed);
     }
 }
 
@@ -357,7 +397,7 @@ mod tests {
     /// Tiers answering fixed logits per tier; they record what they were taught and hinted.
     struct Scripted {
         logits: Vec<Vec<f32>>,
-        prices: Vec<Price>,
+        prices: Vec<Micros>,
         warm: Vec<bool>,
         learned: Vec<(usize, usize, f32)>,
         forgotten: usize,
@@ -369,7 +409,7 @@ mod tests {
             let n = logits.len();
             Scripted {
                 logits,
-                prices: micros.iter().map(|&m| Price::Call { micros: m }).collect(),
+                prices: micros.to_vec(),
                 warm: vec![true; n],
                 learned: Vec::new(),
                 forgotten: 0,
@@ -383,7 +423,7 @@ mod tests {
         fn count(&self) -> usize {
             self.logits.len()
         }
-        fn price(&self, tier: usize) -> Price {
+        fn estimate(&mut self, tier: usize, _: &Query) -> Micros {
             self.prices[tier]
         }
         fn warm(&mut self, tier: usize) -> bool {
@@ -392,7 +432,12 @@ mod tests {
         fn updates(&mut self, _tier: usize) -> u64 {
             1000
         }
-        fn answer(&mut self, tier: usize, _: &str, hint: Option<Hint>) -> Result<Reply, CoreError> {
+        fn answer(
+            &mut self,
+            tier: usize,
+            _: &Query,
+            hint: Option<Hint>,
+        ) -> Result<Reply, CoreError> {
             let logits = self.logits[tier].clone();
             let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let e: Vec<f32> = logits.iter().map(|l| (l - m).exp()).collect();
@@ -401,6 +446,9 @@ mod tests {
             Ok(Reply {
                 probs: e.iter().map(|x| x / z).collect(),
                 logits,
+                text: None,
+                usage: Usage::default(),
+                cost: self.prices[tier],
                 compute: Duration::ZERO,
                 hinted: hint.is_some(),
             })
@@ -435,6 +483,10 @@ mod tests {
         }
     }
 
+    fn q() -> Query {
+        Query::text("1", "x")
+    }
+
     fn three() -> Scripted {
         Scripted::new(
             vec![vec![0.0, 1.0], vec![0.0, 2.0], vec![3.0, 0.0]],
@@ -455,7 +507,7 @@ mod tests {
         .unwrap();
         let mut t = three();
         let served: Vec<Served> = (0..3)
-            .map(|_| c.serve(&mut t, &budget, "x", Usage::default()).unwrap())
+            .map(|_| c.serve(&mut t, &budget, &q()).unwrap())
             .collect();
         // Item 1 reaches the top (two metered calls); item 2 gets the middle tier only; item 3
         // the cheapest.
@@ -478,9 +530,7 @@ mod tests {
         let mut c = Cascade::new(3, Box::new(Fixed::default()), Teaching::default()).unwrap();
         let mut t = three();
         t.warm[0] = false;
-        let s = c
-            .serve(&mut t, &Budget::unlimited(), "x", Usage::default())
-            .unwrap();
+        let s = c.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
         assert_eq!((s.tier, s.label), (2, 0));
         // Both tiers below learn the top's label at full weight (plain L4S).
         assert_eq!(t.learned, [(0, 0, 1.0), (1, 0, 1.0)]);
@@ -493,9 +543,7 @@ mod tests {
             Teaching::default(),
         )
         .unwrap();
-        let s = keep
-            .serve(&mut t, &Budget::unlimited(), "x", Usage::default())
-            .unwrap();
+        let s = keep.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
         // The warming tier was not asked; the middle one kept the item: nothing is learned.
         assert_eq!((s.tier, s.label, s.cost), (1, 1, 10));
         assert_eq!(t.learned.len(), 2);
@@ -531,12 +579,71 @@ mod tests {
             max_micros: None,
         })
         .unwrap();
-        c.serve(&mut t, &budget, "x", Usage::default()).unwrap();
-        c.serve(&mut t, &budget, "x", Usage::default()).unwrap();
+        c.serve(&mut t, &budget, &q()).unwrap();
+        c.serve(&mut t, &budget, &q()).unwrap();
         let told = told.lock().unwrap().clone();
         // The top answered the first item (label 0) after both cheap tiers ran; the second was
         // refused at the top and the middle tier answered, with no label to learn from.
         assert_eq!(told, [(2, Some(0), vec![0, 1]), (1, None, vec![0, 1])]);
+    }
+
+    /// Enters at the top tier before any call (route-before), or explores from the cheapest.
+    struct Enter {
+        at: usize,
+        explore: bool,
+    }
+
+    impl Deferral for Enter {
+        fn name(&self) -> &'static str {
+            "enter"
+        }
+        fn entry(&mut self, _: &Query, _: usize) -> usize {
+            self.at
+        }
+        fn defer(&mut self, _: &Step) -> bool {
+            self.explore
+        }
+        fn explored(&self) -> bool {
+            self.explore
+        }
+    }
+
+    #[test]
+    fn route_before_skips_the_tiers_below_and_a_refusal_falls_back_to_the_cheapest() {
+        let mut c = Cascade::new(
+            3,
+            Box::new(Enter {
+                at: 2,
+                explore: false,
+            }),
+            Teaching::default(),
+        )
+        .unwrap();
+        let budget = Budget::new(BudgetLimits {
+            max_calls: Some(1),
+            max_micros: None,
+        })
+        .unwrap();
+        let mut t = three();
+        let s = c.serve(&mut t, &budget, &q()).unwrap();
+        assert_eq!(s.calls.iter().map(|c| c.tier).collect::<Vec<_>>(), [2]);
+        assert_eq!((s.tier, s.cost, s.refused), (2, 100, false));
+        // The budget is spent: the cheapest tier answers, without being asked.
+        let s = c.serve(&mut t, &budget, &q()).unwrap();
+        assert_eq!(s.calls.iter().map(|c| c.tier).collect::<Vec<_>>(), [0]);
+        assert_eq!((s.tier, s.refused), (0, true));
+        // Exploring from the cheapest calls every tier and says so.
+        let mut e = Cascade::new(
+            3,
+            Box::new(Enter {
+                at: 0,
+                explore: true,
+            }),
+            Teaching::default(),
+        )
+        .unwrap();
+        let s = e.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
+        assert_eq!((s.calls.len(), s.tier, s.explored), (3, 2, true));
     }
 
     #[test]
@@ -547,16 +654,12 @@ mod tests {
         };
         let mut c = Cascade::new(2, Box::new(Fixed::default()), soft).unwrap();
         let mut t = Scripted::new(vec![vec![0.0, 1.0], vec![3.0, 0.0]], &[0, 1]);
-        let s = c
-            .serve(&mut t, &Budget::unlimited(), "x", Usage::default())
-            .unwrap();
+        let s = c.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
         assert!(s.s4l);
         assert_eq!(t.hints.len(), 1);
         assert_eq!(t.hints[0].label, 1);
         t.warm[0] = false;
-        let s = c
-            .serve(&mut t, &Budget::unlimited(), "x", Usage::default())
-            .unwrap();
+        let s = c.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
         assert!(!s.s4l && t.hints.len() == 1);
         // Hard S4L: the class the cheap tier rules out is removed from the top's choice.
         let hard = Teaching {
@@ -566,9 +669,7 @@ mod tests {
         };
         let mut c = Cascade::new(2, Box::new(Fixed::default()), hard).unwrap();
         let mut t = Scripted::new(vec![vec![0.0, 5.0], vec![1.0, 0.0]], &[0, 1]);
-        let s = c
-            .serve(&mut t, &Budget::unlimited(), "x", Usage::default())
-            .unwrap();
+        let s = c.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
         assert!(s.s4l);
         assert_eq!((s.tier, s.label, s.confidence), (1, 1, 1.0));
     }
@@ -582,8 +683,7 @@ mod tests {
         };
         let mut c = Cascade::new(2, Box::new(Fixed::default()), weighted).unwrap();
         let mut t = Scripted::new(vec![vec![0.0, 1.0], vec![0.0, 0.0]], &[0, 1]);
-        c.serve(&mut t, &Budget::unlimited(), "x", Usage::default())
-            .unwrap();
+        c.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
         // The top is split 50/50: its label teaches nothing.
         assert_eq!(t.learned, [(0, 0, 0.0)]);
     }
@@ -592,8 +692,6 @@ mod tests {
     fn a_cascade_needs_two_tiers_and_the_tiers_it_was_built_for() {
         assert!(Cascade::new(1, Box::new(Fixed::default()), Teaching::default()).is_err());
         let mut c = Cascade::new(2, Box::new(Fixed::default()), Teaching::default()).unwrap();
-        assert!(c
-            .serve(&mut three(), &Budget::unlimited(), "x", Usage::default())
-            .is_err());
+        assert!(c.serve(&mut three(), &Budget::unlimited(), &q()).is_err());
     }
 }

@@ -20,7 +20,7 @@ use tandem_core::policy::shunt::{max_prob_gate, ConfidenceShunt};
 use tandem_core::policy::teaching::hint_text;
 use tandem_core::policy::Deferral;
 use tandem_core::tier::estimate_tokens;
-use tandem_core::{Budget, BudgetLimits, Price, Usage};
+use tandem_core::{Budget, BudgetLimits, Micros, Query, Usage};
 
 pub use tandem_core::policy::teaching::Teaching;
 
@@ -134,11 +134,8 @@ pub fn run(
             prepare_ahead(tiers, stream, pos, opts.lookahead.max(1))?;
         }
         // 3. The engine serves the item: up the tiers, the budget, the teaching step.
-        let usage = Usage {
-            input_tokens: estimate_tokens(item.text.chars().count()),
-            output_tokens: 1,
-        };
-        let served = cascade.serve(&mut LiveTiers { tiers, labels }, &budget, &item.text, usage)?;
+        let query = Query::text(item.id.as_str(), item.text.as_str());
+        let served = cascade.serve(&mut LiveTiers { tiers, labels }, &budget, &query)?;
         // 4. Count it, write it, show it; checkpoint now and then.
         state.record(&served, item);
         if let Some((path, w)) = &mut out {
@@ -259,6 +256,14 @@ fn answer_line(item: &Item, served: &Served, labels: &[String], tiers: &[TierSet
     s
 }
 
+/// What a classification costs: the input's estimated tokens and one output token.
+fn usage(query: &Query) -> Usage {
+    Usage {
+        input_tokens: estimate_tokens(query.char_len()),
+        output_tokens: 1,
+    }
+}
+
 /// The configured tiers as the engine calls them.
 struct LiveTiers<'a> {
     tiers: &'a mut [TierSetup],
@@ -280,10 +285,10 @@ impl Tiers for LiveTiers<'_> {
         self.tiers.len()
     }
 
-    fn price(&self, tier: usize) -> Price {
+    fn estimate(&mut self, tier: usize, query: &Query) -> Micros {
         self.tiers
             .get(tier)
-            .map_or(Price::Call { micros: 0 }, |t| t.price)
+            .map_or(0, |t| t.price.cost(usage(query)))
     }
 
     fn warm(&mut self, tier: usize) -> bool {
@@ -298,9 +303,17 @@ impl Tiers for LiveTiers<'_> {
             .map_or(0, |t| t.model.classifier().updates())
     }
 
-    fn answer(&mut self, tier: usize, input: &str, hint: Option<Hint>) -> Result<Reply, RunError> {
+    fn answer(
+        &mut self,
+        tier: usize,
+        query: &Query,
+        hint: Option<Hint>,
+    ) -> Result<Reply, RunError> {
         let labels = self.labels;
+        let input = query.routing_text();
         let t = self.tier(tier)?;
+        let usage = usage(query);
+        let cost = t.price.cost(usage);
         // S4L's soft prior goes into an LLM's prompt; a classifier cannot read it.
         let (p, hinted) = match (&mut t.model, hint) {
             (TierModel::Llm(llm), Some(h)) => {
@@ -313,6 +326,9 @@ impl Tiers for LiveTiers<'_> {
         Ok(Reply {
             probs: p.probs,
             logits: p.logits,
+            text: None,
+            usage,
+            cost,
             compute: p.compute,
             hinted,
         })

@@ -30,7 +30,8 @@ mod tests {
         Step {
             tier: 0,
             top: 1,
-            input: "x",
+            query: &crate::policy::TEST_QUERY,
+            text: None,
             probs,
             logits,
             label: 1,

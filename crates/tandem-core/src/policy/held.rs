@@ -150,7 +150,8 @@ mod tests {
         Step {
             tier,
             top: 2,
-            input: "x",
+            query: &crate::policy::TEST_QUERY,
+            text: None,
             probs,
             logits,
             label: 1,

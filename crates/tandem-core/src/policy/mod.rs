@@ -10,6 +10,7 @@
 //! | [`ocl`] | OCL's learned deferral with its cost-to-go | OCL |
 //! | [`random`] | random deferral at a share (the baseline) | — |
 //! | [`teaching`] | S4L and L4S: who learns from whom (the engine's teaching step) | DS+ |
+//! | [`gated`] | a route-before router or a cascade-after scorer, then a share-holding gate | RouteLLM |
 //!
 //! [`held`] is what the share-holding gates have in common (one threshold over the lowest score
 //! along an item's path, set online by the share controller).
@@ -23,6 +24,7 @@
 pub mod cascade;
 pub mod energy;
 pub mod gate;
+pub mod gated;
 pub mod held;
 pub mod ocl;
 pub mod random;
@@ -89,12 +91,15 @@ pub struct Step<'a> {
     /// The tier (0 = the cheapest) and the top tier's index.
     pub tier: usize,
     pub top: usize,
-    /// The item's input text.
-    pub input: &'a str,
+    /// The item.
+    pub query: &'a Query,
     /// The tier's class probabilities and logits.
     pub probs: &'a [f32],
     pub logits: &'a [f32],
-    /// Its answer (the most probable class) and that class's probability.
+    /// A generator's answer text.
+    pub text: Option<&'a str>,
+    /// Its answer (the most probable class) and that class's probability (0 and 0 for a
+    /// generated answer).
     pub label: usize,
     pub confidence: f32,
     /// The tier below: its label and confidence (None for the cheapest tier).
@@ -103,7 +108,12 @@ pub struct Step<'a> {
     pub next_cost: f64,
 }
 
-impl Step<'_> {
+impl<'a> Step<'a> {
+    /// The item's input text.
+    pub fn input(&self) -> &'a str {
+        self.query.routing_text()
+    }
+
     /// Whether the tier below gave the same label, and its confidence.
     pub fn agrees_below(&self) -> Option<(bool, f32)> {
         self.below.map(|(l, c)| (l == self.label, c))
@@ -134,11 +144,27 @@ pub trait Deferral: Send {
     /// A new item: cheap tiers not yet asked.
     fn begin_item(&mut self) {}
 
+    /// Route-before: the tier to call first, chosen before any call (default: the cheapest).
+    /// Tiers below it are skipped; if the budget refuses it, the cheapest tier answers.
+    fn entry(&mut self, _query: &Query, _top: usize) -> usize {
+        0
+    }
+
     /// Should `step.tier` (a cheap tier past its warm-up) go up (true) or answer (false)?
     fn defer(&mut self, step: &Step) -> bool;
 
     /// The item is answered.
     fn end_item(&mut self, _finished: &Finished) {}
+
+    /// The last item was an exploration: a tier above the one the policy would pick was called
+    /// too, so that its outcome is learned.
+    fn explored(&self) -> bool {
+        false
+    }
+
+    /// Outcomes revealed after the item (per tier, the quality of its answer in [0, 1]; None
+    /// when not revealed): feedback, for policies that learn from it rather than from the top.
+    fn learn_outcomes(&mut self, _query: &Query, _observed: &[Option<f32>]) {}
 
     /// The file name its learned state is checkpointed under, if it has any.
     fn state_file(&self) -> Option<&'static str> {
@@ -156,3 +182,11 @@ pub trait Deferral: Send {
         Ok(())
     }
 }
+
+/// An empty query for the policies' tests.
+#[cfg(test)]
+pub(crate) static TEST_QUERY: Query = Query {
+    id: String::new(),
+    input: crate::query::Input::Text(String::new()),
+    metadata: std::collections::BTreeMap::new(),
+};

@@ -338,7 +338,7 @@ impl Ocl {
     fn context<'a>(&self, step: &Step<'a>) -> Context<'a> {
         Context {
             signals: Signals::of(step.probs, step.logits, self.temperature),
-            text: step.input,
+            text: step.input(),
             below: step.agrees_below(),
         }
     }
@@ -766,7 +766,8 @@ mod tests {
         let unsure = Step {
             tier: 0,
             top: 1,
-            input: "x",
+            query: &crate::policy::TEST_QUERY,
+            text: None,
             probs: &probs,
             logits: &logits,
             label: 1,
