@@ -139,13 +139,12 @@ pub fn run_with(a: &RunArgs, cfg: RunConfig, config_text: &str) -> Result<RunRep
             ));
         }
     };
-    let mut policy = live::policy_from(&cfg, a.seed)?;
+    let mut cascade = live::cascade_for(&cfg, &tiers, a.seed)?;
     let state = live::run(
         &s,
         &cfg.labels,
         &mut tiers,
-        &mut policy,
-        live::Teaching::from_config(&cfg.policy),
+        &mut cascade,
         limits,
         &digest(config_text, a),
         &opts,

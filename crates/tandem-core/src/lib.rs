@@ -1,10 +1,11 @@
 //! tandem's engine: the types every part of tandem shares (queries, tiers, answers), the online
-//! learners, the routing and cascade policies, share calibration, hard budgets, the cost ledger and
+//! learners, the N-tier cascade engine and its policies (one file each), the two-model routing policies, share calibration, hard budgets, the cost ledger and
 //! RouteLLM's quality metrics. Backends, the gateway and the evaluator build on these.
 
 pub mod answer;
 pub mod budget;
 pub mod calibrate;
+pub mod engine;
 pub mod error;
 pub mod features;
 pub mod learner;

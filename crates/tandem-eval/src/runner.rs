@@ -1,7 +1,9 @@
-//! One online pass of a policy over a recorded stream. For every item, in stream order: score,
-//! decide (share target, exploration, hard budget), call the chosen replay tiers, serve an answer,
-//! then reveal outcomes according to the feedback mode and let the policy learn. Nothing a policy
-//! sees about an item depends on its outcome before its decision is made.
+//! One online pass of a policy over a recorded stream, through the core's cascade engine: the two
+//! replay tiers are its tiers, the scorer and its gate its policy ([`Gated`]). For every item, in
+//! stream order, the engine serves it (score, decide: share target, exploration, hard budget; call
+//! the chosen replay tiers); then the outcomes are revealed according to the feedback mode and
+//! the policy learns. Nothing a policy sees about an item depends on its outcome before its
+//! decision is made.
 
 use crate::data::Dataset;
 use crate::error::EvalError;
@@ -9,12 +11,14 @@ use crate::replay::ReplayTier;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
-use std::time::Instant;
+use tandem_core::engine::{Cascade, Hint, Reply, Tiers};
 use tandem_core::policy::cascade::{CascadeConfig, ResponseCascade};
 use tandem_core::policy::gate::{Gate, GateConfig, Route};
+use tandem_core::policy::gated::{Gated, Scorer};
 use tandem_core::policy::router::{GainRouter, RouterConfig};
-use tandem_core::policy::{CascadeScorer, FeedbackMode, Observation, RouteScorer};
-use tandem_core::{Answer, Budget, BudgetLimits, Ledger, Price, Query, Tier};
+use tandem_core::policy::teaching::Teaching;
+use tandem_core::policy::{FeedbackMode, Observation, RouteScorer};
+use tandem_core::{Budget, BudgetLimits, Ledger, Micros, Output, Price, Query, Tier};
 
 /// Which policy to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,9 +84,54 @@ impl RunOutcome {
     }
 }
 
-enum Scorer {
-    Route(Box<dyn RouteScorer>),
-    Cascade(Box<dyn CascadeScorer>),
+/// The weak and the strong replay tier, as the engine's tiers 0 and 1.
+struct Replayed {
+    tiers: [ReplayTier; 2],
+}
+
+impl Tiers for Replayed {
+    type Error = EvalError;
+
+    fn count(&self) -> usize {
+        2
+    }
+
+    fn estimate(&mut self, tier: usize, query: &Query) -> Micros {
+        self.tiers.get(tier).map_or(0, |t| t.estimate_cost(query))
+    }
+
+    fn warm(&mut self, _tier: usize) -> bool {
+        true
+    }
+
+    fn updates(&mut self, _tier: usize) -> u64 {
+        0
+    }
+
+    fn answer(&mut self, tier: usize, query: &Query, _: Option<Hint>) -> Result<Reply, EvalError> {
+        let t = self
+            .tiers
+            .get_mut(tier)
+            .ok_or_else(|| EvalError::Invalid(format!("no tier {tier}")))?;
+        let a = t.answer(query)?;
+        Ok(Reply {
+            probs: Vec::new(),
+            logits: Vec::new(),
+            text: match a.output {
+                Output::Text { text, .. } => Some(text),
+                Output::Label { .. } => None,
+            },
+            usage: a.usage,
+            cost: a.cost,
+            compute: a.compute,
+            hinted: false,
+        })
+    }
+
+    /// Replayed answers do not learn.
+    fn learn(&mut self, _: usize, _: &str, _: usize, _: f32) -> Result<(), EvalError> {
+        Ok(())
+    }
 }
 
 /// Scores uniformly at random: with the gate, random routing at the target share.
@@ -133,13 +182,13 @@ pub fn run(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<RunOutcome, EvalError> {
     let data = &models.data;
-    let mut weak = ReplayTier::new(
+    let weak = ReplayTier::new(
         data.clone(),
         models.weak,
         models.weak_price,
         models.default_output_tokens,
     )?;
-    let mut strong = ReplayTier::new(
+    let strong = ReplayTier::new(
         data.clone(),
         models.strong,
         models.strong_price,
@@ -155,13 +204,13 @@ pub fn run(
         FeedbackMode::Partial => cfg.explore,
         _ => 0.0,
     };
-    let mut gate = Gate::new(GateConfig {
+    let gate = Gate::new(GateConfig {
         target_share: target,
         explore,
         window: cfg.window,
         seed: cfg.seed,
     })?;
-    let mut scorer = match cfg.kind {
+    let scorer = match cfg.kind {
         PolicyKind::AlwaysWeak | PolicyKind::AlwaysStrong => Scorer::Route(Box::new(Constant)),
         PolicyKind::Random => Scorer::Route(Box::new(RandomScorer(ChaCha8Rng::seed_from_u64(
             cfg.seed ^ 0x5eed,
@@ -183,6 +232,11 @@ pub fn run(
             Scorer::Cascade(Box::new(ResponseCascade::new(cfg.cascade)?))
         }
     };
+    // Two tiers, the strong one metered by the budget; the replayed tiers teach nobody.
+    let mut cascade = Cascade::new(2, Box::new(Gated::new(scorer, gate)), Teaching::default())?;
+    let mut tiers = Replayed {
+        tiers: [weak, strong],
+    };
 
     let mut out = RunOutcome::default();
     if cfg.time_decisions {
@@ -196,48 +250,28 @@ pub fn run(
         let q = &row.query;
         let (w_ok, s_ok) = (row.correct[models.weak], row.correct[models.strong]);
 
-        // The cascade's weak answer exists before its decision; the router decides on the prompt.
-        let weak_first: Option<Answer> = match scorer {
-            Scorer::Cascade(_) => Some(weak.answer(q)?),
-            Scorer::Route(_) => None,
-        };
-        let t0 = Instant::now();
-        let score = match (&mut scorer, &weak_first) {
-            (Scorer::Route(s), _) => s.score(q),
-            (Scorer::Cascade(s), Some(a)) => s.score(q, a),
-            (Scorer::Cascade(_), None) => 0.0,
-        };
-        let decision = gate.decide(score, &budget, strong.estimate_cost(q));
+        let served = cascade.serve(&mut tiers, &budget, q)?;
         if cfg.time_decisions {
-            out.decision_ns.push(t0.elapsed().as_nanos() as u64);
+            out.decision_ns.push(served.decision.as_nanos() as u64);
         }
-
-        let call_weak = decision.route != Route::Strong || weak_first.is_some();
-        let weak_answer = match weak_first {
-            Some(a) => Some(a),
-            None if call_weak => Some(weak.answer(q)?),
-            None => None,
+        for c in &served.calls {
+            out.ledger
+                .record(tiers.tiers[c.tier.min(1)].id(), c.cost, c.usage);
+        }
+        let strong_called = served.calls.iter().any(|c| c.tier == 1);
+        let route = match (strong_called, served.explored) {
+            (false, _) => Route::Weak,
+            (true, false) => Route::Strong,
+            (true, true) => Route::Both,
         };
-        if let Some(a) = &weak_answer {
-            out.ledger.record(weak.id(), a.cost, a.usage);
-        }
-        if let Some(r) = decision.reservation {
-            let a = strong.answer(q)?;
-            budget.settle(r, a.cost);
-            out.ledger.record(strong.id(), a.cost, a.usage);
-            out.strong_calls += 1;
-        }
-        out.capped += u64::from(decision.capped);
-        out.both_calls += u64::from(decision.route == Route::Both);
-        let served_ok = if decision.route == Route::Weak {
-            w_ok
-        } else {
-            s_ok
-        };
+        out.strong_calls += u64::from(strong_called);
+        out.capped += u64::from(served.refused);
+        out.both_calls += u64::from(route == Route::Both);
+        let served_ok = if route == Route::Weak { w_ok } else { s_ok };
         out.correct += u64::from(served_ok);
         out.items += 1;
 
-        let observed = match (cfg.feedback, decision.route) {
+        let observed = match (cfg.feedback, route) {
             (FeedbackMode::None, _) => Observation::default(),
             (FeedbackMode::Full, _) | (FeedbackMode::Partial, Route::Both) => Observation {
                 weak: outcome(w_ok),
@@ -252,11 +286,7 @@ pub fn run(
                 strong: outcome(s_ok),
             },
         };
-        match (&mut scorer, &weak_answer) {
-            (Scorer::Route(s), _) => s.learn(q, &observed),
-            (Scorer::Cascade(s), Some(a)) => s.learn(q, a, &observed),
-            (Scorer::Cascade(_), None) => {}
-        }
+        cascade.learn_outcomes(q, &[observed.weak, observed.strong]);
         if done % 512 == 511 {
             progress(512);
         }

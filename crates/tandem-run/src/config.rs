@@ -6,7 +6,11 @@ use crate::error::RunError;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use tandem_core::money::usd_to_micros;
+use tandem_core::policy::teaching::Teaching;
 use tandem_core::{BudgetLimits, Price};
+
+/// DS+'s S4L and L4S, as the core's teaching step defines them.
+pub use tandem_core::policy::teaching::{L4s, S4l};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,6 +92,19 @@ pub struct PolicyConfig {
     pub l4s_imitate_first: Option<u64>,
 }
 
+impl PolicyConfig {
+    /// The cascade's teaching step (S4L, L4S) this policy asks for.
+    pub fn teaching(&self) -> Teaching {
+        let d = Teaching::default();
+        Teaching {
+            s4l: self.s4l,
+            s4l_prune: self.s4l_prune.unwrap_or(d.s4l_prune),
+            l4s: self.l4s,
+            l4s_imitate_first: self.l4s_imitate_first.unwrap_or(d.l4s_imitate_first),
+        }
+    }
+}
+
 impl PolicyKind {
     pub fn name(self) -> &'static str {
         match self {
@@ -98,29 +115,6 @@ impl PolicyKind {
             PolicyKind::Random => "random",
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum S4l {
-    #[default]
-    Off,
-    /// The prompt carries "a smaller model says X (confidence p)"; only once the cheap tier is
-    /// past its warm-up (an untrained tier's guess is noise).
-    Soft,
-    /// Classes the cheap tier rules out are removed from the top tier's choice.
-    Hard,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum L4s {
-    /// Every top-tier label teaches the cheap tiers at full weight.
-    #[default]
-    Imitate,
-    /// Two stages: imitate the first `l4s_imitate_first` labels, then weight each by the top
-    /// tier's own confidence (its margin over a uniform guess), so its unsure answers teach less.
-    Weighted,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

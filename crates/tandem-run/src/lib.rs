@@ -3,6 +3,7 @@
 //! the cheap tiers online. Budgets cap the top tier; learned state checkpoints and resumes.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod live;

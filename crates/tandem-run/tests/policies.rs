@@ -7,7 +7,7 @@ use std::time::Duration;
 use tandem_core::{BudgetLimits, Price};
 use tandem_models::classifier::{Classifier, ModelError, Prediction};
 use tandem_run::config::{PolicyConfig, PolicyKind, RunConfig};
-use tandem_run::live::{self, Policy, Progress, RunOptions, RunState, Teaching};
+use tandem_run::live::{self, Progress, RunOptions, RunState};
 use tandem_run::stream::{Item, Stream};
 use tandem_run::tiers::{TierModel, TierSetup};
 
@@ -99,7 +99,7 @@ fn run(
     tiers: &mut [TierSetup],
     limits: BudgetLimits,
 ) -> (RunState, HashMap<String, (u64, u64)>) {
-    let mut policy: Policy = live::policy_from(c, 7).unwrap();
+    let mut cascade = live::cascade_for(c, tiers, 7).unwrap();
     let opts = RunOptions {
         output: None,
         state_dir: None,
@@ -122,8 +122,7 @@ fn run(
         s,
         &c.labels,
         tiers,
-        &mut policy,
-        Teaching::from_config(&c.policy),
+        &mut cascade,
         limits,
         "t",
         &opts,

@@ -116,6 +116,28 @@ impl Gate {
         score: f32,
         reserve: impl FnOnce() -> Option<R>,
     ) -> GateDecision<R> {
+        let (wanted, threshold) = self.choose(score);
+        let (route, reservation, capped) = match wanted {
+            Route::Weak => (Route::Weak, None, false),
+            _ => match reserve() {
+                Some(r) => (wanted, Some(r), false),
+                None => (Route::Weak, None, true),
+            },
+        };
+        self.record(score, route != Route::Weak);
+        GateDecision {
+            route,
+            score,
+            threshold,
+            capped,
+            reservation,
+        }
+    }
+
+    /// The route the gate wants for `score` (exploration first, then the share) and the
+    /// threshold it applied, before any budget; [`Gate::record`] must follow with what happened.
+    /// [`Gate::decide_by`] is the two together, around the budget.
+    pub fn choose(&mut self, score: f32) -> (Route, f32) {
         let explore_draw: f64 = self.rng.gen();
         let tie_draw: f64 = self.rng.gen();
         let exploring = explore_draw < self.explore;
@@ -133,21 +155,12 @@ impl Gate {
         } else {
             Route::Weak
         };
-        let (route, reservation, capped) = match wanted {
-            Route::Weak => (Route::Weak, None, false),
-            _ => match reserve() {
-                Some(r) => (wanted, Some(r), false),
-                None => (Route::Weak, None, true),
-            },
-        };
-        self.share.record(score, route != Route::Weak);
-        GateDecision {
-            route,
-            score,
-            threshold: d.threshold,
-            capped,
-            reservation,
-        }
+        (wanted, d.threshold)
+    }
+
+    /// Records a decision: whether the strong model was called after all (budget included).
+    pub fn record(&mut self, score: f32, escalated: bool) {
+        self.share.record(score, escalated);
     }
 }
 

@@ -1,17 +1,44 @@
-//! Policies decide which tier answers. A *route* policy scores a query before any model runs
-//! (route-before-generation); a *cascade* policy scores the cheap tier's answer and accepts it or
-//! escalates (cascade-after-generation). Scorers only score and learn; the [`gate::Gate`] turns
-//! scores into decisions that hold a target share, explore and respect the budget, so every policy
-//! gets calibration and hard caps from one place.
+//! Policies decide which tier answers.
+//!
+//! In an N-tier cascade ([`crate::engine::Cascade`]) each cheap tier's answer is judged by a
+//! [`Deferral`] policy: answer here, or go up. One file per seed's method, each with its paper:
+//!
+//! | file | policy | paper |
+//! |---|---|---|
+//! | [`shunt`] | confidence shunt (fixed thresholds, or one threshold held to a share) | DS+ |
+//! | [`energy`] | E-LANG's energy score, held to a share | E-LANG |
+//! | [`ocl`] | OCL's learned deferral with its cost-to-go | OCL |
+//! | [`random`] | random deferral at a share (the baseline) | — |
+//! | [`teaching`] | S4L and L4S: who learns from whom (the engine's teaching step) | DS+ |
+//! | [`gated`] | a route-before router or a cascade-after scorer, then a share-holding gate | RouteLLM |
+//!
+//! [`held`] is what the share-holding gates have in common (one threshold over the lowest score
+//! along an item's path, set online by the share controller).
+//!
+//! For two models there are also score-then-gate policies: a *route* policy scores a query before
+//! any model runs (route-before-generation); a *cascade* policy scores the cheap tier's answer and
+//! accepts it or escalates (cascade-after-generation). Scorers only score and learn; the
+//! [`gate::Gate`] turns scores into decisions that hold a target share, explore and respect the
+//! budget, so every policy gets calibration and hard caps from one place.
 
 pub mod cascade;
-pub mod deferral;
+pub mod energy;
 pub mod gate;
+pub mod gated;
+pub mod held;
+pub mod ocl;
+pub mod random;
 pub mod response;
 pub mod router;
+pub mod shunt;
 pub mod signals;
+pub mod teaching;
+
+/// OCL's learner under its former name.
+pub use self::ocl as deferral;
 
 use crate::answer::Answer;
+use crate::error::CoreError;
 use crate::query::Query;
 use serde::{Deserialize, Serialize};
 
@@ -56,3 +83,110 @@ pub trait CascadeScorer: Send {
     fn score(&mut self, query: &Query, weak: &Answer) -> f32;
     fn learn(&mut self, query: &Query, weak: &Answer, observed: &Observation);
 }
+
+/// One cheap tier's answer to one item, as a [`Deferral`] policy sees it: the signals the tier
+/// exposes and what the tier below it said.
+#[derive(Debug, Clone, Copy)]
+pub struct Step<'a> {
+    /// The tier (0 = the cheapest) and the top tier's index.
+    pub tier: usize,
+    pub top: usize,
+    /// The item.
+    pub query: &'a Query,
+    /// The tier's class probabilities and logits.
+    pub probs: &'a [f32],
+    pub logits: &'a [f32],
+    /// A generator's answer text.
+    pub text: Option<&'a str>,
+    /// Its answer (the most probable class) and that class's probability (0 and 0 for a
+    /// generated answer).
+    pub label: usize,
+    pub confidence: f32,
+    /// The tier below: its label and confidence (None for the cheapest tier).
+    pub below: Option<(usize, f32)>,
+    /// The next tier's price for this item, relative to the top tier's (1 when the top is free).
+    pub next_cost: f64,
+}
+
+impl<'a> Step<'a> {
+    /// The item's input text.
+    pub fn input(&self) -> &'a str {
+        self.query.routing_text()
+    }
+
+    /// Whether the tier below gave the same label, and its confidence.
+    pub fn agrees_below(&self) -> Option<(bool, f32)> {
+        self.below.map(|(l, c)| (l == self.label, c))
+    }
+}
+
+/// How an item ended, for the policy to learn from.
+#[derive(Debug, Clone, Copy)]
+pub struct Finished<'a> {
+    /// The tier that answered, and the top tier's index.
+    pub answered: usize,
+    pub top: usize,
+    /// The top tier's label when it answered (what the tiers below learn from).
+    pub top_label: Option<usize>,
+    /// Every cheap tier that ran on the item, warm or not, cheapest first.
+    pub cheap: &'a [Step<'a>],
+}
+
+/// A cascade's deferral policy: at each cheap tier past its warm-up, answer here or go up. The
+/// engine calls [`Deferral::begin_item`] once per item, [`Deferral::decide`] for each warm cheap
+/// tier in price order until one keeps the item, and [`Deferral::end_item`] once the item is
+/// answered. Tiers still warming up go up without asking the policy; the hard budget is the
+/// engine's and is checked at every metered step up, so nothing a policy says can pass it.
+pub trait Deferral: Send {
+    /// The policy's name, as configured.
+    fn name(&self) -> &'static str;
+
+    /// A new item: cheap tiers not yet asked.
+    fn begin_item(&mut self) {}
+
+    /// Route-before: the tier to call first, chosen before any call (default: the cheapest).
+    /// Tiers below it are skipped; if the budget refuses it, the cheapest tier answers.
+    fn entry(&mut self, _query: &Query, _top: usize) -> usize {
+        0
+    }
+
+    /// Should `step.tier` (a cheap tier past its warm-up) go up (true) or answer (false)?
+    fn defer(&mut self, step: &Step) -> bool;
+
+    /// The item is answered.
+    fn end_item(&mut self, _finished: &Finished) {}
+
+    /// The last item was an exploration: a tier above the one the policy would pick was called
+    /// too, so that its outcome is learned.
+    fn explored(&self) -> bool {
+        false
+    }
+
+    /// Outcomes revealed after the item (per tier, the quality of its answer in [0, 1]; None
+    /// when not revealed): feedback, for policies that learn from it rather than from the top.
+    fn learn_outcomes(&mut self, _query: &Query, _observed: &[Option<f32>]) {}
+
+    /// The file name its learned state is checkpointed under, if it has any.
+    fn state_file(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Its learned state, to checkpoint under [`Deferral::state_file`].
+    fn save(&self) -> Result<Vec<u8>, CoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Continues a run after `items_done` items, from what [`Deferral::save`] wrote (None when
+    /// the policy has no state file).
+    fn restore(&mut self, _saved: Option<&[u8]>, _items_done: u64) -> Result<(), CoreError> {
+        Ok(())
+    }
+}
+
+/// An empty query for the policies' tests.
+#[cfg(test)]
+pub(crate) static TEST_QUERY: Query = Query {
+    id: String::new(),
+    input: crate::query::Input::Text(String::new()),
+    metadata: std::collections::BTreeMap::new(),
+};

@@ -9,7 +9,7 @@ pub mod summary;
 
 use crate::config::{L4s, PolicyConfig, PolicyKind, RunConfig, S4l, TierKind};
 use crate::error::RunError;
-use crate::live::{self, Outcome, Progress, RunOptions, Teaching};
+use crate::live::{self, Outcome, Progress, RunOptions};
 use crate::stream::{Item, Stream};
 use crate::tiers::{build_one, TierModel, TierSetup};
 use rand::seq::SliceRandom;
@@ -280,7 +280,7 @@ pub fn run_one(
     let mut tiers = tiers_for(ds, prep, v, store)?;
     let mut cfg = ds.cfg.clone();
     cfg.policy = v.policy.clone();
-    let mut policy = live::policy_from(&cfg, seed)?;
+    let mut cascade = live::cascade_for(&cfg, &tiers, seed)?;
     let opts = RunOptions {
         output: None,
         state_dir: None,
@@ -309,8 +309,7 @@ pub fn run_one(
         &stream,
         &cfg.labels,
         &mut tiers,
-        &mut policy,
-        Teaching::from_config(&cfg.policy),
+        &mut cascade,
         cfg.budget.limits().map_err(RunError::Invalid)?,
         "bench",
         &opts,

@@ -1,4 +1,7 @@
-//! Online cascade learning (OCL, Nie et al. 2024). Each cheap tier i has a deferral decision
+//! Online cascade learning (OCL: Nie, Ding, Hu, Jermaine, Chaudhuri, "Online Cascade Learning for
+//! Efficient Inference over Streams", ICML 2024, arXiv 2402.04513; the cascade objective of its
+//! problem formulation and its online, imitation-learning algorithm). [`Ocl`] is the cascade
+//! engine's policy; [`OclDeferral`] its learner. Each cheap tier i has a deferral decision
 //! d_i(x) ∈ {0, 1} chosen to minimise the cascade's cost-weighted imitation objective
 //! Σ_i Π_{k<i} d_k · [(1 − d_i)·loss(p_i, y_top) + d_i·μ·c_i], with c_i the next tier's price
 //! relative to the top one's. Tier i's part of it is minimised by deferring exactly when its
@@ -31,6 +34,7 @@
 //! `ShareController`).
 
 use super::signals::Signals;
+use super::{Deferral, Finished, Step};
 use crate::calibrate::ShareController;
 use crate::error::CoreError;
 use crate::features::{ns, FeatureVec, Featurizer, TextFeatures};
@@ -300,6 +304,97 @@ impl OclDeferral {
         }
         self.path_min = None;
         self.draw = None;
+    }
+}
+
+/// OCL as the cascade engine's [`Deferral`] policy: each warm cheap tier asks its deferral model;
+/// every cheap tier that ran learns, from each item the top tier answers, whether it agreed; the
+/// share (when held) is steered only on items some cheap tier decided on.
+pub struct Ocl {
+    deferral: OclDeferral,
+    /// Temperature of the energy signal.
+    temperature: f32,
+    /// Some cheap tier decided on this item (not every one was still warming up).
+    decided: bool,
+}
+
+impl Ocl {
+    pub fn new(
+        cheap_tiers: usize,
+        cfg: DeferralConfig,
+        temperature: f32,
+    ) -> Result<Self, CoreError> {
+        Ok(Ocl {
+            deferral: OclDeferral::new(cheap_tiers, cfg)?,
+            temperature,
+            decided: false,
+        })
+    }
+
+    pub fn deferral(&self) -> &OclDeferral {
+        &self.deferral
+    }
+
+    fn context<'a>(&self, step: &Step<'a>) -> Context<'a> {
+        Context {
+            signals: Signals::of(step.probs, step.logits, self.temperature),
+            text: step.input(),
+            below: step.agrees_below(),
+        }
+    }
+}
+
+impl Deferral for Ocl {
+    fn name(&self) -> &'static str {
+        "ocl"
+    }
+
+    fn begin_item(&mut self) {
+        self.deferral.begin_item();
+        self.decided = false;
+    }
+
+    fn defer(&mut self, step: &Step) -> bool {
+        self.decided = true;
+        let ctx = self.context(step);
+        self.deferral.decide(step.tier, &ctx, step.next_cost).defer
+    }
+
+    fn end_item(&mut self, f: &Finished) {
+        if let Some(top) = f.top_label {
+            for step in f.cheap {
+                let ctx = self.context(step);
+                self.deferral.learn(step.tier, &ctx, step.label == top);
+            }
+        }
+        // The share is steered only where a cheap tier could have answered: during warm-up
+        // everything goes to the top tier whatever μ is.
+        if self.decided {
+            self.deferral.end_item(f.answered == f.top);
+        }
+    }
+
+    fn state_file(&self) -> Option<&'static str> {
+        Some("deferral.bin")
+    }
+
+    fn save(&self) -> Result<Vec<u8>, CoreError> {
+        let mut buf = Vec::new();
+        self.deferral.save(&mut buf).map_err(|e| CoreError::Tier {
+            tier: "deferral checkpoint".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(buf)
+    }
+
+    fn restore(&mut self, saved: Option<&[u8]>, _items_done: u64) -> Result<(), CoreError> {
+        match saved {
+            Some(mut bytes) => self.deferral.load(&mut bytes),
+            None => Err(CoreError::Tier {
+                tier: "deferral checkpoint".into(),
+                reason: "missing".into(),
+            }),
+        }
     }
 }
 
@@ -659,6 +754,50 @@ mod tests {
             .unwrap()
             .load(&mut buf.as_slice())
             .is_err());
+    }
+
+    /// Through the engine's trait: every cheap tier that ran learns from the top tier's label
+    /// whether it agreed; the state survives a checkpoint.
+    #[test]
+    fn as_a_policy_it_learns_from_how_items_ended() {
+        let mut o = Ocl::new(1, quiet(), 1.0).unwrap();
+        let probs = [0.4f32, 0.6];
+        let logits = [0.4f32.ln(), 0.6f32.ln()];
+        let unsure = Step {
+            tier: 0,
+            top: 1,
+            query: &crate::policy::TEST_QUERY,
+            text: None,
+            probs: &probs,
+            logits: &logits,
+            label: 1,
+            confidence: 0.6,
+            below: None,
+            next_cost: 1.0,
+        };
+        let p = |o: &mut Ocl| {
+            let c = o.context(&unsure);
+            o.deferral.p_disagree(0, &c)
+        };
+        let before = p(&mut o);
+        for _ in 0..500 {
+            o.begin_item();
+            // The top tier said 0 where the cheap tier said 1.
+            o.end_item(&Finished {
+                answered: 1,
+                top: 1,
+                top_label: Some(0),
+                cheap: &[unsure],
+            });
+        }
+        let after = p(&mut o);
+        assert!(after > before + 0.3, "{before} -> {after}");
+        assert!(o.defer(&unsure));
+        let saved = o.save().unwrap();
+        let mut back = Ocl::new(1, quiet(), 1.0).unwrap();
+        back.restore(Some(&saved), 500).unwrap();
+        assert_eq!(p(&mut back), after);
+        assert!(Ocl::new(1, quiet(), 1.0).unwrap().restore(None, 0).is_err());
     }
 
     #[test]

@@ -1,0 +1,697 @@
+//! The cascade engine: N ≥ 2 tiers ordered by price, each item asked of the cheapest tier first.
+//! At each cheap tier a [`Deferral`] policy reads the signals the tier exposes (its class
+//! probabilities and logits, the input, the tier below's answer, the next tier's relative price)
+//! and decides: answer here, or go up. A tier still in its warm-up always goes up. Every step up
+//! into a metered tier reserves its price against the hard [`Budget`] first; when the budget
+//! refuses, the deepest tier that ran answers. When the top tier answers, the teaching step runs:
+//! its label trains every tier below (DS+'s L4S, weighted or not) and the policy learns from how
+//! the tiers below agreed with it; DS+'s S4L passes the last cheap answer up to the top tier.
+//!
+//! Front ends (`tandem run` over local classifiers, replayed tiers, the gateway) implement
+//! [`Tiers`] — how to call, teach and price each tier — and feed items; what is decided, paid and
+//! learned is decided here.
+
+use crate::budget::Budget;
+use crate::error::CoreError;
+use crate::money::Micros;
+use crate::policy::teaching::{prune_classes, S4l, Teaching};
+use crate::policy::{Deferral, Finished, Step};
+use crate::query::Query;
+use crate::Usage;
+use std::time::{Duration, Instant};
+
+/// S4L's soft prior for the top tier: the last cheap tier's answer and confidence.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hint {
+    pub label: usize,
+    pub confidence: f32,
+}
+
+/// A tier's answer to one item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// A classifier's class probabilities and logits (empty for a generated answer).
+    pub probs: Vec<f32>,
+    pub logits: Vec<f32>,
+    /// A generator's answer text.
+    pub text: Option<String>,
+    pub usage: Usage,
+    /// What the call cost.
+    pub cost: Micros,
+    pub compute: Duration,
+    /// The tier used the hint it was given.
+    pub hinted: bool,
+}
+
+/// The tiers of a cascade, cheapest first, as a front end provides them.
+pub trait Tiers {
+    type Error: From<CoreError>;
+    fn count(&self) -> usize;
+    /// What calling `tier` on `query` will most likely cost (reserved against the budget before a
+    /// metered call; the reply's cost settles it).
+    fn estimate(&mut self, tier: usize, query: &Query) -> Micros;
+    /// Past its warm-up: it has learned enough to be asked to decide.
+    fn warm(&mut self, tier: usize) -> bool;
+    /// Labels it has learned from so far.
+    fn updates(&mut self, tier: usize) -> u64;
+    /// Answers `query`; the top tier may be given S4L's hint.
+    fn answer(
+        &mut self,
+        tier: usize,
+        query: &Query,
+        hint: Option<Hint>,
+    ) -> Result<Reply, Self::Error>;
+    /// Learns `label` for `input` with `weight`.
+    fn learn(
+        &mut self,
+        tier: usize,
+        input: &str,
+        label: usize,
+        weight: f32,
+    ) -> Result<(), Self::Error>;
+    /// Drops what was prepared for `input`: the item was answered without the tier learning.
+    fn forget(&mut self, _tier: usize, _input: &str) {}
+}
+
+/// One tier's call on an item.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Call {
+    pub tier: usize,
+    pub label: usize,
+    pub confidence: f32,
+    pub compute: Duration,
+    pub usage: Usage,
+    pub cost: Micros,
+    /// Paid through the budget.
+    pub metered: bool,
+}
+
+/// How one item was served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    /// The tier that answered, its label and confidence.
+    pub tier: usize,
+    pub label: usize,
+    pub confidence: f32,
+    /// Every tier that ran, cheapest first.
+    pub calls: Vec<Call>,
+    /// What every call cost.
+    pub cost: Micros,
+    /// The top tier answered with S4L's help (a soft hint, or classes pruned).
+    pub s4l: bool,
+    /// A step up was refused by the budget.
+    pub refused: bool,
+    /// Time the policy took to decide (route-before and each tier's decision).
+    pub decision: Duration,
+    /// The policy explored: it called a tier above the one it would have picked.
+    pub explored: bool,
+}
+
+impl Served {
+    /// Calls paid through the budget, and what they cost.
+    pub fn metered(&self) -> (u64, Micros) {
+        self.calls
+            .iter()
+            .filter(|c| c.metered)
+            .fold((0, 0), |(n, m), c| (n + 1, m + c.cost))
+    }
+}
+
+/// An N-tier cascade: its deferral policy, its teaching step and which tiers the budget meters.
+pub struct Cascade {
+    tiers: usize,
+    policy: Box<dyn Deferral>,
+    teaching: Teaching,
+    metered: Vec<bool>,
+}
+
+impl Cascade {
+    /// A cascade of `tiers` tiers whose top tier alone is metered by the budget.
+    pub fn new(
+        tiers: usize,
+        policy: Box<dyn Deferral>,
+        teaching: Teaching,
+    ) -> Result<Self, CoreError> {
+        if tiers < 2 {
+            return Err(CoreError::config(
+                "tiers",
+                tiers,
+                "a cascade needs at least two tiers",
+            ));
+        }
+        let mut metered = vec![false; tiers];
+        metered[tiers - 1] = true;
+        Ok(Cascade {
+            tiers,
+            policy,
+            teaching,
+            metered,
+        })
+    }
+
+    /// Which tiers the budget meters (every call into them reserves its price first). The
+    /// cheapest tier cannot be: an item must always have an answer.
+    pub fn with_metered(mut self, metered: Vec<bool>) -> Result<Self, CoreError> {
+        if metered.len() != self.tiers {
+            return Err(CoreError::config(
+                "metered",
+                metered.len(),
+                "needs one entry per tier",
+            ));
+        }
+        if metered[0] {
+            return Err(CoreError::config(
+                "metered",
+                "tier 0",
+                "the cheapest tier answers when the budget refuses; it cannot be metered",
+            ));
+        }
+        self.metered = metered;
+        Ok(self)
+    }
+
+    pub fn top(&self) -> usize {
+        self.tiers - 1
+    }
+
+    pub fn policy(&self) -> &dyn Deferral {
+        self.policy.as_ref()
+    }
+
+    pub fn policy_mut(&mut self) -> &mut dyn Deferral {
+        self.policy.as_mut()
+    }
+
+    pub fn teaching(&self) -> Teaching {
+        self.teaching
+    }
+
+    /// Serves one item: from the tier the policy enters at (the cheapest, unless it routes
+    /// before any call) up the tiers until one answers, then the teaching step.
+    pub fn serve<T: Tiers + ?Sized>(
+        &mut self,
+        tiers: &mut T,
+        budget: &Budget,
+        query: &Query,
+    ) -> Result<Served, T::Error> {
+        let n = self.tiers;
+        if tiers.count() != n {
+            return Err(CoreError::config(
+                "tiers",
+                tiers.count(),
+                "the cascade was built for another number of tiers",
+            )
+            .into());
+        }
+        let top = n - 1;
+        let input = query.routing_text();
+        let costs: Vec<Micros> = (0..n).map(|i| tiers.estimate(i, query)).collect();
+        // What going up from tier i pays: the next tier's price, relative to the top one's.
+        let next_cost = |i: usize| match costs[top] {
+            0 => 1.0,
+            t => costs.get(i + 1).copied().unwrap_or(t) as f64 / t as f64,
+        };
+        self.policy.begin_item();
+        let t0 = Instant::now();
+        let entry = self.policy.entry(query, top).min(top);
+        let mut decision = t0.elapsed();
+        let mut replies: Vec<Reply> = Vec::with_capacity(n);
+        let mut calls: Vec<Call> = Vec::with_capacity(n);
+        let mut answered = None;
+        // The last cheap tier was warm (its answer may inform the top tier: S4L).
+        let mut last_warm = false;
+        let (mut s4l, mut refused) = (false, false);
+        let mut i = entry;
+        while i < n {
+            let is_top = i == top;
+            let reservation = if self.metered[i] {
+                match budget.try_reserve(costs[i]) {
+                    Some(r) => Some(r),
+                    // Refused before any tier ran (the policy entered above the cheapest):
+                    // the cheapest answers.
+                    None if calls.is_empty() && i > 0 => {
+                        refused = true;
+                        i = 0;
+                        continue;
+                    }
+                    None => {
+                        refused = true;
+                        break;
+                    }
+                }
+            } else {
+                None
+            };
+            let below = calls.last().map(|c: &Call| (c.label, c.confidence));
+            let hint = match (is_top, self.teaching.s4l, below) {
+                (true, S4l::Soft, Some((label, confidence))) if last_warm => {
+                    Some(Hint { label, confidence })
+                }
+                _ => None,
+            };
+            let mut reply = match tiers.answer(i, query, hint) {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Some(r) = reservation {
+                        budget.release(r);
+                    }
+                    return Err(e);
+                }
+            };
+            if is_top {
+                s4l = reply.hinted;
+                if let (S4l::Hard, true, Some(cheap)) =
+                    (self.teaching.s4l, last_warm, replies.last())
+                {
+                    s4l = prune_classes(&mut reply.probs, &cheap.probs, self.teaching.s4l_prune);
+                }
+            }
+            if let Some(r) = reservation {
+                budget.settle(r, reply.cost);
+            }
+            let (label, confidence) = (argmax(&reply.probs), max_prob(&reply.probs));
+            calls.push(Call {
+                tier: i,
+                label,
+                confidence,
+                compute: reply.compute,
+                usage: reply.usage,
+                cost: reply.cost,
+                metered: self.metered[i],
+            });
+            // After a refusal the cheapest tier answers without asking.
+            let keep = is_top || (refused && calls.len() == 1) || {
+                let warm = tiers.warm(i);
+                let t = Instant::now();
+                let keep = warm
+                    && !self.policy.defer(&Step {
+                        tier: i,
+                        top,
+                        query,
+                        probs: &reply.probs,
+                        logits: &reply.logits,
+                        text: reply.text.as_deref(),
+                        label,
+                        confidence,
+                        below,
+                        next_cost: next_cost(i),
+                    });
+                decision += t.elapsed();
+                last_warm = warm && self.teaching.s4l != S4l::Off;
+                keep
+            };
+            replies.push(reply);
+            if keep {
+                answered = Some(calls.len() - 1);
+                break;
+            }
+            i += 1;
+        }
+        // Refused by the budget: the deepest tier that ran answers.
+        let Some(k) = answered.or(calls.len().checked_sub(1)) else {
+            return Err(CoreError::BudgetExhausted("no tier answered".into()).into());
+        };
+        let (tier, label, confidence) = (calls[k].tier, calls[k].label, calls[k].confidence);
+        if tier == top {
+            // L4S: the top tier's label teaches every tier below it.
+            let classes = replies.last().map_or(0, |r| r.probs.len());
+            for i in 0..top {
+                let w = self
+                    .teaching
+                    .l4s_weight(tiers.updates(i), confidence, classes);
+                tiers.learn(i, input, label, w)?;
+            }
+        } else {
+            for i in 0..top {
+                tiers.forget(i, input);
+            }
+        }
+        let cheap: Vec<Step> = replies
+            .iter()
+            .zip(&calls)
+            .enumerate()
+            .filter(|(_, (_, c))| c.tier < top)
+            .map(|(k, (r, c))| Step {
+                tier: c.tier,
+                top,
+                query,
+                probs: &r.probs,
+                logits: &r.logits,
+                text: r.text.as_deref(),
+                label: c.label,
+                confidence: c.confidence,
+                below: k
+                    .checked_sub(1)
+                    .map(|b| (calls[b].label, calls[b].confidence)),
+                next_cost: next_cost(c.tier),
+            })
+            .collect();
+        self.policy.end_item(&Finished {
+            answered: tier,
+            top,
+            top_label: (tier == top).then_some(label),
+            cheap: &cheap,
+        });
+        let cost = calls.iter().map(|c| c.cost).sum();
+        Ok(Served {
+            tier,
+            label,
+            confidence,
+            calls,
+            cost,
+            s4l,
+            refused,
+            decision,
+            explored: self.policy.explored(),
+        })
+    }
+
+    /// Outcomes revealed after an item was served (per tier: the quality of its answer in
+    /// [0, 1], None when not revealed), for the policy to learn from.
+    pub fn learn_outcomes(&mut self, query: &Query, observed: &[Option<f32>]) {
+        self.policy.learn_outcomes(query, observed);
+    }
+}
+
+/// The first most probable class.
+pub fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        )
+        .0
+}
+
+fn max_prob(v: &[f32]) -> f32 {
+    v.iter().copied().fold(0.0, f32::max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::BudgetLimits;
+    use crate::policy::teaching::L4s;
+
+    /// Tiers answering fixed logits per tier; they record what they were taught and hinted.
+    struct Scripted {
+        logits: Vec<Vec<f32>>,
+        prices: Vec<Micros>,
+        warm: Vec<bool>,
+        learned: Vec<(usize, usize, f32)>,
+        forgotten: usize,
+        hints: Vec<Hint>,
+    }
+
+    impl Scripted {
+        fn new(logits: Vec<Vec<f32>>, micros: &[u64]) -> Self {
+            let n = logits.len();
+            Scripted {
+                logits,
+                prices: micros.to_vec(),
+                warm: vec![true; n],
+                learned: Vec::new(),
+                forgotten: 0,
+                hints: Vec::new(),
+            }
+        }
+    }
+
+    impl Tiers for Scripted {
+        type Error = CoreError;
+        fn count(&self) -> usize {
+            self.logits.len()
+        }
+        fn estimate(&mut self, tier: usize, _: &Query) -> Micros {
+            self.prices[tier]
+        }
+        fn warm(&mut self, tier: usize) -> bool {
+            self.warm[tier]
+        }
+        fn updates(&mut self, _tier: usize) -> u64 {
+            1000
+        }
+        fn answer(
+            &mut self,
+            tier: usize,
+            _: &Query,
+            hint: Option<Hint>,
+        ) -> Result<Reply, CoreError> {
+            let logits = self.logits[tier].clone();
+            let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = logits.iter().map(|l| (l - m).exp()).collect();
+            let z: f32 = e.iter().sum();
+            self.hints.extend(hint);
+            Ok(Reply {
+                probs: e.iter().map(|x| x / z).collect(),
+                logits,
+                text: None,
+                usage: Usage::default(),
+                cost: self.prices[tier],
+                compute: Duration::ZERO,
+                hinted: hint.is_some(),
+            })
+        }
+        fn learn(&mut self, tier: usize, _: &str, label: usize, w: f32) -> Result<(), CoreError> {
+            self.learned.push((tier, label, w));
+            Ok(())
+        }
+        fn forget(&mut self, _: usize, _: &str) {
+            self.forgotten += 1;
+        }
+    }
+
+    /// Defers always (or never); counts what it was asked and told.
+    #[derive(Default)]
+    struct Fixed {
+        keep: bool,
+        asked: Vec<usize>,
+        ended: Vec<(usize, Option<usize>, usize)>,
+    }
+
+    impl Deferral for Fixed {
+        fn name(&self) -> &'static str {
+            "fixed"
+        }
+        fn defer(&mut self, step: &Step) -> bool {
+            self.asked.push(step.tier);
+            !self.keep
+        }
+        fn end_item(&mut self, f: &Finished) {
+            self.ended.push((f.answered, f.top_label, f.cheap.len()));
+        }
+    }
+
+    fn q() -> Query {
+        Query::text("1", "x")
+    }
+
+    fn three() -> Scripted {
+        Scripted::new(
+            vec![vec![0.0, 1.0], vec![0.0, 2.0], vec![3.0, 0.0]],
+            &[0, 10, 100],
+        )
+    }
+
+    #[test]
+    fn the_budget_is_checked_at_every_metered_step_up() {
+        let mut c = Cascade::new(3, Box::<Fixed>::default(), Teaching::default())
+            .unwrap()
+            .with_metered(vec![false, true, true])
+            .unwrap();
+        let budget = Budget::new(BudgetLimits {
+            max_calls: Some(3),
+            max_micros: None,
+        })
+        .unwrap();
+        let mut t = three();
+        let served: Vec<Served> = (0..3)
+            .map(|_| c.serve(&mut t, &budget, &q()).unwrap())
+            .collect();
+        // Item 1 reaches the top (two metered calls); item 2 gets the middle tier only; item 3
+        // the cheapest.
+        assert_eq!(served.iter().map(|s| s.tier).collect::<Vec<_>>(), [2, 1, 0]);
+        assert_eq!(served[0].metered(), (2, 110));
+        assert_eq!(served[0].cost, 110);
+        assert!(!served[0].refused && served[1].refused && served[2].refused);
+        assert_eq!(budget.calls(), 3);
+        assert_eq!(budget.spent_micros(), 120);
+        assert!(
+            Cascade::new(3, Box::<Fixed>::default(), Teaching::default())
+                .unwrap()
+                .with_metered(vec![true, false, true])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn tiers_in_warm_up_go_up_without_asking_and_the_top_teaches_the_tiers_below() {
+        let mut c = Cascade::new(3, Box::new(Fixed::default()), Teaching::default()).unwrap();
+        let mut t = three();
+        t.warm[0] = false;
+        let s = c.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
+        assert_eq!((s.tier, s.label), (2, 0));
+        // Both tiers below learn the top's label at full weight (plain L4S).
+        assert_eq!(t.learned, [(0, 0, 1.0), (1, 0, 1.0)]);
+        let mut keep = Cascade::new(
+            3,
+            Box::new(Fixed {
+                keep: true,
+                ..Default::default()
+            }),
+            Teaching::default(),
+        )
+        .unwrap();
+        let s = keep.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
+        // The warming tier was not asked; the middle one kept the item: nothing is learned.
+        assert_eq!((s.tier, s.label, s.cost), (1, 1, 10));
+        assert_eq!(t.learned.len(), 2);
+        assert_eq!(t.forgotten, 2);
+    }
+
+    /// Records what it is told at the end of each item.
+    type Ended = Vec<(usize, Option<usize>, Vec<usize>)>;
+    struct Told(std::sync::Arc<std::sync::Mutex<Ended>>);
+
+    impl Deferral for Told {
+        fn name(&self) -> &'static str {
+            "told"
+        }
+        fn defer(&mut self, _: &Step) -> bool {
+            true
+        }
+        fn end_item(&mut self, f: &Finished) {
+            let below: Vec<usize> = f.cheap.iter().map(|s| s.tier).collect();
+            if let Ok(mut v) = self.0.lock() {
+                v.push((f.answered, f.top_label, below));
+            }
+        }
+    }
+
+    #[test]
+    fn the_policy_is_told_how_each_item_ended() {
+        let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut c = Cascade::new(3, Box::new(Told(told.clone())), Teaching::default()).unwrap();
+        let mut t = three();
+        let budget = Budget::new(BudgetLimits {
+            max_calls: Some(1),
+            max_micros: None,
+        })
+        .unwrap();
+        c.serve(&mut t, &budget, &q()).unwrap();
+        c.serve(&mut t, &budget, &q()).unwrap();
+        let told = told.lock().unwrap().clone();
+        // The top answered the first item (label 0) after both cheap tiers ran; the second was
+        // refused at the top and the middle tier answered, with no label to learn from.
+        assert_eq!(told, [(2, Some(0), vec![0, 1]), (1, None, vec![0, 1])]);
+    }
+
+    /// Enters at the top tier before any call (route-before), or explores from the cheapest.
+    struct Enter {
+        at: usize,
+        explore: bool,
+    }
+
+    impl Deferral for Enter {
+        fn name(&self) -> &'static str {
+            "enter"
+        }
+        fn entry(&mut self, _: &Query, _: usize) -> usize {
+            self.at
+        }
+        fn defer(&mut self, _: &Step) -> bool {
+            self.explore
+        }
+        fn explored(&self) -> bool {
+            self.explore
+        }
+    }
+
+    #[test]
+    fn route_before_skips_the_tiers_below_and_a_refusal_falls_back_to_the_cheapest() {
+        let mut c = Cascade::new(
+            3,
+            Box::new(Enter {
+                at: 2,
+                explore: false,
+            }),
+            Teaching::default(),
+        )
+        .unwrap();
+        let budget = Budget::new(BudgetLimits {
+            max_calls: Some(1),
+            max_micros: None,
+        })
+        .unwrap();
+        let mut t = three();
+        let s = c.serve(&mut t, &budget, &q()).unwrap();
+        assert_eq!(s.calls.iter().map(|c| c.tier).collect::<Vec<_>>(), [2]);
+        assert_eq!((s.tier, s.cost, s.refused), (2, 100, false));
+        // The budget is spent: the cheapest tier answers, without being asked.
+        let s = c.serve(&mut t, &budget, &q()).unwrap();
+        assert_eq!(s.calls.iter().map(|c| c.tier).collect::<Vec<_>>(), [0]);
+        assert_eq!((s.tier, s.refused), (0, true));
+        // Exploring from the cheapest calls every tier and says so.
+        let mut e = Cascade::new(
+            3,
+            Box::new(Enter {
+                at: 0,
+                explore: true,
+            }),
+            Teaching::default(),
+        )
+        .unwrap();
+        let s = e.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
+        assert_eq!((s.calls.len(), s.tier, s.explored), (3, 2, true));
+    }
+
+    #[test]
+    fn s4l_reaches_the_top_only_from_a_warm_cheap_tier() {
+        let soft = Teaching {
+            s4l: S4l::Soft,
+            ..Teaching::default()
+        };
+        let mut c = Cascade::new(2, Box::new(Fixed::default()), soft).unwrap();
+        let mut t = Scripted::new(vec![vec![0.0, 1.0], vec![3.0, 0.0]], &[0, 1]);
+        let s = c.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
+        assert!(s.s4l);
+        assert_eq!(t.hints.len(), 1);
+        assert_eq!(t.hints[0].label, 1);
+        t.warm[0] = false;
+        let s = c.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
+        assert!(!s.s4l && t.hints.len() == 1);
+        // Hard S4L: the class the cheap tier rules out is removed from the top's choice.
+        let hard = Teaching {
+            s4l: S4l::Hard,
+            s4l_prune: 0.1,
+            ..Teaching::default()
+        };
+        let mut c = Cascade::new(2, Box::new(Fixed::default()), hard).unwrap();
+        let mut t = Scripted::new(vec![vec![0.0, 5.0], vec![1.0, 0.0]], &[0, 1]);
+        let s = c.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
+        assert!(s.s4l);
+        assert_eq!((s.tier, s.label, s.confidence), (1, 1, 1.0));
+    }
+
+    #[test]
+    fn weighted_l4s_weights_the_top_label_by_its_margin() {
+        let weighted = Teaching {
+            l4s: L4s::Weighted,
+            l4s_imitate_first: 10,
+            ..Teaching::default()
+        };
+        let mut c = Cascade::new(2, Box::new(Fixed::default()), weighted).unwrap();
+        let mut t = Scripted::new(vec![vec![0.0, 1.0], vec![0.0, 0.0]], &[0, 1]);
+        c.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
+        // The top is split 50/50: its label teaches nothing.
+        assert_eq!(t.learned, [(0, 0, 0.0)]);
+    }
+
+    #[test]
+    fn a_cascade_needs_two_tiers_and_the_tiers_it_was_built_for() {
+        assert!(Cascade::new(1, Box::new(Fixed::default()), Teaching::default()).is_err());
+        let mut c = Cascade::new(2, Box::new(Fixed::default()), Teaching::default()).unwrap();
+        assert!(c.serve(&mut three(), &Budget::unlimited(), &q()).is_err());
+    }
+}

@@ -1,0 +1,218 @@
+//! Score, then gate: the two-model routers as the cascade engine's policy. A *route* scorer
+//! ([`super::router`]) scores the query before any call and the [`Gate`] picks the entry tier
+//! (route-before-generation, as RouteLLM's routers do: Ong et al., "RouteLLM: Learning to Route
+//! LLMs with Preference Data", 2024, arXiv 2406.18665, its routing formulation with a cost
+//! threshold); a *cascade* scorer ([`super::cascade`]) scores the cheap tier's answer and the gate
+//! keeps or escalates it (cascade-after-generation). The gate holds the target share of top-tier
+//! calls and explores (both tiers called, both outcomes revealed); the engine checks the budget.
+//! The scorers learn from revealed outcomes ([`Deferral::learn_outcomes`]), not from the top tier.
+
+use super::gate::{Gate, Route};
+use super::{CascadeScorer, Deferral, Finished, Observation, RouteScorer, Step};
+use crate::answer::{Answer, Output, Usage};
+use crate::query::Query;
+use std::time::Duration;
+
+/// What scores an item: the query alone, or the cheapest tier's answer too.
+pub enum Scorer {
+    Route(Box<dyn RouteScorer>),
+    Cascade(Box<dyn CascadeScorer>),
+}
+
+pub struct Gated {
+    scorer: Scorer,
+    gate: Gate,
+    /// This item: its score, the route the gate wanted, and the cheapest tier's answer (cascade).
+    score: f32,
+    wanted: Route,
+    weak: Option<Answer>,
+}
+
+impl Gated {
+    pub fn new(scorer: Scorer, gate: Gate) -> Self {
+        Gated {
+            scorer,
+            gate,
+            score: 0.0,
+            wanted: Route::Weak,
+            weak: None,
+        }
+    }
+
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+}
+
+impl Deferral for Gated {
+    fn name(&self) -> &'static str {
+        match self.scorer {
+            Scorer::Route(_) => "route",
+            Scorer::Cascade(_) => "cascade",
+        }
+    }
+
+    fn begin_item(&mut self) {
+        self.wanted = Route::Weak;
+        self.weak = None;
+    }
+
+    /// A route scorer decides here, before any call: the top tier for `Strong`.
+    fn entry(&mut self, query: &Query, top: usize) -> usize {
+        let Scorer::Route(s) = &mut self.scorer else {
+            return 0;
+        };
+        self.score = s.score(query);
+        self.wanted = self.gate.choose(self.score).0;
+        if self.wanted == Route::Strong {
+            top
+        } else {
+            0
+        }
+    }
+
+    fn defer(&mut self, step: &Step) -> bool {
+        match &mut self.scorer {
+            // Decided at the entry: the cheapest tier ran, so it answers unless exploring.
+            Scorer::Route(_) => self.wanted == Route::Both,
+            Scorer::Cascade(s) => {
+                let weak = Answer {
+                    tier: String::new(),
+                    output: Output::Text {
+                        text: step.text.unwrap_or("").to_string(),
+                        token_logprobs: None,
+                    },
+                    usage: Usage::default(),
+                    cost: 0,
+                    compute: Duration::ZERO,
+                };
+                self.score = s.score(step.query, &weak);
+                self.wanted = self.gate.choose(self.score).0;
+                self.weak = Some(weak);
+                self.wanted != Route::Weak
+            }
+        }
+    }
+
+    /// The gate counts what happened: the top tier called or not (the budget may have refused).
+    fn end_item(&mut self, f: &Finished) {
+        self.gate.record(self.score, f.answered == f.top);
+    }
+
+    fn explored(&self) -> bool {
+        self.wanted == Route::Both
+    }
+
+    fn learn_outcomes(&mut self, query: &Query, observed: &[Option<f32>]) {
+        let o = Observation {
+            weak: observed.first().copied().flatten(),
+            strong: observed.last().copied().flatten(),
+        };
+        match (&mut self.scorer, &self.weak) {
+            (Scorer::Route(s), _) => s.learn(query, &o),
+            (Scorer::Cascade(s), Some(weak)) => s.learn(query, weak, &o),
+            (Scorer::Cascade(_), None) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::{Budget, BudgetLimits};
+    use crate::engine::{Cascade, Hint, Reply, Tiers};
+    use crate::error::CoreError;
+    use crate::policy::gate::GateConfig;
+    use crate::policy::teaching::Teaching;
+    use crate::Micros;
+
+    /// Scores by the query's id: "hard" items high.
+    struct ById;
+
+    impl RouteScorer for ById {
+        fn score(&mut self, q: &Query) -> f32 {
+            if q.id.starts_with("hard") {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        fn learn(&mut self, _: &Query, _: &Observation) {}
+    }
+
+    struct Two {
+        called: Vec<usize>,
+    }
+
+    impl Tiers for Two {
+        type Error = CoreError;
+        fn count(&self) -> usize {
+            2
+        }
+        fn estimate(&mut self, tier: usize, _: &Query) -> Micros {
+            [1, 100][tier]
+        }
+        fn warm(&mut self, _: usize) -> bool {
+            true
+        }
+        fn updates(&mut self, _: usize) -> u64 {
+            0
+        }
+        fn answer(&mut self, tier: usize, _: &Query, _: Option<Hint>) -> Result<Reply, CoreError> {
+            self.called.push(tier);
+            Ok(Reply {
+                probs: Vec::new(),
+                logits: Vec::new(),
+                text: Some(format!("tier {tier}")),
+                usage: Usage::default(),
+                cost: [1, 100][tier],
+                compute: Duration::ZERO,
+                hinted: false,
+            })
+        }
+        fn learn(&mut self, _: usize, _: &str, _: usize, _: f32) -> Result<(), CoreError> {
+            Ok(())
+        }
+    }
+
+    /// Route-before through the engine: the hard half goes straight to the strong tier (the weak
+    /// one is never called for it), the easy half stays weak; the budget caps the strong calls.
+    #[test]
+    fn a_route_scorer_picks_the_entry_tier_before_any_call() {
+        let gate = Gate::new(GateConfig {
+            target_share: 0.5,
+            explore: 0.0,
+            window: 100,
+            seed: 1,
+        })
+        .unwrap();
+        let mut c = Cascade::new(
+            2,
+            Box::new(Gated::new(Scorer::Route(Box::new(ById)), gate)),
+            Teaching::default(),
+        )
+        .unwrap();
+        let budget = Budget::new(BudgetLimits {
+            max_calls: Some(300),
+            max_micros: None,
+        })
+        .unwrap();
+        let mut t = Two { called: Vec::new() };
+        let mut strong_only = 0;
+        for k in 0..1000 {
+            let id = if k % 2 == 0 { "hard" } else { "easy" };
+            let q = Query::text(format!("{id}{k}"), "x");
+            let before = t.called.len();
+            let s = c.serve(&mut t, &budget, &q).unwrap();
+            if (100..500).contains(&k) && id == "hard" {
+                assert_eq!(s.tier, 1, "item {k}");
+            }
+            if id == "easy" && k >= 100 {
+                assert_eq!(s.tier, 0, "item {k}");
+            }
+            strong_only += usize::from(t.called[before..] == [1]);
+        }
+        assert_eq!(budget.calls(), 300);
+        assert!(strong_only >= 250, "{strong_only}");
+    }
+}
