@@ -43,6 +43,9 @@ pub struct Held {
     ticket: Option<Ticket>,
     /// [`Held::durable`] failed: the call it would pay for is not made.
     not_durable: AtomicBool,
+    /// An attempt may have reached the upstream without an answer (it timed out, or its
+    /// connection or body broke): a release keeps the call counted.
+    uncertain: AtomicBool,
     /// The reservation in the shared store, on a route shared between replicas.
     shared: Option<SharedPart>,
 }
@@ -69,8 +72,13 @@ impl Held {
         }
     }
 
-    /// Gives the reservation back: the call was not made (journaled without waiting).
+    /// Gives the reservation back: the call was not made (journaled without waiting). After
+    /// [`Held::mark_uncertain`] the call stays counted (at $0) instead.
     pub fn release(mut self) {
+        if self.uncertain.load(Ordering::SeqCst) {
+            self.settle(0);
+            return;
+        }
         if let Some(r) = self.reservation.take() {
             self.budget.release(r);
             if let Some(t) = &self.ticket {
@@ -80,6 +88,15 @@ impl Held {
                 s.link.release(&s.hold);
             }
         }
+    }
+
+    /// Some attempt may have reached the upstream without giving an answer (a timeout, a
+    /// connection or body that broke): a release then keeps the call counted against
+    /// `max_calls` (at $0: what it cost is unknown), so upstreams that hang cannot take more
+    /// calls than the cap. Its dollars are not counted: a provider that bills abandoned calls
+    /// is billed more than the budget shows.
+    pub fn mark_uncertain(&self) {
+        self.uncertain.store(true, Ordering::SeqCst);
     }
 
     /// The cost reserved, in micro-dollars.
@@ -230,6 +247,7 @@ impl WindowBudget {
             reservation: Some(reservation),
             ticket,
             not_durable: AtomicBool::new(false),
+            uncertain: AtomicBool::new(false),
             shared,
         })
     }

@@ -229,6 +229,16 @@ fn validate_shared(sh: &SharedSection) -> Result<(), (&'static str, String, Stri
                 "must start with redis:// or rediss://".into(),
             ))
         }
+        (Some(u), None) => {
+            // Parsed only (no connection): a URL `serve` would refuse fails `--check` too.
+            if let Err(e) = redis::Client::open(u.as_str()) {
+                return Err((
+                    "redis_url",
+                    crate::shared::redact_url(u),
+                    format!("is not a Redis URL: {e}"),
+                ));
+            }
+        }
         _ => {}
     }
     let prefix_ok = sh
@@ -1031,6 +1041,16 @@ impl Validated {
             .as_ref()
             .and_then(|s| s.redis_url_env.as_deref())
         {
+            if let Ok(u) = std::env::var(v) {
+                if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                    return Err(ConfigError::Invalid {
+                        path: path.to_path_buf(),
+                        field: "server.shared.redis_url_env".into(),
+                        value: v.to_string(),
+                        reason: "the variable must hold a redis:// or rediss:// URL (its value is not shown: it may hold a password)".into(),
+                    });
+                }
+            }
             vars.push(("server.shared.redis_url_env".into(), v));
         }
         for (field, var) in vars {
@@ -1126,6 +1146,10 @@ price = "token:10:30"
         let cases = [
             ("", "server.shared.redis_url = (missing)"),
             ("redis_url = \"http://h:6379\"\n", "server.shared.redis_url = http://h:6379"),
+            (
+                "redis_url = \"redis://:pw@127.0.0.1:notaport/0\"\n",
+                "server.shared.redis_url = redis://:***@127.0.0.1:notaport/0",
+            ),
             (
                 "redis_url = \"tcp://:pw@h\"\n",
                 "must start with redis://",

@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 const KEY: &str = "sk-large-upstream-secret-123";
@@ -190,11 +191,13 @@ async fn timeouts_and_failures_release_the_budget() {
     assert_eq!(r.status(), 504);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "upstream_timeout");
-    // A cascade whose large model times out serves the small draft, and gives the budget back.
+    // A cascade whose large model times out serves the small draft and gives the money back;
+    // the call, which reached the upstream, stays counted against max_calls.
     let r = post(&gw.url, &chat_body("casc", "hard one")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-tandem-role"), "small");
-    assert_eq!(gw.gateway.routes()[0].budget.spent().calls, 0);
+    let spent = gw.gateway.routes()[0].budget.spent();
+    assert_eq!((spent.calls, spent.micros), (1, 0));
     large.delay_ms.store(0, Ordering::SeqCst);
     for (mode, status, needle) in [
         (FAIL_500, 502, "mock is down"),
@@ -976,4 +979,40 @@ async fn a_bad_or_missing_journal_closes_its_route() {
         gw.stop().await;
         assert_eq!(std::fs::read(&path).ok(), bytes, "{what}: left as it was");
     }
+}
+
+/// Two gateways on one `state_dir` would overwrite each other's spend (and pass a cap
+/// together): the second refuses to start, naming the directory; once the first has stopped,
+/// a new one starts there. Different directories start side by side.
+#[tokio::test]
+async fn a_state_dir_serves_one_gateway_at_a_time() {
+    let (_m, url) = mock(reply(|_| ("ok".into(), -0.1))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let cfg = |state: &Path| {
+        format!(
+            "[server]\nstate_dir = \"{}\"\n[[upstream]]\nname = \"l\"\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"m\"\n[[route]]\nname = \"f\"\nkind = \"fixed\"\nupstream = \"l\"\n[route.budget]\nmax_calls = 10\n",
+            state.display()
+        )
+    };
+    let validated = |state: &Path| {
+        let c: tandem_server::ServerConfig = toml::from_str(&cfg(state)).unwrap();
+        c.validate(Path::new("t.toml"), PathBuf::new()).unwrap()
+    };
+    let first = start(&cfg(dir.path()), dir.path()).await;
+    for _ in 0..3 {
+        let e = match tandem_server::Gateway::start(&validated(dir.path())) {
+            Ok(_) => panic!("a second gateway started on a state_dir in use"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains(&dir.path().display().to_string()) && e.contains("in use"),
+            "{e}"
+        );
+    }
+    let side = start(&cfg(other.path()), other.path()).await;
+    side.stop().await;
+    first.stop().await;
+    let again = start(&cfg(dir.path()), dir.path()).await;
+    again.stop().await;
 }

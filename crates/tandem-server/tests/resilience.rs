@@ -1751,3 +1751,63 @@ async fn a_route_deadline_bounds_every_attempt_together() {
     drop(s);
     gw.stop().await;
 }
+
+/// A call that reached the upstream and then hung (cut by its timeout or the route's deadline)
+/// or broke stays counted against `max_calls`: hanging upstreams cannot take more calls than
+/// the cap, plain or streamed. An answered error (500) gives its call back.
+#[tokio::test]
+async fn calls_that_hang_stay_counted_against_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a_url) = answering("a").await;
+    let once = "timeout_ms = 300\nfirst_token_timeout_ms = 300\n[upstream.retry]\nattempts = 1\n";
+    let cfg = format!(
+        "{}{}{}",
+        up("a", &a_url, &format!("{once}{CALM}")),
+        fixed(
+            "cap3",
+            "\"a\"",
+            "on_exhausted = \"refuse\"\n[route.budget]\nmax_calls = 3\n"
+        ),
+        fixed(
+            "cap3d",
+            "\"a\"",
+            "deadline_ms = 200\non_exhausted = \"refuse\"\n[route.budget]\nmax_calls = 3\n"
+        ),
+    );
+    let gw = start(&cfg, dir.path()).await;
+    for route in ["cap3", "cap3d"] {
+        a.delay_ms.store(2_000, Ordering::SeqCst);
+        let n = a.calls();
+        let mut statuses = Vec::new();
+        for i in 0..6 {
+            let body = req(route, "hello");
+            let r = send(&gw.url, &if i % 2 == 1 { streamed(body) } else { body }).await;
+            statuses.push(r.status);
+        }
+        assert_eq!(a.calls() - n, 3, "{route}: {statuses:?}");
+        assert_eq!(
+            statuses.iter().filter(|&&s| s == 429).count(),
+            3,
+            "{route}: {statuses:?}"
+        );
+        a.delay_ms.store(0, Ordering::SeqCst);
+    }
+    // A 500 is an answer: nothing was generated, so the call goes back.
+    let gw2_dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}{}",
+        up("a", &a_url, &format!("{once}{CALM}")),
+        fixed(
+            "cap1",
+            "\"a\"",
+            "on_exhausted = \"refuse\"\n[route.budget]\nmax_calls = 1\n"
+        ),
+    );
+    let gw2 = start(&cfg, gw2_dir.path()).await;
+    a.push(status(500));
+    assert_eq!(send(&gw2.url, &req("cap1", "x")).await.status, 502);
+    assert_eq!(send(&gw2.url, &req("cap1", "x")).await.status, 200);
+    assert_eq!(send(&gw2.url, &req("cap1", "x")).await.status, 429);
+    gw2.stop().await;
+    gw.stop().await;
+}

@@ -51,6 +51,9 @@ pub struct Gateway {
     replicas: Option<replicas::Replicas>,
     /// Adds spend made while Redis was away, in the background; stopped on drop.
     sync_task: Option<tokio::task::JoinHandle<()>>,
+    /// `<state_dir>/.lock`, held while the gateway lives: two processes writing one state
+    /// directory would overwrite each other's spend and learning.
+    _state_lock: Option<std::fs::File>,
 }
 
 impl Drop for Gateway {
@@ -111,6 +114,10 @@ impl Gateway {
             .map(|(i, r)| RouteState::new(i, r.clone(), now))
             .collect::<Result<_, _>>()?;
         let state_dir = cfg.state_dir();
+        let state_lock = match &state_dir {
+            Some(d) => Some(lock_state_dir(d)?),
+            None => None,
+        };
         let shared = match &cfg.server.shared {
             Some(sh) => Some(open_shared(sh)?),
             None => None,
@@ -218,6 +225,7 @@ impl Gateway {
             walks: AtomicU64::new(0),
             replicas,
             sync_task,
+            _state_lock: state_lock,
             id_prefix: format!("chatcmpl-{:08x}{:08x}", unix_now() as u32, nanos),
         })
     }
@@ -686,6 +694,30 @@ impl Gateway {
 
 /// Opens the store replicas share (`[server.shared]`); Redis need not be up yet — until it
 /// answers, each route does what `on_redis_down` says.
+/// Takes `dir`'s lock file (creating the directory), or says which directory is in use.
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, GatewayError> {
+    let fail = |what: String| {
+        GatewayError::Internal(format!("server.state_dir {}: {what}", dir.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create: {e}")))?;
+    let path = dir.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| fail(format!("cannot open {}: {e}", path.display())))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(fail(
+            "is in use by another tandem process; give each replica its own state_dir".into(),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(fail(format!("cannot lock {}: {e}", path.display())))
+        }
+    }
+}
+
 /// Returns the store and this replica's name in it.
 fn open_shared(sh: &SharedSection) -> Result<(Arc<SharedStore>, String), GatewayError> {
     let url = match (&sh.redis_url, &sh.redis_url_env) {

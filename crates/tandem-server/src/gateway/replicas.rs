@@ -151,6 +151,10 @@ impl Replicas {
         let log = log.clone();
         tokio::spawn(async move {
             if let Err(e) = store.put_response(&id, &json, ttl).await {
+                if matches!(e, crate::shared::SharedError::Timeout { .. }) {
+                    // It may still land: it must not live in Redis and here both.
+                    store.forget_response_later(&id);
+                }
                 metrics::counter!("tandem_shared_store_errors_total", "op" => "put_response")
                     .increment(1);
                 tracing::debug!(error = %e, "feedback record kept on this replica only");

@@ -95,6 +95,8 @@ pub(super) struct Run<'a> {
     /// The last large reservation asked for (micro-dollars), to tell a request that can never
     /// fit the cap from a budget that is spent.
     asked: std::sync::atomic::AtomicU64,
+    /// A large attempt may have been billed without an answer (see [`Held::mark_uncertain`]).
+    large_uncertain: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> Run<'a> {
@@ -110,6 +112,17 @@ impl<'a> Run<'a> {
                 .deadline_ms
                 .map(|ms| tokio::time::Instant::now() + std::time::Duration::from_millis(ms)),
             asked: std::sync::atomic::AtomicU64::new(0),
+            large_uncertain: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Keeps `held` whole if a large attempt may have been billed without an answer.
+    fn mark(&self, held: &Held) {
+        if self
+            .large_uncertain
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            held.mark_uncertain();
         }
     }
 
@@ -179,11 +192,19 @@ impl<'a> Run<'a> {
             match self.by_deadline(attempt(up)).await {
                 Some(Ok(t)) => return (Ok(on_ok(t, ticket, up)), tried),
                 Some(Err(e)) => {
+                    if role == Role::Large && may_have_billed(&e) {
+                        self.large_uncertain
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
                     if let Err(e) = at.failed(up, ticket, e) {
                         return (Err(e), tried);
                     }
                 }
                 None => {
+                    if role == Role::Large {
+                        self.large_uncertain
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
                     // The upstream had not answered when the deadline came: as good as a timeout.
                     let e = GatewayError::UpstreamTimeout {
                         upstream: up.name.clone(),
@@ -585,6 +606,7 @@ impl<'a> Run<'a> {
             .complete_on(Role::Large, &|up| self.large_call(up, call, draft))
             .await;
         self.tried += n;
+        self.mark(&held);
         match r {
             Ok(c) => {
                 let cost = self.cost_of(&c);
@@ -671,6 +693,7 @@ impl<'a> Run<'a> {
                     self.complete_on(Role::Large, &large_make)
                 );
                 self.tried += ns + nl;
+                self.mark(&held);
                 let l = match l {
                     Ok(l) => {
                         let cost = self.cost_of(&l);
@@ -762,6 +785,7 @@ impl<'a> Run<'a> {
             .stream_on(Role::Large, &|up| self.large_call(up, call, draft.as_ref()))
             .await;
         self.tried += n;
+        self.mark(&held);
         match (r, draft) {
             (Ok(started), draft) => Ok(Ok(self.streaming(
                 started,
@@ -831,6 +855,15 @@ impl<'a> Run<'a> {
             },
         );
     }
+}
+
+/// Whether a failed attempt may still be billed: it was sent and then timed out, or its
+/// connection or body broke. An answered error (4xx, 5xx) is not billed by providers.
+fn may_have_billed(e: &GatewayError) -> bool {
+    matches!(
+        e,
+        GatewayError::UpstreamTimeout { .. } | GatewayError::Upstream { .. }
+    )
 }
 
 /// What a plan decided, kept once its target is consumed.

@@ -317,7 +317,7 @@ pub struct SharedStore {
     /// `[{replica_id}.]{tag}.`
     id_root: String,
     next_id: AtomicU64,
-    op_timeout: Duration,
+    pub(super) op_timeout: Duration,
     retry_after: Duration,
     key_margin_s: u64,
     /// `down_until_ms` counts from here; 0 means up.
@@ -517,8 +517,23 @@ impl SharedStore {
             .arg(window.expire_at(self.key_margin_s))
             .arg(self.key_margin_s);
         let mut conn = self.conn.clone();
-        let (code, calls, micros): (i64, u64, u64) =
-            self.guarded("reserve", inv.invoke_async(&mut conn)).await?;
+        let answer = self.guarded("reserve", inv.invoke_async(&mut conn)).await;
+        let (code, calls, micros): (i64, u64, u64) = match answer {
+            Ok(v) => v,
+            Err(e) => {
+                if matches!(e, SharedError::Timeout { .. }) {
+                    // The script may still run once Redis answers: take it back, so a call
+                    // that was never made is not counted.
+                    self.release_later(SharedReservation {
+                        id,
+                        route: route.to_string(),
+                        window_start: window.start_s,
+                        estimate,
+                    });
+                }
+                return Err(e);
+            }
+        };
         let totals = Totals { calls, micros };
         match code {
             1 => Ok(Reserve::Reserved {
@@ -557,6 +572,36 @@ impl SharedStore {
     /// Gives the reservation back: the call was not made (or cost nothing and must not count).
     pub async fn release(&self, reservation: &SharedReservation) -> Result<Closed, SharedError> {
         self.close("release", reservation, 0).await
+    }
+
+    /// Releases `r` in the background, trying every second for a minute: for a reserve that
+    /// timed out, whose script Redis may still run. Sent on the same connection, the release
+    /// runs after it; on a reservation that never landed it changes nothing.
+    fn release_later(&self, r: SharedReservation) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let conn = self.conn.clone();
+        let script = self.scripts.close.clone();
+        let key = self.window_key(&r.route, r.window_start);
+        let timeout = self.op_timeout;
+        rt.spawn(async move {
+            for _ in 0..60 {
+                let mut inv = script.prepare_invoke();
+                inv.key(&key)
+                    .key(format!("{key}:open"))
+                    .arg(&r.id)
+                    .arg("release")
+                    .arg(0);
+                let mut c = conn.clone();
+                let done: Result<RedisResult<(i64, u64, u64)>, _> =
+                    tokio::time::timeout(timeout, inv.invoke_async(&mut c)).await;
+                if matches!(done, Ok(Ok(_))) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
     }
 
     async fn close(

@@ -30,6 +30,31 @@ impl SharedStore {
         Ok(())
     }
 
+    /// Deletes response `id`'s record in the background, trying every second for a minute: for
+    /// a write that timed out (Redis may still apply it) whose record is now kept elsewhere.
+    /// Sent on the same connection, the delete runs after the write.
+    pub fn forget_response_later(&self, id: &str) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let key = self.response_key(id);
+        let conn = self.conn.clone();
+        let timeout = self.op_timeout;
+        rt.spawn(async move {
+            for _ in 0..60 {
+                let mut c = conn.clone();
+                let mut cmd = redis::cmd("DEL");
+                cmd.arg(&key);
+                let done: Result<redis::RedisResult<i64>, _> =
+                    tokio::time::timeout(timeout, cmd.query_async(&mut c)).await;
+                if matches!(done, Ok(Ok(_))) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
     /// Takes response `id`'s record (None: unknown, expired or taken already). Redis ≥ 6.2.
     pub async fn take_response(&self, id: &str) -> Result<Option<String>, SharedError> {
         let key = self.response_key(id);

@@ -103,23 +103,46 @@ pub(crate) fn is_unreachable(e: &redis::RedisError) -> bool {
         || e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
 }
 
-/// `url` without its password, for messages and logs: `redis://user:***@host:6379/0`.
+/// `url` without its password, for messages and logs: `redis://user:***@host:6379/0`. The
+/// user information ends at the last `@` (a password may hold `@` or `/`); a `password=`
+/// query parameter is hidden too; anything without a scheme is hidden whole (it may be a bare
+/// password put where a URL belongs).
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
+        return "***".to_string();
     };
-    let rest = &url[scheme_end + 3..];
-    // The user info ends at the last `@` before the path; a password may itself contain `@`.
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_string();
+    let (head, query) = match url.find('?') {
+        Some(q) => (&url[..q], Some(&url[q + 1..])),
+        None => (url, None),
     };
-    let userinfo = &rest[..at];
-    let shown = match userinfo.find(':') {
-        Some(colon) => format!("{}:***", &userinfo[..colon]),
-        None => userinfo.to_string(),
+    let rest = &head[scheme_end + 3..];
+    let mut out = match rest.rfind('@') {
+        None => head.to_string(),
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let shown = match userinfo.find(':') {
+                Some(colon) => format!("{}:***", &userinfo[..colon]),
+                None => userinfo.to_string(),
+            };
+            format!("{}{}{}", &head[..scheme_end + 3], shown, &rest[at..])
+        }
     };
-    format!("{}{}{}", &url[..scheme_end + 3], shown, &rest[at..])
+    if let Some(q) = query {
+        let params: Vec<String> = q
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _))
+                    if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") =>
+                {
+                    format!("{k}=***")
+                }
+                _ => p.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -133,7 +156,17 @@ mod tests {
             ("redis://:s3cret@host:6379/2", "redis://:***@host:6379/2"),
             ("rediss://tandem:p@ss@host/0", "rediss://tandem:***@host/0"),
             ("redis://user@host", "redis://user@host"),
-            ("not a url", "not a url"),
+            ("not a url", "***"),
+            ("garbage-hunter2", "***"),
+            (
+                "redis://:hun/ter2@127.0.0.1:6379/0",
+                "redis://:***@127.0.0.1:6379/0",
+            ),
+            (
+                "redis://127.0.0.1:6379/0?password=hunter2&protocol=resp3",
+                "redis://127.0.0.1:6379/0?password=***&protocol=resp3",
+            ),
+            ("redis://u:p@h/0?pass=x", "redis://u:***@h/0?pass=***"),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }

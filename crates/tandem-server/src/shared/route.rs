@@ -121,8 +121,9 @@ impl RouteShare {
             }
             Err(e) => {
                 count_error("reserve", &e);
-                if !e.is_unavailable() {
-                    tracing::error!(route = %self.route, error = %e, "shared budget: reservation failed");
+                // Down: Redis failed within the last second, said once already.
+                if !matches!(e, SharedError::Down { .. }) {
+                    tracing::warn!(route = %self.route, error = %e, "shared budget: Redis did not take the reservation; on_redis_down applies");
                 }
                 match self.local.try_reserve(window_start, estimate) {
                     Some(h) => {
@@ -133,11 +134,13 @@ impl RouteShare {
                         *lock(hold) = SharedHold::Done;
                         Err(GatewayError::BudgetStoreDown {
                             route: self.route.clone(),
+                            // Clients see no address of ours; the log has the details.
                             reason: match self.on_down {
-                                OnRedisDown::FailClosed => format!("{e}; the route fails closed"),
-                                OnRedisDown::FailOpen { .. } => {
-                                    format!("{e}; this replica's share of the budget is spent")
+                                OnRedisDown::FailClosed => {
+                                    "the budget store is unreachable and the route fails closed"
+                                        .to_string()
                                 }
+                                OnRedisDown::FailOpen { .. } => "the budget store is unreachable and this replica's share of the budget is spent".to_string(),
                             },
                         })
                     }
