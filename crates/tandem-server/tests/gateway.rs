@@ -18,22 +18,6 @@ fn setup_env() {
     std::env::set_var("TANDEM_TEST_LARGE_KEY", KEY);
 }
 
-/// The small model is sure of "easy" prompts and unsure of "hard" ones; both answer the same
-/// text so that escalations look like agreement unless the prompt says otherwise.
-fn small_reply() -> Reply {
-    reply(|p| {
-        if p.contains("hard") || p.contains("proof") {
-            ("maybe 7".into(), -3.0)
-        } else {
-            ("the answer is 4".into(), -0.05)
-        }
-    })
-}
-
-fn large_reply() -> Reply {
-    reply(|_| ("the answer is 4".into(), -0.01))
-}
-
 async fn post(url: &str, body: &Value) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!("{url}/v1/chat/completions"))

@@ -460,21 +460,6 @@ async fn three_replicas_never_let_the_upstream_bill_past_the_cap() {
 // 2. A cascade falls back to its small model when the other replicas spent the cap
 // ---------------------------------------------------------------------------------------------
 
-/// The small model is sure of "easy" prompts and unsure of "hard" ones.
-fn small_reply() -> Reply {
-    reply(|p| {
-        if p.contains("hard") || p.contains("proof") {
-            ("maybe 7".into(), -3.0)
-        } else {
-            ("the answer is 4".into(), -0.05)
-        }
-    })
-}
-
-fn large_reply() -> Reply {
-    reply(|_| ("the answer is 4".into(), -0.01))
-}
-
 const CASCADE: &str = "[[route]]\nname = \"casc\"\nkind = \"cascade\"\nsmall = \"small\"\n\
     large = \"large\"\nthreshold = 1.0\nexplore = 0.0\n[route.budget]\nmax_calls = 3\n";
 

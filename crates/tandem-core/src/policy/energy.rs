@@ -27,18 +27,7 @@ mod tests {
     use super::*;
 
     fn step<'a>(probs: &'a [f32], logits: &'a [f32]) -> Step<'a> {
-        Step {
-            tier: 0,
-            top: 1,
-            query: &crate::policy::TEST_QUERY,
-            text: None,
-            probs,
-            logits,
-            label: 1,
-            confidence: probs[1],
-            below: None,
-            next_cost: 1.0,
-        }
+        crate::policy::test_step(0, 1, probs, logits, 1, probs[1])
     }
 
     /// Same margin (so the same max probability), different scale: the small logits have the

@@ -147,18 +147,7 @@ mod tests {
     use super::*;
 
     fn step<'a>(tier: usize, probs: &'a [f32], logits: &'a [f32]) -> Step<'a> {
-        Step {
-            tier,
-            top: 2,
-            query: &crate::policy::TEST_QUERY,
-            text: None,
-            probs,
-            logits,
-            label: 1,
-            confidence: probs[1],
-            below: None,
-            next_cost: 1.0,
-        }
+        crate::policy::test_step(tier, 2, probs, logits, 1, probs[1])
     }
 
     /// The controller sees the lowest score along the path: an item the second tier is sure of

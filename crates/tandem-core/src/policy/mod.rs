@@ -190,3 +190,29 @@ pub(crate) static TEST_QUERY: Query = Query {
     input: crate::query::Input::Text(String::new()),
     metadata: std::collections::BTreeMap::new(),
 };
+
+/// A step at `tier` of `top + 1` tiers for the policies' tests: the tier's class probabilities
+/// and logits, its label and confidence; no text, no tier below, the next tier at the top's
+/// price.
+#[cfg(test)]
+pub(crate) fn test_step<'a>(
+    tier: usize,
+    top: usize,
+    probs: &'a [f32],
+    logits: &'a [f32],
+    label: usize,
+    confidence: f32,
+) -> Step<'a> {
+    Step {
+        tier,
+        top,
+        query: &TEST_QUERY,
+        text: None,
+        probs,
+        logits,
+        label,
+        confidence,
+        below: None,
+        next_cost: 1.0,
+    }
+}

@@ -763,18 +763,7 @@ mod tests {
         let mut o = Ocl::new(1, quiet(), 1.0).unwrap();
         let probs = [0.4f32, 0.6];
         let logits = [0.4f32.ln(), 0.6f32.ln()];
-        let unsure = Step {
-            tier: 0,
-            top: 1,
-            query: &crate::policy::TEST_QUERY,
-            text: None,
-            probs: &probs,
-            logits: &logits,
-            label: 1,
-            confidence: 0.6,
-            below: None,
-            next_cost: 1.0,
-        };
+        let unsure = crate::policy::test_step(0, 1, &probs, &logits, 1, 0.6);
         let p = |o: &mut Ocl| {
             let c = o.context(&unsure);
             o.deferral.p_disagree(0, &c)

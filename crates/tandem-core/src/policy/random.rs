@@ -60,18 +60,7 @@ mod tests {
     use super::*;
 
     fn step(tier: usize) -> Step<'static> {
-        Step {
-            tier,
-            top: 2,
-            query: &crate::policy::TEST_QUERY,
-            text: None,
-            probs: &[],
-            logits: &[],
-            label: 0,
-            confidence: 1.0,
-            below: None,
-            next_cost: 1.0,
-        }
+        crate::policy::test_step(tier, 2, &[], &[], 0, 1.0)
     }
 
     #[test]

@@ -54,18 +54,7 @@ mod tests {
     use super::*;
 
     fn step(tier: usize, confidence: f32) -> Step<'static> {
-        Step {
-            tier,
-            top: 2,
-            query: &crate::policy::TEST_QUERY,
-            text: None,
-            probs: &[],
-            logits: &[],
-            label: 0,
-            confidence,
-            below: None,
-            next_cost: 1.0,
-        }
+        crate::policy::test_step(tier, 2, &[], &[], 0, confidence)
     }
 
     #[test]

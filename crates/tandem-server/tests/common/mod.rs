@@ -585,3 +585,19 @@ idle_timeout_ms = 150
 pub fn chat_body(route: &str, text: &str) -> Value {
     json!({"model": route, "messages": [{"role": "user", "content": text}]})
 }
+
+/// The small model is sure of "easy" prompts and unsure of "hard" ones; both answer the same
+/// text so that escalations look like agreement unless the prompt says otherwise.
+pub fn small_reply() -> Reply {
+    reply(|p| {
+        if p.contains("hard") || p.contains("proof") {
+            ("maybe 7".into(), -3.0)
+        } else {
+            ("the answer is 4".into(), -0.05)
+        }
+    })
+}
+
+pub fn large_reply() -> Reply {
+    reply(|_| ("the answer is 4".into(), -0.01))
+}
