@@ -15,7 +15,7 @@ use crate::budget::Budget;
 use crate::error::CoreError;
 use crate::money::Micros;
 use crate::policy::teaching::{prune_classes, S4l, Teaching};
-use crate::policy::{Deferral, Finished, Step};
+use crate::policy::{Deferral, Finished, ItemState, Step};
 use crate::query::Query;
 use crate::Usage;
 use std::time::{Duration, Instant};
@@ -35,12 +35,60 @@ pub struct Reply {
     pub logits: Vec<f32>,
     /// A generator's answer text.
     pub text: Option<String>,
+    /// A generator's per-token log-probabilities (nats) and energies, when its tier gives them.
+    pub token_logprobs: Option<Vec<f32>>,
+    pub token_energies: Option<Vec<f32>>,
+    /// The answer can be served (a generator's may be empty, a refusal or an invalid tool
+    /// call): one that cannot goes up without asking the policy, and never answers an item.
+    pub usable: bool,
     pub usage: Usage,
     /// What the call cost.
     pub cost: Micros,
     pub compute: Duration,
     /// The tier used the hint it was given.
     pub hinted: bool,
+}
+
+impl Reply {
+    /// A classifier's answer: its class probabilities and logits.
+    pub fn classes(probs: Vec<f32>, logits: Vec<f32>) -> Reply {
+        Reply {
+            probs,
+            logits,
+            text: None,
+            token_logprobs: None,
+            token_energies: None,
+            usable: true,
+            usage: Usage::default(),
+            cost: 0,
+            compute: Duration::ZERO,
+            hinted: false,
+        }
+    }
+
+    /// A generator's answer: its text and, when given, its tokens' log-probabilities.
+    pub fn generated(text: String, token_logprobs: Option<Vec<f32>>) -> Reply {
+        Reply {
+            text: Some(text),
+            token_logprobs,
+            ..Reply::classes(Vec::new(), Vec::new())
+        }
+    }
+
+    /// Its label and confidence: a classifier's most probable class and its probability; a
+    /// generator's label 0 and the geometric mean of its tokens' probabilities (0 without them).
+    fn judged(&self) -> (usize, f32) {
+        if !self.probs.is_empty() {
+            return (argmax(&self.probs), max_prob(&self.probs));
+        }
+        let conf = mean(self.token_logprobs.as_deref()).map_or(0.0, f32::exp);
+        (0, conf)
+    }
+}
+
+fn mean(v: Option<&[f32]>) -> Option<f32> {
+    v.filter(|v| !v.is_empty())
+        .map(|v| v.iter().sum::<f32>() / v.len() as f32)
 }
 
 /// The tiers of a cascade, cheapest first, as a front end provides them.
@@ -84,6 +132,8 @@ pub struct Call {
     pub cost: Micros,
     /// Paid through the budget.
     pub metered: bool,
+    /// Its answer could be served.
+    pub usable: bool,
 }
 
 /// How one item was served.
@@ -101,6 +151,8 @@ pub struct Served {
     pub s4l: bool,
     /// A step up was refused by the budget.
     pub refused: bool,
+    /// Tiers that could not answer (their calls failed): the item went on without them.
+    pub failed: u32,
     /// Time the policy took to decide (route-before and each tier's decision).
     pub decision: Duration,
     /// The policy explored: it called a tier above the one it would have picked.
@@ -114,6 +166,156 @@ impl Served {
             .iter()
             .filter(|c| c.metered)
             .fold((0, 0), |(n, m), c| (n + 1, m + c.cost))
+    }
+}
+
+/// What the engine asks its front end for next on an item.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Next {
+    /// Call `tier` (reserving `estimate` against the budget first when `metered`: a refusal is
+    /// reported with [`Cascade::refused`]), with S4L's hint for the top tier; report the reply
+    /// with [`Cascade::answered`], or a call that could not answer with [`Cascade::failed`].
+    Call {
+        tier: usize,
+        metered: bool,
+        estimate: Micros,
+        hint: Option<Hint>,
+        /// Nothing will be asked after this call: its answer is the item's (a front end may
+        /// stream it, with no judging).
+        last: bool,
+    },
+    /// The item has its answer: [`Cascade::finish`] it.
+    Done,
+}
+
+/// L4S: what the top tier's label teaches one tier below it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lesson {
+    pub tier: usize,
+    pub label: usize,
+    pub weight: f32,
+}
+
+/// One item's walk up a cascade's tiers: the replies so far, where it stands and what its policy
+/// remembers of it. A front end drives it — synchronously ([`Cascade::serve`]) or across awaits
+/// (the gateway's upstream calls) — while the decisions stay the engine's; the cascade itself
+/// is borrowed only for each decision, so one cascade serves many items at once.
+#[derive(Debug, Clone)]
+pub struct Walk {
+    costs: Vec<Micros>,
+    metered: Vec<bool>,
+    s4l_mode: S4l,
+    at: Option<usize>,
+    replies: Vec<Reply>,
+    calls: Vec<Call>,
+    answered: Option<usize>,
+    /// The last cheap tier was warm (its answer may inform the top tier: S4L).
+    last_warm: bool,
+    s4l: bool,
+    refused: bool,
+    failed: u32,
+    decision: Duration,
+    item: ItemState,
+    /// The tier that answered, once finished.
+    finished: Option<usize>,
+}
+
+impl Walk {
+    /// What to do next.
+    pub fn next(&self) -> Next {
+        let Some(i) = self.at else {
+            return Next::Done;
+        };
+        let top = self.costs.len() - 1;
+        let hint = match (i == top, self.s4l_mode, self.calls.last()) {
+            (true, S4l::Soft, Some(c)) if self.last_warm => Some(Hint {
+                label: c.label,
+                confidence: c.confidence,
+            }),
+            _ => None,
+        };
+        Next::Call {
+            tier: i,
+            metered: self.metered[i],
+            estimate: self.costs[i],
+            hint,
+            last: i == top || (self.refused && self.calls.is_empty()),
+        }
+    }
+
+    /// Every reply so far, cheapest first (one per entry of [`Walk::calls`]).
+    pub fn replies(&self) -> &[Reply] {
+        &self.replies
+    }
+
+    pub fn calls(&self) -> &[Call] {
+        &self.calls
+    }
+
+    /// The policy's memory of the item.
+    pub fn item(&self) -> &ItemState {
+        &self.item
+    }
+
+    /// Some tier's answer can serve the item (if nothing more runs, the deepest one does).
+    pub fn has_answer(&self) -> bool {
+        self.answered.is_some() || self.calls.iter().any(|c| c.usable)
+    }
+
+    /// The call that answers: the one the policy kept, else the deepest usable one.
+    fn answer_index(&self) -> Option<usize> {
+        self.answered
+            .or_else(|| self.calls.iter().rposition(|c| c.usable))
+    }
+
+    /// The cheap tiers' answers as steps, cheapest first.
+    fn cheap_steps<'a>(&'a self, query: &'a Query) -> Vec<Step<'a>> {
+        let top = self.costs.len() - 1;
+        self.replies
+            .iter()
+            .zip(&self.calls)
+            .enumerate()
+            .filter(|(_, (_, c))| c.tier < top)
+            .map(|(k, (r, c))| {
+                let below = k
+                    .checked_sub(1)
+                    .map(|b| (self.calls[b].label, self.calls[b].confidence));
+                step(&self.costs, query, r, c, below)
+            })
+            .collect()
+    }
+}
+
+/// A cheap tier's answer as its policy sees it.
+fn step<'a>(
+    costs: &[Micros],
+    query: &'a Query,
+    r: &'a Reply,
+    c: &Call,
+    below: Option<(usize, f32)>,
+) -> Step<'a> {
+    Step {
+        tier: c.tier,
+        top: costs.len() - 1,
+        query,
+        probs: &r.probs,
+        logits: &r.logits,
+        text: r.text.as_deref(),
+        label: c.label,
+        confidence: c.confidence,
+        below,
+        next_cost: next_cost(costs, c.tier),
+        token_energy: mean(r.token_energies.as_deref()),
+    }
+}
+
+/// What going up from tier `i` pays: the next tier's price, relative to the top one's (1 when
+/// the top is free).
+fn next_cost(costs: &[Micros], i: usize) -> f64 {
+    let top = costs.len() - 1;
+    match costs[top] {
+        0 => 1.0,
+        t => costs.get(i + 1).copied().unwrap_or(t) as f64 / t as f64,
     }
 }
 
@@ -170,6 +372,10 @@ impl Cascade {
         Ok(self)
     }
 
+    pub fn tiers(&self) -> usize {
+        self.tiers
+    }
+
     pub fn top(&self) -> usize {
         self.tiers - 1
     }
@@ -186,16 +392,201 @@ impl Cascade {
         self.teaching
     }
 
-    /// Serves one item: from the tier the policy enters at (the cheapest, unless it routes
-    /// before any call) up the tiers until one answers, then the teaching step.
+    /// Starts an item whose tiers are expected to cost `costs` (micro-dollars, one per tier,
+    /// cheapest first): the policy picks the entry tier (the cheapest, unless it routes before
+    /// any call). Errors when `costs` does not have one entry per tier.
+    pub fn begin(&mut self, query: &Query, costs: Vec<Micros>) -> Result<Walk, CoreError> {
+        if costs.len() != self.tiers {
+            return Err(CoreError::config(
+                "tiers",
+                costs.len(),
+                "the cascade was built for another number of tiers",
+            ));
+        }
+        let top = self.top();
+        let mut item = ItemState::default();
+        let t0 = Instant::now();
+        self.policy.begin_item(&mut item);
+        let entry = self.policy.entry(&mut item, query, top).min(top);
+        Ok(Walk {
+            costs,
+            metered: self.metered.clone(),
+            s4l_mode: self.teaching.s4l,
+            at: Some(entry),
+            replies: Vec::with_capacity(self.tiers),
+            calls: Vec::with_capacity(self.tiers),
+            answered: None,
+            last_warm: false,
+            s4l: false,
+            refused: false,
+            failed: 0,
+            decision: t0.elapsed(),
+            item,
+            finished: None,
+        })
+    }
+
+    /// The budget refused the metered call [`Walk::next`] asked for: refused before any tier
+    /// ran (the policy entered above the cheapest), the cheapest answers; else the deepest tier
+    /// that ran does.
+    pub fn refused(&self, walk: &mut Walk) {
+        walk.refused = true;
+        walk.at = match walk.at {
+            Some(i) if walk.calls.is_empty() && i > 0 => Some(0),
+            _ => None,
+        };
+    }
+
+    /// The call [`Walk::next`] asked for could not answer (its upstreams failed): the item goes
+    /// on up (or, when nothing ran yet above the cheapest, to the cheapest); at the top, the
+    /// deepest usable answer below serves ([`Walk::has_answer`] says whether there is one).
+    pub fn failed(&self, walk: &mut Walk) {
+        walk.failed += 1;
+        let top = self.top();
+        walk.at = match walk.at {
+            Some(i) if walk.calls.is_empty() && i > 0 && i == top => Some(0),
+            Some(i) if i < top => Some(i + 1),
+            _ => None,
+        };
+    }
+
+    /// The tier [`Walk::next`] asked for answered with `reply`; `warm`: it is past its warm-up
+    /// (a tier still learning goes up without asking the policy). The policy decides whether
+    /// the item stops here.
+    pub fn answered(&mut self, walk: &mut Walk, query: &Query, mut reply: Reply, warm: bool) {
+        let Some(i) = walk.at else {
+            return;
+        };
+        let top = self.top();
+        let is_top = i == top;
+        if is_top {
+            walk.s4l = reply.hinted;
+            if let (S4l::Hard, true, Some(cheap)) =
+                (self.teaching.s4l, walk.last_warm, walk.replies.last())
+            {
+                walk.s4l = prune_classes(&mut reply.probs, &cheap.probs, self.teaching.s4l_prune);
+            }
+        }
+        let (label, confidence) = reply.judged();
+        let below = walk.calls.last().map(|c| (c.label, c.confidence));
+        let call = Call {
+            tier: i,
+            label,
+            confidence,
+            compute: reply.compute,
+            usage: reply.usage,
+            cost: reply.cost,
+            metered: walk.metered[i],
+            usable: reply.usable,
+        };
+        // After a refusal the cheapest tier answers without asking.
+        let keep = is_top || (walk.refused && walk.calls.is_empty()) || {
+            let t = Instant::now();
+            let keep = warm
+                && reply.usable
+                && !self.policy.defer(
+                    &mut walk.item,
+                    &step(&walk.costs, query, &reply, &call, below),
+                );
+            walk.decision += t.elapsed();
+            walk.last_warm = warm && reply.usable && self.teaching.s4l != S4l::Off;
+            keep
+        };
+        walk.calls.push(call);
+        walk.replies.push(reply);
+        if keep {
+            walk.answered = Some(walk.calls.len() - 1);
+            walk.at = None;
+        } else {
+            walk.at = Some(i + 1);
+        }
+    }
+
+    /// Ends the item: the policy learns how it ended, and — when the top tier answered — L4S's
+    /// lessons for the tiers below are returned (`updates(tier)`: the labels a tier has learned
+    /// from so far, which weighted L4S reads). Errors when no tier answered.
+    pub fn finish(
+        &mut self,
+        walk: &mut Walk,
+        query: &Query,
+        mut updates: impl FnMut(usize) -> u64,
+    ) -> Result<(Served, Vec<Lesson>), CoreError> {
+        let Some(k) = walk.answer_index() else {
+            return Err(CoreError::BudgetExhausted("no tier answered".into()));
+        };
+        walk.at = None;
+        let top = self.top();
+        let (tier, label, confidence) = (
+            walk.calls[k].tier,
+            walk.calls[k].label,
+            walk.calls[k].confidence,
+        );
+        walk.finished = Some(tier);
+        let mut lessons = Vec::new();
+        if tier == top {
+            // L4S: the top tier's label teaches every tier below it.
+            let classes = walk.replies[k].probs.len();
+            for i in 0..top {
+                let weight = self.teaching.l4s_weight(updates(i), confidence, classes);
+                lessons.push(Lesson {
+                    tier: i,
+                    label,
+                    weight,
+                });
+            }
+        }
+        let cheap = walk.cheap_steps(query);
+        let finished = Finished {
+            query,
+            answered: tier,
+            top,
+            top_label: (tier == top).then_some(label),
+            top_text: if tier == top {
+                walk.replies[k].text.as_deref()
+            } else {
+                None
+            },
+            cheap: &cheap,
+        };
+        self.policy.end_item(&walk.item, &finished);
+        let cost = walk.calls.iter().map(|c| c.cost).sum();
+        Ok((
+            Served {
+                tier,
+                label,
+                confidence,
+                calls: walk.calls.clone(),
+                cost,
+                s4l: walk.s4l,
+                refused: walk.refused,
+                failed: walk.failed,
+                decision: walk.decision,
+                explored: walk.item.explored,
+            },
+            lessons,
+        ))
+    }
+
+    /// Serves one item, calling `tiers` in turn: from the tier the policy enters at (the
+    /// cheapest, unless it routes before any call) up the tiers until one answers, then the
+    /// teaching step.
     pub fn serve<T: Tiers + ?Sized>(
         &mut self,
         tiers: &mut T,
         budget: &Budget,
         query: &Query,
     ) -> Result<Served, T::Error> {
-        let n = self.tiers;
-        if tiers.count() != n {
+        self.serve_walk(tiers, budget, query).map(|(s, _)| s)
+    }
+
+    /// [`Cascade::serve`], also returning the item's walk (for [`Cascade::learn_outcomes`]).
+    pub fn serve_walk<T: Tiers + ?Sized>(
+        &mut self,
+        tiers: &mut T,
+        budget: &Budget,
+        query: &Query,
+    ) -> Result<(Served, Walk), T::Error> {
+        if tiers.count() != self.tiers {
             return Err(CoreError::config(
                 "tiers",
                 tiers.count(),
@@ -203,53 +594,28 @@ impl Cascade {
             )
             .into());
         }
-        let top = n - 1;
-        let input = query.routing_text();
-        let costs: Vec<Micros> = (0..n).map(|i| tiers.estimate(i, query)).collect();
-        // What going up from tier i pays: the next tier's price, relative to the top one's.
-        let next_cost = |i: usize| match costs[top] {
-            0 => 1.0,
-            t => costs.get(i + 1).copied().unwrap_or(t) as f64 / t as f64,
-        };
-        self.policy.begin_item();
-        let t0 = Instant::now();
-        let entry = self.policy.entry(query, top).min(top);
-        let mut decision = t0.elapsed();
-        let mut replies: Vec<Reply> = Vec::with_capacity(n);
-        let mut calls: Vec<Call> = Vec::with_capacity(n);
-        let mut answered = None;
-        // The last cheap tier was warm (its answer may inform the top tier: S4L).
-        let mut last_warm = false;
-        let (mut s4l, mut refused) = (false, false);
-        let mut i = entry;
-        while i < n {
-            let is_top = i == top;
-            let reservation = if self.metered[i] {
-                match budget.try_reserve(costs[i]) {
+        let costs: Vec<Micros> = (0..self.tiers).map(|i| tiers.estimate(i, query)).collect();
+        let mut walk = self.begin(query, costs)?;
+        while let Next::Call {
+            tier,
+            metered,
+            estimate,
+            hint,
+            ..
+        } = walk.next()
+        {
+            let reservation = if metered {
+                match budget.try_reserve(estimate) {
                     Some(r) => Some(r),
-                    // Refused before any tier ran (the policy entered above the cheapest):
-                    // the cheapest answers.
-                    None if calls.is_empty() && i > 0 => {
-                        refused = true;
-                        i = 0;
-                        continue;
-                    }
                     None => {
-                        refused = true;
-                        break;
+                        self.refused(&mut walk);
+                        continue;
                     }
                 }
             } else {
                 None
             };
-            let below = calls.last().map(|c: &Call| (c.label, c.confidence));
-            let hint = match (is_top, self.teaching.s4l, below) {
-                (true, S4l::Soft, Some((label, confidence))) if last_warm => {
-                    Some(Hint { label, confidence })
-                }
-                _ => None,
-            };
-            let mut reply = match tiers.answer(i, query, hint) {
+            let reply = match tiers.answer(tier, query, hint) {
                 Ok(r) => r,
                 Err(e) => {
                     if let Some(r) = reservation {
@@ -258,118 +624,52 @@ impl Cascade {
                     return Err(e);
                 }
             };
-            if is_top {
-                s4l = reply.hinted;
-                if let (S4l::Hard, true, Some(cheap)) =
-                    (self.teaching.s4l, last_warm, replies.last())
-                {
-                    s4l = prune_classes(&mut reply.probs, &cheap.probs, self.teaching.s4l_prune);
-                }
-            }
             if let Some(r) = reservation {
                 budget.settle(r, reply.cost);
             }
-            let (label, confidence) = (argmax(&reply.probs), max_prob(&reply.probs));
-            calls.push(Call {
-                tier: i,
-                label,
-                confidence,
-                compute: reply.compute,
-                usage: reply.usage,
-                cost: reply.cost,
-                metered: self.metered[i],
-            });
-            // After a refusal the cheapest tier answers without asking.
-            let keep = is_top || (refused && calls.len() == 1) || {
-                let warm = tiers.warm(i);
-                let t = Instant::now();
-                let keep = warm
-                    && !self.policy.defer(&Step {
-                        tier: i,
-                        top,
-                        query,
-                        probs: &reply.probs,
-                        logits: &reply.logits,
-                        text: reply.text.as_deref(),
-                        label,
-                        confidence,
-                        below,
-                        next_cost: next_cost(i),
-                    });
-                decision += t.elapsed();
-                last_warm = warm && self.teaching.s4l != S4l::Off;
-                keep
-            };
-            replies.push(reply);
-            if keep {
-                answered = Some(calls.len() - 1);
-                break;
-            }
-            i += 1;
+            // The top tier and a tier answering after a refusal are not asked: no warm-up check.
+            let asks = tier != self.top() && !(walk.refused && walk.calls.is_empty());
+            let warm = asks && tiers.warm(tier);
+            self.answered(&mut walk, query, reply, warm);
         }
-        // Refused by the budget: the deepest tier that ran answers.
-        let Some(k) = answered.or(calls.len().checked_sub(1)) else {
-            return Err(CoreError::BudgetExhausted("no tier answered".into()).into());
-        };
-        let (tier, label, confidence) = (calls[k].tier, calls[k].label, calls[k].confidence);
-        if tier == top {
-            // L4S: the top tier's label teaches every tier below it.
-            let classes = replies.last().map_or(0, |r| r.probs.len());
-            for i in 0..top {
-                let w = self
-                    .teaching
-                    .l4s_weight(tiers.updates(i), confidence, classes);
-                tiers.learn(i, input, label, w)?;
+        let (served, lessons) = self.finish(&mut walk, query, |i| tiers.updates(i))?;
+        if served.tier == self.top() {
+            let input = query.routing_text();
+            for l in lessons {
+                tiers.learn(l.tier, input, l.label, l.weight)?;
             }
         } else {
-            for i in 0..top {
+            let input = query.routing_text();
+            for i in 0..self.top() {
                 tiers.forget(i, input);
             }
         }
-        let cheap: Vec<Step> = replies
-            .iter()
-            .zip(&calls)
-            .enumerate()
-            .filter(|(_, (_, c))| c.tier < top)
-            .map(|(k, (r, c))| Step {
-                tier: c.tier,
-                top,
-                query,
-                probs: &r.probs,
-                logits: &r.logits,
-                text: r.text.as_deref(),
-                label: c.label,
-                confidence: c.confidence,
-                below: k
-                    .checked_sub(1)
-                    .map(|b| (calls[b].label, calls[b].confidence)),
-                next_cost: next_cost(c.tier),
-            })
-            .collect();
-        self.policy.end_item(&Finished {
-            answered: tier,
-            top,
-            top_label: (tier == top).then_some(label),
-            cheap: &cheap,
-        });
-        let cost = calls.iter().map(|c| c.cost).sum();
-        Ok(Served {
-            tier,
-            label,
-            confidence,
-            calls,
-            cost,
-            s4l,
-            refused,
-            decision,
-            explored: self.policy.explored(),
-        })
+        Ok((served, walk))
     }
 
     /// Outcomes revealed after an item was served (per tier: the quality of its answer in
-    /// [0, 1], None when not revealed), for the policy to learn from.
-    pub fn learn_outcomes(&mut self, query: &Query, observed: &[Option<f32>]) {
-        self.policy.learn_outcomes(query, observed);
+    /// [0, 1], None when not revealed), for the policy to learn from; `walk` is the item's, as
+    /// [`Cascade::serve_walk`] returned it or a front end finished it.
+    pub fn learn_outcomes(&mut self, walk: &Walk, query: &Query, observed: &[Option<f32>]) {
+        let Some(k) = walk.answer_index() else {
+            return;
+        };
+        let top = self.top();
+        let tier = walk.finished.unwrap_or(walk.calls[k].tier);
+        let cheap = walk.cheap_steps(query);
+        let finished = Finished {
+            query,
+            answered: tier,
+            top,
+            top_label: (tier == top).then_some(walk.calls[k].label),
+            top_text: if tier == top {
+                walk.replies[k].text.as_deref()
+            } else {
+                None
+            },
+            cheap: &cheap,
+        };
+        self.policy.learn_outcomes(&walk.item, &finished, observed);
     }
 }
 
@@ -444,13 +744,9 @@ mod tests {
             let z: f32 = e.iter().sum();
             self.hints.extend(hint);
             Ok(Reply {
-                probs: e.iter().map(|x| x / z).collect(),
-                logits,
-                text: None,
-                usage: Usage::default(),
                 cost: self.prices[tier],
-                compute: Duration::ZERO,
                 hinted: hint.is_some(),
+                ..Reply::classes(e.iter().map(|x| x / z).collect(), logits)
             })
         }
         fn learn(&mut self, tier: usize, _: &str, label: usize, w: f32) -> Result<(), CoreError> {
@@ -474,11 +770,11 @@ mod tests {
         fn name(&self) -> &'static str {
             "fixed"
         }
-        fn defer(&mut self, step: &Step) -> bool {
+        fn defer(&mut self, _: &mut ItemState, step: &Step) -> bool {
             self.asked.push(step.tier);
             !self.keep
         }
-        fn end_item(&mut self, f: &Finished) {
+        fn end_item(&mut self, _: &ItemState, f: &Finished) {
             self.ended.push((f.answered, f.top_label, f.cheap.len()));
         }
     }
@@ -558,10 +854,10 @@ mod tests {
         fn name(&self) -> &'static str {
             "told"
         }
-        fn defer(&mut self, _: &Step) -> bool {
+        fn defer(&mut self, _: &mut ItemState, _: &Step) -> bool {
             true
         }
-        fn end_item(&mut self, f: &Finished) {
+        fn end_item(&mut self, _: &ItemState, f: &Finished) {
             let below: Vec<usize> = f.cheap.iter().map(|s| s.tier).collect();
             if let Ok(mut v) = self.0.lock() {
                 v.push((f.answered, f.top_label, below));
@@ -597,13 +893,11 @@ mod tests {
         fn name(&self) -> &'static str {
             "enter"
         }
-        fn entry(&mut self, _: &Query, _: usize) -> usize {
+        fn entry(&mut self, item: &mut ItemState, _: &Query, _: usize) -> usize {
+            item.explored = self.explore;
             self.at
         }
-        fn defer(&mut self, _: &Step) -> bool {
-            self.explore
-        }
-        fn explored(&self) -> bool {
+        fn defer(&mut self, _: &mut ItemState, _: &Step) -> bool {
             self.explore
         }
     }

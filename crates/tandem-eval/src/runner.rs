@@ -114,17 +114,16 @@ impl Tiers for Replayed {
             .get_mut(tier)
             .ok_or_else(|| EvalError::Invalid(format!("no tier {tier}")))?;
         let a = t.answer(query)?;
+        let text = match a.output {
+            Output::Text { text, .. } => Some(text),
+            Output::Label { .. } => None,
+        };
         Ok(Reply {
-            probs: Vec::new(),
-            logits: Vec::new(),
-            text: match a.output {
-                Output::Text { text, .. } => Some(text),
-                Output::Label { .. } => None,
-            },
+            text,
             usage: a.usage,
             cost: a.cost,
             compute: a.compute,
-            hinted: false,
+            ..Reply::classes(Vec::new(), Vec::new())
         })
     }
 
@@ -250,7 +249,7 @@ pub fn run(
         let q = &row.query;
         let (w_ok, s_ok) = (row.correct[models.weak], row.correct[models.strong]);
 
-        let served = cascade.serve(&mut tiers, &budget, q)?;
+        let (served, walk) = cascade.serve_walk(&mut tiers, &budget, q)?;
         if cfg.time_decisions {
             out.decision_ns.push(served.decision.as_nanos() as u64);
         }
@@ -286,7 +285,7 @@ pub fn run(
                 strong: outcome(s_ok),
             },
         };
-        cascade.learn_outcomes(q, &[observed.weak, observed.strong]);
+        cascade.learn_outcomes(&walk, q, &[observed.weak, observed.strong]);
         if done % 512 == 511 {
             progress(512);
         }

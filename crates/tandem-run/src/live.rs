@@ -324,13 +324,11 @@ impl Tiers for LiveTiers<'_> {
             (m, _) => (m.classifier().predict(input)?, false),
         };
         Ok(Reply {
-            probs: p.probs,
-            logits: p.logits,
-            text: None,
             usage,
             cost,
             compute: p.compute,
             hinted,
+            ..Reply::classes(p.probs, p.logits)
         })
     }
 

@@ -11,8 +11,12 @@ use super::signals::energy;
 use super::Step;
 use crate::error::CoreError;
 
-/// The energy of the tier's logits at temperature `t` (higher: send it up).
+/// The energy of the tier's logits at temperature `t` (higher: send it up); for a generated
+/// answer, its mean token energy (infinite when its tier gave none: unknown cannot vouch).
 pub fn score(step: &Step, t: f32) -> f32 {
+    if step.logits.is_empty() {
+        return step.token_energy.unwrap_or(f32::INFINITY);
+    }
     energy(step.logits, t)
 }
 
@@ -25,6 +29,7 @@ pub fn energy_gate(target: f64, temperature: f32, seed: u64) -> Result<ShareGate
 mod tests {
     use super::super::Deferral;
     use super::*;
+    use crate::policy::ItemState;
 
     fn step<'a>(probs: &'a [f32], logits: &'a [f32]) -> Step<'a> {
         crate::policy::test_step(0, 1, probs, logits, 1, probs[1])
@@ -40,15 +45,21 @@ mod tests {
         let mut g = energy_gate(0.5, 1.0, 1).unwrap();
         let (mut loud_up, mut quiet_up) = (0, 0);
         for k in 0..2000 {
-            g.begin_item();
+            let mut it = ItemState::default();
+            g.begin_item(&mut it);
             let l = if k % 2 == 0 { &loud } else { &quiet };
-            let up = g.defer(&step(&probs, l));
-            g.end_item(&super::super::Finished {
-                answered: if up { 1 } else { 0 },
-                top: 1,
-                top_label: None,
-                cheap: &[],
-            });
+            let up = g.defer(&mut it, &step(&probs, l));
+            g.end_item(
+                &it,
+                &super::super::Finished {
+                    query: &crate::policy::TEST_QUERY,
+                    top_text: None,
+                    answered: if up { 1 } else { 0 },
+                    top: 1,
+                    top_label: None,
+                    cheap: &[],
+                },
+            );
             if k >= 200 {
                 *(if k % 2 == 0 {
                     &mut loud_up

@@ -8,7 +8,7 @@
 //! The scorers learn from revealed outcomes ([`Deferral::learn_outcomes`]), not from the top tier.
 
 use super::gate::{Gate, Route};
-use super::{CascadeScorer, Deferral, Finished, Observation, RouteScorer, Step};
+use super::{CascadeScorer, Deferral, Finished, ItemState, Observation, RouteScorer, Step};
 use crate::answer::{Answer, Output, Usage};
 use crate::query::Query;
 use std::time::Duration;
@@ -22,21 +22,11 @@ pub enum Scorer {
 pub struct Gated {
     scorer: Scorer,
     gate: Gate,
-    /// This item: its score, the route the gate wanted, and the cheapest tier's answer (cascade).
-    score: f32,
-    wanted: Route,
-    weak: Option<Answer>,
 }
 
 impl Gated {
     pub fn new(scorer: Scorer, gate: Gate) -> Self {
-        Gated {
-            scorer,
-            gate,
-            score: 0.0,
-            wanted: Route::Weak,
-            weak: None,
-        }
+        Gated { scorer, gate }
     }
 
     pub fn gate(&self) -> &Gate {
@@ -52,29 +42,26 @@ impl Deferral for Gated {
         }
     }
 
-    fn begin_item(&mut self) {
-        self.wanted = Route::Weak;
-        self.weak = None;
-    }
-
     /// A route scorer decides here, before any call: the top tier for `Strong`.
-    fn entry(&mut self, query: &Query, top: usize) -> usize {
+    fn entry(&mut self, item: &mut ItemState, query: &Query, top: usize) -> usize {
         let Scorer::Route(s) = &mut self.scorer else {
             return 0;
         };
-        self.score = s.score(query);
-        self.wanted = self.gate.choose(self.score).0;
-        if self.wanted == Route::Strong {
+        item.score = s.score(query);
+        let wanted = self.gate.choose(item.score).0;
+        item.wanted = Some(wanted);
+        item.explored = wanted == Route::Both;
+        if wanted == Route::Strong {
             top
         } else {
             0
         }
     }
 
-    fn defer(&mut self, step: &Step) -> bool {
+    fn defer(&mut self, item: &mut ItemState, step: &Step) -> bool {
         match &mut self.scorer {
             // Decided at the entry: the cheapest tier ran, so it answers unless exploring.
-            Scorer::Route(_) => self.wanted == Route::Both,
+            Scorer::Route(_) => item.wanted == Some(Route::Both),
             Scorer::Cascade(s) => {
                 let weak = Answer {
                     tier: String::new(),
@@ -86,31 +73,29 @@ impl Deferral for Gated {
                     cost: 0,
                     compute: Duration::ZERO,
                 };
-                self.score = s.score(step.query, &weak);
-                self.wanted = self.gate.choose(self.score).0;
-                self.weak = Some(weak);
-                self.wanted != Route::Weak
+                item.score = s.score(step.query, &weak);
+                let wanted = self.gate.choose(item.score).0;
+                item.wanted = Some(wanted);
+                item.explored = wanted == Route::Both;
+                item.weak = Some(weak);
+                wanted != Route::Weak
             }
         }
     }
 
     /// The gate counts what happened: the top tier called or not (the budget may have refused).
-    fn end_item(&mut self, f: &Finished) {
-        self.gate.record(self.score, f.answered == f.top);
+    fn end_item(&mut self, item: &ItemState, f: &Finished) {
+        self.gate.record(item.score, f.answered == f.top);
     }
 
-    fn explored(&self) -> bool {
-        self.wanted == Route::Both
-    }
-
-    fn learn_outcomes(&mut self, query: &Query, observed: &[Option<f32>]) {
+    fn learn_outcomes(&mut self, item: &ItemState, f: &Finished, observed: &[Option<f32>]) {
         let o = Observation {
             weak: observed.first().copied().flatten(),
             strong: observed.last().copied().flatten(),
         };
-        match (&mut self.scorer, &self.weak) {
-            (Scorer::Route(s), _) => s.learn(query, &o),
-            (Scorer::Cascade(s), Some(weak)) => s.learn(query, weak, &o),
+        match (&mut self.scorer, &item.weak) {
+            (Scorer::Route(s), _) => s.learn(f.query, &o),
+            (Scorer::Cascade(s), Some(weak)) => s.learn(f.query, weak, &o),
             (Scorer::Cascade(_), None) => {}
         }
     }
@@ -161,13 +146,8 @@ mod tests {
         fn answer(&mut self, tier: usize, _: &Query, _: Option<Hint>) -> Result<Reply, CoreError> {
             self.called.push(tier);
             Ok(Reply {
-                probs: Vec::new(),
-                logits: Vec::new(),
-                text: Some(format!("tier {tier}")),
-                usage: Usage::default(),
                 cost: [1, 100][tier],
-                compute: Duration::ZERO,
-                hinted: false,
+                ..Reply::generated(format!("tier {tier}"), None)
             })
         }
         fn learn(&mut self, _: usize, _: &str, _: usize, _: f32) -> Result<(), CoreError> {

@@ -6,10 +6,10 @@
 //! are the papers': E-LANG's energy ([`super::energy`]) and the DS+ shunt's max probability
 //! ([`super::shunt`]).
 
-use super::{Deferral, Finished, Step};
+use super::{Deferral, Finished, ItemState, Step};
 use crate::calibrate::ShareController;
 use crate::error::CoreError;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -41,11 +41,6 @@ pub struct ShareGates {
     pub rng_pos: u128,
     #[serde(skip, default = "new_rng")]
     rng: ChaCha8Rng,
-    /// This item: one tie-break draw, and the lowest score along its path.
-    #[serde(skip)]
-    draw: Option<f64>,
-    #[serde(skip)]
-    path_min: Option<f32>,
 }
 
 fn new_rng() -> ChaCha8Rng {
@@ -67,8 +62,6 @@ impl ShareGates {
             rng_seed: seed,
             rng_pos: 0,
             rng: ChaCha8Rng::seed_from_u64(seed),
-            draw: None,
-            path_min: None,
         })
     }
 }
@@ -81,21 +74,16 @@ impl Deferral for ShareGates {
         }
     }
 
-    fn begin_item(&mut self) {
-        self.draw = None;
-        self.path_min = None;
-    }
-
-    fn defer(&mut self, step: &Step) -> bool {
+    fn defer(&mut self, item: &mut ItemState, step: &Step) -> bool {
         let score = self.score.score(step, self.temperature);
-        let draw = *self.draw.get_or_insert_with(|| self.rng.gen::<f64>());
+        let draw = item.draw(&mut self.rng);
         let d = self.gate.decide(score, self.gate.target(), draw);
-        self.path_min = Some(self.path_min.map_or(score, |m| m.min(score)));
+        item.record(score);
         d.escalate
     }
 
-    fn end_item(&mut self, f: &Finished) {
-        if let Some(m) = self.path_min {
+    fn end_item(&mut self, item: &ItemState, f: &Finished) {
+        if let Some(m) = item.lowest {
             self.gate.record(m, f.answered == f.top);
         }
     }
@@ -112,8 +100,6 @@ impl Deferral for ShareGates {
             rng_seed: self.rng_seed,
             rng_pos: self.rng.get_word_pos(),
             rng: new_rng(),
-            draw: None,
-            path_min: None,
         };
         serde_json::to_vec(&snapshot).map_err(|e| checkpoint_error(e.to_string()))
     }
@@ -145,6 +131,7 @@ fn checkpoint_error(reason: String) -> CoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::ItemState;
 
     fn step<'a>(tier: usize, probs: &'a [f32], logits: &'a [f32]) -> Step<'a> {
         crate::policy::test_step(tier, 2, probs, logits, 1, probs[1])
@@ -158,9 +145,10 @@ mod tests {
         let (unsure, sure) = ([0.45f32, 0.55], [0.02f32, 0.98]);
         let mut up = 0;
         for _ in 0..2000 {
-            g.begin_item();
-            let first = g.defer(&step(0, &unsure, &[0.0, 0.2]));
-            let second = first && g.defer(&step(1, &sure, &[0.0, 3.9]));
+            let mut it = ItemState::default();
+            g.begin_item(&mut it);
+            let first = g.defer(&mut it, &step(0, &unsure, &[0.0, 0.2]));
+            let second = first && g.defer(&mut it, &step(1, &sure, &[0.0, 3.9]));
             up += u32::from(second);
             let answered = if !first {
                 0
@@ -169,12 +157,17 @@ mod tests {
             } else {
                 2
             };
-            g.end_item(&Finished {
-                answered,
-                top: 2,
-                top_label: None,
-                cheap: &[],
-            });
+            g.end_item(
+                &it,
+                &Finished {
+                    query: &crate::policy::TEST_QUERY,
+                    top_text: None,
+                    answered,
+                    top: 2,
+                    top_label: None,
+                    cheap: &[],
+                },
+            );
         }
         // Half the items must go up, and the sure tier's score is the path minimum of all of
         // them: the gate sends up about half, never none.
@@ -186,15 +179,21 @@ mod tests {
         let mut g = ShareGates::new(GateScore::Energy, 0.3, 1.0, 5).unwrap();
         let probs = [0.3f32, 0.7];
         for k in 0..50 {
-            g.begin_item();
+            let mut it = ItemState::default();
+            g.begin_item(&mut it);
             let logits = [0.0, 0.1 * k as f32];
-            let d = g.defer(&step(0, &probs, &logits));
-            g.end_item(&Finished {
-                answered: if d { 2 } else { 0 },
-                top: 2,
-                top_label: None,
-                cheap: &[],
-            });
+            let d = g.defer(&mut it, &step(0, &probs, &logits));
+            g.end_item(
+                &it,
+                &Finished {
+                    query: &crate::policy::TEST_QUERY,
+                    top_text: None,
+                    answered: if d { 2 } else { 0 },
+                    top: 2,
+                    top_label: None,
+                    cheap: &[],
+                },
+            );
         }
         let saved = g.save().unwrap();
         let mut back = ShareGates::new(GateScore::Energy, 0.3, 1.0, 5).unwrap();
@@ -202,9 +201,10 @@ mod tests {
         let run = |g: &mut ShareGates| {
             (0..100)
                 .map(|k| {
-                    g.begin_item();
+                    let mut it = ItemState::default();
+                    g.begin_item(&mut it);
                     let logits = [0.0, 0.05 * k as f32];
-                    g.defer(&step(0, &probs, &logits))
+                    g.defer(&mut it, &step(0, &probs, &logits))
                 })
                 .collect::<Vec<_>>()
         };

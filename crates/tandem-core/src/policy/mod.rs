@@ -98,14 +98,18 @@ pub struct Step<'a> {
     pub logits: &'a [f32],
     /// A generator's answer text.
     pub text: Option<&'a str>,
-    /// Its answer (the most probable class) and that class's probability (0 and 0 for a
-    /// generated answer).
+    /// Its answer (the most probable class) and that class's probability; for a generated
+    /// answer, label 0 and the geometric mean of its tokens' probabilities (0 when its tier gave
+    /// no log-probabilities: unknown confidence cannot vouch).
     pub label: usize,
     pub confidence: f32,
     /// The tier below: its label and confidence (None for the cheapest tier).
     pub below: Option<(usize, f32)>,
     /// The next tier's price for this item, relative to the top tier's (1 when the top is free).
     pub next_cost: f64,
+    /// A generated answer's mean token energy (E-LANG's generation form), when its tier gave
+    /// per-token logits.
+    pub token_energy: Option<f32>,
 }
 
 impl<'a> Step<'a> {
@@ -123,48 +127,103 @@ impl<'a> Step<'a> {
 /// How an item ended, for the policy to learn from.
 #[derive(Debug, Clone, Copy)]
 pub struct Finished<'a> {
+    /// The item.
+    pub query: &'a Query,
     /// The tier that answered, and the top tier's index.
     pub answered: usize,
     pub top: usize,
     /// The top tier's label when it answered (what the tiers below learn from).
     pub top_label: Option<usize>,
+    /// The top tier's answer text when it answered with one (a generator).
+    pub top_text: Option<&'a str>,
     /// Every cheap tier that ran on the item, warm or not, cheapest first.
     pub cheap: &'a [Step<'a>],
 }
 
+impl Finished<'_> {
+    /// Whether `step`'s answer agreed with the top tier's: the same text (by
+    /// [`response::agreement`], at least one half) for generators, the same label for
+    /// classifiers; None when the top tier did not answer.
+    pub fn agreed(&self, step: &Step) -> Option<bool> {
+        match (self.top_text, step.text) {
+            (Some(top), Some(cheap)) => Some(response::agreement(cheap, top) >= 0.5),
+            _ => self.top_label.map(|l| l == step.label),
+        }
+    }
+}
+
+/// What a policy remembers about one item while it walks up the tiers. The engine keeps it
+/// (in its [`crate::engine::Walk`]), not the policy, so that one policy decides for many items
+/// at once — the gateway's concurrent requests — without one item's draw or path reaching
+/// another's.
+#[derive(Debug, Clone, Default)]
+pub struct ItemState {
+    /// The item's one tie-break draw in [0, 1) for a share controller, drawn at its first
+    /// decision and used at every tier.
+    pub draw: Option<f64>,
+    /// The lowest score along the item's path: what a share controller records.
+    pub lowest: Option<f32>,
+    /// Some cheap tier was asked to decide (not every one was warming up).
+    pub decided: bool,
+    /// The item goes to the top tier whatever the cheap tiers say (random deferral's draw).
+    pub send_up: bool,
+    /// The policy explored: it called a tier above the one it would have picked.
+    pub explored: bool,
+    /// A score-then-gate policy's score for the item and the route its gate wanted.
+    pub score: f32,
+    pub wanted: Option<gate::Route>,
+    /// The cheapest tier's answer as a cascade scorer saw it (to learn from its outcome).
+    pub weak: Option<Answer>,
+}
+
+impl ItemState {
+    /// The item's tie-break draw: drawn from `rng` the first time, the same after.
+    pub fn draw(&mut self, rng: &mut impl rand::Rng) -> f64 {
+        *self.draw.get_or_insert_with(|| rng.gen::<f64>())
+    }
+
+    /// Adds `score` to the path's lowest score.
+    pub fn record(&mut self, score: f32) {
+        self.lowest = Some(self.lowest.map_or(score, |m| m.min(score)));
+    }
+}
+
 /// A cascade's deferral policy: at each cheap tier past its warm-up, answer here or go up. The
-/// engine calls [`Deferral::begin_item`] once per item, [`Deferral::decide`] for each warm cheap
+/// engine calls [`Deferral::begin_item`] once per item, [`Deferral::defer`] for each warm cheap
 /// tier in price order until one keeps the item, and [`Deferral::end_item`] once the item is
-/// answered. Tiers still warming up go up without asking the policy; the hard budget is the
-/// engine's and is checked at every metered step up, so nothing a policy says can pass it.
+/// answered, each with the item's own [`ItemState`]. Tiers still warming up (or whose answer
+/// cannot serve) go up without asking the policy; the hard budget is the engine's and is checked
+/// at every metered step up, so nothing a policy says can pass it.
 pub trait Deferral: Send {
     /// The policy's name, as configured.
     fn name(&self) -> &'static str;
 
-    /// A new item: cheap tiers not yet asked.
-    fn begin_item(&mut self) {}
+    /// A new item: cheap tiers not yet asked. Draws made here are made once per item, in the
+    /// order items begin.
+    fn begin_item(&mut self, _item: &mut ItemState) {}
 
     /// Route-before: the tier to call first, chosen before any call (default: the cheapest).
     /// Tiers below it are skipped; if the budget refuses it, the cheapest tier answers.
-    fn entry(&mut self, _query: &Query, _top: usize) -> usize {
+    fn entry(&mut self, _item: &mut ItemState, _query: &Query, _top: usize) -> usize {
         0
     }
 
     /// Should `step.tier` (a cheap tier past its warm-up) go up (true) or answer (false)?
-    fn defer(&mut self, step: &Step) -> bool;
+    fn defer(&mut self, item: &mut ItemState, step: &Step) -> bool;
 
     /// The item is answered.
-    fn end_item(&mut self, _finished: &Finished) {}
-
-    /// The last item was an exploration: a tier above the one the policy would pick was called
-    /// too, so that its outcome is learned.
-    fn explored(&self) -> bool {
-        false
-    }
+    fn end_item(&mut self, _item: &ItemState, _finished: &Finished) {}
 
     /// Outcomes revealed after the item (per tier, the quality of its answer in [0, 1]; None
-    /// when not revealed): feedback, for policies that learn from it rather than from the top.
-    fn learn_outcomes(&mut self, _query: &Query, _observed: &[Option<f32>]) {}
+    /// when not revealed): feedback, for policies that learn from it as well as (or rather
+    /// than) from the top tier.
+    fn learn_outcomes(
+        &mut self,
+        _item: &ItemState,
+        _finished: &Finished,
+        _observed: &[Option<f32>],
+    ) {
+    }
 
     /// The file name its learned state is checkpointed under, if it has any.
     fn state_file(&self) -> Option<&'static str> {
@@ -214,5 +273,6 @@ pub(crate) fn test_step<'a>(
         confidence,
         below: None,
         next_cost: 1.0,
+        token_energy: None,
     }
 }

@@ -34,7 +34,7 @@
 //! `ShareController`).
 
 use super::signals::Signals;
-use super::{Deferral, Finished, Step};
+use super::{Deferral, Finished, ItemState, Step};
 use crate::calibrate::ShareController;
 use crate::error::CoreError;
 use crate::features::{ns, FeatureVec, Featurizer, TextFeatures};
@@ -107,9 +107,6 @@ pub struct OclDeferral {
     mu: f64,
     share: Option<ShareController>,
     rng: ChaCha8Rng,
-    /// This item: the tie-break draw and the lowest estimate/cost along its path.
-    draw: Option<f64>,
-    path_min: Option<f32>,
 }
 
 impl OclDeferral {
@@ -153,8 +150,6 @@ impl OclDeferral {
             mu: cfg.mu,
             share,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
-            draw: None,
-            path_min: None,
         })
     }
 
@@ -225,24 +220,25 @@ impl OclDeferral {
         })
     }
 
-    /// Starts an item (one tie-break draw, a fresh path minimum).
-    pub fn begin_item(&mut self) {
-        self.draw = None;
-        self.path_min = None;
-    }
-
     /// Defer from tier `tier`? `next_cost` is c_i, the price of the next tier relative to the top
     /// one. Deferring pays μ·c_i plus the next tier's expected cost-to-go (0 for the top tier), so
     /// a tier defers when its estimated loss exceeds that: a cheap tier below a free one keeps
     /// only what it would get right about as often as the tiers above it.
-    pub fn decide(&mut self, tier: usize, c: &Context, next_cost: f64) -> DeferDecision {
+    /// `item` holds the item's tie-break draw and the lowest estimate/cost along its path.
+    pub fn decide(
+        &mut self,
+        item: &mut ItemState,
+        tier: usize,
+        c: &Context,
+        next_cost: f64,
+    ) -> DeferDecision {
         let p = self.p_disagree(tier, c);
         let next = self.to_go.get(tier + 1).copied().unwrap_or(0.0);
         let score = ((f64::from(p) - next) / next_cost.max(1e-6)) as f32;
-        self.path_min = Some(self.path_min.map_or(score, |m| m.min(score)));
+        item.record(score);
         let defer = match (&self.share, self.cfg.target_top_share) {
             (Some(share), Some(target)) => {
-                let draw = *self.draw.get_or_insert_with(|| self.rng.gen::<f64>());
+                let draw = item.draw(&mut self.rng);
                 let d = share.decide(score, target, draw);
                 if d.threshold.is_finite() {
                     self.mu = f64::from(d.threshold);
@@ -298,12 +294,10 @@ impl OclDeferral {
 
     /// Ends an item that some cheap tier decided on: whether it reached the top tier. The share
     /// controller learns the path's lowest estimate/cost.
-    pub fn end_item(&mut self, reached_top: bool) {
-        if let (Some(share), Some(m)) = (self.share.as_mut(), self.path_min) {
+    pub fn end_item(&mut self, item: &ItemState, reached_top: bool) {
+        if let (Some(share), Some(m)) = (self.share.as_mut(), item.lowest) {
             share.record(m, reached_top);
         }
-        self.path_min = None;
-        self.draw = None;
     }
 }
 
@@ -314,8 +308,6 @@ pub struct Ocl {
     deferral: OclDeferral,
     /// Temperature of the energy signal.
     temperature: f32,
-    /// Some cheap tier decided on this item (not every one was still warming up).
-    decided: bool,
 }
 
 impl Ocl {
@@ -327,7 +319,6 @@ impl Ocl {
         Ok(Ocl {
             deferral: OclDeferral::new(cheap_tiers, cfg)?,
             temperature,
-            decided: false,
         })
     }
 
@@ -337,7 +328,7 @@ impl Ocl {
 
     fn context<'a>(&self, step: &Step<'a>) -> Context<'a> {
         Context {
-            signals: Signals::of(step.probs, step.logits, self.temperature),
+            signals: Signals::of_step(step, self.temperature),
             text: step.input(),
             below: step.agrees_below(),
         }
@@ -349,28 +340,37 @@ impl Deferral for Ocl {
         "ocl"
     }
 
-    fn begin_item(&mut self) {
-        self.deferral.begin_item();
-        self.decided = false;
-    }
-
-    fn defer(&mut self, step: &Step) -> bool {
-        self.decided = true;
+    fn defer(&mut self, item: &mut ItemState, step: &Step) -> bool {
+        item.decided = true;
         let ctx = self.context(step);
-        self.deferral.decide(step.tier, &ctx, step.next_cost).defer
+        let d = self.deferral.decide(item, step.tier, &ctx, step.next_cost);
+        item.explored |= d.explored;
+        d.defer
     }
 
-    fn end_item(&mut self, f: &Finished) {
-        if let Some(top) = f.top_label {
-            for step in f.cheap {
+    fn end_item(&mut self, item: &ItemState, f: &Finished) {
+        for step in f.cheap {
+            if let Some(agreed) = f.agreed(step) {
                 let ctx = self.context(step);
-                self.deferral.learn(step.tier, &ctx, step.label == top);
+                self.deferral.learn(step.tier, &ctx, agreed);
             }
         }
         // The share is steered only where a cheap tier could have answered: during warm-up
         // everything goes to the top tier whatever μ is.
-        if self.decided {
-            self.deferral.end_item(f.answered == f.top);
+        if item.decided {
+            self.deferral.end_item(item, f.answered == f.top);
+        }
+    }
+
+    /// Feedback on a cheap tier's answer (its quality ≥ 0.5: right) teaches that tier's
+    /// deferral model as the top tier's agreement does; the top tier's own outcome teaches
+    /// nothing here (its answer is the reference the cheap tiers imitate).
+    fn learn_outcomes(&mut self, _item: &ItemState, f: &Finished, observed: &[Option<f32>]) {
+        for step in f.cheap {
+            if let Some(Some(q)) = observed.get(step.tier) {
+                let ctx = self.context(step);
+                self.deferral.learn(step.tier, &ctx, *q >= 0.5);
+            }
         }
     }
 
@@ -521,6 +521,7 @@ impl OclDeferral {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::ItemState;
 
     fn sig(max_prob: f32) -> Signals {
         Signals::of(
@@ -566,8 +567,14 @@ mod tests {
             let p = 0.5 + 0.5 * ((k * 37) % 100) as f32 / 100.0;
             o.learn(0, &ctx(p, "x"), p >= 0.8);
         }
-        assert!(!o.decide(0, &ctx(0.95, "x"), 1.0).defer);
-        assert!(o.decide(0, &ctx(0.6, "x"), 1.0).defer);
+        assert!(
+            !o.decide(&mut ItemState::default(), 0, &ctx(0.95, "x"), 1.0)
+                .defer
+        );
+        assert!(
+            o.decide(&mut ItemState::default(), 0, &ctx(0.6, "x"), 1.0)
+                .defer
+        );
     }
 
     #[test]
@@ -586,10 +593,22 @@ mod tests {
             cheap.learn(0, &ctx(0.6, "x"), k % 5 >= 2);
             dear.learn(0, &ctx(0.6, "x"), k % 5 >= 2);
         }
-        assert!(cheap.decide(0, &ctx(0.6, "x"), 1.0).defer);
-        assert!(!dear.decide(0, &ctx(0.6, "x"), 1.0).defer);
+        assert!(
+            cheap
+                .decide(&mut ItemState::default(), 0, &ctx(0.6, "x"), 1.0)
+                .defer
+        );
+        assert!(
+            !dear
+                .decide(&mut ItemState::default(), 0, &ctx(0.6, "x"), 1.0)
+                .defer
+        );
         // A dearer next tier (c = 3) makes keeping the answer the better choice.
-        assert!(!cheap.decide(0, &ctx(0.6, "x"), 3.0).defer);
+        assert!(
+            !cheap
+                .decide(&mut ItemState::default(), 0, &ctx(0.6, "x"), 3.0)
+                .defer
+        );
     }
 
     #[test]
@@ -677,13 +696,25 @@ mod tests {
         let mut o = OclDeferral::new(2, DeferralConfig { mu: 0.3, ..quiet() }).unwrap();
         // The upper tier answers items it is 90% sure of: its cost-to-go settles near 0.1.
         for _ in 0..2000 {
-            assert!(!o.decide(1, &ctx(0.9, "x"), 1.0).defer);
+            assert!(
+                !o.decide(&mut ItemState::default(), 1, &ctx(0.9, "x"), 1.0)
+                    .defer
+            );
         }
         // Charged a whole top-tier call (c = 1) for deferring, the lower tier would keep both;
         // with the tier above free (c = 0), it keeps only what it is surer of than 90%.
-        assert!(!o.decide(0, &ctx(0.8, "x"), 1.0).defer);
-        assert!(o.decide(0, &ctx(0.8, "x"), 0.0).defer);
-        assert!(!o.decide(0, &ctx(0.95, "x"), 0.0).defer);
+        assert!(
+            !o.decide(&mut ItemState::default(), 0, &ctx(0.8, "x"), 1.0)
+                .defer
+        );
+        assert!(
+            o.decide(&mut ItemState::default(), 0, &ctx(0.8, "x"), 0.0)
+                .defer
+        );
+        assert!(
+            !o.decide(&mut ItemState::default(), 0, &ctx(0.95, "x"), 0.0)
+                .defer
+        );
     }
 
     #[test]
@@ -701,9 +732,9 @@ mod tests {
         for k in 0..5000 {
             let p: f32 = 0.5 + 0.5 * rng.gen::<f32>();
             let c = ctx(p, "x");
-            o.begin_item();
-            let d = o.decide(0, &c, 1.0);
-            o.end_item(d.defer);
+            let mut it = ItemState::default();
+            let d = o.decide(&mut it, 0, &c, 1.0);
+            o.end_item(&it, d.defer);
             if d.defer {
                 up += 1;
                 o.learn(0, &c, p > 0.75);
@@ -724,14 +755,17 @@ mod tests {
         };
         let mut o = OclDeferral::new(2, cfg).unwrap();
         o.learn(1, &ctx(0.7, "x"), false);
-        o.begin_item();
-        let d = o.decide(0, &ctx(0.7, "x"), 1.0);
-        o.end_item(d.defer);
+        let mut it = ItemState::default();
+        let d = o.decide(&mut it, 0, &ctx(0.7, "x"), 1.0);
+        o.end_item(&it, d.defer);
         let mut buf = Vec::new();
         o.save(&mut buf).unwrap();
         let explore = |o: &mut OclDeferral| {
             (0..50)
-                .map(|_| o.decide(0, &ctx(0.99, "x"), 1.0).explored)
+                .map(|_| {
+                    o.decide(&mut ItemState::default(), 0, &ctx(0.99, "x"), 1.0)
+                        .explored
+                })
                 .collect::<Vec<_>>()
         };
         let mut back = OclDeferral::new(2, cfg).unwrap();
@@ -770,18 +804,24 @@ mod tests {
         };
         let before = p(&mut o);
         for _ in 0..500 {
-            o.begin_item();
+            let mut it = ItemState::default();
+            o.begin_item(&mut it);
             // The top tier said 0 where the cheap tier said 1.
-            o.end_item(&Finished {
-                answered: 1,
-                top: 1,
-                top_label: Some(0),
-                cheap: &[unsure],
-            });
+            o.end_item(
+                &it,
+                &Finished {
+                    query: &crate::policy::TEST_QUERY,
+                    top_text: None,
+                    answered: 1,
+                    top: 1,
+                    top_label: Some(0),
+                    cheap: &[unsure],
+                },
+            );
         }
         let after = p(&mut o);
         assert!(after > before + 0.3, "{before} -> {after}");
-        assert!(o.defer(&unsure));
+        assert!(o.defer(&mut ItemState::default(), &unsure));
         let saved = o.save().unwrap();
         let mut back = Ocl::new(1, quiet(), 1.0).unwrap();
         back.restore(Some(&saved), 500).unwrap();
@@ -804,7 +844,10 @@ mod tests {
             o.learn(0, &ctx(0.99, "x"), true);
         }
         let explored = (0..2000)
-            .filter(|_| o.decide(0, &ctx(0.99, "x"), 1.0).explored)
+            .filter(|_| {
+                o.decide(&mut ItemState::default(), 0, &ctx(0.99, "x"), 1.0)
+                    .explored
+            })
             .count();
         // 0.5 / sqrt(1 + 200/50) ≈ 0.22
         assert!((300..600).contains(&explored), "{explored}");

@@ -2,7 +2,7 @@
 //! it): a fixed share of the items, drawn at random, goes to the top tier; the most capable cheap
 //! tier answers the rest.
 
-use super::{Deferral, Step};
+use super::{Deferral, ItemState, Step};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -10,8 +10,6 @@ pub struct RandomDeferral {
     share: f64,
     seed: u64,
     rng: ChaCha8Rng,
-    /// This item's draw: it goes to the top tier.
-    send_up: bool,
 }
 
 impl RandomDeferral {
@@ -20,7 +18,6 @@ impl RandomDeferral {
             share,
             seed,
             rng: ChaCha8Rng::seed_from_u64(seed),
-            send_up: false,
         }
     }
 }
@@ -31,14 +28,14 @@ impl Deferral for RandomDeferral {
     }
 
     /// One draw per item, whether or not a cheap tier is warm.
-    fn begin_item(&mut self) {
+    fn begin_item(&mut self, item: &mut ItemState) {
         let draw: f64 = self.rng.gen();
-        self.send_up = draw < self.share;
+        item.send_up = draw < self.share;
     }
 
     /// Only the last cheap tier answers, and only the items not drawn for the top tier.
-    fn defer(&mut self, step: &Step) -> bool {
-        self.send_up || step.tier + 1 != step.top
+    fn defer(&mut self, item: &mut ItemState, step: &Step) -> bool {
+        item.send_up || step.tier + 1 != step.top
     }
 
     /// The draws continue where the checkpoint left them: one per item done.
@@ -58,6 +55,7 @@ impl Deferral for RandomDeferral {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::ItemState;
 
     fn step(tier: usize) -> Step<'static> {
         crate::policy::test_step(tier, 2, &[], &[], 0, 1.0)
@@ -68,12 +66,13 @@ mod tests {
         let mut r = RandomDeferral::new(0.3, 7);
         let mut up = 0;
         for _ in 0..10_000 {
-            r.begin_item();
+            let mut it = ItemState::default();
+            r.begin_item(&mut it);
             assert!(
-                r.defer(&step(0)),
+                r.defer(&mut it, &step(0)),
                 "the first of two cheap tiers never answers"
             );
-            up += u32::from(r.defer(&step(1)));
+            up += u32::from(r.defer(&mut it, &step(1)));
         }
         assert!((f64::from(up) / 10_000.0 - 0.3).abs() < 0.02, "{up}");
     }
@@ -83,8 +82,9 @@ mod tests {
         let draws = |r: &mut RandomDeferral, n: usize| {
             (0..n)
                 .map(|_| {
-                    r.begin_item();
-                    r.defer(&step(1))
+                    let mut it = ItemState::default();
+                    r.begin_item(&mut it);
+                    r.defer(&mut it, &step(1))
                 })
                 .collect::<Vec<_>>()
         };

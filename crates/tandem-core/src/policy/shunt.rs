@@ -7,7 +7,7 @@
 //! directions, S4L and L4S, are the engine's teaching step ([`super::teaching`]).
 
 use super::held::{GateScore, ShareGates};
-use super::{Deferral, Step};
+use super::{Deferral, ItemState, Step};
 use crate::error::CoreError;
 
 /// The shunt's score for a held gate: 1 − max probability (higher: send it up).
@@ -34,7 +34,7 @@ impl Deferral for ConfidenceShunt {
         "confidence"
     }
 
-    fn defer(&mut self, step: &Step) -> bool {
+    fn defer(&mut self, _item: &mut ItemState, step: &Step) -> bool {
         let keep = self
             .thresholds
             .get(step.tier)
@@ -52,6 +52,7 @@ pub fn max_prob_gate(target: f64, seed: u64) -> Result<ShareGates, CoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::ItemState;
 
     fn step(tier: usize, confidence: f32) -> Step<'static> {
         crate::policy::test_step(tier, 2, &[], &[], 0, confidence)
@@ -60,13 +61,13 @@ mod tests {
     #[test]
     fn answers_at_its_threshold_per_tier() {
         let mut s = ConfidenceShunt::new(vec![0.9, f32::INFINITY]);
-        assert!(!s.defer(&step(0, 0.9)));
-        assert!(s.defer(&step(0, 0.89)));
+        assert!(!s.defer(&mut ItemState::default(), &step(0, 0.9)));
+        assert!(s.defer(&mut ItemState::default(), &step(0, 0.89)));
         // A tier set to INFINITY never answers; one without a threshold neither.
-        assert!(s.defer(&step(1, 1.0)));
-        assert!(s.defer(&step(5, 1.0)));
+        assert!(s.defer(&mut ItemState::default(), &step(1, 1.0)));
+        assert!(s.defer(&mut ItemState::default(), &step(5, 1.0)));
         let mut always = ConfidenceShunt::new(vec![0.0]);
-        assert!(!always.defer(&step(0, 0.0)));
+        assert!(!always.defer(&mut ItemState::default(), &step(0, 0.0)));
     }
 
     #[test]

@@ -43,6 +43,22 @@ pub struct Signals {
 }
 
 impl Signals {
+    /// A cheap tier's signals: from its class distribution, or — for a generated answer, which
+    /// has none — from its confidence (the geometric mean of its tokens' probabilities) and
+    /// mean token energy (0 when its tier gave none).
+    pub fn of_step(step: &super::Step, temperature: f32) -> Signals {
+        if !step.probs.is_empty() {
+            return Signals::of(step.probs, step.logits, temperature);
+        }
+        let c = step.confidence.clamp(0.0, 1.0);
+        Signals {
+            max_prob: c,
+            margin: c,
+            entropy: 1.0 - c,
+            energy: step.token_energy.unwrap_or(0.0),
+        }
+    }
+
     pub fn of(probs: &[f32], logits: &[f32], temperature: f32) -> Signals {
         let mut top = [0.0f32, 0.0];
         for &p in probs {
