@@ -214,10 +214,14 @@ pub struct Walk {
     s4l: bool,
     refused: bool,
     failed: u32,
+    /// The tiers whose calls failed on this item (bit i: tier i), each tried once.
+    failed_tiers: u64,
     decision: Duration,
     item: ItemState,
     /// The tier that answered, once finished.
     finished: Option<usize>,
+    /// The policy may learn from how the item ends (the top tier's answer).
+    learning: bool,
 }
 
 impl Walk {
@@ -255,6 +259,18 @@ impl Walk {
     /// The policy's memory of the item.
     pub fn item(&self) -> &ItemState {
         &self.item
+    }
+
+    /// Whether the policy learns from the top tier's answer when the item ends (a client that
+    /// asked not to be learned from; an answer streamed past the decision). The share it
+    /// holds counts the item either way.
+    pub fn set_learning(&mut self, learning: bool) {
+        self.learning = learning;
+    }
+
+    /// The tier that answered, once [`Cascade::finish`]ed.
+    pub fn finished(&self) -> Option<usize> {
+        self.finished
     }
 
     /// Some tier's answer can serve the item (if nothing more runs, the deepest one does).
@@ -420,9 +436,11 @@ impl Cascade {
             s4l: false,
             refused: false,
             failed: 0,
+            failed_tiers: 0,
             decision: t0.elapsed(),
             item,
             finished: None,
+            learning: true,
         })
     }
 
@@ -443,11 +461,15 @@ impl Cascade {
     pub fn failed(&self, walk: &mut Walk) {
         walk.failed += 1;
         let top = self.top();
-        walk.at = match walk.at {
-            Some(i) if walk.calls.is_empty() && i > 0 && i == top => Some(0),
-            Some(i) if i < top => Some(i + 1),
-            _ => None,
+        let Some(i) = walk.at else {
+            return;
         };
+        walk.failed_tiers |= 1 << i.min(63);
+        let untried = |t: &usize| walk.failed_tiers & (1 << (*t).min(63)) == 0;
+        walk.at = (i + 1..=top).find(untried).or_else(|| {
+            // Nothing answered yet (the policy entered above the cheapest): the cheapest, once.
+            (walk.calls.is_empty() && untried(&0)).then_some(0)
+        });
     }
 
     /// The tier [`Walk::next`] asked for answered with `reply`; `warm`: it is past its warm-up
@@ -498,7 +520,9 @@ impl Cascade {
             walk.answered = Some(walk.calls.len() - 1);
             walk.at = None;
         } else {
-            walk.at = Some(i + 1);
+            // Up to the next tier not already failed on this item (none: the deepest usable
+            // answer stands).
+            walk.at = (i + 1..=top).find(|&t| walk.failed_tiers & (1 << t.min(63)) == 0);
         }
     }
 
@@ -536,12 +560,13 @@ impl Cascade {
             }
         }
         let cheap = walk.cheap_steps(query);
+        let teaches = tier == top && walk.learning;
         let finished = Finished {
             query,
             answered: tier,
             top,
-            top_label: (tier == top).then_some(label),
-            top_text: if tier == top {
+            top_label: teaches.then_some(label),
+            top_text: if teaches {
                 walk.replies[k].text.as_deref()
             } else {
                 None
@@ -980,6 +1005,58 @@ mod tests {
         c.serve(&mut t, &Budget::unlimited(), &q()).unwrap();
         // The top is split 50/50: its label teaches nothing.
         assert_eq!(t.learned, [(0, 0, 0.0)]);
+    }
+
+    /// Drives a walk by hand: `fails[t]` says tier t's call fails. Returns the tiers called, in
+    /// order, and the tier that answered (None: no answer).
+    fn drive(c: &mut Cascade, fails: &[bool]) -> (Vec<usize>, Option<usize>) {
+        let mut t = three();
+        let q = q();
+        let mut walk = c.begin(&q, vec![0, 10, 100]).unwrap();
+        let mut called = Vec::new();
+        while let Next::Call { tier, .. } = walk.next() {
+            called.push(tier);
+            assert!(called.len() <= 6, "the walk loops: {called:?}");
+            if fails[tier] {
+                c.failed(&mut walk);
+            } else {
+                let r = t.answer(tier, &q, None).unwrap();
+                c.answered(&mut walk, &q, r, true);
+            }
+        }
+        let answered = walk
+            .has_answer()
+            .then(|| c.finish(&mut walk, &q, |_| 0).unwrap().0.tier);
+        (called, answered)
+    }
+
+    #[test]
+    fn failed_tiers_are_passed_over_once_and_the_walk_ends() {
+        let defer = || Cascade::new(3, Box::<Fixed>::default(), Teaching::default()).unwrap();
+        let top_first = || {
+            Cascade::new(
+                3,
+                Box::new(Enter {
+                    at: 2,
+                    explore: false,
+                }),
+                Teaching::default(),
+            )
+            .unwrap()
+        };
+        for (mut c, fails, called, answered) in [
+            // Every tier down: each is tried once, and nothing answers.
+            (defer(), [true, true, true], vec![0, 1, 2], None),
+            (top_first(), [true, true, true], vec![2, 0, 1], None),
+            // The top down: the deepest answer below stands.
+            (defer(), [false, false, true], vec![0, 1, 2], Some(1)),
+            // The middle down: the item goes on to the top.
+            (defer(), [false, true, false], vec![0, 1, 2], Some(2)),
+            // Route-before's top down: the cheapest answers, and going up skips the top.
+            (top_first(), [false, false, true], vec![2, 0], Some(0)),
+        ] {
+            assert_eq!(drive(&mut c, &fails), (called, answered), "{fails:?}");
+        }
     }
 
     #[test]

@@ -445,6 +445,23 @@ pub enum CascadeGate {
     Energy,
     /// The learned cascade scorer (prompt and answer n-grams, answer signals, log-probs).
     Learned,
+    /// OCL's learned deferral (one model per cheap tier imitating the top tier, with its
+    /// cost-to-go; `tandem_core::policy::ocl`): runs on the cascade engine.
+    Ocl,
+    /// Random deferral at `target_share`, the baseline: runs on the cascade engine.
+    Random,
+}
+
+impl CascadeGate {
+    pub fn name(self) -> &'static str {
+        match self {
+            CascadeGate::Logprob => "logprob",
+            CascadeGate::Energy => "energy",
+            CascadeGate::Learned => "learned",
+            CascadeGate::Ocl => "ocl",
+            CascadeGate::Random => "random",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -471,6 +488,11 @@ pub struct RouteConfig {
     pub small: Option<toml::Value>,
     /// The large model: a name or a group, as `small`.
     pub large: Option<toml::Value>,
+    /// `cascade`: its tiers, cheapest first (2 to 8), each a name or a group as `small`; instead
+    /// of `small` and `large` (which are the two-tier form). Each tier's answer is judged by
+    /// the route's gate (`logprob`, `energy`, `ocl` or `random`) and every step up reserves its
+    /// price against the route's budget first.
+    pub tiers: Option<Vec<toml::Value>>,
     /// Share of requests sent to the large model, held online (route_before, cascade).
     pub target_share: Option<f64>,
     /// `cascade` with a fixed threshold instead of a share: escalate when the score exceeds it.
@@ -502,6 +524,39 @@ pub struct RouteConfig {
     pub switching: Option<tandem_core::londi::SwitchConfig>,
 }
 
+/// The most tiers a cascade route may have.
+pub const MAX_TIERS: usize = 8;
+
+/// What an engine cascade's gate needs: `logprob` a share or a threshold, `energy`, `random` a
+/// share, `ocl` either (a share held online, or μ fixed at its default), `learned` is for two
+/// models only. Errors name the field.
+fn check_engine_gate(r: &RouteConfig) -> Result<(), (&'static str, String, String)> {
+    match r.gate {
+        CascadeGate::Learned => Err((
+            "gate",
+            "learned".into(),
+            "scores two models; a cascade of tiers uses logprob, energy, ocl or random".into(),
+        )),
+        CascadeGate::Energy | CascadeGate::Random if r.target_share.is_none() => Err((
+            "target_share",
+            "(missing)".into(),
+            format!(
+                "gate = \"{}\" on tiers holds a share of top-tier calls",
+                r.gate.name()
+            ),
+        )),
+        CascadeGate::Ocl | CascadeGate::Random if r.threshold.is_some() => Err((
+            "threshold",
+            "(set)".into(),
+            format!(
+                "gate = \"{}\" takes no threshold; set target_share to hold a share",
+                r.gate.name()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn default_gate() -> CascadeGate {
     CascadeGate::Logprob
 }
@@ -529,6 +584,9 @@ pub struct Route {
     pub small: Option<Group>,
     /// The large model's group (a fixed route's upstream).
     pub large: Option<Group>,
+    /// A cascade run by the engine (`tiers`, or a gate only the engine has): every tier's
+    /// group, cheapest first (`small` is the first, `large` the last). Empty otherwise.
+    pub tiers: Vec<Group>,
     pub limits: BudgetLimits,
 }
 
@@ -731,7 +789,34 @@ impl ServerConfig {
             if r.name.is_empty() || !route_names.insert(r.name.clone()) {
                 return Err(bad(at("name"), &r.name, "must be non-empty and unique"));
             }
+            let mut tiers = Vec::new();
             let (small, large) = match r.kind {
+                RouteKind::Cascade if r.tiers.is_some() => {
+                    if r.small.is_some() || r.large.is_some() || r.upstream.is_some() {
+                        return Err(bad(
+                            at("tiers"),
+                            &"(set)",
+                            "names every tier of the cascade; remove small, large and upstream",
+                        ));
+                    }
+                    let specs = r.tiers.as_deref().unwrap_or_default();
+                    if !(2..=MAX_TIERS).contains(&specs.len()) {
+                        return Err(bad(
+                            at("tiers"),
+                            &specs.len(),
+                            &format!("a cascade has 2 to {MAX_TIERS} tiers"),
+                        ));
+                    }
+                    for (k, spec) in specs.iter().enumerate() {
+                        let g = group_of(spec, &at(&format!("tiers[{k}]")), &upstreams)
+                            .map_err(|(f, v, why)| bad(f, &v, &why))?;
+                        tiers.push(g);
+                    }
+                    (tiers.first().cloned(), tiers.last().cloned())
+                }
+                _ if r.tiers.is_some() => {
+                    return Err(bad(at("tiers"), &"(set)", "applies to cascade routes"));
+                }
                 RouteKind::Fixed => {
                     if r.upstream.is_none() {
                         return Err(bad(
@@ -779,7 +864,10 @@ impl ServerConfig {
                         "a route_before route holds a target share of large calls",
                     ));
                 }
-                RouteKind::Cascade if r.target_share.is_some() == r.threshold.is_some() => {
+                RouteKind::Cascade
+                    if !matches!(r.gate, CascadeGate::Ocl | CascadeGate::Random)
+                        && r.target_share.is_some() == r.threshold.is_some() =>
+                {
                     return Err(bad(
                         at("threshold"),
                         &format!(
@@ -833,12 +921,26 @@ impl ServerConfig {
             if !r.explore.is_finite() {
                 return Err(bad(at("explore"), &r.explore, "must be between 0 and 1"));
             }
+            if r.kind == RouteKind::Cascade {
+                if tiers.is_empty() && matches!(r.gate, CascadeGate::Ocl | CascadeGate::Random) {
+                    // The two-tier form of an engine cascade.
+                    tiers = small.iter().chain(large.iter()).cloned().collect();
+                }
+                if !tiers.is_empty() {
+                    check_engine_gate(&r).map_err(|(f, v, why)| bad(at(f), &v, &why))?;
+                }
+            }
             // A gate that reads the small model's token log-probabilities needs an upstream that
-            // gives them; asking one that does not fails every request.
+            // gives them; asking one that does not fails every request. On an engine cascade every
+            // tier below the top is read.
+            let cheap: Vec<&Group> = match tiers.split_last() {
+                Some((_, below)) => below.iter().collect(),
+                None => small.iter().collect(),
+            };
             if r.kind == RouteKind::Cascade
                 && matches!(r.gate, CascadeGate::Logprob | CascadeGate::Energy)
             {
-                for u in small
+                for u in cheap
                     .iter()
                     .flat_map(|g| &g.members)
                     .filter_map(|&i| upstreams.get(i))
@@ -882,6 +984,7 @@ impl ServerConfig {
                 },
                 small,
                 large,
+                tiers,
                 cfg: r,
             });
         }

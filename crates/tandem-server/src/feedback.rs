@@ -25,6 +25,8 @@ pub struct Pending {
     pub served_text: String,
     /// Whether the learned model may learn from this response (not when the client said no_learn).
     pub learn: bool,
+    /// An engine cascade's walk: which tiers answered what, for feedback to teach its policy.
+    pub walk: Option<Box<tandem_core::engine::Walk>>,
 }
 
 pub struct FeedbackLog {
@@ -60,6 +62,32 @@ impl FeedbackLog {
 }
 
 /// The served answer's quality in [0, 1] from the feedback, and the observation it makes.
+/// An engine cascade's outcomes per tier, from feedback on its response: the served tier's as
+/// `o` says, and — when a reference answer is given — every tier that answered, graded against
+/// it. None where nothing was revealed.
+pub fn tier_outcomes(
+    fb: &Feedback,
+    o: &Observation,
+    walk: &tandem_core::engine::Walk,
+    tiers: usize,
+) -> Vec<Option<f32>> {
+    let mut out = vec![None; tiers];
+    if let Some(r) = &fb.reference {
+        for (reply, call) in walk.replies().iter().zip(walk.calls()) {
+            if let (Some(t), Some(slot)) = (&reply.text, out.get_mut(call.tier)) {
+                *slot = Some(agreement(t, r));
+            }
+        }
+    }
+    if let Some(k) = walk.finished() {
+        let served = if k + 1 == tiers { o.strong } else { o.weak };
+        if let (Some(y), Some(slot)) = (served, out.get_mut(k)) {
+            *slot = Some(y);
+        }
+    }
+    out
+}
+
 pub fn observation(fb: &Feedback, p: &Pending) -> Result<Observation, GatewayError> {
     let given = [
         fb.score.is_some(),
@@ -113,6 +141,7 @@ mod tests {
             served,
             served_text: "The answer is 4".into(),
             learn: true,
+            walk: None,
         }
     }
 

@@ -216,6 +216,12 @@ pub struct TandemInfo {
     /// Upstream calls made for this request.
     #[serde(default)]
     pub tried: u32,
+    /// A cascade of tiers: the tier that answered (0 = the cheapest) and how many tiers were
+    /// called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier_index: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiers_called: Option<usize>,
 }
 
 /// Feedback on a response, as `POST /v1/feedback` takes it.

@@ -47,6 +47,16 @@ struct Header {
     /// copy): a missing journal is refused rather than the spend reset to this older copy.
     #[serde(default)]
     spend_journal: bool,
+    /// An engine cascade's deferral policy: its name and the length of its saved state, which
+    /// follows the learner's weights (absent in files written before engine cascades).
+    #[serde(default)]
+    policy: Option<PolicyHeader>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PolicyHeader {
+    name: String,
+    bytes: u64,
 }
 
 /// A route's state as loaded.
@@ -102,8 +112,24 @@ pub fn save(dir: &Path, route: &RouteState, learned: &Learned) -> Result<(), Gat
         },
         switch: route.switch().map(|c| c.snapshot()),
         spend_journal: route.budget.journal().is_some(),
+        policy: None,
     };
-    let buf = encode(&header, learned).map_err(|e| io_err(&path, "cannot encode", e))?;
+    let mut header = header;
+    let policy = match route.engine() {
+        Some(e) if e.policy().state_file().is_some() => {
+            let bytes = e
+                .policy()
+                .save()
+                .map_err(|err| io_err(&path, "cannot encode the cascade policy", err))?;
+            header.policy = Some(PolicyHeader {
+                name: e.policy().name().to_string(),
+                bytes: bytes.len() as u64,
+            });
+            bytes
+        }
+        _ => Vec::new(),
+    };
+    let buf = encode(&header, learned, &policy).map_err(|e| io_err(&path, "cannot encode", e))?;
     let tmp = path.with_extension("state.tmp");
     let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, "cannot create", e))?;
     f.write_all(&buf)
@@ -119,7 +145,7 @@ pub fn save(dir: &Path, route: &RouteState, learned: &Learned) -> Result<(), Gat
 }
 
 /// A version 2 file's bytes.
-fn encode(header: &Header, learned: &Learned) -> Result<Vec<u8>, String> {
+fn encode(header: &Header, learned: &Learned, policy: &[u8]) -> Result<Vec<u8>, String> {
     let json = serde_json::to_vec(header).map_err(|e| e.to_string())?;
     let mut weights = Vec::new();
     match learned {
@@ -128,6 +154,7 @@ fn encode(header: &Header, learned: &Learned) -> Result<Vec<u8>, String> {
         Learned::Cascade(c) => c.save(&mut weights),
     }
     .map_err(|e| e.to_string())?;
+    weights.extend_from_slice(policy);
     let json_len = u32::try_from(json.len()).map_err(|_| "header over 4 GiB".to_string())?;
     let mut buf = Vec::with_capacity(PREFIX + json.len() + weights.len());
     buf.extend_from_slice(MAGIC);
@@ -246,6 +273,39 @@ pub fn load(dir: &Path, route: &RouteState, now: u64) -> Result<Option<Restored>
             fresh.name()
         )));
     }
+    // The engine policy's state is the end of the weights.
+    let policy_bytes = match (&header.policy, route.engine()) {
+        (None, _) => None,
+        (Some(p), Some(e)) => {
+            if p.name != e.policy().name() {
+                return Err(bad(&format!(
+                    "it holds a `{}` cascade policy but route `{}` now runs `{}` (its gate changed)",
+                    p.name,
+                    route.name(),
+                    e.policy().name()
+                )));
+            }
+            let n = usize::try_from(p.bytes)
+                .ok()
+                .filter(|&n| n <= rest.len())
+                .ok_or_else(|| {
+                    bad(&format!(
+                        "its cascade policy claims {} bytes, more than the file holds",
+                        p.bytes
+                    ))
+                })?;
+            let (w, pol) = rest.split_at(rest.len() - n);
+            rest = w;
+            Some(pol)
+        }
+        (Some(p), None) => {
+            return Err(bad(&format!(
+                "it holds a `{}` cascade policy but route `{}` is no longer a cascade of tiers",
+                p.name,
+                route.name()
+            )))
+        }
+    };
     let learned = match fresh {
         Learned::Nothing => Learned::Nothing,
         Learned::Router(_) => Learned::Router(Box::new(
@@ -275,6 +335,11 @@ pub fn load(dir: &Path, route: &RouteState, now: u64) -> Result<Option<Restored>
             ..snap
         })
         .map_err(|e| bad(&e.to_string()))?;
+    }
+    if let (Some(bytes), Some(mut e)) = (policy_bytes, route.engine()) {
+        e.policy_mut()
+            .restore(Some(bytes), 0)
+            .map_err(|err| bad(&format!("its cascade policy does not load: {err}")))?;
     }
     route.gate().restore_share_controller(header.gate);
     route

@@ -8,11 +8,17 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use tandem_core::engine::Cascade;
 use tandem_core::features::Scratch;
 use tandem_core::londi::{SwitchConfig, SwitchController};
 use tandem_core::policy::cascade::{CascadeConfig, ResponseCascade};
 use tandem_core::policy::gate::{Gate, GateConfig};
+use tandem_core::policy::ocl::{DeferralConfig, Ocl};
+use tandem_core::policy::random::RandomDeferral;
 use tandem_core::policy::router::{GainRouter, RouterConfig};
+use tandem_core::policy::shunt::{self, ConfidenceShunt};
+use tandem_core::policy::teaching::{S4l, Teaching};
+use tandem_core::policy::{energy, Deferral};
 use tandem_core::{Answer, Query};
 
 /// Feature size of the server's learners: 2^18 weights per class keeps a snapshot copy cheap.
@@ -57,6 +63,48 @@ impl Learned {
             Learned::Cascade(c) => c.scratch().ok(),
         }
     }
+}
+
+/// A cascade route's engine: its tiers, the deferral policy its gate names (the core's, one file
+/// each: DS+'s shunt held to a share or at a fixed threshold for `logprob`, E-LANG's energy,
+/// OCL, random), S4L when asked, and every step up metered by the route's budget.
+pub fn engine_cascade(r: &RouteCfg) -> Result<Cascade, tandem_core::CoreError> {
+    let c = &r.cfg;
+    let n = r.tiers.len();
+    let share = || {
+        c.target_share.ok_or_else(|| {
+            tandem_core::CoreError::config("target_share", "(missing)", "the gate holds a share")
+        })
+    };
+    let policy: Box<dyn Deferral> = match c.gate {
+        CascadeGate::Logprob => match (c.target_share, c.threshold) {
+            (Some(t), _) => Box::new(shunt::max_prob_gate(t, c.seed)?),
+            // The two-model gate escalates when −mean log-probability exceeds the threshold: the
+            // same as a confidence (geometric mean token probability) below exp(−threshold).
+            (None, Some(th)) => Box::new(ConfidenceShunt::new(vec![(-th).exp(); n - 1])),
+            (None, None) => Box::new(shunt::max_prob_gate(share()?, c.seed)?),
+        },
+        CascadeGate::Energy => Box::new(energy::energy_gate(share()?, 1.0, c.seed)?),
+        CascadeGate::Random => Box::new(RandomDeferral::new(share()?, c.seed)),
+        CascadeGate::Ocl | CascadeGate::Learned => Box::new(Ocl::new(
+            n - 1,
+            DeferralConfig {
+                target_top_share: c.target_share,
+                explore: c.explore,
+                text_features: true,
+                seed: c.seed,
+                ..DeferralConfig::default()
+            },
+            1.0,
+        )?),
+    };
+    let teaching = Teaching {
+        s4l: if c.s4l { S4l::Soft } else { S4l::Off },
+        ..Teaching::default()
+    };
+    let mut metered = vec![true; n];
+    metered[0] = false;
+    Cascade::new(n, policy, teaching)?.with_metered(metered)
 }
 
 /// A switching route's controller settings; its seed is the route's.
@@ -126,6 +174,10 @@ pub struct RouteState {
     /// Why the route's state file was refused at start, if it was: the route then serves with
     /// its large model's budget closed and its file left as it is, until an operator acts.
     refused_state: std::sync::OnceLock<String>,
+    /// A cascade of tiers: the core's engine with the route's deferral policy. Each decision
+    /// takes the lock for microseconds, never across an upstream call (an item's own state
+    /// is in its [`tandem_core::engine::Walk`]).
+    pub engine: Option<Mutex<Cascade>>,
 }
 
 impl RouteState {
@@ -151,7 +203,13 @@ impl RouteState {
             )),
             _ => None,
         };
+        let engine = if cfg.tiers.len() >= 2 {
+            Some(Mutex::new(engine_cascade(&cfg).map_err(internal)?))
+        } else {
+            None
+        };
         Ok(RouteState {
+            engine,
             switch,
             index,
             model: ArcSwap::from_pointee(Learned::for_route(&cfg)?),
@@ -183,6 +241,14 @@ impl RouteState {
     pub fn switch(&self) -> Option<MutexGuard<'_, SwitchController>> {
         // Like the gate: a poisoned lock still holds a usable controller.
         self.switch
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The route's cascade engine, if it runs one.
+    pub fn engine(&self) -> Option<MutexGuard<'_, Cascade>> {
+        // A policy is only mutated by whole decisions; a poisoned lock still holds a usable one.
+        self.engine
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }

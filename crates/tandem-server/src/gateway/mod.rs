@@ -415,6 +415,14 @@ impl Gateway {
         };
         let call = Call::new(req.body.clone());
         let mut run = Run::new(self, route);
+        // A cascade of tiers runs on the core's engine, call by call.
+        if route.engine.is_some() && kind == RouteKind::Cascade && force.is_none() {
+            let done = match run.tiers(&ctx, &call, req.stream).await? {
+                Ok(s) => return Ok(Reply::Stream(StreamReply::new(self.clone(), ctx, s))),
+                Err(done) => done,
+            };
+            return self.whole_reply(&ctx, done);
+        }
         let plan = match (kind, force) {
             (RouteKind::Fixed, _) | (_, Some(Force::Large)) => run.plan_large(&call)?,
             (_, Some(Force::Small)) => run.plan_small(&call)?,
@@ -445,9 +453,13 @@ impl Gateway {
         } else {
             run.whole(&ctx, &call, plan).await?
         };
+        self.whole_reply(&ctx, done)
+    }
+
+    fn whole_reply(&self, ctx: &Ctx, done: Done) -> Result<Reply, GatewayError> {
         let upstream = done.small.as_ref().map_or(Duration::ZERO, |s| s.elapsed)
             + done.large.as_ref().map_or(Duration::ZERO, |l| l.elapsed);
-        let (body, info) = self.record(&ctx, done)?;
+        let (body, info) = self.record(ctx, done)?;
         Ok(Reply::Whole {
             body,
             info,
@@ -482,9 +494,10 @@ impl Gateway {
             metrics::counter!("tandem_budget_capped_total", "route" => rc.name.clone())
                 .increment(1);
         }
-        let role = match done.served {
-            Served::Small => "small",
-            Served::Large => "large",
+        let role = match (done.tiers, done.served) {
+            (Some(t), _) => t.role(),
+            (None, Served::Small) => "small",
+            (None, Served::Large) => "large",
         };
         metrics::counter!("tandem_requests_total", "route" => rc.name.clone(), "served" => role)
             .increment(1);
@@ -501,6 +514,7 @@ impl Gateway {
             served: done.served,
             served_text: answer.text(),
             learn: ctx.learn,
+            walk: done.walk,
         };
         match &self.replicas {
             Some(r) => r.keep(ctx.id.clone(), pending, &rc.name, &self.feedback),
@@ -520,6 +534,8 @@ impl Gateway {
             capped: done.capped,
             usage_estimated: answer.usage_estimated,
             tried: done.tried,
+            tier_index: done.tiers.map(|t| t.answered),
+            tiers_called: done.tiers.map(|t| t.called),
         };
         let (estimated, usage) = (answer.usage_estimated, answer.usage);
         // The served answer's body is moved out, not copied: `done` ends here.
@@ -615,7 +631,13 @@ impl Gateway {
                 Counters::bump(&route.counters.feedback);
                 metrics::counter!("tandem_feedback_total", "route" => route.name().to_string())
                     .increment(1);
-                if p.learn {
+                if let (true, Some(walk), Some(mut engine)) = (p.learn, &p.walk, route.engine()) {
+                    // An engine cascade's policy learns each revealed tier's outcome.
+                    let n = engine.tiers();
+                    let observed = crate::feedback::tier_outcomes(fb, &o, walk, n);
+                    engine.learn_outcomes(walk, &p.query, &observed);
+                    Counters::bump(&route.counters.learned);
+                } else if p.learn {
                     self.learn(
                         p.route,
                         LearnEvent {

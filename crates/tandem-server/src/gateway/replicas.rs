@@ -193,6 +193,7 @@ impl Replicas {
             served: w.served,
             served_text: w.served_text,
             learn: w.learn,
+            walk: None,
         }))
     }
 

@@ -7,6 +7,10 @@
 //! the budget; a large group that fails falls back to a usable small draft. One reservation, the
 //! most any upstream of the large group could cost, covers all of a request's large attempts.
 
+mod tiers;
+
+pub(crate) use tiers::TierOutcome;
+
 use super::judge::{judge, Verdict};
 use super::{mean, to_answer, with_hint, Ctx, Gateway};
 use crate::budget::Held;
@@ -49,6 +53,9 @@ pub(super) struct Done {
     pub cost: Micros,
     /// Upstream calls made.
     pub tried: u32,
+    /// An engine cascade: where it ended, and its walk (for feedback to teach the policy).
+    pub tiers: Option<TierOutcome>,
+    pub walk: Option<Box<tandem_core::engine::Walk>>,
 }
 
 /// A request whose served answer is still streaming.
@@ -67,13 +74,16 @@ pub(super) struct Streaming {
     pub call: Call,
     /// The upstream streaming (its index).
     pub by: usize,
+    /// An engine cascade: where it ended.
+    pub tiers: Option<TierOutcome>,
 }
 
-/// Which of a route's models.
+/// Which of a route's models: the two-model roles, or a tier of an engine cascade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Role {
     Small,
     Large,
+    Tier(usize),
 }
 
 impl Role {
@@ -81,8 +91,25 @@ impl Role {
         match self {
             Role::Small => "small",
             Role::Large => "large",
+            Role::Tier(i) => tier_name(i),
         }
     }
+
+    /// Its calls are paid through the route's budget (and may be billed without an answer).
+    fn metered(self) -> bool {
+        match self {
+            Role::Small | Role::Tier(0) => false,
+            Role::Large | Role::Tier(_) => true,
+        }
+    }
+}
+
+/// A tier's name in metrics and logs.
+pub(crate) fn tier_name(i: usize) -> &'static str {
+    const NAMES: [&str; crate::config::MAX_TIERS] = [
+        "tier0", "tier1", "tier2", "tier3", "tier4", "tier5", "tier6", "tier7",
+    ];
+    NAMES.get(i).copied().unwrap_or("tier")
 }
 
 pub(super) struct Run<'a> {
@@ -145,6 +172,7 @@ impl<'a> Run<'a> {
         match role {
             Role::Small => self.route.cfg.small.as_ref(),
             Role::Large => self.route.cfg.large.as_ref(),
+            Role::Tier(i) => self.route.cfg.tiers.get(i),
         }
         .ok_or_else(|| GatewayError::Internal(format!("route without its {} model", role.name())))
     }
@@ -192,7 +220,7 @@ impl<'a> Run<'a> {
             match self.by_deadline(attempt(up)).await {
                 Some(Ok(t)) => return (Ok(on_ok(t, ticket, up)), tried),
                 Some(Err(e)) => {
-                    if role == Role::Large && may_have_billed(&e) {
+                    if role.metered() && may_have_billed(&e) {
                         self.large_uncertain
                             .store(true, std::sync::atomic::Ordering::SeqCst);
                     }
@@ -201,7 +229,7 @@ impl<'a> Run<'a> {
                     }
                 }
                 None => {
-                    if role == Role::Large {
+                    if role.metered() {
                         self.large_uncertain
                             .store(true, std::sync::atomic::Ordering::SeqCst);
                     }
@@ -436,7 +464,7 @@ impl<'a> Run<'a> {
                     c.with("logprobs", Some(json!(true)))
                         .with("top_logprobs", Some(json!(k)))
                 }
-                CascadeGate::Learned => c,
+                CascadeGate::Learned | CascadeGate::Ocl | CascadeGate::Random => c,
             }
         };
         let (s, n) = self.complete_on(Role::Small, &small_call).await;
@@ -469,6 +497,8 @@ impl<'a> Run<'a> {
             // Unknown confidence escalates: an upstream without log-probabilities cannot vouch.
             CascadeGate::Logprob => mean(s.token_logprobs.as_ref()).map_or(f32::INFINITY, |m| -m),
             CascadeGate::Energy => mean(s.token_energies.as_ref()).unwrap_or(f32::INFINITY),
+            // Engine gates never come here: their routes run on the engine (`tiers`).
+            CascadeGate::Ocl | CascadeGate::Random => 0.0,
             CascadeGate::Learned => {
                 let model = self.route.model.load();
                 match (&**model, model.scratch()) {
@@ -634,6 +664,8 @@ impl<'a> Run<'a> {
             capped: p.capped,
             cost: self.cost,
             tried: self.tried,
+            tiers: None,
+            walk: None,
         }
     }
 
@@ -827,6 +859,7 @@ impl<'a> Run<'a> {
             tried: self.tried,
             call,
             by,
+            tiers: None,
         }
     }
 

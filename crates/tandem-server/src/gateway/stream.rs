@@ -19,6 +19,8 @@ use std::time::Instant;
 use tandem_core::Usage;
 
 /// One step of a stream for the HTTP layer.
+// The end comes once per stream and is moved straight out: boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
     /// SSE bytes to send on.
     Data(String),
@@ -59,6 +61,7 @@ struct Finisher {
     call: Call,
     /// The upstream streaming.
     by: usize,
+    tiers: Option<super::run::TierOutcome>,
     started: Instant,
 }
 
@@ -145,9 +148,10 @@ impl StreamReply {
         let head = TandemInfo {
             route: route.name().to_string(),
             tier,
-            role: match s.served {
-                Served::Large => "large",
-                Served::Small => "small",
+            role: match (s.tiers, s.served) {
+                (Some(t), _) => t.role(),
+                (None, Served::Large) => "large",
+                (None, Served::Small) => "small",
             }
             .into(),
             escalated: s.draft.is_some() && s.served == Served::Large,
@@ -156,6 +160,8 @@ impl StreamReply {
             capped: s.capped,
             usage_estimated: false,
             tried: s.tried,
+            tier_index: s.tiers.map(|t| t.answered),
+            tiers_called: s.tiers.map(|t| t.called),
         };
         StreamReply {
             id: ctx.id.clone(),
@@ -179,6 +185,7 @@ impl StreamReply {
                 tried: s.tried,
                 call: s.call,
                 by: s.by,
+                tiers: s.tiers,
                 started: Instant::now(),
             }),
         }
@@ -337,7 +344,7 @@ impl Finisher {
             elapsed: self.started.elapsed(),
             by: self.by,
         };
-        if let (Served::Large, Some(d)) = (self.served, &self.draft) {
+        if let (Served::Large, Some(d), None) = (self.served, &self.draft, self.tiers) {
             super::run::Run::new(gw, route).teach(&self.ctx, d, &answer, true);
         }
         let (small, large) = match self.served {
@@ -352,6 +359,8 @@ impl Finisher {
             capped: self.capped,
             cost: self.cost + cost,
             tried: self.tried,
+            tiers: self.tiers,
+            walk: None,
         };
         let (client, info) = gw.record(&self.ctx, done)?;
         Ok((info, client.get("usage").cloned().unwrap_or(Value::Null)))

@@ -136,6 +136,8 @@ fn cors_layer(c: &CorsConfig) -> CorsLayer {
         "x-tandem-cost-usd",
         "x-tandem-score",
         "x-tandem-capped",
+        "x-tandem-tier-index",
+        "x-tandem-tiers-called",
         "retry-after",
         "x-should-retry",
     ]
@@ -309,6 +311,12 @@ fn set_headers(h: &mut HeaderMap, t: &TandemInfo, with_cost: bool) {
         put("x-tandem-score", format!("{s:.4}"));
     }
     put("x-tandem-capped", t.capped.to_string());
+    if let Some(i) = t.tier_index {
+        put("x-tandem-tier-index", i.to_string());
+    }
+    if let Some(n) = t.tiers_called {
+        put("x-tandem-tiers-called", n.to_string());
+    }
 }
 
 fn sse_response(body: Body) -> Response {

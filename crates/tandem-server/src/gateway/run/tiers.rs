@@ -1,0 +1,338 @@
+//! A cascade of tiers (`tiers = [...]`, or a gate only the engine has) carried out on the core's
+//! engine: the engine says which tier to call next and whether its answer stands; this file
+//! makes the calls. Each step up into a metered tier (every tier above the cheapest) first
+//! reserves the most its group could cost against the route's budget (made durable, or taken in
+//! Redis, before the call); a refusal leaves the deepest usable answer standing, or — on a route
+//! that refuses — answers 429. A tier whose upstreams all fail is passed over: the item goes on
+//! up, and at the top the deepest usable answer below serves. An answer that cannot serve (empty,
+//! a refusal, an invalid tool call) goes up whatever the policy says. The answer that ends the
+//! walk streams when the client asked and nothing is left to judge.
+
+use super::{Done, Role, Run, Streaming};
+use crate::config::CascadeGate;
+use crate::error::GatewayError;
+use crate::feedback::Served;
+use crate::gateway::judge::{judge, Verdict};
+use crate::gateway::{unix_now, with_hint, Ctx};
+use crate::upstream::{Call, Completion, Upstream, GATE_TOP_LOGPROBS};
+use serde_json::{json, Value};
+use tandem_core::engine::{Next, Reply};
+use tandem_core::Micros;
+
+/// Where an engine cascade ended: the tier that answered, how many tiers were called, and how
+/// many there are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TierOutcome {
+    pub answered: usize,
+    pub called: usize,
+    pub count: usize,
+}
+
+impl TierOutcome {
+    /// The served tier's role: `small` (the cheapest), `large` (the top) or `mid`.
+    pub fn role(&self) -> &'static str {
+        match self.answered {
+            0 => "small",
+            k if k + 1 == self.count => "large",
+            _ => "mid",
+        }
+    }
+}
+
+impl<'a> Run<'a> {
+    fn engine_error(e: tandem_core::CoreError) -> GatewayError {
+        GatewayError::Internal(format!("cascade engine: {e}"))
+    }
+
+    /// The most any upstream of tier `tier`'s group could cost for this call.
+    fn tier_estimate(&self, tier: usize, call: &Call) -> Micros {
+        self.route
+            .cfg
+            .tiers
+            .get(tier)
+            .map(|g| {
+                g.members
+                    .iter()
+                    .filter_map(|&i| self.gw.upstreams.get(i))
+                    .map(|up| up.estimate(&self.call_for(up, call)))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    }
+
+    /// The call to tier `tier`'s upstream `up`: with log-probabilities when the gate reads them
+    /// and the answer will be judged, and with the tier below's draft (S4L) when the engine
+    /// hints.
+    fn tier_call(
+        &self,
+        up: &Upstream,
+        call: &Call,
+        ctx: &Ctx,
+        judged: bool,
+        draft: Option<&str>,
+    ) -> Call {
+        let mut c = self.call_for(up, call);
+        let reads = matches!(
+            self.route.cfg.cfg.gate,
+            CascadeGate::Logprob | CascadeGate::Energy | CascadeGate::Ocl
+        );
+        if judged && reads && up.cfg.gives_logprobs() {
+            let k = ctx.asked_logprobs.unwrap_or(0).max(GATE_TOP_LOGPROBS);
+            c = c
+                .with("logprobs", Some(json!(true)))
+                .with("top_logprobs", Some(json!(k)));
+        }
+        if let Some(d) = draft {
+            let messages = call
+                .get("messages")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            c = c.with("messages", Some(Value::Array(with_hint(&messages, d))));
+        }
+        c
+    }
+
+    /// Reserves `estimate` for a metered tier, durably. None: the budget refused it.
+    async fn reserve_tier(
+        &self,
+        estimate: Micros,
+    ) -> Result<Option<crate::budget::Held>, GatewayError> {
+        self.asked
+            .store(estimate, std::sync::atomic::Ordering::Relaxed);
+        let Some(held) = self.route.budget.try_reserve(estimate, unix_now()) else {
+            return Ok(None);
+        };
+        match held.durable().await {
+            Ok(()) => Ok(Some(held)),
+            Err(e) if e.is_budget_refusal() => {
+                metrics::counter!("tandem_shared_budget_refusals_total", "route" => self.route.name().to_string(), "why" => e.code().unwrap_or("budget").to_string())
+                    .increment(1);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Serves the request on the route's cascade of tiers. Streams the answer that ends the walk
+    /// when `stream` (and it need not be judged); else returns every answer whole.
+    pub async fn tiers(
+        &mut self,
+        ctx: &Ctx,
+        call: &Call,
+        stream: bool,
+    ) -> Result<Result<Streaming, Done>, GatewayError> {
+        let n = self.route.cfg.tiers.len();
+        let costs: Vec<Micros> = (0..n).map(|i| self.tier_estimate(i, call)).collect();
+        let mut walk = self
+            .engine()?
+            .begin(&ctx.query, costs)
+            .map_err(Self::engine_error)?;
+        if !ctx.learn {
+            walk.set_learning(false);
+        }
+        let mut answers: Vec<Option<Completion>> = (0..n).map(|_| None).collect();
+        let mut last_err: Option<GatewayError> = None;
+        let mut capped = false;
+        let mut called = 0usize;
+        while let Next::Call {
+            tier,
+            metered,
+            estimate,
+            hint,
+            last,
+        } = walk.next()
+        {
+            let held = if metered {
+                match self.reserve_tier(estimate).await? {
+                    Some(h) => Some(h),
+                    None => {
+                        capped = true;
+                        if self.refuses() {
+                            return Err(self.exhausted());
+                        }
+                        metrics::counter!("tandem_budget_refusals_total", "route" => self.route.name().to_string(), "tier" => super::tier_name(tier))
+                            .increment(1);
+                        self.engine()?.refused(&mut walk);
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            called += 1;
+            // S4L: the deepest usable draft below goes into the top tier's prompt.
+            let draft = hint
+                .and_then(|_| answers[..tier].iter().rev().flatten().next())
+                .map(Completion::text);
+            let role = Role::Tier(tier);
+            let make = |up: &Upstream| self.tier_call(up, call, ctx, !last, draft.as_deref());
+            self.large_uncertain
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            if last && stream {
+                let (r, k) = self.stream_on(role, &make).await;
+                self.tried += k;
+                if let Some(h) = &held {
+                    self.mark(h);
+                }
+                match r {
+                    Ok(started) => {
+                        // The streamed answer's text comes after the decision: it teaches the
+                        // policy nothing, but the walk ends here (the share counts it).
+                        walk.set_learning(false);
+                        let mut e = self.engine()?;
+                        e.answered(
+                            &mut walk,
+                            &ctx.query,
+                            Reply::generated(String::new(), None),
+                            true,
+                        );
+                        let (served, _) = e
+                            .finish(&mut walk, &ctx.query, |_| 0)
+                            .map_err(Self::engine_error)?;
+                        drop(e);
+                        let outcome = TierOutcome {
+                            answered: served.tier,
+                            called,
+                            count: n,
+                        };
+                        let draft = answers[..tier].iter_mut().rev().find_map(Option::take);
+                        let info = super::PlanInfo {
+                            score: None,
+                            capped,
+                        };
+                        let role_served = if tier + 1 == n {
+                            Served::Large
+                        } else {
+                            Served::Small
+                        };
+                        let mut s = self.streaming(started, held, role_served, draft, &info);
+                        s.tiers = Some(outcome);
+                        return Ok(Ok(s));
+                    }
+                    Err(e) if e.is_upstream() => {
+                        if let Some(h) = held {
+                            h.release();
+                        }
+                        self.engine()?.failed(&mut walk);
+                        last_err = Some(e);
+                        continue;
+                    }
+                    Err(e) => {
+                        if let Some(h) = held {
+                            h.release();
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            let (r, k) = self.complete_on(role, &make).await;
+            self.tried += k;
+            if let Some(h) = &held {
+                self.mark(h);
+            }
+            match r {
+                Ok(c) => {
+                    let cost = self.cost_of(&c);
+                    if let Some(h) = held {
+                        h.settle(cost);
+                    }
+                    self.cost += cost;
+                    let usable = judge(&c.draft, &ctx.tools, ctx.tool_choice.as_deref());
+                    if usable != Verdict::Valid {
+                        metrics::counter!("tandem_draft_rejected_total", "route" => self.route.name().to_string(), "why" => usable.name())
+                            .increment(1);
+                    }
+                    let reply = Reply {
+                        token_energies: c.token_energies.clone(),
+                        usable: usable == Verdict::Valid,
+                        usage: tandem_core::Usage {
+                            input_tokens: c.usage.input_tokens,
+                            output_tokens: c.usage.output_tokens,
+                        },
+                        cost,
+                        compute: c.elapsed,
+                        hinted: draft.is_some(),
+                        ..Reply::generated(c.text(), c.token_logprobs.clone())
+                    };
+                    self.engine()?.answered(&mut walk, &ctx.query, reply, true);
+                    answers[tier] = Some(c);
+                }
+                Err(e) if e.is_upstream() || matches!(e, GatewayError::DeadlineExceeded { .. }) => {
+                    if let Some(h) = held {
+                        h.release();
+                    }
+                    let deadline = matches!(e, GatewayError::DeadlineExceeded { .. });
+                    tracing::warn!(
+                        route = self.route.name(),
+                        tier,
+                        error_type = e.kind(),
+                        error_code = e.code(),
+                        "a tier could not answer; the cascade goes on without it"
+                    );
+                    last_err = Some(e);
+                    if deadline {
+                        // Past the deadline nothing more is called: the deepest usable answer
+                        // stands, if there is one.
+                        if !walk.has_answer() {
+                            return Err(self.past_deadline());
+                        }
+                        break;
+                    }
+                    self.engine()?.failed(&mut walk);
+                }
+                Err(e) => {
+                    if let Some(h) = held {
+                        h.release();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if !walk.has_answer() {
+            return Err(last_err.unwrap_or_else(|| self.exhausted()));
+        }
+        let (served, _) = self
+            .engine()?
+            .finish(&mut walk, &ctx.query, |_| 0)
+            .map_err(Self::engine_error)?;
+        let top = n - 1;
+        let answered = served.tier;
+        if answered == top && served.calls.len() > 1 {
+            metrics::counter!("tandem_escalations_total", "route" => self.route.name().to_string())
+                .increment(1);
+        }
+        let large = if answered == top {
+            answers[top].take()
+        } else {
+            None
+        };
+        // The served cheap answer, or (the top served) the deepest draft below it.
+        let small = if answered < top {
+            answers[answered].take()
+        } else {
+            answers[..top].iter_mut().rev().find_map(Option::take)
+        };
+        let info = super::PlanInfo {
+            score: Some(served.confidence),
+            capped,
+        };
+        let mut done = self.done(small, large, &info);
+        done.tiers = Some(TierOutcome {
+            answered,
+            called,
+            count: n,
+        });
+        done.walk = Some(Box::new(walk));
+        Ok(Err(done))
+    }
+
+    fn engine(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'a, tandem_core::engine::Cascade>, GatewayError> {
+        self.route
+            .engine()
+            .ok_or_else(|| GatewayError::Internal("cascade route without its engine".into()))
+    }
+}
