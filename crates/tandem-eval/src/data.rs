@@ -366,6 +366,67 @@ mod tests {
     }
 
     #[test]
+    fn n_model_files_and_their_bad_input() {
+        let l1 =
+            r#"{"id":"a","prompt":"p","correct":{"s":true,"m":true,"b":false},"cost":{"m":0.5}}"#;
+        let ds = parse(l1, false).unwrap();
+        assert_eq!(ds.models, vec!["b", "m", "s"]);
+        assert_eq!(ds.rows[0].cost, vec![None, Some(500_000), None]);
+        assert!(ds.has_costs(1) && !ds.has_costs(0));
+        let two = |second: &str| {
+            err(&format!(
+                "{l1}
+{second}"
+            ))
+        };
+        // A record missing a model.
+        assert_eq!(
+            two(r#"{"id":"b","prompt":"p","correct":{"s":true,"b":false},"cost":{"m":1}}"#),
+            "t.jsonl:2: missing field `correct.m` (the first record has it)"
+        );
+        // Another model set.
+        assert_eq!(
+            two(
+                r#"{"id":"b","prompt":"p","correct":{"s":true,"m":true,"b":false,"x":true},"cost":{"m":1}}"#
+            ),
+            "t.jsonl:2: field `correct.x`: model not in the first record"
+        );
+        // A cost recorded on some lines only, or for a model the file does not have.
+        assert!(
+            two(r#"{"id":"b","prompt":"p","correct":{"s":true,"m":true,"b":false}}"#)
+                .starts_with("t.jsonl:2: missing field `cost.m` (the first record has it")
+        );
+        assert!(two(
+            r#"{"id":"b","prompt":"p","correct":{"s":true,"m":true,"b":false},"cost":{"m":1,"s":2}}"#
+        )
+        .starts_with("t.jsonl:2: field `cost.s`: the first record has no cost for this model"));
+        assert_eq!(
+            err(r#"{"id":"a","prompt":"p","correct":{"s":true,"m":true},"cost":{"z":1}}"#),
+            "t.jsonl:1: field `cost.z`: model not in `correct`"
+        );
+        // A cost that is not an amount of dollars.
+        assert!(
+            err(r#"{"id":"a","prompt":"p","correct":{"s":true,"m":true},"cost":{"m":-1}}"#)
+                .starts_with(
+                    "t.jsonl:1: field `cost.m`: expected a non-negative number of dollars"
+                )
+        );
+        assert!(
+            err(r#"{"id":"a","prompt":"p","correct":{"s":true,"m":true},"cost":{"m":"$1"}}"#)
+                .contains("field `cost.m`: expected a non-negative number")
+        );
+        assert!(
+            err(r#"{"id":"a","prompt":"p","correct":{"s":true,"m":true},"cost":3}"#)
+                .starts_with("t.jsonl:1: field `cost`: expected an object")
+        );
+        // Fewer than two models.
+        assert_eq!(
+            err(r#"{"id":"a","prompt":"p","correct":{"s":true}}"#),
+            "t.jsonl:1: field `correct`: only one model (s); a cascade needs at least two"
+        );
+    }
+
+    #[test]
     fn skip_bad_counts_every_bad_line() {
         let text = format!("{GOOD}\nnope\n{}\n\u{0}", r#"{"id":"c"}"#);
         let ds = parse(&text, true).unwrap();
