@@ -10,6 +10,8 @@
 //! two-model eval prices them. The assertions are about the cascade, so they hold for any honest
 //! mid model between the two, and fail if the engine or the policies misuse the tiers.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};
