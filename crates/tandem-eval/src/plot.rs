@@ -272,7 +272,8 @@ where
                     + TriangleMarker::new((0, 0), 6, BLACK.filled())
                     + Text::new(
                         format!("{} alone", m.name),
-                        (6, -16),
+                        // The top model's label to its left, inside the chart.
+                        (if i == last { -200 } else { 6 }, -16),
                         ("sans-serif", 13).into_font(),
                     )])
                 .map_err(e)?;
