@@ -9,13 +9,17 @@ use tandem_core::policy::router::RouterConfig;
 use tandem_core::policy::FeedbackMode;
 use tandem_core::{BudgetLimits, Price};
 use tandem_eval::eval::{default_policies, total_work};
-use tandem_eval::plot::write_plot;
+use tandem_eval::ntier::{default_ladder_policies, ladder_work};
+use tandem_eval::plot::{write_ladder_plot, write_plot};
 use tandem_eval::runner::{Models, PolicyKind};
-use tandem_eval::{evaluate, Dataset, EvalConfig, LoadOptions, PolicySpec};
+use tandem_eval::{
+    evaluate, evaluate_ladder, Dataset, EvalConfig, Ladder, LadderConfig, LadderPolicy, LadderSpec,
+    LoadOptions, PolicySpec,
+};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Recorded answers, one JSON object a line: {"id", "prompt", "correct": {model: bool}, "response"?: {model: text}}.
+    /// Recorded answers, one JSON object a line: {"id", "prompt", "correct": {model: bool}, "response"?: {model: text}, "cost"?: {model: dollars}}; two or more models.
     #[arg(long)]
     data: PathBuf,
     /// Write the table as JSON here (and the plot beside it, unless --plot says otherwise).
@@ -39,6 +43,14 @@ pub struct EvalArgs {
     /// How many recent scores the online threshold is taken from.
     #[arg(long, default_value_t = 1000)]
     window: usize,
+    /// Run the models named here (comma-separated, two or more) as a cascade ordered by cost
+    /// (default with three or more models and no --weak/--strong: all of the file's).
+    #[arg(long, value_delimiter = ',')]
+    tiers: Vec<String>,
+    /// A model's price in a cascade, `NAME=token:IN[:OUT]` or `NAME=call:USD` (repeat, or
+    /// comma-separate); not needed for a model whose `cost` the file records on every line.
+    #[arg(long = "price", value_delimiter = ',')]
+    prices: Vec<String>,
     /// Weak model's name in the file (default: the less accurate of exactly two).
     #[arg(long)]
     weak: Option<String>,
@@ -69,7 +81,8 @@ pub struct EvalArgs {
     /// Worker threads for the curve runs (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Comma-separated policies, e.g. `random,oracle,router:full,cascade:partial` (default: all that apply).
+    /// Comma-separated policies, e.g. `random,oracle,router:full,cascade:partial` (default: all that apply);
+    /// for a cascade of N models: `random,oracle,ocl:full,ocl:partial`.
     #[arg(long)]
     policies: Option<String>,
     /// Do not use the records' metadata (e.g. `subject`) as router features.
@@ -115,6 +128,50 @@ fn parse_policies(s: &str, has_responses: bool) -> Result<Vec<PolicySpec>> {
         bail!("--policies: no policy named");
     }
     Ok(out)
+}
+
+fn parse_ladder_policies(s: &str) -> Result<Vec<LadderSpec>> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        let (name, mode) = item.split_once(':').unwrap_or((item, ""));
+        let policy = match name {
+            "random" => LadderPolicy::Random,
+            "oracle" => LadderPolicy::Oracle,
+            "ocl" => LadderPolicy::Ocl,
+            other => bail!("--policies: unknown policy {other:?} for a cascade of N models (known: random, oracle, ocl)"),
+        };
+        let modes: Vec<FeedbackMode> = match (mode, policy == LadderPolicy::Ocl) {
+            ("", true) => vec![FeedbackMode::Full, FeedbackMode::Partial],
+            ("full", true) => vec![FeedbackMode::Full],
+            ("partial", true) => vec![FeedbackMode::Partial],
+            ("", false) | ("none", false) => vec![FeedbackMode::None],
+            (m, _) => bail!("--policies: {item:?}: feedback mode {m:?} does not apply (full or partial for ocl)"),
+        };
+        out.extend(
+            modes
+                .into_iter()
+                .map(|feedback| LadderSpec { policy, feedback }),
+        );
+    }
+    if out.is_empty() {
+        bail!("--policies: no policy named");
+    }
+    Ok(out)
+}
+
+fn parse_model_prices(flags: &[String]) -> Result<Vec<(String, Price)>> {
+    flags
+        .iter()
+        .map(|f| {
+            let (name, spec) = f.split_once('=').with_context(|| {
+                format!("--price {f:?}: expected NAME=token:IN[:OUT] or NAME=call:USD")
+            })?;
+            Ok((
+                name.trim().to_string(),
+                parse_price(&format!("--price {name}"), spec.trim())?,
+            ))
+        })
+        .collect()
 }
 
 /// The weak and strong models: as named, or the less and more accurate of exactly two.
@@ -189,6 +246,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
             eprintln!("  line {}: {}", b.line, b.message);
         }
     }
+    let cascade =
+        !a.tiers.is_empty() || (data.models.len() > 2 && a.weak.is_none() && a.strong.is_none());
+    if cascade {
+        return run_ladder(a, data, budget);
+    }
+    if !a.prices.is_empty() {
+        bail!("--price prices the models of a cascade (--tiers, or a file of three or more models); with two, use --weak-price and --strong-price");
+    }
     let (weak, strong) = pick_models(&data, a.weak.as_deref(), a.strong.as_deref())?;
     let has_responses = data.has_responses(weak);
     let policies = match &a.policies {
@@ -247,6 +312,57 @@ pub fn run(a: EvalArgs) -> Result<()> {
         write_plot(&report, &svg)?;
         let png = svg.with_extension("png");
         write_plot(&report, &png)?;
+        println!("wrote {} and {}", svg.display(), png.display());
+    }
+    Ok(())
+}
+
+/// A cascade of the file's models (or --tiers), ordered by cost, with each policy's frontier.
+fn run_ladder(a: EvalArgs, data: Dataset, budget: BudgetLimits) -> Result<()> {
+    if a.weak.is_some() || a.strong.is_some() {
+        bail!("--tiers runs a cascade of the models it names; --weak and --strong pick two models instead");
+    }
+    let prices = parse_model_prices(&a.prices)?;
+    let items = data.rows.len();
+    let ladder = Ladder::new(Arc::new(data), &a.tiers, &prices, a.output_tokens)?;
+    let cfg = LadderConfig {
+        seed: a.seed,
+        target_share: a.target_share,
+        explore: a.explore,
+        grid: a.grid,
+        budget,
+        threads: a
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        limit: a.limit,
+        policies: match &a.policies {
+            Some(s) => parse_ladder_policies(s)?,
+            None => default_ladder_policies(),
+        },
+    };
+    cfg.validate()?;
+    let bar = ProgressBar::new(ladder_work(&cfg, items));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {percent}% {per_sec} decisions ({eta} left)",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let report = evaluate_ladder(&ladder, &cfg, &|n| bar.inc(n))?;
+    bar.finish_and_clear();
+    print!("{}", report.table());
+    if let Some(path) = &a.json {
+        crate::run_cmd::write_json(path, &report)?;
+        println!("wrote {}", path.display());
+    }
+    let plot = a
+        .plot
+        .clone()
+        .or_else(|| a.json.as_ref().map(|j| j.with_extension("svg")));
+    if let Some(svg) = plot {
+        write_ladder_plot(&report, &svg)?;
+        let png = svg.with_extension("png");
+        write_ladder_plot(&report, &png)?;
         println!("wrote {} and {}", svg.display(), png.display());
     }
     Ok(())

@@ -1,5 +1,7 @@
 //! Recorded answers of several models to the same prompts, one JSON object a line, as the RouteLLM
-//! files are: `{"id", "prompt", "correct": {model: bool}, "response": {model: text}?, ...}`.
+//! files are: `{"id", "prompt", "correct": {model: bool}, "response": {model: text}?, ...}`, with
+//! two or more models. `"cost": {model: dollars}?` records what each answer cost; a model's cost is
+//! recorded on every line or on none (then its price comes from the command line).
 //! Other string fields named in `metadata_fields` (e.g. `subject`) become query metadata; the
 //! outcome fields are kept apart from the queries so that policies cannot see them.
 
@@ -7,7 +9,8 @@ use crate::error::EvalError;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use tandem_core::Query;
+use tandem_core::money::usd_to_micros;
+use tandem_core::{Micros, Query};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -33,6 +36,8 @@ pub struct Row {
     /// Indexed like [`Dataset::models`].
     pub correct: Vec<bool>,
     pub response: Vec<Option<String>>,
+    /// What each model's answer cost, when the file records it.
+    pub cost: Vec<Option<Micros>>,
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +53,8 @@ pub struct Dataset {
     pub rows: Vec<Row>,
     pub skipped: Vec<BadLine>,
     index: HashMap<String, usize>,
+    /// Per model: the first record has its cost, so every record must.
+    costed: Vec<bool>,
 }
 
 impl Dataset {
@@ -66,6 +73,7 @@ impl Dataset {
             rows: Vec::new(),
             skipped: Vec::new(),
             index: HashMap::new(),
+            costed: Vec::new(),
         };
         for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
             let line = i + 1;
@@ -126,11 +134,15 @@ impl Dataset {
         if correct.is_empty() {
             return Err("field `correct`: no models".into());
         }
-        if self.models.is_empty() {
-            self.models = correct.keys().cloned().collect();
-        }
-        let mut row_correct = Vec::with_capacity(self.models.len());
-        for m in &self.models {
+        // The first valid record fixes the model set; `models` is only set once it parsed whole.
+        let first = self.models.is_empty();
+        let models: Vec<String> = if first {
+            correct.keys().cloned().collect()
+        } else {
+            self.models.clone()
+        };
+        let mut row_correct = Vec::with_capacity(models.len());
+        for m in &models {
             let c = correct
                 .get(m)
                 .ok_or_else(|| format!("missing field `correct.{m}` (the first record has it)"))?;
@@ -140,7 +152,13 @@ impl Dataset {
                 })?,
             );
         }
-        if let Some(extra) = correct.keys().find(|k| !self.models.contains(k)) {
+        if models.len() < 2 {
+            return Err(format!(
+                "field `correct`: only one model ({}); a cascade needs at least two",
+                models.join(", ")
+            ));
+        }
+        if let Some(extra) = correct.keys().find(|k| !models.contains(k)) {
             return Err(format!(
                 "field `correct.{extra}`: model not in the first record"
             ));
@@ -152,8 +170,8 @@ impl Dataset {
                 return Err(format!("field `response`: expected an object, got {other}"))
             }
         };
-        let mut row_response = Vec::with_capacity(self.models.len());
-        for m in &self.models {
+        let mut row_response = Vec::with_capacity(models.len());
+        for m in &models {
             row_response.push(match responses.and_then(|r| r.get(m)) {
                 None | Some(Value::Null) => None,
                 Some(Value::String(s)) => Some(s.clone()),
@@ -163,6 +181,42 @@ impl Dataset {
                     ))
                 }
             });
+        }
+        let costs = match obj.get("cost") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(c)) => Some(c),
+            Some(other) => {
+                return Err(format!(
+                    "field `cost`: expected an object of model name to dollars, got {other}"
+                ))
+            }
+        };
+        if let Some(extra) = costs.and_then(|c| c.keys().find(|k| !models.contains(k))) {
+            return Err(format!("field `cost.{extra}`: model not in `correct`"));
+        }
+        let mut row_cost = Vec::with_capacity(models.len());
+        for (k, m) in models.iter().enumerate() {
+            let cost = match costs.and_then(|c| c.get(m)) {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_f64().and_then(usd_to_micros).ok_or_else(|| {
+                    format!("field `cost.{m}`: expected a non-negative number of dollars, got {v}")
+                })?),
+            };
+            // A cost recorded on some lines only would price the model two ways in one run.
+            match (first, self.costed.get(k).copied().unwrap_or(false), cost) {
+                (true, _, _) | (false, true, Some(_)) | (false, false, None) => {}
+                (false, true, None) => {
+                    return Err(format!(
+                        "missing field `cost.{m}` (the first record has it; record a model's cost on every line or on none)"
+                    ))
+                }
+                (false, false, Some(_)) => {
+                    return Err(format!(
+                        "field `cost.{m}`: the first record has no cost for this model (record a model's cost on every line or on none)"
+                    ))
+                }
+            }
+            row_cost.push(cost);
         }
         let mut metadata = BTreeMap::new();
         for f in &opts.metadata_fields {
@@ -176,10 +230,15 @@ impl Dataset {
         }
         let mut query = Query::text(id, prompt);
         query.metadata = metadata;
+        if first {
+            self.costed = row_cost.iter().map(Option::is_some).collect();
+            self.models = models;
+        }
         Ok(Row {
             query,
             correct: row_correct,
             response: row_response,
+            cost: row_cost,
         })
     }
 
@@ -208,6 +267,11 @@ impl Dataset {
             .filter(|r| r.correct.get(model).copied().unwrap_or(false))
             .count();
         n as f64 / self.rows.len().max(1) as f64
+    }
+
+    /// Whether the file records what `model`'s answers cost (then on every line).
+    pub fn has_costs(&self, model: usize) -> bool {
+        self.costed.get(model).copied().unwrap_or(false)
     }
 
     /// Whether every row has a recorded response of `model` (needed by cascade policies).
@@ -299,6 +363,67 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("model \"gpt-5\" is not in the file"));
+    }
+
+    #[test]
+    fn n_model_files_and_their_bad_input() {
+        let l1 =
+            r#"{"id":"a","prompt":"p","correct":{"s":true,"m":true,"b":false},"cost":{"m":0.5}}"#;
+        let ds = parse(l1, false).unwrap();
+        assert_eq!(ds.models, vec!["b", "m", "s"]);
+        assert_eq!(ds.rows[0].cost, vec![None, Some(500_000), None]);
+        assert!(ds.has_costs(1) && !ds.has_costs(0));
+        let two = |second: &str| {
+            err(&format!(
+                "{l1}
+{second}"
+            ))
+        };
+        // A record missing a model.
+        assert_eq!(
+            two(r#"{"id":"b","prompt":"p","correct":{"s":true,"b":false},"cost":{"m":1}}"#),
+            "t.jsonl:2: missing field `correct.m` (the first record has it)"
+        );
+        // Another model set.
+        assert_eq!(
+            two(
+                r#"{"id":"b","prompt":"p","correct":{"s":true,"m":true,"b":false,"x":true},"cost":{"m":1}}"#
+            ),
+            "t.jsonl:2: field `correct.x`: model not in the first record"
+        );
+        // A cost recorded on some lines only, or for a model the file does not have.
+        assert!(
+            two(r#"{"id":"b","prompt":"p","correct":{"s":true,"m":true,"b":false}}"#)
+                .starts_with("t.jsonl:2: missing field `cost.m` (the first record has it")
+        );
+        assert!(two(
+            r#"{"id":"b","prompt":"p","correct":{"s":true,"m":true,"b":false},"cost":{"m":1,"s":2}}"#
+        )
+        .starts_with("t.jsonl:2: field `cost.s`: the first record has no cost for this model"));
+        assert_eq!(
+            err(r#"{"id":"a","prompt":"p","correct":{"s":true,"m":true},"cost":{"z":1}}"#),
+            "t.jsonl:1: field `cost.z`: model not in `correct`"
+        );
+        // A cost that is not an amount of dollars.
+        assert!(
+            err(r#"{"id":"a","prompt":"p","correct":{"s":true,"m":true},"cost":{"m":-1}}"#)
+                .starts_with(
+                    "t.jsonl:1: field `cost.m`: expected a non-negative number of dollars"
+                )
+        );
+        assert!(
+            err(r#"{"id":"a","prompt":"p","correct":{"s":true,"m":true},"cost":{"m":"$1"}}"#)
+                .contains("field `cost.m`: expected a non-negative number")
+        );
+        assert!(
+            err(r#"{"id":"a","prompt":"p","correct":{"s":true,"m":true},"cost":3}"#)
+                .starts_with("t.jsonl:1: field `cost`: expected an object")
+        );
+        // Fewer than two models.
+        assert_eq!(
+            err(r#"{"id":"a","prompt":"p","correct":{"s":true}}"#),
+            "t.jsonl:1: field `correct`: only one model (s); a cascade needs at least two"
+        );
     }
 
     #[test]

@@ -123,7 +123,7 @@ impl EvalConfig {
 }
 
 /// A deterministic per-run seed, so each run's randomness is independent of scheduling.
-fn run_seed(seed: u64, point: usize) -> u64 {
+pub(crate) fn run_seed(seed: u64, point: usize) -> u64 {
     let mut z = seed.wrapping_add((point as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z ^ (z >> 27)

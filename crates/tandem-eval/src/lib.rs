@@ -5,6 +5,7 @@
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod ntier;
 pub mod plot;
 pub mod replay;
 pub mod report;
@@ -13,4 +14,5 @@ pub mod runner;
 pub use data::{Dataset, LoadOptions};
 pub use error::EvalError;
 pub use eval::{evaluate, EvalConfig, PolicySpec};
-pub use report::{EvalReport, PolicyRow};
+pub use ntier::{evaluate_ladder, Ladder, LadderConfig, LadderPolicy, LadderSpec};
+pub use report::{EvalReport, LadderReport, PolicyRow};

@@ -2,7 +2,7 @@
 //! oracle references, as SVG (and PNG).
 
 use crate::error::EvalError;
-use crate::report::EvalReport;
+use crate::report::{EvalReport, LadderReport};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;
@@ -140,4 +140,160 @@ fn file_name(p: &str) -> &str {
         .file_name()
         .and_then(|f| f.to_str())
         .unwrap_or(p)
+}
+
+/// The N-model cascade's frontiers: quality against dollars (left) and against the top tier's
+/// share (right), each model alone as a labelled point (the oracle too). `.svg` or `.png`.
+pub fn write_ladder_plot(report: &LadderReport, path: &Path) -> Result<(), EvalError> {
+    let err = |e: String| EvalError::Write {
+        path: path.to_path_buf(),
+        message: e,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    }
+    register_fonts();
+    let size = (1400, 600);
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("svg") => {
+            draw_ladder(report, SVGBackend::new(path, size).into_drawing_area()).map_err(err)
+        }
+        Some("png") => {
+            draw_ladder(report, BitMapBackend::new(path, size).into_drawing_area()).map_err(err)
+        }
+        _ => Err(err("the plot path must end in .svg or .png".into())),
+    }
+}
+
+fn draw_ladder<DB: DrawingBackend>(
+    report: &LadderReport,
+    root: DrawingArea<DB, Shift>,
+) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let root = root
+        .titled(
+            &format!(
+                "{} — cascade of {} models",
+                file_name(&report.data),
+                report.models.len()
+            ),
+            ("sans-serif", 22),
+        )
+        .map_err(e)?;
+    let (left, right) = root.split_horizontally(700);
+    let qualities = report
+        .policies
+        .iter()
+        .flat_map(|p| p.frontier.iter().map(|c| c.quality).chain([p.quality]))
+        .chain(report.models.iter().map(|m| m.quality));
+    let (lo, hi) = qualities.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), q| {
+        (lo.min(q), hi.max(q))
+    });
+    let pad = ((hi - lo) * 0.08).max(0.005);
+    let max_cost = report
+        .policies
+        .iter()
+        .flat_map(|p| p.frontier.iter().map(|c| c.cost_usd).chain([p.cost_usd]))
+        .chain(report.models.iter().map(|m| m.cost_usd))
+        .fold(0.0f64, f64::max)
+        .max(1e-6)
+        * 1.05;
+    let top = report.models.last().map_or("top", |m| m.name.as_str());
+    // Panel 0: x = dollars; panel 1: x = the top tier's share.
+    for (panel, area) in [(0, left), (1, right)] {
+        let x_max = if panel == 0 { max_cost } else { 1.0 };
+        let mut chart = ChartBuilder::on(&area)
+            .margin(12)
+            .x_label_area_size(45)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..x_max, (lo - pad)..(hi + pad))
+            .map_err(e)?;
+        let x_desc = if panel == 0 {
+            "cost of the run ($)".to_string()
+        } else {
+            format!("share of items sent to {top}")
+        };
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc("quality (share correct)")
+            .x_label_formatter(&|x| {
+                if panel == 0 {
+                    format!("{x:.2}")
+                } else {
+                    format!("{:.0}%", x * 100.0)
+                }
+            })
+            .y_label_formatter(&|y| format!("{:.1}%", y * 100.0))
+            .draw()
+            .map_err(e)?;
+        let point = |f: &crate::report::FrontierPoint| {
+            (if panel == 0 { f.cost_usd } else { f.top_share }, f.quality)
+        };
+        for (i, p) in report
+            .policies
+            .iter()
+            .filter(|p| !p.frontier.is_empty())
+            .enumerate()
+        {
+            let color = COLORS[i % COLORS.len()];
+            let mut pts: Vec<(f64, f64)> = p.frontier.iter().map(point).collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let label = if p.feedback == "none" {
+                p.name.clone()
+            } else {
+                format!("{} ({})", p.name, p.feedback)
+            };
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(e)?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(pts.into_iter().map(|xy| Circle::new(xy, 2, color.filled())))
+                .map_err(e)?;
+        }
+        // Each model alone sits at its own cost, and at top share 0 (or 1 for the top model).
+        let last = report.models.len().saturating_sub(1);
+        for (i, m) in report.models.iter().enumerate() {
+            let x = match (panel, i == last) {
+                (0, _) => m.cost_usd,
+                (_, true) => 1.0,
+                _ => 0.0,
+            };
+            chart
+                .draw_series([EmptyElement::at((x, m.quality))
+                    + TriangleMarker::new((0, 0), 6, BLACK.filled())
+                    + Text::new(
+                        format!("{} alone", m.name),
+                        // The top model's label to its left, inside the chart.
+                        (if i == last { -200 } else { 6 }, -16),
+                        ("sans-serif", 13).into_font(),
+                    )])
+                .map_err(e)?;
+        }
+        for p in report.policies.iter().filter(|p| p.frontier.is_empty()) {
+            let x = if panel == 0 { p.cost_usd } else { p.top_share };
+            chart
+                .draw_series([EmptyElement::at((x, p.quality))
+                    + Cross::new((0, 0), 5, RED.stroke_width(2))
+                    + Text::new(p.name.clone(), (6, 4), ("sans-serif", 13).into_font())])
+                .map_err(e)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(e)?;
+    }
+    root.present().map_err(e)?;
+    Ok(())
 }

@@ -1,6 +1,8 @@
 //! Replay tiers: a model answered from a recorded file. The tier returns what the model said (its
 //! recorded response, when there is one) and what it would have cost; whether it was right stays in
-//! the dataset, out of reach of the policies, and is only revealed through feedback.
+//! the dataset, out of reach of the policies, and is only revealed through feedback. A cost the file
+//! records for the answer is charged as recorded; otherwise the tier's price is applied to the
+//! answer's estimated tokens.
 
 use crate::data::Dataset;
 use std::sync::Arc;
@@ -56,11 +58,13 @@ impl Tier for ReplayTier {
     }
 
     fn estimate_cost(&self, query: &Query) -> Micros {
-        // A replayed answer's length is known, so the estimate is exact; live tiers estimate.
-        let response = self
-            .data
-            .row_of(&query.id)
-            .and_then(|r| r.response.get(self.model).cloned().flatten());
+        // A replayed answer's length (or recorded cost) is known, so the estimate is exact; live
+        // tiers estimate.
+        let row = self.data.row_of(&query.id);
+        if let Some(c) = row.and_then(|r| r.cost.get(self.model).copied().flatten()) {
+            return c;
+        }
+        let response = row.and_then(|r| r.response.get(self.model).cloned().flatten());
         self.price.cost(self.usage(query, response.as_deref()))
     }
 
@@ -71,6 +75,12 @@ impl Tier for ReplayTier {
         })?;
         let text = row.response.get(self.model).cloned().flatten();
         let usage = self.usage(query, text.as_deref());
+        let cost = row
+            .cost
+            .get(self.model)
+            .copied()
+            .flatten()
+            .unwrap_or_else(|| self.price.cost(usage));
         Ok(Answer {
             tier: self.id.clone(),
             output: Output::Text {
@@ -78,7 +88,7 @@ impl Tier for ReplayTier {
                 token_logprobs: None,
             },
             usage,
-            cost: self.price.cost(usage),
+            cost,
             compute: Duration::ZERO,
         })
     }
@@ -114,5 +124,22 @@ mod tests {
         assert_eq!(a.cost, 2 + 2);
         assert_eq!(t.estimate_cost(&q), a.cost);
         assert!(t.answer(&Query::text("zzz", "?")).is_err());
+    }
+
+    #[test]
+    fn a_recorded_cost_is_charged_as_recorded() {
+        let text = r#"{"id":"a","prompt":"p","correct":{"w":true,"s":false},"cost":{"w":0.0025}}"#;
+        let ds = Arc::new(
+            Dataset::parse(Path::new("t"), text.as_bytes(), &LoadOptions::default()).unwrap(),
+        );
+        let price = Price::Call { micros: 7 };
+        let (w, s) = (ds.model_index("w").unwrap(), ds.model_index("s").unwrap());
+        let q = ds.rows[0].query.clone();
+        let mut tw = ReplayTier::new(ds.clone(), w, price, 1).unwrap();
+        assert_eq!(tw.answer(&q).unwrap().cost, 2500);
+        assert_eq!(tw.estimate_cost(&q), 2500);
+        let mut ts = ReplayTier::new(ds.clone(), s, price, 1).unwrap();
+        assert_eq!(ts.answer(&q).unwrap().cost, 7);
+        assert!(ds.has_costs(w) && !ds.has_costs(s));
     }
 }

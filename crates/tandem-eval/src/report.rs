@@ -113,3 +113,174 @@ impl EvalReport {
         s
     }
 }
+
+/// One model of an N-model file alone: the cascade's reference points.
+#[derive(Debug, Clone, Serialize)]
+pub struct LadderModel {
+    pub name: String,
+    pub quality: f64,
+    /// What answering every item with it costs.
+    pub cost_usd: f64,
+    /// Its cost comes from the file's `cost` field rather than a price.
+    pub recorded_cost: bool,
+}
+
+/// One run of a share-holding policy: a point of its frontier.
+#[derive(Debug, Clone, Serialize)]
+pub struct FrontierPoint {
+    pub target_share: f64,
+    pub top_share: f64,
+    pub quality: f64,
+    pub cost_usd: f64,
+    /// Share of items each tier answered, cheapest first.
+    pub answered: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LadderRow {
+    pub name: String,
+    pub feedback: String,
+    pub quality: f64,
+    pub top_share: f64,
+    pub answered: Vec<f64>,
+    pub cost_usd: f64,
+    pub capped: u64,
+    /// APGR over the top-share curve, between the cheapest and the top model alone.
+    pub apgr: Option<f64>,
+    pub decision_us_p50: f64,
+    pub decision_us_p99: f64,
+    pub frontier: Vec<FrontierPoint>,
+}
+
+/// `tandem eval` over N models: the models (cheapest first), each policy's operating point and
+/// frontier. JSON keys: `models[].{name, quality, cost_usd, recorded_cost}`, `policies[].{name,
+/// feedback, quality, top_share, answered, cost_usd, capped, apgr, decision_us_p50,
+/// decision_us_p99, frontier[].{target_share, top_share, quality, cost_usd, answered}}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LadderReport {
+    pub data: String,
+    pub items: usize,
+    pub skipped_lines: usize,
+    pub models: Vec<LadderModel>,
+    pub seed: u64,
+    pub target_share: f64,
+    pub explore: f64,
+    pub grid: usize,
+    pub max_top_calls: Option<u64>,
+    pub max_usd: Option<f64>,
+    pub policies: Vec<LadderRow>,
+}
+
+impl LadderReport {
+    fn label(r: &LadderRow) -> String {
+        if r.feedback == "none" {
+            r.name.clone()
+        } else {
+            format!("{} ({})", r.name, r.feedback)
+        }
+    }
+
+    fn answered(a: &[f64]) -> String {
+        a.iter()
+            .map(|x| format!("{:.0}", 100.0 * x))
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{}: {} items; cascade of {} models, cheapest first; seed {}; operating top share {:.0}%; partial-feedback exploration {:.0}%",
+            self.data,
+            self.items,
+            self.models.len(),
+            self.seed,
+            100.0 * self.target_share,
+            100.0 * self.explore
+        );
+        if self.skipped_lines > 0 {
+            let _ = writeln!(s, "skipped {} bad lines (--skip-bad)", self.skipped_lines);
+        }
+        if self.max_top_calls.is_some() || self.max_usd.is_some() {
+            let _ = writeln!(
+                s,
+                "hard cap on the top tier: calls {}, spend {}",
+                self.max_top_calls.map_or("-".into(), |n| n.to_string()),
+                self.max_usd.map_or("-".into(), |d| format!("${d:.4}"))
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:<4} {:<28} {:>8} {:>10}",
+            "tier", "model alone", "quality", "cost $"
+        );
+        for (i, m) in self.models.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "{:<4} {:<28} {:>7.2}% {:>10.4}{}",
+                i,
+                m.name,
+                100.0 * m.quality,
+                m.cost_usd,
+                if m.recorded_cost { " (recorded)" } else { "" }
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:<16} {:>8} {:>7} {:>12} {:>10} {:>7} {:>9} {:>9}",
+            "policy", "quality", "top", "answered %", "cost $", "APGR", "dec p50", "dec p99"
+        );
+        for r in &self.policies {
+            let _ = writeln!(
+                s,
+                "{:<16} {:>7.2}% {:>6.1}% {:>12} {:>10.4} {:>7} {:>7.2}us {:>7.2}us",
+                Self::label(r),
+                100.0 * r.quality,
+                100.0 * r.top_share,
+                Self::answered(&r.answered),
+                r.cost_usd,
+                r.apgr
+                    .map_or_else(|| "-".to_string(), |a| format!("{a:.3}")),
+                r.decision_us_p50,
+                r.decision_us_p99,
+            );
+        }
+        let _ = writeln!(
+            s,
+            "frontier (one online run per target top share; answered % per tier, cheapest first):"
+        );
+        for r in self.policies.iter().filter(|r| !r.frontier.is_empty()) {
+            let _ = writeln!(
+                s,
+                "  {:<16} {:>7} {:>8} {:>7} {:>10} {:>12}",
+                Self::label(r),
+                "target",
+                "quality",
+                "top",
+                "cost $",
+                "answered %"
+            );
+            for f in &r.frontier {
+                let _ = writeln!(
+                    s,
+                    "  {:<16} {:>6.0}% {:>7.2}% {:>6.1}% {:>10.4} {:>12}",
+                    "",
+                    100.0 * f.target_share,
+                    100.0 * f.quality,
+                    100.0 * f.top_share,
+                    f.cost_usd,
+                    Self::answered(&f.answered)
+                );
+            }
+        }
+        let capped: u64 = self.policies.iter().map(|r| r.capped).sum();
+        if capped > 0 {
+            let _ = writeln!(
+                s,
+                "the hard cap refused {capped} escalations at the operating points"
+            );
+        }
+        s
+    }
+}

@@ -84,16 +84,17 @@ impl RunOutcome {
     }
 }
 
-/// The weak and the strong replay tier, as the engine's tiers 0 and 1.
-struct Replayed {
-    tiers: [ReplayTier; 2],
+/// Replay tiers, cheapest first, as the engine's tiers (the weak and the strong one for two
+/// models; the price-ordered ladder for N).
+pub(crate) struct Replayed {
+    pub(crate) tiers: Vec<ReplayTier>,
 }
 
 impl Tiers for Replayed {
     type Error = EvalError;
 
     fn count(&self) -> usize {
-        2
+        self.tiers.len()
     }
 
     fn estimate(&mut self, tier: usize, query: &Query) -> Micros {
@@ -234,7 +235,7 @@ pub fn run(
     // Two tiers, the strong one metered by the budget; the replayed tiers teach nobody.
     let mut cascade = Cascade::new(2, Box::new(Gated::new(scorer, gate)), Teaching::default())?;
     let mut tiers = Replayed {
-        tiers: [weak, strong],
+        tiers: vec![weak, strong],
     };
 
     let mut out = RunOutcome::default();

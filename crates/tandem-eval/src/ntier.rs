@@ -1,0 +1,672 @@
+//! `tandem eval` over recorded answers of N ≥ 2 models: the models, ordered by what their answers
+//! cost, form a cascade of replay tiers that the core engine (`Cascade::serve`) runs, cheapest
+//! first. Each share-holding policy is run once per top-tier share on a grid; each run's quality,
+//! dollars and top-tier share is one point of its frontier. Each model alone is a reference point.
+//!
+//! Replayed tiers expose no class probabilities and no comparable answers (only whether each
+//! answer was right, which the policies must not see), so the policies that apply are those that
+//! need neither: random deferral at a share, OCL's learned deferral learning from revealed
+//! outcomes (below), and the oracle (a ceiling).
+
+use crate::data::Dataset;
+use crate::error::EvalError;
+use crate::eval::run_seed;
+use crate::replay::ReplayTier;
+use crate::report::{FrontierPoint, LadderModel, LadderReport, LadderRow};
+use crate::runner::Replayed;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tandem_core::engine::Cascade;
+use tandem_core::metrics::{Curve, CurvePoint};
+use tandem_core::money::micros_to_usd;
+use tandem_core::policy::ocl::{Context, DeferralConfig, OclDeferral};
+use tandem_core::policy::random::RandomDeferral;
+use tandem_core::policy::signals::Signals;
+use tandem_core::policy::teaching::Teaching;
+use tandem_core::policy::{Deferral, FeedbackMode, Finished, ItemState, Step};
+use tandem_core::stats::percentile;
+use tandem_core::{Budget, BudgetLimits, Ledger, Micros, Price, Query, Tier};
+
+/// The models of a recorded file as a cascade: model indices and prices, cheapest first.
+#[derive(Debug, Clone)]
+pub struct Ladder {
+    pub data: Arc<Dataset>,
+    pub models: Vec<usize>,
+    pub prices: Vec<Price>,
+    pub default_output_tokens: u64,
+}
+
+impl Ladder {
+    /// The named models (all of the file's when `names` is empty), priced by `prices` (model name
+    /// and price; a model whose cost the file records needs none) and ordered by their mean cost
+    /// per item, cheapest first (ties by name, so the order never depends on the file's).
+    pub fn new(
+        data: Arc<Dataset>,
+        names: &[String],
+        prices: &[(String, Price)],
+        default_output_tokens: u64,
+    ) -> Result<Self, EvalError> {
+        let bad = |message: String| EvalError::BadFile {
+            path: data.path.clone(),
+            message,
+        };
+        let mut models = Vec::new();
+        if names.is_empty() {
+            models.extend(0..data.models.len());
+        } else {
+            for n in names {
+                let m = data.model_index(n)?;
+                if models.contains(&m) {
+                    return Err(EvalError::Invalid(format!(
+                        "--tiers names model {n:?} twice"
+                    )));
+                }
+                models.push(m);
+            }
+        }
+        if models.len() < 2 {
+            return Err(bad(format!(
+                "a cascade needs at least two models; {} given",
+                models.len()
+            )));
+        }
+        if let Some((n, _)) = prices.iter().find(|(n, _)| !data.models.contains(n)) {
+            return Err(bad(format!(
+                "--price names model {n:?}, which is not in the file (it has: {})",
+                data.models.join(", ")
+            )));
+        }
+        let mut tiers = Vec::with_capacity(models.len());
+        for &m in &models {
+            let name = &data.models[m];
+            let price = match prices.iter().rev().find(|(n, _)| n == name) {
+                Some((_, p)) => *p,
+                // Never charged: every answer's recorded cost is.
+                None if data.has_costs(m) => Price::Call { micros: 0 },
+                None => {
+                    return Err(bad(format!(
+                        "model {name:?} has no price: record field `cost.{name}` (dollars) on every line, or give --price {name}=token:IN[:OUT] or --price {name}=call:USD"
+                    )))
+                }
+            };
+            let tier = ReplayTier::new(data.clone(), m, price, default_output_tokens)?;
+            let total: Micros = data
+                .rows
+                .iter()
+                .map(|r| tier.estimate_cost(&r.query))
+                .fold(0, Micros::saturating_add);
+            tiers.push((total, name.clone(), m, price));
+        }
+        tiers.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        Ok(Ladder {
+            models: tiers.iter().map(|t| t.2).collect(),
+            prices: tiers.iter().map(|t| t.3).collect(),
+            data,
+            default_output_tokens,
+        })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.models
+            .iter()
+            .map(|&m| self.data.models[m].clone())
+            .collect()
+    }
+
+    fn replayed(&self) -> Result<Replayed, EvalError> {
+        let tiers = self
+            .models
+            .iter()
+            .zip(&self.prices)
+            .map(|(&m, &p)| ReplayTier::new(self.data.clone(), m, p, self.default_output_tokens))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Replayed { tiers })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LadderPolicy {
+    /// The core's random deferral: the target share to the top tier, the last cheap tier the rest.
+    Random,
+    /// OCL's learned deferral with its cost-to-go, learning from revealed outcomes.
+    Ocl,
+    /// Knows the outcomes: the cheapest model that is right (the top one if none is). A ceiling.
+    Oracle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LadderSpec {
+    pub policy: LadderPolicy,
+    pub feedback: FeedbackMode,
+}
+
+impl LadderSpec {
+    pub fn name(&self) -> &'static str {
+        match self.policy {
+            LadderPolicy::Random => "random",
+            LadderPolicy::Ocl => "ocl",
+            LadderPolicy::Oracle => "oracle",
+        }
+    }
+
+    /// Share-holding policies get a frontier; the oracle is one point.
+    fn has_frontier(&self) -> bool {
+        self.policy != LadderPolicy::Oracle
+    }
+}
+
+/// Random, the oracle, and OCL in both feedback modes.
+pub fn default_ladder_policies() -> Vec<LadderSpec> {
+    let spec = |policy, feedback| LadderSpec { policy, feedback };
+    vec![
+        spec(LadderPolicy::Random, FeedbackMode::None),
+        spec(LadderPolicy::Oracle, FeedbackMode::None),
+        spec(LadderPolicy::Ocl, FeedbackMode::Full),
+        spec(LadderPolicy::Ocl, FeedbackMode::Partial),
+    ]
+}
+
+/// OCL's learned deferral ([`OclDeferral`], the core's learner and decision rule, cost-to-go
+/// included) over replayed tiers. The core's `Ocl` policy learns whether each cheap tier agreed
+/// with the top tier's label; replayed tiers have no comparable labels, only revealed outcomes,
+/// so here each cheap tier learns the probability that its own answer is wrong from the outcomes
+/// the feedback mode reveals (the gold standing in for the top tier). It sees the input's words
+/// and length: a replayed tier exposes no confidence.
+struct OclOutcomes {
+    deferral: OclDeferral,
+    top: usize,
+}
+
+impl OclOutcomes {
+    fn context(query: &Query) -> Context<'_> {
+        Context {
+            signals: Signals::of(&[], &[], 1.0),
+            text: query.routing_text(),
+            below: None,
+        }
+    }
+}
+
+impl Deferral for OclOutcomes {
+    fn name(&self) -> &'static str {
+        "ocl"
+    }
+
+    fn defer(&mut self, item: &mut ItemState, step: &Step) -> bool {
+        item.decided = true;
+        let d = self
+            .deferral
+            .decide(item, step.tier, &Self::context(step.query), step.next_cost);
+        item.explored |= d.explored;
+        d.defer
+    }
+
+    fn end_item(&mut self, item: &ItemState, f: &Finished) {
+        if item.decided {
+            self.deferral.end_item(item, f.answered == f.top);
+        }
+    }
+
+    fn learn_outcomes(&mut self, _item: &ItemState, f: &Finished, observed: &[Option<f32>]) {
+        let ctx = Self::context(f.query);
+        for (tier, o) in observed.iter().enumerate().take(self.top) {
+            if let Some(q) = o {
+                self.deferral.learn(tier, &ctx, *q >= 0.5);
+            }
+        }
+    }
+}
+
+/// Enters at the cheapest tier that is right (peeking at the outcomes) and answers there.
+struct Oracle {
+    correct: Vec<Vec<bool>>,
+    index: std::collections::HashMap<String, usize>,
+}
+
+impl Deferral for Oracle {
+    fn name(&self) -> &'static str {
+        "oracle"
+    }
+
+    fn entry(&mut self, _item: &mut ItemState, query: &Query, top: usize) -> usize {
+        self.index
+            .get(&query.id)
+            .and_then(|&i| self.correct.get(i))
+            .and_then(|c| c.iter().position(|&ok| ok))
+            .unwrap_or(top)
+    }
+
+    fn defer(&mut self, _: &mut ItemState, _: &Step) -> bool {
+        false
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LadderRunConfig {
+    pub spec: LadderSpec,
+    pub target_share: f64,
+    pub explore: f64,
+    pub seed: u64,
+    pub budget: BudgetLimits,
+    pub time_decisions: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LadderOutcome {
+    pub items: u64,
+    pub correct: u64,
+    /// Per tier, cheapest first: items it answered, and calls made to it.
+    pub answered: Vec<u64>,
+    pub calls: Vec<u64>,
+    /// Steps up the budget refused.
+    pub capped: u64,
+    pub ledger: Ledger,
+    pub decision_ns: Vec<u64>,
+}
+
+impl LadderOutcome {
+    pub fn quality(&self) -> f64 {
+        self.correct as f64 / self.items.max(1) as f64
+    }
+
+    /// Share of items on which the top tier was called.
+    pub fn top_share(&self) -> f64 {
+        self.calls.last().copied().unwrap_or(0) as f64 / self.items.max(1) as f64
+    }
+
+    pub fn answered_shares(&self) -> Vec<f64> {
+        self.answered
+            .iter()
+            .map(|&a| a as f64 / self.items.max(1) as f64)
+            .collect()
+    }
+}
+
+fn outcome(correct: bool) -> Option<f32> {
+    Some(if correct { 1.0 } else { 0.0 })
+}
+
+/// One online pass of `cfg.spec` over `order` (indices into the rows) through the core engine.
+pub fn run_ladder(
+    ladder: &Ladder,
+    order: &[usize],
+    cfg: &LadderRunConfig,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<LadderOutcome, EvalError> {
+    let data = &ladder.data;
+    let n = ladder.models.len();
+    let top = n - 1;
+    let policy: Box<dyn Deferral> = match cfg.spec.policy {
+        LadderPolicy::Random => Box::new(RandomDeferral::new(cfg.target_share, cfg.seed)),
+        LadderPolicy::Ocl => Box::new(OclOutcomes {
+            deferral: OclDeferral::new(
+                top,
+                DeferralConfig {
+                    target_top_share: Some(cfg.target_share),
+                    // With every outcome revealed there is nothing to explore for.
+                    explore: match cfg.spec.feedback {
+                        FeedbackMode::Partial => cfg.explore,
+                        _ => 0.0,
+                    },
+                    text_features: true,
+                    seed: cfg.seed,
+                    ..DeferralConfig::default()
+                },
+            )?,
+            top,
+        }),
+        LadderPolicy::Oracle => Box::new(Oracle {
+            correct: data
+                .rows
+                .iter()
+                .map(|r| ladder.models.iter().map(|&m| r.correct[m]).collect())
+                .collect(),
+            index: data
+                .rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.query.id.clone(), i))
+                .collect(),
+        }),
+    };
+    let mut cascade = Cascade::new(n, policy, Teaching::default())?;
+    let mut tiers = ladder.replayed()?;
+    let budget = Budget::new(cfg.budget)?;
+
+    let mut out = LadderOutcome {
+        answered: vec![0; n],
+        calls: vec![0; n],
+        ..Default::default()
+    };
+    let mut observed = vec![None; n];
+    for (done, &i) in order.iter().enumerate() {
+        let row = data
+            .rows
+            .get(i)
+            .ok_or_else(|| EvalError::Invalid(format!("row {i} out of range")))?;
+        let q = &row.query;
+        let (served, walk) = cascade.serve_walk(&mut tiers, &budget, q)?;
+        if cfg.time_decisions {
+            out.decision_ns.push(served.decision.as_nanos() as u64);
+        }
+        for c in &served.calls {
+            if let (Some(t), Some(k)) = (tiers.tiers.get(c.tier), out.calls.get_mut(c.tier)) {
+                out.ledger.record(t.id(), c.cost, c.usage);
+                *k += 1;
+            }
+        }
+        let ok = |tier: usize| ladder.models.get(tier).is_some_and(|&m| row.correct[m]);
+        if let Some(a) = out.answered.get_mut(served.tier) {
+            *a += 1;
+        }
+        out.correct += u64::from(ok(served.tier));
+        out.capped += u64::from(served.refused);
+        out.items += 1;
+
+        // Full: every model's outcome. Partial: what a deployment sees, the served answer's
+        // outcome, and every called tier's when the policy explored.
+        for (t, o) in observed.iter_mut().enumerate() {
+            let called = served.calls.iter().any(|c| c.tier == t);
+            let shown = match cfg.spec.feedback {
+                FeedbackMode::None => false,
+                FeedbackMode::Full => true,
+                FeedbackMode::Partial => t == served.tier || (served.explored && called),
+            };
+            *o = if shown { outcome(ok(t)) } else { None };
+        }
+        cascade.learn_outcomes(&walk, q, &observed);
+        if done % 512 == 511 {
+            progress(512);
+        }
+    }
+    progress((order.len() % 512) as u64);
+    Ok(out)
+}
+
+#[derive(Debug, Clone)]
+pub struct LadderConfig {
+    pub seed: u64,
+    /// The top-tier share of the operating point (the table's row per policy).
+    pub target_share: f64,
+    /// Exploration of partial-feedback runs.
+    pub explore: f64,
+    pub grid: usize,
+    pub budget: BudgetLimits,
+    pub threads: usize,
+    pub limit: Option<usize>,
+    pub policies: Vec<LadderSpec>,
+}
+
+impl LadderConfig {
+    pub fn validate(&self) -> Result<(), EvalError> {
+        let bad = |m: String| Err(EvalError::Invalid(m));
+        if !(0.0..=1.0).contains(&self.target_share) {
+            return bad(format!(
+                "--target-share {}: must be between 0 and 1",
+                self.target_share
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.explore) {
+            return bad(format!(
+                "--explore {}: must be between 0 and 1",
+                self.explore
+            ));
+        }
+        if !(2..=201).contains(&self.grid) {
+            return bad(format!("--grid {}: must be between 2 and 201", self.grid));
+        }
+        if self.limit == Some(0) {
+            return bad("--limit 0: nothing to evaluate".into());
+        }
+        if self.policies.is_empty() {
+            return bad("no policies to evaluate".into());
+        }
+        self.budget.validate()?;
+        Ok(())
+    }
+}
+
+/// How many items all runs of [`evaluate_ladder`] process, for a progress bar.
+pub fn ladder_work(cfg: &LadderConfig, items: usize) -> u64 {
+    let n = cfg.limit.map_or(items, |l| l.min(items)) as u64;
+    let curves = cfg.policies.iter().filter(|p| p.has_frontier()).count() as u64;
+    n * (curves * cfg.grid as u64 + cfg.policies.len() as u64)
+}
+
+/// Every policy's frontier (one online run per share of the grid, in parallel) and its
+/// operating point (alone, to time its decisions), with each model alone as a reference.
+pub fn evaluate_ladder(
+    ladder: &Ladder,
+    cfg: &LadderConfig,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<LadderReport, EvalError> {
+    cfg.validate()?;
+    let data = &ladder.data;
+    // The same stream as the two-model eval's for the same seed.
+    let mut order: Vec<usize> = (0..data.rows.len()).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed));
+    if let Some(limit) = cfg.limit {
+        order.truncate(limit);
+    }
+    let n_items = order.len() as f64;
+    let replayed = ladder.replayed()?;
+    let models: Vec<LadderModel> = ladder
+        .models
+        .iter()
+        .zip(&replayed.tiers)
+        .map(|(&m, t)| {
+            let correct = order.iter().filter(|&&i| data.rows[i].correct[m]).count();
+            let cost: Micros = order
+                .iter()
+                .map(|&i| t.estimate_cost(&data.rows[i].query))
+                .fold(0, Micros::saturating_add);
+            LadderModel {
+                name: data.models[m].clone(),
+                quality: correct as f64 / n_items,
+                cost_usd: micros_to_usd(cost),
+                recorded_cost: data.has_costs(m),
+            }
+        })
+        .collect();
+    let (q_low, q_top) = match (models.first(), models.last()) {
+        (Some(a), Some(b)) => (a.quality, b.quality),
+        _ => (0.0, 0.0),
+    };
+
+    let grid: Vec<f64> = (0..cfg.grid)
+        .map(|i| i as f64 / (cfg.grid - 1) as f64)
+        .collect();
+    let run_cfg = |p: usize, point: Option<usize>| LadderRunConfig {
+        spec: cfg.policies[p],
+        target_share: point.map_or(cfg.target_share, |g| grid[g]),
+        explore: cfg.explore,
+        seed: run_seed(cfg.seed, point.unwrap_or(usize::MAX - 1)),
+        budget: cfg.budget,
+        time_decisions: point.is_none(),
+    };
+    let jobs: Vec<(usize, usize)> = cfg
+        .policies
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.has_frontier())
+        .flat_map(|(p, _)| (0..grid.len()).map(move |g| (p, g)))
+        .collect();
+    // Frontier runs in parallel: each depends only on its own seed.
+    let results: Mutex<Vec<Option<Result<LadderOutcome, EvalError>>>> =
+        Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..cfg.threads.max(1) {
+            s.spawn(|| loop {
+                let j = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(p, g)) = jobs.get(j) else { break };
+                let r = run_ladder(ladder, &order, &run_cfg(p, Some(g)), progress);
+                if let Ok(mut res) = results.lock() {
+                    res[j] = Some(r);
+                }
+            });
+        }
+    });
+    let results = results
+        .into_inner()
+        .map_err(|_| EvalError::Invalid("a worker thread panicked".into()))?;
+    let mut frontiers: Vec<Vec<FrontierPoint>> = vec![Vec::new(); cfg.policies.len()];
+    for (&(p, g), r) in jobs.iter().zip(results) {
+        let r = r.ok_or_else(|| EvalError::Invalid("a frontier run did not finish".into()))??;
+        frontiers[p].push(FrontierPoint {
+            target_share: grid[g],
+            top_share: r.top_share(),
+            quality: r.quality(),
+            cost_usd: micros_to_usd(r.ledger.total_micros()),
+            answered: r.answered_shares(),
+        });
+    }
+
+    // Operating points one at a time, so decision times are not measured under contention.
+    let mut rows = Vec::with_capacity(cfg.policies.len());
+    for (p, spec) in cfg.policies.iter().enumerate() {
+        let r = run_ladder(ladder, &order, &run_cfg(p, None), progress)?;
+        let frontier = std::mem::take(&mut frontiers[p]);
+        let curve = Curve::new(
+            frontier
+                .iter()
+                .map(|f| CurvePoint {
+                    share: f.top_share,
+                    quality: f.quality,
+                })
+                .collect(),
+        );
+        let mut us: Vec<f64> = r.decision_ns.iter().map(|&ns| ns as f64 / 1000.0).collect();
+        rows.push(LadderRow {
+            name: spec.name().to_string(),
+            feedback: spec.feedback.as_str().to_string(),
+            quality: r.quality(),
+            top_share: r.top_share(),
+            answered: r.answered_shares(),
+            cost_usd: micros_to_usd(r.ledger.total_micros()),
+            capped: r.capped,
+            apgr: (!frontier.is_empty())
+                .then(|| curve.apgr(q_low, q_top, cfg.grid))
+                .flatten(),
+            decision_us_p50: percentile(&mut us, 50.0).unwrap_or(0.0),
+            decision_us_p99: percentile(&mut us, 99.0).unwrap_or(0.0),
+            frontier,
+        });
+    }
+    Ok(LadderReport {
+        data: data.path.display().to_string(),
+        items: order.len(),
+        skipped_lines: data.skipped.len(),
+        models,
+        seed: cfg.seed,
+        target_share: cfg.target_share,
+        explore: cfg.explore,
+        grid: cfg.grid,
+        max_top_calls: cfg.budget.max_calls,
+        max_usd: cfg.budget.max_micros.map(micros_to_usd),
+        policies: rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::LoadOptions;
+    use std::path::Path;
+
+    fn data(text: &str) -> Arc<Dataset> {
+        Arc::new(
+            Dataset::parse(
+                Path::new("t.jsonl"),
+                text.as_bytes(),
+                &LoadOptions::default(),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn price(s: &str) -> Price {
+        Price::parse(s).unwrap()
+    }
+
+    const THREE: &str = r#"{"id":"a","prompt":"p","correct":{"big":true,"mid":true,"small":false},"cost":{"mid":0.001}}
+{"id":"b","prompt":"q","correct":{"big":true,"mid":false,"small":true},"cost":{"mid":0.001}}"#;
+
+    #[test]
+    fn orders_models_by_cost_and_takes_recorded_costs() {
+        let ds = data(THREE);
+        let l = Ladder::new(
+            ds,
+            &[],
+            &[
+                ("big".into(), price("call:0.01")),
+                ("small".into(), price("call:0.0001")),
+            ],
+            1,
+        )
+        .unwrap();
+        assert_eq!(l.names(), vec!["small", "mid", "big"]);
+    }
+
+    #[test]
+    fn a_model_without_a_price_or_an_unknown_one_is_named() {
+        let ds = data(THREE);
+        let e = Ladder::new(ds.clone(), &[], &[("big".into(), price("call:1"))], 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("t.jsonl: model \"small\" has no price"),
+            "{e}"
+        );
+        assert!(
+            e.contains("`cost.small`") && e.contains("--price small="),
+            "{e}"
+        );
+        let e = Ladder::new(ds.clone(), &[], &[("huge".into(), price("call:1"))], 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--price names model \"huge\""), "{e}");
+        let e = Ladder::new(ds.clone(), &["mid".into()], &[], 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least two models; 1 given"), "{e}");
+        let e = Ladder::new(ds, &["mid".into(), "nope".into()], &[], 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model \"nope\" is not in the file"), "{e}");
+    }
+
+    #[test]
+    fn the_oracle_answers_at_the_cheapest_right_tier() {
+        let ds = data(THREE);
+        let l = Ladder::new(
+            ds,
+            &[],
+            &[
+                ("big".into(), price("call:0.01")),
+                ("small".into(), price("call:0.0001")),
+            ],
+            1,
+        )
+        .unwrap();
+        let cfg = LadderRunConfig {
+            spec: LadderSpec {
+                policy: LadderPolicy::Oracle,
+                feedback: FeedbackMode::None,
+            },
+            target_share: 0.0,
+            explore: 0.0,
+            seed: 0,
+            budget: BudgetLimits::default(),
+            time_decisions: false,
+        };
+        let r = run_ladder(&l, &[0, 1], &cfg, &|_| {}).unwrap();
+        assert_eq!(r.correct, 2);
+        // a: mid (small is wrong); b: small.
+        assert_eq!(r.answered, vec![1, 1, 0]);
+        assert_eq!(r.ledger.total_micros(), 1000 + 100);
+    }
+}
