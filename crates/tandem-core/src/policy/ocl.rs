@@ -107,6 +107,23 @@ pub struct OclDeferral {
     mu: f64,
     share: Option<ShareController>,
     rng: ChaCha8Rng,
+    /// Per tier (indexed as `to_go`): its realised cost-to-go by the tier below's confidence,
+    /// decayed [weight, Σ cost] per bucket. The stream average alone says what the tier costs on
+    /// the average item; a tier below a free one needs it on items like the one in hand.
+    to_go_by_below: Vec<[[f64; 2]; BUCKETS]>,
+}
+
+/// Confidence buckets of the per-item cost-to-go.
+const BUCKETS: usize = 8;
+
+/// A confidence's bucket: by its error 1 − confidence, finer where the error is small (where a
+/// cheap tier keeps items).
+fn bucket(confidence: f32) -> usize {
+    let e = 1.0 - confidence;
+    [0.01f32, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4]
+        .iter()
+        .position(|&edge| e < edge)
+        .unwrap_or(BUCKETS - 1)
 }
 
 impl OclDeferral {
@@ -150,6 +167,7 @@ impl OclDeferral {
             mu: cfg.mu,
             share,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+            to_go_by_below: vec![[[0.0; 2]; BUCKETS]; cheap_tiers + 1],
         })
     }
 
@@ -222,9 +240,19 @@ impl OclDeferral {
 
     /// Defer from tier `tier`? `next_cost` is c_i, the price of the next tier relative to the top
     /// one. Deferring pays μ·c_i plus the next tier's expected cost-to-go (0 for the top tier), so
-    /// a tier defers when its estimated loss exceeds that: a cheap tier below a free one keeps
-    /// only what it would get right about as often as the tiers above it.
-    /// `item` holds the item's tie-break draw and the lowest estimate/cost along its path.
+    /// a tier defers when its estimated loss exceeds that (OCL's cost-weighted objective).
+    ///
+    /// A free next tier (c_i = 0; issue 14, item 5): deferring spends no
+    /// share, so the rule is p > cost-to-go with no μ, decided here rather than by the share
+    /// controller (whose quantile of (p − cost-to-go)/c would divide by zero, and whose drift
+    /// correction, while it pays back the warm-up's top calls, would have the cheap tier keep
+    /// everything). The cost-to-go compared is the tier above's on items the cheap tier is as sure
+    /// of (its confidence bucket), never more than its stream average: it is measured only on the
+    /// items that went up, the cheap tier's harder ones, so it overstates what the tier above
+    /// would lose on the ones it keeps. A cheap tier below a free one thus keeps only what it
+    /// would get right about as often as the tiers above it, counting their price.
+    ///
+    /// `item` holds the item's tie-break draw and the lowest score along its path.
     pub fn decide(
         &mut self,
         item: &mut ItemState,
@@ -233,19 +261,29 @@ impl OclDeferral {
         next_cost: f64,
     ) -> DeferDecision {
         let p = self.p_disagree(tier, c);
-        let next = self.to_go.get(tier + 1).copied().unwrap_or(0.0);
-        let score = ((f64::from(p) - next) / next_cost.max(1e-6)) as f32;
-        item.record(score);
-        let defer = match (&self.share, self.cfg.target_top_share) {
-            (Some(share), Some(target)) => {
-                let draw = item.draw(&mut self.rng);
-                let d = share.decide(score, target, draw);
-                if d.threshold.is_finite() {
-                    self.mu = f64::from(d.threshold);
+        let average = self.to_go.get(tier + 1).copied().unwrap_or(0.0);
+        let free = next_cost <= 0.0;
+        let (next, defer) = if free {
+            let next = self
+                .next_to_go(tier, c.signals.max_prob)
+                .map_or(average, |b| b.min(average));
+            (next, f64::from(p) > next)
+        } else {
+            let score = ((f64::from(p) - average) / next_cost) as f32;
+            // Only priced steps spend the share: the controller sees the lowest of their scores.
+            item.record(score);
+            let defer = match (&self.share, self.cfg.target_top_share) {
+                (Some(share), Some(target)) => {
+                    let draw = item.draw(&mut self.rng);
+                    let d = share.decide(score, target, draw);
+                    if d.threshold.is_finite() {
+                        self.mu = f64::from(d.threshold);
+                    }
+                    d.escalate
                 }
-                d.escalate
-            }
-            _ => f64::from(score) > self.mu,
+                _ => f64::from(score) > self.mu,
+            };
+            (average, defer)
         };
         let realised = if defer {
             self.mu * next_cost + next
@@ -254,6 +292,11 @@ impl OclDeferral {
         };
         if let Some(v) = self.to_go.get_mut(tier) {
             *v += TO_GO_RATE * (realised - *v);
+        }
+        if let (Some((_, below)), Some(t)) = (c.below, self.to_go_by_below.get_mut(tier)) {
+            let [n, sum] = &mut t[bucket(below)];
+            *n = (1.0 - BUCKET_RATE) * *n + 1.0;
+            *sum = (1.0 - BUCKET_RATE) * *sum + realised;
         }
         if defer {
             return DeferDecision {
@@ -270,6 +313,13 @@ impl OclDeferral {
             p_disagree: p,
             explored,
         }
+    }
+
+    /// Tier `tier + 1`'s realised cost-to-go on items tier `tier` was `confidence` sure of (None
+    /// until its bucket has seen enough of them).
+    fn next_to_go(&self, tier: usize, confidence: f32) -> Option<f64> {
+        let [n, sum] = self.to_go_by_below.get(tier + 1)?[bucket(confidence)];
+        (n >= BUCKET_MIN).then(|| sum / n)
     }
 
     /// Learns from an item the top tier labelled: whether tier `tier` agreed with it.
@@ -295,7 +345,12 @@ impl OclDeferral {
     /// Ends an item that some cheap tier decided on: whether it reached the top tier. The share
     /// controller learns the path's lowest estimate/cost.
     pub fn end_item(&mut self, item: &ItemState, reached_top: bool) {
-        if let (Some(share), Some(m)) = (self.share.as_mut(), item.lowest) {
+        // No priced step decided (a cheap tier below a free one kept the item, or deferred into a
+        // tier still warming up): the item stayed, or went up, whatever the threshold was.
+        let m = item
+            .lowest
+            .unwrap_or(if reached_top { f32::MAX } else { f32::MIN });
+        if let Some(share) = self.share.as_mut() {
             share.record(m, reached_top);
         }
     }
@@ -418,9 +473,15 @@ fn prior_logit(s: &Signals) -> f32 {
 
 /// The moving average's rate for the expected cost-to-go (about the last 100 items).
 const TO_GO_RATE: f64 = 0.01;
+/// Per bucket: the decay of the realised cost-to-go (about its last 50 items), and the weight it
+/// needs before it is used.
+const BUCKET_RATE: f64 = 0.02;
+const BUCKET_MIN: f64 = 10.0;
 
-/// Starts a checkpoint, so one from an earlier layout is refused with a clear error.
-const CHECKPOINT_MAGIC: &[u8; 4] = b"OCL3";
+/// Starts a checkpoint, so one from an earlier layout is refused with a clear error. OCL4 adds
+/// the per-bucket cost-to-go; an OCL3 checkpoint loads with it empty (it refills in ~50 items).
+const CHECKPOINT_MAGIC: &[u8; 4] = b"OCL4";
+const CHECKPOINT_MAGIC_V3: &[u8; 4] = b"OCL3";
 
 impl OclDeferral {
     /// Checkpoint: μ, the exploration stream's position, each tier's model, the share controller.
@@ -441,7 +502,11 @@ impl OclDeferral {
         }
         let share = serde_json::to_vec(&self.share).map_err(std::io::Error::other)?;
         w.write_all(&(share.len() as u64).to_le_bytes())?;
-        w.write_all(&share)
+        w.write_all(&share)?;
+        for bucket in self.to_go_by_below.iter().flatten().flatten() {
+            w.write_all(&bucket.to_le_bytes())?;
+        }
+        Ok(())
     }
 
     pub fn load(&mut self, r: &mut impl std::io::Read) -> Result<(), CoreError> {
@@ -453,9 +518,10 @@ impl OclDeferral {
         let mut b4 = [0u8; 4];
         let mut b16 = [0u8; 16];
         r.read_exact(&mut b4).map_err(|e| bad(e.to_string()))?;
-        if &b4 != CHECKPOINT_MAGIC {
+        let v3 = &b4 == CHECKPOINT_MAGIC_V3;
+        if &b4 != CHECKPOINT_MAGIC && !v3 {
             return Err(bad(
-                "not a deferral checkpoint of this version (written by an older tandem?); \
+                "not a deferral checkpoint of version OCL3 or OCL4 (written by an older tandem?); \
                  remove the state directory to start fresh"
                     .into(),
             ));
@@ -507,6 +573,17 @@ impl OclDeferral {
         if share.is_some() != self.share.is_some() {
             return Err(bad("written with another target-share setting".into()));
         }
+        let mut by_below = vec![[[0.0f64; 2]; BUCKETS]; n + 1];
+        if !v3 {
+            for v in by_below.iter_mut().flatten().flatten() {
+                r.read_exact(&mut b8).map_err(|e| bad(e.to_string()))?;
+                *v = f64::from_le_bytes(b8);
+                if !v.is_finite() {
+                    return Err(bad(format!("bucketed cost-to-go {v}")));
+                }
+            }
+        }
+        self.to_go_by_below = by_below;
         self.models = models;
         self.priors = priors;
         self.losses = losses;
@@ -717,77 +794,97 @@ mod tests {
         );
     }
 
+    /// Below a free tier the share is not at stake: the share controller, even while it keeps
+    /// everything to pay back an excess of top-tier calls, does not make the cheap tier keep
+    /// items the tier above is expected to get right more often. Such items are recorded at the
+    /// bottom of the controller's window (they stay whatever the threshold), not at ±1e6·x.
     #[test]
-    fn target_share_holds_the_share_of_items_reaching_the_top() {
-        let mut o = OclDeferral::new(
-            1,
-            DeferralConfig {
-                target_top_share: Some(0.2),
-                ..quiet()
-            },
-        )
-        .unwrap();
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let mut up = 0;
-        for k in 0..5000 {
-            let p: f32 = 0.5 + 0.5 * rng.gen::<f32>();
-            let c = ctx(p, "x");
-            let mut it = ItemState::default();
-            let d = o.decide(&mut it, 0, &c, 1.0);
-            o.end_item(&it, d.defer);
-            if d.defer {
-                up += 1;
-                o.learn(0, &c, p > 0.75);
-            }
-            let _ = k;
-        }
-        let share = up as f64 / 5000.0;
-        assert!((share - 0.2).abs() < 0.03, "{share}");
-        assert!(o.mu() > 0.0);
-    }
-
-    #[test]
-    fn checkpoint_round_trip() {
+    fn below_a_free_tier_the_share_controller_does_not_decide() {
         let cfg = DeferralConfig {
-            target_top_share: Some(0.3),
-            explore: 0.5,
-            ..Default::default()
+            target_top_share: Some(0.2),
+            ..quiet()
         };
         let mut o = OclDeferral::new(2, cfg).unwrap();
-        o.learn(1, &ctx(0.7, "x"), false);
+        // The upper tier keeps items it is 95% sure of (its cost-to-go settles near 0.05), while
+        // every item went up: a large excess of top-tier calls, so the controller keeps all.
+        for _ in 0..300 {
+            let mut it = ItemState::default();
+            let _ = o.decide(&mut it, 1, &ctx(0.95, "x"), 1.0);
+            o.end_item(&it, true);
+        }
         let mut it = ItemState::default();
-        let d = o.decide(&mut it, 0, &ctx(0.7, "x"), 1.0);
-        o.end_item(&it, d.defer);
+        assert!(
+            !o.decide(&mut it, 1, &ctx(0.6, "x"), 1.0).defer,
+            "the controller keeps"
+        );
+        o.end_item(&it, false);
+        let mut it = ItemState::default();
+        assert!(
+            o.decide(&mut it, 0, &ctx(0.7, "x"), 0.0).defer,
+            "goes to the free tier"
+        );
+        o.end_item(&it, false);
+        let mut it = ItemState::default();
+        assert!(!o.decide(&mut it, 0, &ctx(0.99, "x"), 0.0).defer);
+        o.end_item(&it, false);
+    }
+
+    /// The cost-to-go compared below a free tier is the tier above's on items the cheap tier was
+    /// as sure of, capped by its average.
+    #[test]
+    fn the_cost_to_go_is_read_at_the_cheap_tier_s_confidence() {
+        let mut o = OclDeferral::new(2, DeferralConfig { mu: 0.9, ..quiet() }).unwrap();
+        let upper = |below: f32, p: f32| Context {
+            signals: sig(p),
+            text: "x",
+            below: Some((true, below)),
+        };
+        // Where the cheap tier is 90% sure the upper tier is 99.5% sure; where it is 60% sure,
+        // so is the upper tier (which keeps those too: μ is dear).
+        for k in 0..2000 {
+            let c = if k % 2 == 0 {
+                upper(0.9, 0.995)
+            } else {
+                upper(0.6, 0.6)
+            };
+            assert!(!o.decide(&mut ItemState::default(), 1, &c, 1.0).defer);
+        }
+        // At 90% the cheap tier would keep against the average (~0.2), not against the upper
+        // tier on items like this one (~0.005); at 99.9% it keeps.
+        assert!(
+            o.decide(&mut ItemState::default(), 0, &ctx(0.9, "x"), 0.0)
+                .defer
+        );
+        assert!(
+            !o.decide(&mut ItemState::default(), 0, &ctx(0.999, "x"), 0.0)
+                .defer
+        );
+    }
+
+    /// An OCL3 checkpoint (before the bucketed cost-to-go) loads, with the buckets empty.
+    #[test]
+    fn a_version_3_checkpoint_loads() {
+        let cfg = DeferralConfig {
+            target_top_share: Some(0.3),
+            ..quiet()
+        };
+        let mut o = OclDeferral::new(2, cfg).unwrap();
+        o.learn(0, &ctx(0.7, "x"), false);
         let mut buf = Vec::new();
         o.save(&mut buf).unwrap();
-        let explore = |o: &mut OclDeferral| {
-            (0..50)
-                .map(|_| {
-                    o.decide(&mut ItemState::default(), 0, &ctx(0.99, "x"), 1.0)
-                        .explored
-                })
-                .collect::<Vec<_>>()
-        };
+        let buckets = 3 * BUCKETS * 2 * 8;
+        let mut v3 = buf[..buf.len() - buckets].to_vec();
+        v3[..4].copy_from_slice(CHECKPOINT_MAGIC_V3);
         let mut back = OclDeferral::new(2, cfg).unwrap();
-        back.load(&mut buf.as_slice()).unwrap();
-        assert_eq!(back.mu(), o.mu());
+        back.load(&mut v3.as_slice()).unwrap();
         assert_eq!(
-            back.p_disagree(1, &ctx(0.7, "x")),
-            o.p_disagree(1, &ctx(0.7, "x"))
+            back.p_disagree(0, &ctx(0.7, "x")),
+            o.p_disagree(0, &ctx(0.7, "x"))
         );
-        assert_eq!(
-            explore(&mut back),
-            explore(&mut o),
-            "the exploration stream resumes where it was"
-        );
-        assert!(OclDeferral::new(3, cfg)
-            .unwrap()
-            .load(&mut buf.as_slice())
-            .is_err());
-        assert!(OclDeferral::new(2, DeferralConfig::default())
-            .unwrap()
-            .load(&mut buf.as_slice())
-            .is_err());
+        let mut other = buf.clone();
+        other[..4].copy_from_slice(b"OCL2");
+        let e = back.load(&mut other.as_slice()).unwrap_err().to_string();
+        assert!(e.contains("OCL3 or OCL4"), "{e}");
     }
 
     /// Through the engine's trait: every cheap tier that ran learns from the top tier's label
@@ -804,8 +901,7 @@ mod tests {
         };
         let before = p(&mut o);
         for _ in 0..500 {
-            let mut it = ItemState::default();
-            o.begin_item(&mut it);
+            let it = ItemState::default();
             // The top tier said 0 where the cheap tier said 1.
             o.end_item(
                 &it,
