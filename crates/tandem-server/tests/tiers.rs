@@ -215,6 +215,16 @@ async fn the_answer_that_ends_the_walk_streams() {
 /// the top tier's agreement which prompts to defer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ocl_learns_from_the_top_tier_which_items_to_send_up() {
+    ocl_learns(false).await;
+}
+
+/// The same when every client streams: the top tier's answer teaches once its stream is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ocl_learns_from_streamed_top_answers_too() {
+    ocl_learns(true).await;
+}
+
+async fn ocl_learns(stream: bool) {
     let (_small, su) = mock(reply(|p| {
         if p.contains("hard") {
             ("the answer is 5".into(), -0.05)
@@ -242,16 +252,24 @@ async fn ocl_learns_from_the_top_tier_which_items_to_send_up() {
             words[i % words.len()],
             i
         );
-        let r = post(&gw.url, &chat_body("t", &text)).await;
+        let mut body = chat_body("t", &text);
+        body["stream"] = json!(stream);
+        let r = post(&gw.url, &body).await;
         assert_eq!(r.status(), 200);
+        let up = header(&r, "x-tandem-tier-index") == "1";
+        // Read to the end: a stream's answer teaches when it is whole.
+        let _ = r.text().await.unwrap();
         if i >= 300 {
-            let up = header(&r, "x-tandem-tier-index") == "1";
             *(if hard { &mut hard_up } else { &mut easy_up }) += u32::from(up);
         }
     }
     // Of the last 50 of each kind: the hard ones go up, the easy ones mostly stay.
     assert!(hard_up >= 40, "hard items sent up: {hard_up} of 50");
     assert!(easy_up <= 20, "easy items sent up: {easy_up} of 50");
+    if stream {
+        gw.stop().await;
+        return;
+    }
     // Feedback on a response teaches the policy too (and is counted).
     let r = post(&gw.url, &chat_body("t", "easy question about tigers")).await;
     let id = r.json::<Value>().await.unwrap()["id"]

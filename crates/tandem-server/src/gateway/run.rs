@@ -74,8 +74,10 @@ pub(super) struct Streaming {
     pub call: Call,
     /// The upstream streaming (its index).
     pub by: usize,
-    /// An engine cascade: where it ended.
+    /// An engine cascade: where it ended, and its walk, open until the streamed answer is
+    /// whole (then the policy judges nothing more but learns from it).
     pub tiers: Option<TierOutcome>,
+    pub walk: Option<Box<tandem_core::engine::Walk>>,
 }
 
 /// Which of a route's models: the two-model roles, or a tier of an engine cascade.
@@ -860,6 +862,7 @@ impl<'a> Run<'a> {
             call,
             by,
             tiers: None,
+            walk: None,
         }
     }
 

@@ -62,6 +62,8 @@ struct Finisher {
     /// The upstream streaming.
     by: usize,
     tiers: Option<super::run::TierOutcome>,
+    /// An engine cascade's walk, finished when the stream ends.
+    walk: Option<Box<tandem_core::engine::Walk>>,
     started: Instant,
 }
 
@@ -186,6 +188,7 @@ impl StreamReply {
                 call: s.call,
                 by: s.by,
                 tiers: s.tiers,
+                walk: s.walk,
                 started: Instant::now(),
             }),
         }
@@ -288,7 +291,11 @@ impl Finisher {
     /// A stream that will not finish (the upstream failed mid-way, or the client left): its
     /// reservation is kept whole, and the spend shows in the metrics. Returns what the request
     /// was charged, in micro-dollars.
-    fn abandon(self) -> tandem_core::Micros {
+    fn abandon(mut self) -> tandem_core::Micros {
+        if let Some(w) = self.walk.take() {
+            let route = &self.gw.routes[self.ctx.route];
+            let _ = super::run::Run::finish_streamed(route, &self.ctx, w, None, None);
+        }
         // Kept at the bound of the upstream that streamed, not the group's most expensive one
         // (which the reservation was sized for).
         let bound = self
@@ -344,6 +351,10 @@ impl Finisher {
             elapsed: self.started.elapsed(),
             by: self.by,
         };
+        let walk = self.walk.and_then(|w| {
+            let (text, lp) = (answer.text(), answer.token_logprobs.clone());
+            super::run::Run::finish_streamed(route, &self.ctx, w, Some(text), lp)
+        });
         if let (Served::Large, Some(d), None) = (self.served, &self.draft, self.tiers) {
             super::run::Run::new(gw, route).teach(&self.ctx, d, &answer, true);
         }
@@ -360,7 +371,7 @@ impl Finisher {
             cost: self.cost + cost,
             tried: self.tried,
             tiers: self.tiers,
-            walk: None,
+            walk,
         };
         let (client, info) = gw.record(&self.ctx, done)?;
         Ok((info, client.get("usage").cloned().unwrap_or(Value::Null)))

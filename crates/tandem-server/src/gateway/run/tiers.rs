@@ -178,22 +178,10 @@ impl<'a> Run<'a> {
                 }
                 match r {
                     Ok(started) => {
-                        // The streamed answer's text comes after the decision: it teaches the
-                        // policy nothing, but the walk ends here (the share counts it).
-                        walk.set_learning(false);
-                        let mut e = self.engine()?;
-                        e.answered(
-                            &mut walk,
-                            &ctx.query,
-                            Reply::generated(String::new(), None),
-                            true,
-                        );
-                        let (served, _) = e
-                            .finish(&mut walk, &ctx.query, |_| 0)
-                            .map_err(Self::engine_error)?;
-                        drop(e);
+                        // The walk stays open until the stream is whole: then its text is the
+                        // answer the policy learns from (`finish_streamed`).
                         let outcome = TierOutcome {
-                            answered: served.tier,
+                            answered: tier,
                             called,
                             count: n,
                         };
@@ -209,6 +197,7 @@ impl<'a> Run<'a> {
                         };
                         let mut s = self.streaming(started, held, role_served, draft, &info);
                         s.tiers = Some(outcome);
+                        s.walk = Some(Box::new(walk));
                         return Ok(Ok(s));
                     }
                     Err(e) if e.is_upstream() => {
@@ -326,6 +315,32 @@ impl<'a> Run<'a> {
         });
         done.walk = Some(Box::new(walk));
         Ok(Err(done))
+    }
+
+    /// Ends an engine cascade's walk whose last answer was streamed: `text` is that answer once
+    /// whole (the policy learns from it, unless the client said no_learn), or None when the
+    /// stream did not finish (the share still counts the item; nothing is learned). Returns the
+    /// finished walk, for feedback.
+    pub(crate) fn finish_streamed(
+        route: &crate::route::RouteState,
+        ctx: &Ctx,
+        mut walk: Box<tandem_core::engine::Walk>,
+        text: Option<String>,
+        token_logprobs: Option<Vec<f32>>,
+    ) -> Option<Box<tandem_core::engine::Walk>> {
+        let mut e = route.engine()?;
+        if text.is_none() {
+            walk.set_learning(false);
+        }
+        let reply = Reply::generated(text.unwrap_or_default(), token_logprobs);
+        e.answered(&mut walk, &ctx.query, reply, true);
+        match e.finish(&mut walk, &ctx.query, |_| 0) {
+            Ok(_) => Some(walk),
+            Err(err) => {
+                tracing::warn!(route = route.name(), error = %err, "a streamed cascade's walk did not finish");
+                None
+            }
+        }
     }
 
     fn engine(
