@@ -6,7 +6,7 @@ use crate::resilience::{BreakerConfig, Group, RetryConfig};
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use tandem_core::money::usd_to_micros;
+use tandem_core::money::{micros_to_usd, usd_to_micros};
 use tandem_core::{BudgetLimits, Micros, Price};
 use thiserror::Error;
 
@@ -524,6 +524,12 @@ pub struct RouteConfig {
     pub switching: Option<tandem_core::londi::SwitchConfig>,
 }
 
+/// The call tiers' prices are compared on: 1,000 tokens in and 1,000 out.
+const REFERENCE_CALL: tandem_core::Usage = tandem_core::Usage {
+    input_tokens: 1000,
+    output_tokens: 1000,
+};
+
 /// The most tiers a cascade route may have.
 pub const MAX_TIERS: usize = 8;
 
@@ -812,6 +818,26 @@ impl ServerConfig {
                             .map_err(|(f, v, why)| bad(f, &v, &why))?;
                         tiers.push(g);
                     }
+                    // Cheapest first: the walk starts at the first tier and the budget meters
+                    // the steps up, so tiers out of order would call and budget the wrong ones.
+                    let price = |g: &Group| {
+                        g.members
+                            .iter()
+                            .filter_map(|&m| upstreams.get(m))
+                            .map(|u| u.price.cost(REFERENCE_CALL))
+                            .max()
+                            .unwrap_or(0)
+                    };
+                    for k in 1..tiers.len() {
+                        let (lo, hi) = (price(&tiers[k - 1]), price(&tiers[k]));
+                        if hi < lo {
+                            return Err(bad(
+                                at(&format!("tiers[{k}]")),
+                                &format!("{} (${:.6} a call of 1,000 tokens in and out, below tiers[{}]'s ${:.6})", specs[k], micros_to_usd(hi), k - 1, micros_to_usd(lo)),
+                                "tiers go cheapest first: each at least the price of the one before",
+                            ));
+                        }
+                    }
                     (tiers.first().cloned(), tiers.last().cloned())
                 }
                 _ if r.tiers.is_some() => {
@@ -950,8 +976,10 @@ impl ServerConfig {
                             at("gate"),
                             &format!("{:?}", r.gate).to_lowercase(),
                             &format!(
-                                "reads the small model's token log-probabilities, but upstream `{}` does not declare `logprobs = true`; declare it if the endpoint returns them, or use gate = \"learned\"",
-                                u.cfg.name
+                                "reads the {} token log-probabilities, but upstream `{}` does not declare `logprobs = true`; declare it if the endpoint returns them, or use gate = \"{}\"",
+                                if tiers.is_empty() { "small model's" } else { "cheap tiers'" },
+                                u.cfg.name,
+                                if tiers.is_empty() { "learned" } else { "ocl" }
                             ),
                         ));
                     }

@@ -112,6 +112,11 @@ pub fn observation(fb: &Feedback, p: &Pending) -> Result<Observation, GatewayErr
             s as f32
         }
         (_, Some(c), _) => f32::from(u8::from(c)),
+        (_, _, Some(r)) if r.trim().is_empty() => {
+            return Err(GatewayError::BadRequest(
+                "`reference` must not be empty: give the answer to grade against".into(),
+            ))
+        }
         (_, _, Some(r)) => agreement(&p.served_text, r),
         _ => 0.0,
     };

@@ -52,6 +52,8 @@ pub struct LearnerConfig {
     pub state_dir: Option<PathBuf>,
     pub persist_every: Duration,
     pub publish_every: Duration,
+    /// Every upstream's name, by index (a cascade policy's state names its tiers' upstreams).
+    pub upstreams: Vec<String>,
 }
 
 pub fn spawn(
@@ -152,7 +154,7 @@ fn persist_all(
             // Its refused file is the operator's evidence (and spend): never overwritten.
             continue;
         }
-        if let Err(e) = persist::save(dir, r, m) {
+        if let Err(e) = persist::save(dir, r, m, &cfg.upstreams) {
             errors.push(e.to_string());
         }
         // The journal stays small: rewritten as its spend total and open reservations.

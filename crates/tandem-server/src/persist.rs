@@ -55,8 +55,27 @@ struct Header {
 
 #[derive(Serialize, Deserialize)]
 struct PolicyHeader {
-    name: String,
+    /// The route's gate, as configured.
+    gate: String,
+    /// Each tier's upstreams (names joined by `|`), cheapest first: what the policy learned about.
+    tiers: Vec<String>,
     bytes: u64,
+}
+
+/// A route's tiers as a policy header names them.
+fn tier_names(route: &RouteState, upstreams: &[String]) -> Vec<String> {
+    route
+        .cfg
+        .tiers
+        .iter()
+        .map(|g| {
+            g.members
+                .iter()
+                .map(|&i| upstreams.get(i).map_or("?", String::as_str))
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect()
 }
 
 /// A route's state as loaded.
@@ -91,7 +110,12 @@ fn io_err(path: &Path, what: &str, e: impl std::fmt::Display) -> GatewayError {
 }
 
 /// Writes one route's state; `learned` is the learner's master copy.
-pub fn save(dir: &Path, route: &RouteState, learned: &Learned) -> Result<(), GatewayError> {
+pub fn save(
+    dir: &Path,
+    route: &RouteState,
+    learned: &Learned,
+    upstreams: &[String],
+) -> Result<(), GatewayError> {
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, "cannot create", e))?;
     let path = state_path(dir, route.name());
     let c = &route.counters;
@@ -122,7 +146,8 @@ pub fn save(dir: &Path, route: &RouteState, learned: &Learned) -> Result<(), Gat
                 .save()
                 .map_err(|err| io_err(&path, "cannot encode the cascade policy", err))?;
             header.policy = Some(PolicyHeader {
-                name: e.policy().name().to_string(),
+                gate: route.cfg.cfg.gate.name().to_string(),
+                tiers: tier_names(route, upstreams),
                 bytes: bytes.len() as u64,
             });
             bytes
@@ -232,7 +257,12 @@ fn split(bytes: &[u8]) -> Result<(&[u8], &[u8], bool), String> {
 /// Loads a route's state if a file exists, into the route; returns the learner's master copy.
 /// Errors name the file and the fault (unreadable, too large, unknown version, bad lengths or
 /// checksum, a header or weights that do not parse, a model of another kind).
-pub fn load(dir: &Path, route: &RouteState, now: u64) -> Result<Option<Restored>, GatewayError> {
+pub fn load(
+    dir: &Path,
+    route: &RouteState,
+    now: u64,
+    upstreams: &[String],
+) -> Result<Option<Restored>, GatewayError> {
     let path = state_path(dir, route.name());
     let bad = |why: &str| {
         GatewayError::Internal(format!(
@@ -276,13 +306,22 @@ pub fn load(dir: &Path, route: &RouteState, now: u64) -> Result<Option<Restored>
     // The engine policy's state is the end of the weights.
     let policy_bytes = match (&header.policy, route.engine()) {
         (None, _) => None,
-        (Some(p), Some(e)) => {
-            if p.name != e.policy().name() {
+        (Some(p), Some(_)) => {
+            let gate = route.cfg.cfg.gate.name();
+            if p.gate != gate {
                 return Err(bad(&format!(
-                    "it holds a `{}` cascade policy but route `{}` now runs `{}` (its gate changed)",
-                    p.name,
+                    "its cascade policy was learned with gate = \"{}\" but route `{}` now has gate = \"{gate}\"",
+                    p.gate,
                     route.name(),
-                    e.policy().name()
+                )));
+            }
+            let now_tiers = tier_names(route, upstreams);
+            if p.tiers != now_tiers {
+                return Err(bad(&format!(
+                    "its cascade policy learned about tiers [{}] but route `{}` now has tiers [{}]",
+                    p.tiers.join(", "),
+                    route.name(),
+                    now_tiers.join(", ")
                 )));
             }
             let n = usize::try_from(p.bytes)
@@ -300,8 +339,8 @@ pub fn load(dir: &Path, route: &RouteState, now: u64) -> Result<Option<Restored>
         }
         (Some(p), None) => {
             return Err(bad(&format!(
-                "it holds a `{}` cascade policy but route `{}` is no longer a cascade of tiers",
-                p.name,
+                "it holds a cascade policy (gate = \"{}\") but route `{}` is no longer a cascade of tiers",
+                p.gate,
                 route.name()
             )))
         }
@@ -432,14 +471,14 @@ max_calls = 10
         h2.settle(4);
         r.counters.requests.store(7, Ordering::Relaxed);
         let learned = Learned::for_route(&r.cfg).unwrap();
-        save(dir, &r, &learned).unwrap();
+        save(dir, &r, &learned, &[]).unwrap();
         std::fs::read(state_path(dir, "rb")).unwrap()
     }
 
     fn load_bytes(dir: &Path, bytes: &[u8]) -> Result<RouteState, String> {
         std::fs::write(state_path(dir, "rb"), bytes).unwrap();
         let r = route();
-        load(dir, &r, 1000).map_err(|e| e.to_string())?.unwrap();
+        load(dir, &r, 1000, &[]).map_err(|e| e.to_string())?.unwrap();
         Ok(r)
     }
 
@@ -569,7 +608,7 @@ max_calls = 10
         assert_eq!(Counters::get(&r.counters.requests), 7);
         // Saving writes version 2.
         let learned = Learned::for_route(&r.cfg).unwrap();
-        save(dir.path(), &r, &learned).unwrap();
+        save(dir.path(), &r, &learned, &[]).unwrap();
         let again = std::fs::read(state_path(dir.path(), "rb")).unwrap();
         assert_eq!(&again[..8], MAGIC);
     }
@@ -581,7 +620,7 @@ max_calls = 10
         let f = std::fs::File::create(&path).unwrap();
         // Sparse: no disk space used.
         f.set_len(MAX_STATE_BYTES + 1).unwrap();
-        let e = load(dir.path(), &route(), 1000).err().unwrap().to_string();
+        let e = load(dir.path(), &route(), 1000, &[]).err().unwrap().to_string();
         assert!(e.contains("rb.state") && e.contains("more than"), "{e}");
     }
 }

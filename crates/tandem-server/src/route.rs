@@ -85,7 +85,10 @@ pub fn engine_cascade(r: &RouteCfg) -> Result<Cascade, tandem_core::CoreError> {
             (None, None) => Box::new(shunt::max_prob_gate(share()?, c.seed)?),
         },
         CascadeGate::Energy => Box::new(energy::energy_gate(share()?, 1.0, c.seed)?),
-        CascadeGate::Random => Box::new(RandomDeferral::new(share()?, c.seed)),
+        // The gateway pays for every call: only the tier that will answer is called.
+        CascadeGate::Random => {
+            Box::new(RandomDeferral::new(share()?, c.seed).calling_only_what_answers())
+        }
         CascadeGate::Ocl | CascadeGate::Learned => Box::new(Ocl::new(
             n - 1,
             DeferralConfig {

@@ -10,6 +10,8 @@ pub struct RandomDeferral {
     share: f64,
     seed: u64,
     rng: ChaCha8Rng,
+    /// Enter where the item will be answered (see [`RandomDeferral::calling_only_what_answers`]).
+    direct: bool,
 }
 
 impl RandomDeferral {
@@ -18,7 +20,17 @@ impl RandomDeferral {
             share,
             seed,
             rng: ChaCha8Rng::seed_from_u64(seed),
+            direct: false,
         }
+    }
+
+    /// Calls only the tier that will answer: an item enters at the last cheap tier, or at the
+    /// top when drawn for it, since the tiers below would never answer. For a front end that
+    /// pays for every call (the gateway); local tiers that learn from every item (`tandem run`)
+    /// keep the whole walk.
+    pub fn calling_only_what_answers(mut self) -> Self {
+        self.direct = true;
+        self
     }
 }
 
@@ -31,6 +43,14 @@ impl Deferral for RandomDeferral {
     fn begin_item(&mut self, item: &mut ItemState) {
         let draw: f64 = self.rng.gen();
         item.send_up = draw < self.share;
+    }
+
+    fn entry(&mut self, item: &mut ItemState, _query: &crate::query::Query, top: usize) -> usize {
+        match (self.direct, item.send_up) {
+            (false, _) => 0,
+            (true, true) => top,
+            (true, false) => top.saturating_sub(1),
+        }
     }
 
     /// Only the last cheap tier answers, and only the items not drawn for the top tier.
@@ -59,6 +79,67 @@ mod tests {
 
     fn step(tier: usize) -> Step<'static> {
         crate::policy::test_step(tier, 2, &[], &[], 0, 1.0)
+    }
+
+    /// Calling only what answers: each item enters at the last cheap tier or at the top.
+    #[test]
+    fn calling_only_what_answers_enters_where_the_item_is_answered() {
+        use crate::budget::Budget;
+        use crate::engine::{Cascade, Hint, Reply, Tiers};
+        use crate::policy::teaching::Teaching;
+        use crate::query::Query;
+        struct Count(Vec<u32>);
+        impl Tiers for Count {
+            type Error = crate::error::CoreError;
+            fn count(&self) -> usize {
+                self.0.len()
+            }
+            fn estimate(&mut self, _: usize, _: &Query) -> crate::Micros {
+                1
+            }
+            fn warm(&mut self, _: usize) -> bool {
+                true
+            }
+            fn updates(&mut self, _: usize) -> u64 {
+                0
+            }
+            fn answer(
+                &mut self,
+                t: usize,
+                _: &Query,
+                _: Option<Hint>,
+            ) -> Result<Reply, Self::Error> {
+                self.0[t] += 1;
+                Ok(Reply::generated(format!("tier {t}"), None))
+            }
+            fn learn(&mut self, _: usize, _: &str, _: usize, _: f32) -> Result<(), Self::Error> {
+                Ok(())
+            }
+        }
+        for (direct, calls0) in [(false, true), (true, false)] {
+            let mut r = RandomDeferral::new(0.3, 3);
+            if direct {
+                r = r.calling_only_what_answers();
+            }
+            let mut c = Cascade::new(4, Box::new(r), Teaching::default()).unwrap();
+            let mut t = Count(vec![0; 4]);
+            for i in 0..1000 {
+                c.serve(
+                    &mut t,
+                    &Budget::unlimited(),
+                    &Query::text(i.to_string(), "x"),
+                )
+                .unwrap();
+            }
+            let [a, b, mid, top] = [t.0[0], t.0[1], t.0[2], t.0[3]];
+            assert_eq!(a > 0, calls0, "{:?}", t.0);
+            assert_eq!(a, b);
+            // Every item is answered by the last cheap tier or the top, about 30% by the top.
+            assert!((250..350).contains(&top), "{:?}", t.0);
+            if direct {
+                assert_eq!(mid + top, 1000, "{:?}", t.0);
+            }
+        }
     }
 
     #[test]

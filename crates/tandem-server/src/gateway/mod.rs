@@ -122,12 +122,13 @@ impl Gateway {
             Some(sh) => Some(open_shared(sh)?),
             None => None,
         };
+        let upstream_names: Vec<String> = upstreams.iter().map(|u| u.name.clone()).collect();
         let mut masters = Vec::new();
         let mut restored_any = Vec::new();
         for r in &routes {
             let restored = match &state_dir {
                 // A bad file stops its own route's large calls, not the gateway.
-                Some(d) => match persist::load(d, r, now) {
+                Some(d) => match persist::load(d, r, now, &upstream_names) {
                     Ok(m) => m,
                     Err(e) => {
                         tracing::error!(route = r.name(), error = %e, "state file refused: the route serves with its large model's budget closed");
@@ -193,6 +194,7 @@ impl Gateway {
                 state_dir,
                 persist_every: Duration::from_secs(cfg.server.persist_interval_s.max(1)),
                 publish_every: Duration::from_millis(100),
+                upstreams: upstream_names,
             },
         )
         .map_err(|e| GatewayError::Internal(format!("cannot start the learner: {e}")))?;
@@ -528,7 +530,10 @@ impl Gateway {
             route: rc.name.clone(),
             tier: up.name.clone(),
             role: role.into(),
-            escalated: done.small.is_some() && done.large.is_some(),
+            // A cascade of tiers escalated when it called more than the tier it entered at.
+            escalated: done
+                .tiers
+                .map_or(done.small.is_some() && done.large.is_some(), |t| t.called > 1),
             score: done.score,
             cost_usd: micros_to_usd(done.cost),
             capped: done.capped,

@@ -156,7 +156,9 @@ impl StreamReply {
                 (None, Served::Small) => "small",
             }
             .into(),
-            escalated: s.draft.is_some() && s.served == Served::Large,
+            escalated: s
+                .tiers
+                .map_or(s.draft.is_some() && s.served == Served::Large, |t| t.called > 1),
             score: s.score,
             cost_usd: tandem_core::money::micros_to_usd(s.cost),
             capped: s.capped,

@@ -303,8 +303,9 @@ impl<'a> Run<'a> {
         } else {
             answers[..top].iter_mut().rev().find_map(Option::take)
         };
+        // No one score speaks for a walk of several tiers' decisions.
         let info = super::PlanInfo {
-            score: Some(served.confidence),
+            score: None,
             capped,
         };
         let mut done = self.done(small, large, &info);
