@@ -406,4 +406,74 @@ mod tests {
         let e = other.restore(Some(&saved), 50).unwrap_err().to_string();
         assert!(e.contains("holds Energy gates"), "{e}");
     }
+
+    /// A checkpoint written before the free-step tables (version 1: no `free`, no `version`)
+    /// loads with them empty; one from a newer layout is refused, naming the versions.
+    #[test]
+    fn a_version_1_checkpoint_loads_and_a_newer_one_is_refused() {
+        let g = ShareGates::new(GateScore::MaxProb, 0.3, 1.0, 5).unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&g.save().unwrap()).unwrap();
+        assert_eq!(v["version"], 2);
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("free");
+        obj.remove("version");
+        let v1 = serde_json::to_vec(&v).unwrap();
+        let mut back = ShareGates::new(GateScore::MaxProb, 0.3, 1.0, 5).unwrap();
+        back.restore(Some(&v1), 0).unwrap();
+        assert!(back.free.errors.is_empty() && back.version == VERSION);
+        let mut v9 = v.clone();
+        v9["version"] = 9.into();
+        let e = back
+            .restore(Some(&serde_json::to_vec(&v9).unwrap()), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("version 9") && e.contains("up to 2"), "{e}");
+    }
+
+    /// Below a free tier that is right more often (the top agrees with it 90% of the time, with
+    /// the cheap tier 60%, whatever the cheap tier's confidence), the cheap tier keeps almost
+    /// nothing, however low the share; the threshold is not consulted there.
+    #[test]
+    fn below_a_free_better_tier_the_cheap_tier_keeps_almost_nothing() {
+        let mut g = ShareGates::new(GateScore::MaxProb, 0.1, 1.0, 7).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut kept = 0;
+        for k in 0..3000 {
+            let c0: f32 = 0.6 + 0.4 * rand::Rng::gen::<f32>(&mut rng);
+            let c1: f32 = 0.6 + 0.4 * rand::Rng::gen::<f32>(&mut rng);
+            let right0 = rand::Rng::gen::<f32>(&mut rng) < 0.6;
+            let right1 = rand::Rng::gen::<f32>(&mut rng) < 0.9;
+            let (p0, p1) = ([1.0 - c0, c0], [1.0 - c1, c1]);
+            let mut s0 = crate::policy::test_step(0, 2, &p0, &[], 1, c0);
+            s0.next_cost = 0.0;
+            let s1 = crate::policy::test_step(1, 2, &p1, &[], 1, c1);
+            let mut it = ItemState::default();
+            g.begin_item(&mut it);
+            let up0 = g.defer(&mut it, &s0);
+            let up1 = up0 && g.defer(&mut it, &s1);
+            let answered = usize::from(up0) + usize::from(up1);
+            // The top tier is taken as right (label 1); a tier that is wrong says 0.
+            let (mut t0, mut t1) = (s0, s1);
+            t0.label = if right0 { 1 } else { 0 };
+            t1.label = if right1 { 1 } else { 0 };
+            let cheap = if up0 { vec![t0, t1] } else { vec![t0] };
+            let top_label = up1.then_some(1);
+            g.end_item(
+                &it,
+                &Finished {
+                    query: &crate::policy::TEST_QUERY,
+                    top_text: None,
+                    answered,
+                    top: 2,
+                    top_label,
+                    cheap: &cheap,
+                },
+            );
+            if k >= 1000 {
+                kept += u32::from(!up0);
+            }
+        }
+        // Only the exploration's and warm-up's noise: well under a tenth of 2000.
+        assert!(kept < 150, "kept {kept}");
+    }
 }
