@@ -1,7 +1,7 @@
 //! Issue 14, item 5: at a low top-tier share, a cheap tier under a free, better one must not keep
 //! what the free tier would answer better. Synthetic three-tier streams (a cheap tier, a free
 //! tier above it that is better, a priced top tier) of several kinds, several seeds, through the
-//! real engine: OCL is at least as accurate as random deferral at the same share (which lets the
+//! real engine: OCL and the share-held gates (the DS+ shunt, E-LANG's energy) are at least as accurate as random deferral at the same share (which lets the
 //! best cheap tier answer everything it does not send up), and its cheapest tier answers only a
 //! little. The streams are seeded, so the numbers are exact; the margins are
 //! there so that a small change to a policy does not flip them.
@@ -10,8 +10,10 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tandem_core::engine::{Cascade, Hint, Reply, Tiers};
+use tandem_core::policy::energy::energy_gate;
 use tandem_core::policy::ocl::{DeferralConfig, Ocl};
 use tandem_core::policy::random::RandomDeferral;
+use tandem_core::policy::shunt::max_prob_gate;
 use tandem_core::policy::teaching::Teaching;
 use tandem_core::policy::Deferral;
 use tandem_core::{Budget, CoreError, Micros, Query};
@@ -99,7 +101,11 @@ impl Tiers for Synthetic<'_> {
         let label = if right { item.gold } else { 1 - item.gold };
         let mut probs = vec![1.0 - conf; 2];
         probs[label] = conf;
-        let logits = probs.iter().map(|p| p.ln()).collect();
+        // A two-class softmax head's logits: centred, as one trained from zero keeps them (not
+        // log-probabilities, whose energy −logsumexp(ln p) is 0 for every item).
+        let half = 0.5 * (conf / (1.0 - conf)).ln();
+        let mut logits = vec![-half; 2];
+        logits[label] = half;
         Ok(Reply {
             cost: [0, 0, 100][tier],
             ..Reply::classes(probs, logits)
@@ -236,4 +242,43 @@ fn ocl_under_a_free_better_tier_beats_random_deferral_at_low_shares() {
 #[test]
 fn ocl_on_short_streams_beats_random_deferral_at_low_shares() {
     at_least_random("OCL short", 1200, &ocl);
+}
+
+/// The cheapest tier's share of answers stays small where the free tier above is better at
+/// every confidence of the cheapest's (see the OCL test above for why the calibrated stream and
+/// the 15% share are left out).
+fn answers_little(name: &str, cheapest: Vec<(Kind, f64, f64)>) {
+    for (kind, share, low) in cheapest {
+        if matches!(kind, Kind::Calibrated) || share < 0.2 {
+            continue;
+        }
+        assert!(
+            low <= 0.18,
+            "{name} {kind:?} share {share}: the cheapest tier answers {low:.3}"
+        );
+    }
+}
+
+fn shunt(share: f64, seed: u64) -> Box<dyn Deferral> {
+    Box::new(max_prob_gate(share, seed).unwrap())
+}
+
+fn energy(share: f64, seed: u64) -> Box<dyn Deferral> {
+    Box::new(energy_gate(share, 1.0, seed).unwrap())
+}
+
+#[test]
+fn the_held_shunt_under_a_free_better_tier_beats_random_deferral_at_low_shares() {
+    answers_little("shunt", at_least_random("shunt", 3000, &shunt));
+}
+
+#[test]
+fn the_held_energy_gate_under_a_free_better_tier_beats_random_deferral_at_low_shares() {
+    answers_little("energy", at_least_random("energy", 3000, &energy));
+}
+
+#[test]
+fn the_held_gates_on_short_streams_beat_random_deferral_at_low_shares() {
+    at_least_random("shunt short", 1200, &shunt);
+    at_least_random("energy short", 1200, &energy);
 }

@@ -5,6 +5,14 @@
 //! Here the energy is held to a target share of items reaching the top tier with one threshold for
 //! every cheap tier ([`super::held`]). It reads only logits, so it applies to any tier exposing
 //! them, and it differs from max probability where the scale of the logits carries information.
+//!
+//! It does not on a two-class linear head trained from zero (the hashed learner, the MiniLM
+//! head): softmax cross-entropy's gradients for the two classes are opposite, so the logits stay
+//! centred, f = (−a, a), and E = −T·logsumexp(±a/T) falls as max probability rises — the gate then
+//! ranks, and decides, exactly as the held shunt. The logits passed are the models' raw ones (no
+//! log-probabilities); the scale E-LANG reads is there in an LLM's verbalizer logits and a local
+//! generator's token logits, not in an API's top log-probabilities (their energy is −ln of the
+//! listed tokens' probability mass).
 
 use super::held::{GateScore, ShareGates};
 use super::signals::energy;
@@ -72,5 +80,45 @@ mod tests {
             quiet_up > 800 && loud_up < 100,
             "quiet {quiet_up} loud {loud_up}"
         );
+    }
+
+    /// Why the energy gate matched the shunt row for row on two-class streams: a two-class
+    /// online softmax trained from zero keeps centred logits, so its energy is a decreasing
+    /// function of its max probability (same ranking, same decisions); uncentred logits (an
+    /// LLM's) with the same max probability have different energies.
+    #[test]
+    fn a_two_class_head_from_zero_has_energy_tied_to_max_probability() {
+        use crate::features::{FeatureVec, Featurizer, TextFeatures};
+        use crate::learner::{LearnerConfig, OnlineSoftmax};
+        let mut m = OnlineSoftmax::new(LearnerConfig::binary(12)).unwrap();
+        let mut f = Featurizer::new(12).unwrap();
+        let texts = [
+            "good fun film",
+            "dull and long",
+            "a fine cast",
+            "bad plot",
+            "great",
+        ];
+        let mut x = FeatureVec::default();
+        let mut probs = [0.0f32; 2];
+        for k in 0..200 {
+            x.clear();
+            f.add_text(0, texts[k % 5], TextFeatures::default(), 1.0, &mut x);
+            m.learn(&x, usize::from(k % 5 % 2 == 0), 1.0, &mut probs);
+        }
+        let mut seen = Vec::new();
+        for t in texts.iter().chain(&["unseen words", "good but dull"]) {
+            x.clear();
+            f.add_text(0, t, TextFeatures::default(), 1.0, &mut x);
+            let mut logits = [0.0f32; 2];
+            m.logits(&x, &mut logits);
+            assert!((logits[0] + logits[1]).abs() < 1e-4, "{logits:?}");
+            m.predict(&x, &mut probs);
+            seen.push((probs[0].max(probs[1]), energy(&logits, 1.0)));
+        }
+        seen.sort_by(|a, b| a.0.total_cmp(&b.0));
+        assert!(seen.windows(2).all(|w| w[1].1 <= w[0].1 + 1e-6), "{seen:?}");
+        // An LLM's raw logits with the same margin but another level: another energy.
+        assert!((energy(&[2.0, 4.0], 1.0) - energy(&[-1.0, 1.0], 1.0)).abs() > 1.0);
     }
 }
