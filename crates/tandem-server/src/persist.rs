@@ -478,7 +478,9 @@ max_calls = 10
     fn load_bytes(dir: &Path, bytes: &[u8]) -> Result<RouteState, String> {
         std::fs::write(state_path(dir, "rb"), bytes).unwrap();
         let r = route();
-        load(dir, &r, 1000, &[]).map_err(|e| e.to_string())?.unwrap();
+        load(dir, &r, 1000, &[])
+            .map_err(|e| e.to_string())?
+            .unwrap();
         Ok(r)
     }
 
@@ -620,7 +622,10 @@ max_calls = 10
         let f = std::fs::File::create(&path).unwrap();
         // Sparse: no disk space used.
         f.set_len(MAX_STATE_BYTES + 1).unwrap();
-        let e = load(dir.path(), &route(), 1000, &[]).err().unwrap().to_string();
+        let e = load(dir.path(), &route(), 1000, &[])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("rb.state") && e.contains("more than"), "{e}");
     }
 }

@@ -308,7 +308,25 @@ async fn ocl_learns(stream: bool) {
         .unwrap();
     let g = tandem_server::Gateway::start(&v).unwrap();
     let why = g.routes()[0].refused_state().unwrap().to_string();
-    assert!(why.contains("`ocl`") && why.contains("`energy`"), "{why}");
+    assert!(
+        why.contains("gate = \"ocl\"") && why.contains("gate = \"energy\""),
+        "{why}"
+    );
+    drop(g);
+    // So is one whose tiers are other upstreams now (the learned deferral is about those).
+    let swapped = cfg
+        .replace("tiers = [\"s\", \"l\"]", "tiers = [\"s2\", \"l\"]")
+        .replace("[[upstream]]\nname = \"s\"", "[[upstream]]\nname = \"s2\"");
+    let v = toml::from_str::<tandem_server::config::ServerConfig>(&swapped)
+        .unwrap()
+        .validate(std::path::Path::new("test.toml"), dir.path().to_path_buf())
+        .unwrap();
+    let g = tandem_server::Gateway::start(&v).unwrap();
+    let why = g.routes()[0].refused_state().unwrap().to_string();
+    assert!(
+        why.contains("tiers [s, l]") && why.contains("tiers [s2, l]"),
+        "{why}"
+    );
 }
 
 #[test]
@@ -346,6 +364,11 @@ fn bad_tier_configs_name_the_field() {
         (
             "tiers = [\"a\", \"b\", \"c\"]\ngate = \"ocl\"\nthreshold = 0.5",
             "route[0].threshold",
+        ),
+        // Out of price order: the walk would start at the dearest tier.
+        (
+            "tiers = [\"a\", \"c\", \"b\"]\nthreshold = 1.0",
+            "route[0].tiers[2] = \"b\" ($0.010000",
         ),
     ] {
         let text = format!("{ups}[[route]]\nname = \"x\"\nkind = \"cascade\"\n{route}\n");
@@ -451,5 +474,29 @@ max_tokens = 6
         .save()
         .unwrap();
     assert_ne!(before, after, "OCL learned nothing from the top tier");
+    gw.stop().await;
+}
+
+/// Random deferral pays only for the tier that answers: the tiers below the last cheap one are
+/// never called, and about the target share goes to the top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_deferral_calls_only_the_tier_that_answers() {
+    let (m, ups) = three_mocks().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{ups}[[route]]\nname = \"t\"\nkind = \"cascade\"\ntiers = [\"t0\", \"t1\", \"t2\"]\ngate = \"random\"\ntarget_share = 0.3\n"
+    );
+    let gw = start(&cfg, dir.path()).await;
+    for i in 0..200 {
+        let r = post(&gw.url, &chat_body("t", &format!("question {i}"))).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-tandem-tiers-called"), "1");
+    }
+    let [a, b, c] = [m[0].calls(), m[1].calls(), m[2].calls()];
+    assert_eq!((a, b + c), (0, 200), "{a} {b} {c}");
+    assert!(
+        (40..=80).contains(&c),
+        "top calls {c} of 200 at a 30% share"
+    );
     gw.stop().await;
 }

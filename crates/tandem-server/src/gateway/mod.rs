@@ -533,7 +533,9 @@ impl Gateway {
             // A cascade of tiers escalated when it called more than the tier it entered at.
             escalated: done
                 .tiers
-                .map_or(done.small.is_some() && done.large.is_some(), |t| t.called > 1),
+                .map_or(done.small.is_some() && done.large.is_some(), |t| {
+                    t.called > 1
+                }),
             score: done.score,
             cost_usd: micros_to_usd(done.cost),
             capped: done.capped,

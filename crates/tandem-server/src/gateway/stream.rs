@@ -158,7 +158,9 @@ impl StreamReply {
             .into(),
             escalated: s
                 .tiers
-                .map_or(s.draft.is_some() && s.served == Served::Large, |t| t.called > 1),
+                .map_or(s.draft.is_some() && s.served == Served::Large, |t| {
+                    t.called > 1
+                }),
             score: s.score,
             cost_usd: tandem_core::money::micros_to_usd(s.cost),
             capped: s.capped,
