@@ -63,9 +63,14 @@ pub enum GatewayError {
     /// included).
     #[error("route `{route}`: no answer within its deadline of {ms} ms")]
     DeadlineExceeded { route: String, ms: u64 },
-    /// Connection failure, a cut or malformed answer: the upstream could not be read.
+    /// Connection failure, a cut or malformed answer: the upstream could not be read. `sent`:
+    /// the request reached it (false when the connection was never made: it cannot be billed).
     #[error("upstream `{upstream}` failed: {reason}")]
-    Upstream { upstream: String, reason: String },
+    Upstream {
+        upstream: String,
+        reason: String,
+        sent: bool,
+    },
     /// The upstream answered 5xx; `retry_after` is its `Retry-After` header, as sent.
     #[error("upstream `{upstream}` returned HTTP {status}: {reason}")]
     UpstreamStatus {

@@ -500,3 +500,28 @@ async fn random_deferral_calls_only_the_tier_that_answers() {
     );
     gw.stop().await;
 }
+
+/// A tier whose upstream refuses the connection was never sent the request: its reservation is
+/// given back, so it does not use up the calls the tiers above need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_tier_costs_no_budget() {
+    let (m, ups) = three_mocks().await;
+    let ups = ups + &upstream("down", "http://127.0.0.1:9/v1", "token:1:2");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{ups}[[route]]\nname = \"t\"\nkind = \"cascade\"\ntiers = [\"t0\", \"down\", \"t2\"]\nthreshold = 1.0\nexplore = 0.0\n[route.budget]\nmax_calls = 2\n"
+    );
+    let gw = start(&cfg, dir.path()).await;
+    for _ in 0..2 {
+        let r = post(&gw.url, &chat_body("t", "hard proof")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-tandem-tier-index"), "2");
+        assert_eq!(header(&r, "x-tandem-capped"), "false");
+    }
+    assert_eq!(
+        m[2].calls(),
+        2,
+        "both items reached the top within two calls"
+    );
+    gw.stop().await;
+}

@@ -419,9 +419,17 @@ impl Gateway {
         let mut run = Run::new(self, route);
         // A cascade of tiers runs on the core's engine, call by call.
         if route.engine.is_some() && kind == RouteKind::Cascade && force.is_none() {
-            let done = match run.tiers(&ctx, &call, req.stream).await? {
-                Ok(s) => return Ok(Reply::Stream(StreamReply::new(self.clone(), ctx, s))),
-                Err(done) => done,
+            let done = match run.tiers(&ctx, &call, req.stream).await {
+                Ok(Ok(s)) => return Ok(Reply::Stream(StreamReply::new(self.clone(), ctx, s))),
+                Ok(Err(done)) => done,
+                Err(e) => {
+                    // Tiers called before the error were paid for: the spend still counts.
+                    if run.cost > 0 {
+                        metrics::counter!("tandem_spend_micros_total", "route" => route.name().to_string())
+                            .increment(run.cost);
+                    }
+                    return Err(e);
+                }
             };
             return self.whole_reply(&ctx, done);
         }

@@ -898,7 +898,7 @@ impl<'a> Run<'a> {
 fn may_have_billed(e: &GatewayError) -> bool {
     matches!(
         e,
-        GatewayError::UpstreamTimeout { .. } | GatewayError::Upstream { .. }
+        GatewayError::UpstreamTimeout { .. } | GatewayError::Upstream { sent: true, .. }
     )
 }
 

@@ -174,6 +174,7 @@ mod tests {
         let reset = GatewayError::Upstream {
             upstream: "u".into(),
             reason: "connection reset".into(),
+            sent: true,
         };
         for e in [
             timeout,

@@ -188,6 +188,7 @@ impl GgufBackend {
                 Err(e) => Err(GatewayError::Upstream {
                     upstream: name,
                     reason: e.to_string(),
+                    sent: true,
                 }),
             };
             let _ = tx.blocking_send(last);
@@ -221,6 +222,7 @@ impl GgufBackend {
         .map_err(|e| GatewayError::Upstream {
             upstream: name.to_string(),
             reason: e.to_string(),
+            sent: true,
         });
         let (g, opts) = g?;
         if g.timed_out {

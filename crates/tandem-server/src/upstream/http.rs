@@ -210,9 +210,10 @@ fn failure(name: &str, timeout: Duration, e: reqwest::Error) -> GatewayError {
     if e.is_timeout() {
         timeout_err(name, timeout)
     } else {
-        // Without the URL: it may carry credentials.
+        // Without the URL: it may carry credentials. A connection never made sent nothing.
         GatewayError::Upstream {
             upstream: name.to_string(),
+            sent: !e.is_connect(),
             reason: scrub(&e.without_url().to_string()),
         }
     }
@@ -302,6 +303,7 @@ impl SseReader {
             let bad = |why: String| GatewayError::Upstream {
                 upstream: name.to_string(),
                 reason: format!("malformed stream: {}", scrub(&why)),
+                sent: true,
             };
             let v: Map<String, Value> = match serde_json::from_str(data) {
                 Ok(v) => v,
@@ -337,6 +339,7 @@ impl SseReader {
         GatewayError::Upstream {
             upstream: name.to_string(),
             reason: "the stream ended before its finish".into(),
+            sent: true,
         }
     }
 }
@@ -346,6 +349,7 @@ fn parse(name: &str, bytes: &[u8], elapsed: Duration) -> Result<Answered, Gatewa
     let bad = |why: String| GatewayError::Upstream {
         upstream: name.to_string(),
         reason: format!("malformed response: {}", scrub(&why)),
+        sent: true,
     };
     let body: Map<String, Value> = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
     let choice = body

@@ -326,6 +326,7 @@ pub async fn until_answer(
                 return Err(GatewayError::Upstream {
                     upstream: name.to_string(),
                     reason: "the stream ended before any answer".into(),
+                    sent: true,
                 })
             }
         }
