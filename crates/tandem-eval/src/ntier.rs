@@ -79,6 +79,33 @@ impl Ladder {
                 data.models.join(", ")
             )));
         }
+        for (k, (n, _)) in prices.iter().enumerate() {
+            if prices[..k].iter().any(|(p, _)| p == n) {
+                return Err(EvalError::Invalid(format!(
+                    "--price names model {n:?} twice"
+                )));
+            }
+            // A recorded cost is what the model was charged: a price would be ignored.
+            if data.model_index(n).is_ok_and(|m| data.has_costs(m)) {
+                return Err(EvalError::Invalid(format!(
+                    "--price {n}: the file records what each of {n:?}'s answers cost (`cost.{n}`), which is what it is charged; drop the --price"
+                )));
+            }
+        }
+        let unpriced: Vec<&str> = models
+            .iter()
+            .map(|&m| data.models[m].as_str())
+            .filter(|name| {
+                !prices.iter().any(|(n, _)| n == name)
+                    && !data.model_index(name).is_ok_and(|m| data.has_costs(m))
+            })
+            .collect();
+        if unpriced.len() > 1 {
+            return Err(bad(format!(
+                "models {} have no price: record field `cost.NAME` (dollars) on every line, or give --price NAME=token:IN[:OUT] or --price NAME=call:USD for each",
+                unpriced.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+            )));
+        }
         let mut tiers = Vec::with_capacity(models.len());
         for &m in &models {
             let name = &data.models[m];
@@ -633,10 +660,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("at least two models; 1 given"), "{e}");
-        let e = Ladder::new(ds, &["mid".into(), "nope".into()], &[], 1)
+        let e = Ladder::new(ds.clone(), &["mid".into(), "nope".into()], &[], 1)
             .unwrap_err()
             .to_string();
         assert!(e.contains("model \"nope\" is not in the file"), "{e}");
+        // Every unpriced model is named at once; a price twice, or for a model whose costs are
+        // recorded, is refused rather than silently dropped.
+        let e = Ladder::new(ds.clone(), &[], &[], 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("models \"big\", \"small\" have no price"), "{e}");
+        let twice = [
+            ("big".into(), price("call:1")),
+            ("big".into(), price("call:2")),
+        ];
+        let e = Ladder::new(ds.clone(), &[], &twice, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--price names model \"big\" twice"), "{e}");
+        let recorded = [("mid".into(), price("call:1"))];
+        let e = Ladder::new(ds, &[], &recorded, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("records what each of \"mid\"'s answers cost"),
+            "{e}"
+        );
     }
 
     #[test]
