@@ -7,7 +7,48 @@ use crate::error::AgentError;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
-use tandem_core::londi::{Switch, SwitchController, SwitchState};
+use tandem_core::engine::{Cascade, Next};
+use tandem_core::londi::{Switch, SwitchConfig};
+use tandem_core::policy::switching::{StepMeta, SwitchHandle, Switching};
+use tandem_core::policy::teaching::Teaching;
+use tandem_core::{Input, Query};
+
+/// LONDI (Chen, Du, Mguni 2024) on the core's engine: a cascade of two tiers (small, large) whose
+/// switching policy picks the entry tier at each step of an episode — the learned controller,
+/// under LONDI-B its per-episode budget of large calls. Rewards and episode ends go to the
+/// policy's handle.
+pub struct Londi {
+    engine: Cascade,
+    episodes: SwitchHandle,
+}
+
+impl Londi {
+    pub fn new(cfg: SwitchConfig) -> Result<Self, AgentError> {
+        let policy = Switching::new(cfg)?;
+        let episodes = policy.handle();
+        Ok(Londi {
+            engine: Cascade::new(2, Box::new(policy), Teaching::default())?,
+            episodes,
+        })
+    }
+
+    /// The engine's entry for one step: the large policy when it enters at the top tier.
+    fn decide(&mut self, text: String, meta: &StepMeta) -> Result<Switch, AgentError> {
+        let mut query = Query {
+            id: meta.episode.clone(),
+            input: Input::Text(text),
+            metadata: Default::default(),
+        };
+        meta.write(&mut query.metadata);
+        let top = self.engine.top();
+        // No tier has a price here: the policy decides before any call.
+        let walk = self.engine.begin(&query, vec![0; top + 1])?;
+        Ok(match walk.next() {
+            Next::Call { tier, .. } if tier == top => Switch::Large,
+            _ => Switch::Small,
+        })
+    }
+}
 
 /// Who decides between the small and the large policy.
 pub enum Switcher<'a> {
@@ -24,7 +65,7 @@ pub enum Switcher<'a> {
     },
     /// The learned controller (LONDI, or LONDI-B when its config has a budget).
     Londi {
-        controller: &'a mut SwitchController,
+        londi: &'a mut Londi,
         explore: bool,
     },
 }
@@ -92,25 +133,18 @@ pub fn play_episode(
                         Switch::Small
                     }
                 }
-                Switcher::Londi {
-                    controller,
-                    explore,
-                } => {
-                    let text = state_text(&state);
-                    controller
-                        .decide(
-                            episode,
-                            &SwitchState {
-                                text: &text,
-                                step: out.steps,
-                                admissible: Some(state.admissible.len()),
-                                small_confidence: Some(small.confidence()),
-                                small_margin: Some(small.margin()),
-                            },
-                            *explore,
-                        )
-                        .choice
-                }
+                Switcher::Londi { londi, explore } => londi.decide(
+                    state_text(&state),
+                    &StepMeta {
+                        episode: episode.to_string(),
+                        step: Some(out.steps),
+                        admissible: Some(state.admissible.len()),
+                        small_confidence: Some(small.confidence()),
+                        small_margin: Some(small.margin()),
+                        greedy: !*explore,
+                        no_learn: false,
+                    },
+                )?,
             };
             let index = if choice == Switch::Large {
                 out.large_calls += 1;
@@ -128,18 +162,18 @@ pub fn play_episode(
             out.trace.push((choice, action.clone()));
             history.push(action);
             out.steps += 1;
-            if let Switcher::Londi { controller, .. } = switcher {
+            if let Switcher::Londi { londi, .. } = switcher {
                 let gained = (state.score - before) as f32 / max_score;
                 if gained != 0.0 {
-                    controller.reward(episode, gained)?;
+                    londi.episodes.reward(episode, gained)?;
                 }
             }
         }
         Ok::<(), AgentError>(())
     })();
-    if let Switcher::Londi { controller, .. } = switcher {
+    if let Switcher::Londi { londi, .. } = switcher {
         // Close the episode whatever happened, so no half-episode stays open.
-        controller.end_episode(episode);
+        londi.episodes.end_episode(episode);
     }
     result?;
     out.won = state.won;

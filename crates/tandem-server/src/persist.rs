@@ -19,7 +19,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tandem_core::calibrate::ShareController;
-use tandem_core::londi::{SwitchController, SwitchSnapshot};
+use tandem_core::londi::SwitchSnapshot;
 use tandem_core::policy::cascade::ResponseCascade;
 use tandem_core::policy::router::GainRouter;
 use xxhash_rust::xxh3::xxh3_64;
@@ -360,20 +360,15 @@ pub fn load(
             rest.len()
         )));
     }
-    if let (Some(snap), Some(mut c)) = (header.switch, route.switch()) {
-        let cfg = c.config().clone();
-        if snap.config.hash_bits != cfg.hash_bits {
-            return Err(bad(&format!(
-                "its controller has hash_bits {} but the route now asks for {}",
-                snap.config.hash_bits, cfg.hash_bits
-            )));
-        }
+    if let (Some(snap), Some(c)) = (header.switch, route.switch()) {
         // The weights are kept; the settings (cost, budget, ...) are the config's.
-        *c = SwitchController::from_snapshot(SwitchSnapshot {
-            config: cfg,
-            ..snap
-        })
-        .map_err(|e| bad(&e.to_string()))?;
+        let saved_bits = snap.config.hash_bits;
+        c.restore(snap).map_err(|e| {
+            bad(&format!(
+                "its controller (hash_bits {saved_bits}) does not load into route `{}`: {e}",
+                route.name()
+            ))
+        })?;
     }
     if let (Some(bytes), Some(mut e)) = (policy_bytes, route.engine()) {
         e.policy_mut()

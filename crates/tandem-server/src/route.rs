@@ -10,13 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use tandem_core::engine::Cascade;
 use tandem_core::features::Scratch;
-use tandem_core::londi::{SwitchConfig, SwitchController};
+use tandem_core::londi::SwitchConfig;
 use tandem_core::policy::cascade::{CascadeConfig, ResponseCascade};
 use tandem_core::policy::gate::{Gate, GateConfig};
 use tandem_core::policy::ocl::{DeferralConfig, Ocl};
 use tandem_core::policy::random::RandomDeferral;
 use tandem_core::policy::router::{GainRouter, RouterConfig};
 use tandem_core::policy::shunt::{self, ConfidenceShunt};
+use tandem_core::policy::switching::{SwitchHandle, Switching};
 use tandem_core::policy::teaching::{S4l, Teaching};
 use tandem_core::policy::{energy, Deferral};
 use tandem_core::{Answer, Query};
@@ -110,6 +111,18 @@ pub fn engine_cascade(r: &RouteCfg) -> Result<Cascade, tandem_core::CoreError> {
     Cascade::new(n, policy, teaching)?.with_metered(metered)
 }
 
+/// A switching route's engine: two tiers (small, large) and LONDI's switching policy, which
+/// picks the entry tier per step of an episode; the handle takes the episodes' rewards and
+/// ends, and the controller's snapshots.
+pub fn switching_cascade(r: &RouteCfg) -> Result<(Cascade, SwitchHandle), tandem_core::CoreError> {
+    let policy = Switching::new(switch_config(r))?;
+    let handle = policy.handle();
+    Ok((
+        Cascade::new(2, Box::new(policy), Teaching::default())?,
+        handle,
+    ))
+}
+
 /// A switching route's controller settings; its seed is the route's.
 pub fn switch_config(r: &RouteCfg) -> SwitchConfig {
     r.cfg.switching.clone().unwrap_or(SwitchConfig {
@@ -170,10 +183,10 @@ pub struct RouteState {
     gate: Mutex<Gate>,
     pub budget: WindowBudget,
     pub counters: Counters,
-    /// `switching` routes: LONDI's controller. Decisions are a few microseconds of sparse dot
-    /// products and learning happens when an episode ends (on the feedback path), so a mutex is
-    /// enough here.
-    pub switch: Option<Mutex<SwitchController>>,
+    /// `switching` routes: the core's engine with LONDI's switching policy, and the handle to its
+    /// controller. Decisions are a few microseconds of sparse dot products and learning happens
+    /// when an episode ends (on the feedback path), so mutexes are enough here.
+    switching: Option<(Mutex<Cascade>, SwitchHandle)>,
     /// Why the route's state file was refused at start, if it was: the route then serves with
     /// its large model's budget closed and its file left as it is, until an operator acts.
     refused_state: std::sync::OnceLock<String>,
@@ -200,10 +213,11 @@ impl RouteState {
         }
         .map_err(internal)?;
         let budget = WindowBudget::new(cfg.limits, c.budget.window_s, now).map_err(internal)?;
-        let switch = match c.kind {
-            RouteKind::Switching => Some(Mutex::new(
-                SwitchController::new(switch_config(&cfg)).map_err(internal)?,
-            )),
+        let switching = match c.kind {
+            RouteKind::Switching => {
+                let (engine, handle) = switching_cascade(&cfg).map_err(internal)?;
+                Some((Mutex::new(engine), handle))
+            }
             _ => None,
         };
         let engine = if cfg.tiers.len() >= 2 {
@@ -213,7 +227,7 @@ impl RouteState {
         };
         Ok(RouteState {
             engine,
-            switch,
+            switching,
             index,
             model: ArcSwap::from_pointee(Learned::for_route(&cfg)?),
             gate: Mutex::new(gate),
@@ -241,11 +255,17 @@ impl RouteState {
         self.refused_state.get().map(String::as_str)
     }
 
-    pub fn switch(&self) -> Option<MutexGuard<'_, SwitchController>> {
-        // Like the gate: a poisoned lock still holds a usable controller.
-        self.switch
+    /// A switching route's controller: its episodes' rewards and ends, its snapshots.
+    pub fn switch(&self) -> Option<&SwitchHandle> {
+        self.switching.as_ref().map(|(_, h)| h)
+    }
+
+    /// A switching route's engine, which decides each step's model.
+    pub fn switch_engine(&self) -> Option<MutexGuard<'_, Cascade>> {
+        // Like the gate: a poisoned lock still holds a usable policy.
+        self.switching
             .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+            .map(|(m, _)| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The route's cascade engine, if it runs one.

@@ -13,13 +13,13 @@ mod plot;
 use crate::actor::{LlmActor, LlmCost, NgramActor};
 use crate::env::{GameSpec, TextWorld};
 use crate::error::AgentError;
-use crate::play::{play_episode, Outcome, Policies, Switcher};
+use crate::play::{play_episode, Londi, Outcome, Policies, Switcher};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use tandem_core::londi::{SwitchConfig, SwitchController};
+use tandem_core::londi::SwitchConfig;
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -277,7 +277,7 @@ impl Bench<'_> {
             let mut small = warm.clone();
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             let mut controller = match m {
-                Method::Londi { cost, budget } => Some(SwitchController::new(SwitchConfig {
+                Method::Londi { cost, budget } => Some(Londi::new(SwitchConfig {
                     cost: *cost,
                     budget: *budget,
                     optimism: 1.0,
@@ -350,7 +350,7 @@ impl Bench<'_> {
         &mut self,
         m: &Method,
         small: &mut NgramActor,
-        controller: Option<&mut SwitchController>,
+        controller: Option<&mut Londi>,
         rng: &mut ChaCha8Rng,
         game: &Path,
         id: &str,
@@ -361,10 +361,7 @@ impl Bench<'_> {
             (Method::AlwaysLarge, _) => Switcher::AlwaysLarge,
             (Method::Random(s), _) => Switcher::Random { share: *s, rng },
             (Method::Threshold(t), _) => Switcher::Threshold { min_confidence: *t },
-            (Method::Londi { .. }, Some(c)) => Switcher::Londi {
-                controller: c,
-                explore,
-            },
+            (Method::Londi { .. }, Some(londi)) => Switcher::Londi { londi, explore },
             (Method::Londi { .. }, None) => {
                 return Err(AgentError::Env("LONDI without a controller".into()))
             }

@@ -11,6 +11,7 @@
 //! | [`random`] | random deferral at a share (the baseline) | — |
 //! | [`teaching`] | S4L and L4S: who learns from whom (the engine's teaching step) | DS+ |
 //! | [`gated`] | a route-before router or a cascade-after scorer, then a share-holding gate | RouteLLM |
+//! | [`switching`] | route-before per step of an episode: LONDI's switching controller, LONDI-B's budget | LONDI |
 //!
 //! [`held`] is what the share-holding gates have in common (one threshold over the lowest score
 //! along an item's path, set online by the share controller).
@@ -32,6 +33,7 @@ pub mod response;
 pub mod router;
 pub mod shunt;
 pub mod signals;
+pub mod switching;
 pub mod teaching;
 
 /// OCL's learner under its former name.

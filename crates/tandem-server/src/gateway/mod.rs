@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tandem_core::money::micros_to_usd;
+use tandem_core::policy::switching::StepMeta;
 use tandem_core::{Answer, Output, Query};
 
 pub fn unix_now() -> u64 {
@@ -400,6 +401,17 @@ impl Gateway {
         if let Some(c) = &tool_choice {
             metadata.insert("tool_choice".to_string(), c.clone());
         }
+        if let (RouteKind::Switching, Some(episode)) = (kind, &overrides.episode) {
+            // The switching policy reads the step from the query; a request that asks not to be
+            // learned from is decided greedily and its episode teaches nothing.
+            StepMeta {
+                episode: episode.clone(),
+                greedy: overrides.no_learn,
+                no_learn: overrides.no_learn,
+                ..StepMeta::default()
+            }
+            .write(&mut metadata);
+        }
         let ctx = Ctx {
             route: ri,
             created: unix_now(),
@@ -451,7 +463,7 @@ impl Gateway {
                         "`tandem.episode` must be 1 to 256 characters".into(),
                     ));
                 }
-                run.plan_switching(episode, &ctx, &call)?
+                run.plan_switching(&ctx, &call)?
             }
         };
         let plan = run.confirm(plan).await?;
@@ -579,20 +591,15 @@ impl Gateway {
     /// Rewards a step of an episode on a switching route; `done` ends it and the controller
     /// learns from it.
     fn episode_feedback(&self, episode: &str, fb: &Feedback) -> Result<(), GatewayError> {
-        let route = self
+        let (route, c) = self
             .routes
             .iter()
-            .find(|r| r.switch().is_some_and(|c| c.is_open(episode)))
+            .find_map(|r| r.switch().filter(|c| c.is_open(episode)).map(|c| (r, c)))
             .ok_or_else(|| {
                 GatewayError::NotFound(format!(
                     "episode `{episode}` has no open step on any switching route"
                 ))
             })?;
-        let Some(mut c) = route.switch() else {
-            return Err(GatewayError::Internal(
-                "switching route without a controller".into(),
-            ));
-        };
         if let Some(r) = fb.reward {
             c.reward(episode, r as f32)
                 .map_err(|e| GatewayError::BadRequest(format!("`reward`: {e}")))?;
@@ -600,7 +607,6 @@ impl Gateway {
         if fb.done {
             c.end_episode(episode);
         }
-        drop(c);
         Counters::bump(&route.counters.feedback);
         metrics::counter!("tandem_feedback_total", "route" => route.name().to_string())
             .increment(1);

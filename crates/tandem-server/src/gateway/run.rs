@@ -21,6 +21,7 @@ use crate::resilience::{Attempts, Group, Ticket};
 use crate::route::{LearnEvent, Learned, RouteState};
 use crate::upstream::{relay, until_answer, Call, Completion, Pieces, Upstream, GATE_TOP_LOGPROBS};
 use serde_json::{json, Value};
+use tandem_core::engine::Next;
 use tandem_core::policy::gate::Route as Pick;
 use tandem_core::policy::response::agreement;
 use tandem_core::policy::Observation;
@@ -400,41 +401,31 @@ impl<'a> Run<'a> {
         Ok((d.route, d.reservation, d.capped))
     }
 
-    /// LONDI: the route's controller picks the model for this step of `episode` from the last
-    /// user message (and the tools offered) and the step index; its per-episode budget of large
-    /// calls is hard, and the route's money budget is still checked at the call.
-    pub fn plan_switching(
-        &self,
-        episode: &str,
-        ctx: &Ctx,
-        call: &Call,
-    ) -> Result<Plan, GatewayError> {
-        let mut text = ctx.query.routing_text().to_string();
-        if let Some(t) = ctx.query.metadata.get("tools") {
-            text.push_str(" [tools: ");
-            text.push_str(t);
-            text.push(']');
-        }
-        let Some(mut c) = self.route.switch() else {
+    /// LONDI: the route's engine picks the entry tier for this step of an episode — its
+    /// switching policy (the core's) reads the episode, the last user message and the tools
+    /// offered from the query's metadata; its per-episode budget of large calls is hard, and the
+    /// route's money budget is still checked at the call. The route serves the step with its two
+    /// models as any route does: the walk ends at its entry (the policy learns from episodes'
+    /// rewards, not from the answer).
+    pub fn plan_switching(&self, ctx: &Ctx, call: &Call) -> Result<Plan, GatewayError> {
+        let Some(mut engine) = self.route.switch_engine() else {
             return Err(GatewayError::Internal(
-                "switching route without a controller".into(),
+                "switching route without an engine".into(),
             ));
         };
-        let state = tandem_core::londi::SwitchState {
-            text: &text,
-            step: c.steps(episode),
-            ..Default::default()
+        let (top, tiers) = (engine.top(), engine.tiers());
+        // The policy reads no price: it decides before any call, from the query alone.
+        let walk = engine
+            .begin(&ctx.query, vec![0; tiers])
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        drop(engine);
+        let large = matches!(walk.next(), Next::Call { tier, .. } if tier == top);
+        let mut plan = if large {
+            self.plan_large(call)?
+        } else {
+            self.plan_small(call)?
         };
-        let d = c.decide(episode, &state, ctx.learn);
-        if !ctx.learn {
-            c.exclude_from_learning(episode);
-        }
-        drop(c);
-        let mut plan = match d.choice {
-            tandem_core::londi::Switch::Large => self.plan_large(call)?,
-            tandem_core::londi::Switch::Small => self.plan_small(call)?,
-        };
-        plan.score = Some(d.q_large - d.q_small);
+        plan.score = Some(walk.item().score);
         Ok(plan)
     }
 
