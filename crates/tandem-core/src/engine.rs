@@ -322,6 +322,7 @@ fn step<'a>(
         below,
         next_cost: next_cost(costs, c.tier),
         token_energy: mean(r.token_energies.as_deref()),
+        mean_logprob: mean(r.token_logprobs.as_deref()),
     }
 }
 

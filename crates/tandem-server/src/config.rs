@@ -596,6 +596,16 @@ pub struct Route {
     pub limits: BudgetLimits,
 }
 
+impl Route {
+    /// A two-model cascade (`small`/`large`) gated on the small model's own log-probabilities or
+    /// energy: it runs on the engine as two tiers, with the two-model gate as the policy.
+    pub fn is_two_model_signal(&self) -> bool {
+        self.cfg.kind == RouteKind::Cascade
+            && self.cfg.tiers.is_none()
+            && matches!(self.cfg.gate, CascadeGate::Logprob | CascadeGate::Energy)
+    }
+}
+
 /// A validated upstream.
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -956,6 +966,9 @@ impl ServerConfig {
                     check_engine_gate(&r).map_err(|(f, v, why)| bad(at(f), &v, &why))?;
                 }
             }
+            // Where the small model's log-probabilities are checked below: the two-model form
+            // names them (its message is the two-model one), a list of tiers names its cheap tiers.
+            let two_model = tiers.is_empty();
             // A gate that reads the small model's token log-probabilities needs an upstream that
             // gives them; asking one that does not fails every request. On an engine cascade every
             // tier below the top is read.
@@ -977,13 +990,22 @@ impl ServerConfig {
                             &format!("{:?}", r.gate).to_lowercase(),
                             &format!(
                                 "reads the {} token log-probabilities, but upstream `{}` does not declare `logprobs = true`; declare it if the endpoint returns them, or use gate = \"{}\"",
-                                if tiers.is_empty() { "small model's" } else { "cheap tiers'" },
+                                if two_model { "small model's" } else { "cheap tiers'" },
                                 u.cfg.name,
-                                if tiers.is_empty() { "learned" } else { "ocl" }
+                                if two_model { "learned" } else { "ocl" }
                             ),
                         ));
                     }
                 }
+            }
+            if r.kind == RouteKind::Cascade
+                && two_model
+                && matches!(r.gate, CascadeGate::Logprob | CascadeGate::Energy)
+            {
+                // The two-model form of a gate on the small model's own signal runs on the
+                // engine as two tiers, with the two-model gate as its policy (a share or a
+                // threshold, exploration: see `route::engine_cascade`).
+                tiers = small.iter().chain(large.iter()).cloned().collect();
             }
             if r.s4l && r.kind != RouteKind::Cascade {
                 return Err(bad(

@@ -123,7 +123,7 @@ pub fn save(
     let header = Header {
         route: route.name().to_string(),
         learned: learned.name().to_string(),
-        gate: route.gate().share_controller().clone(),
+        gate: route.share_controller(),
         budget: route.budget.spent(),
         counters: Counters {
             requests: load(&c.requests),
@@ -375,7 +375,7 @@ pub fn load(
             .restore(Some(bytes), 0)
             .map_err(|err| bad(&format!("its cascade policy does not load: {err}")))?;
     }
-    route.gate().restore_share_controller(header.gate);
+    route.restore_share_controller(header.gate);
     route
         .budget
         .restore(header.budget, now)

@@ -13,6 +13,7 @@ use tandem_core::features::Scratch;
 use tandem_core::londi::SwitchConfig;
 use tandem_core::policy::cascade::{CascadeConfig, ResponseCascade};
 use tandem_core::policy::gate::{Gate, GateConfig};
+use tandem_core::policy::gated::{Gated, Scorer, Signal};
 use tandem_core::policy::ocl::{DeferralConfig, Ocl};
 use tandem_core::policy::random::RandomDeferral;
 use tandem_core::policy::router::{GainRouter, RouterConfig};
@@ -78,6 +79,16 @@ pub fn engine_cascade(r: &RouteCfg) -> Result<Cascade, tandem_core::CoreError> {
         })
     };
     let policy: Box<dyn Deferral> = match c.gate {
+        // The two-model form keeps the two-model gate: the small answer's score (−mean
+        // log-probability, or mean token energy) held to the share (window 500) or against the
+        // fixed threshold, with its exploration — the same decisions, draw for draw.
+        CascadeGate::Logprob | CascadeGate::Energy if r.is_two_model_signal() => {
+            let signal = match c.gate {
+                CascadeGate::Energy => Signal::MeanEnergy,
+                _ => Signal::MeanLogprob,
+            };
+            Box::new(Gated::new(Scorer::Signal(signal), route_gate(c)?))
+        }
         CascadeGate::Logprob => match (c.target_share, c.threshold) {
             (Some(t), _) => Box::new(shunt::max_prob_gate(t, c.seed)?),
             // The two-model gate escalates when −mean log-probability exceeds the threshold: the
@@ -109,6 +120,21 @@ pub fn engine_cascade(r: &RouteCfg) -> Result<Cascade, tandem_core::CoreError> {
     let mut metered = vec![true; n];
     metered[0] = false;
     Cascade::new(n, policy, teaching)?.with_metered(metered)
+}
+
+/// A two-model route's gate: its share held over the last 500 scores, or its fixed threshold,
+/// with its exploration; fixed routes never ask theirs.
+pub fn route_gate(c: &crate::config::RouteConfig) -> Result<Gate, tandem_core::CoreError> {
+    match (c.target_share, c.threshold) {
+        (Some(t), _) => Gate::new(GateConfig {
+            target_share: t,
+            explore: c.explore,
+            window: 500,
+            seed: c.seed,
+        }),
+        (None, Some(th)) => Gate::fixed(th, c.explore, c.seed),
+        (None, None) => Gate::fixed(f32::INFINITY, 0.0, c.seed),
+    }
 }
 
 /// A switching route's engine: two tiers (small, large) and LONDI's switching policy, which
@@ -200,18 +226,7 @@ impl RouteState {
     pub fn new(index: usize, cfg: RouteCfg, now: u64) -> Result<Self, GatewayError> {
         let internal = |e: tandem_core::CoreError| GatewayError::Internal(e.to_string());
         let c = &cfg.cfg;
-        let gate = match (c.target_share, c.threshold) {
-            (Some(t), _) => Gate::new(GateConfig {
-                target_share: t,
-                explore: c.explore,
-                window: 500,
-                seed: c.seed,
-            }),
-            (None, Some(th)) => Gate::fixed(th, c.explore, c.seed),
-            // Fixed routes: the gate is never asked.
-            (None, None) => Gate::fixed(f32::INFINITY, 0.0, c.seed),
-        }
-        .map_err(internal)?;
+        let gate = route_gate(c).map_err(internal)?;
         let budget = WindowBudget::new(cfg.limits, c.budget.window_s, now).map_err(internal)?;
         let switching = match c.kind {
             RouteKind::Switching => {
@@ -274,6 +289,28 @@ impl RouteState {
         self.engine
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The share controller of the gate that decides: the engine policy's, when it gates (a
+    /// two-model signal route), else the route's own. State files keep it in the same place
+    /// either way, so files from before a route moved onto the engine still load.
+    pub fn share_controller(&self) -> tandem_core::calibrate::ShareController {
+        if let Some(mut e) = self.engine() {
+            if let Some(g) = e.policy_mut().gate_mut() {
+                return g.share_controller().clone();
+            }
+        }
+        self.gate().share_controller().clone()
+    }
+
+    pub fn restore_share_controller(&self, share: tandem_core::calibrate::ShareController) {
+        if let Some(mut e) = self.engine() {
+            if let Some(g) = e.policy_mut().gate_mut() {
+                g.restore_share_controller(share);
+                return;
+            }
+        }
+        self.gate().restore_share_controller(share);
     }
 
     pub fn gate(&self) -> MutexGuard<'_, Gate> {

@@ -13,10 +13,32 @@ use crate::answer::{Answer, Output, Usage};
 use crate::query::Query;
 use std::time::Duration;
 
-/// What scores an item: the query alone, or the cheapest tier's answer too.
+/// What scores an item: the query alone, or the cheapest tier's answer too (by a learned
+/// scorer, or by a signal the tier gave).
 pub enum Scorer {
     Route(Box<dyn RouteScorer>),
     Cascade(Box<dyn CascadeScorer>),
+    Signal(Signal),
+}
+
+/// A cheap tier's own signal, as a score (higher: send it up). A tier that gave no signal scores
+/// infinite: unknown confidence cannot vouch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// −mean token log-probability: −ln of the geometric-mean token probability (the same
+    /// order as the confidence shunt's), read exactly.
+    MeanLogprob,
+    /// E-LANG's generation form: the mean token energy.
+    MeanEnergy,
+}
+
+impl Signal {
+    pub fn score(self, step: &Step) -> f32 {
+        match self {
+            Signal::MeanLogprob => step.mean_logprob.map_or(f32::INFINITY, |m| -m),
+            Signal::MeanEnergy => step.token_energy.unwrap_or(f32::INFINITY),
+        }
+    }
 }
 
 pub struct Gated {
@@ -39,6 +61,8 @@ impl Deferral for Gated {
         match self.scorer {
             Scorer::Route(_) => "route",
             Scorer::Cascade(_) => "cascade",
+            Scorer::Signal(Signal::MeanLogprob) => "logprob",
+            Scorer::Signal(Signal::MeanEnergy) => "energy",
         }
     }
 
@@ -80,12 +104,27 @@ impl Deferral for Gated {
                 item.weak = Some(weak);
                 wanted != Route::Weak
             }
+            Scorer::Signal(sig) => {
+                item.score = sig.score(step);
+                let wanted = self.gate.choose(item.score).0;
+                item.wanted = Some(wanted);
+                item.explored = wanted == Route::Both;
+                wanted != Route::Weak
+            }
         }
     }
 
     /// The gate counts what happened: the top tier called or not (the budget may have refused).
+    /// Only items it decided: one whose cheap answer could not serve went up without a score,
+    /// and would skew the share's window.
     fn end_item(&mut self, item: &ItemState, f: &Finished) {
-        self.gate.record(item.score, f.answered == f.top);
+        if item.wanted.is_some() {
+            self.gate.record(item.score, f.answered == f.top);
+        }
+    }
+
+    fn gate_mut(&mut self) -> Option<&mut Gate> {
+        Some(&mut self.gate)
     }
 
     fn learn_outcomes(&mut self, item: &ItemState, f: &Finished, observed: &[Option<f32>]) {
@@ -96,7 +135,7 @@ impl Deferral for Gated {
         match (&mut self.scorer, &item.weak) {
             (Scorer::Route(s), _) => s.learn(f.query, &o),
             (Scorer::Cascade(s), Some(weak)) => s.learn(f.query, weak, &o),
-            (Scorer::Cascade(_), None) => {}
+            (Scorer::Cascade(_), None) | (Scorer::Signal(_), _) => {}
         }
     }
 }
@@ -194,5 +233,33 @@ mod tests {
         }
         assert_eq!(budget.calls(), 300);
         assert!(strong_only >= 250, "{strong_only}");
+    }
+
+    /// A signal scorer gates the cheapest tier's own log-probabilities: −mean log-probability
+    /// against a fixed threshold, read exactly; no log-probabilities score infinite (go up).
+    #[test]
+    fn a_signal_scorer_gates_on_mean_logprob() {
+        let gate = Gate::fixed(0.5, 0.0, 1).unwrap();
+        let mut c = Cascade::new(
+            2,
+            Box::new(Gated::new(Scorer::Signal(Signal::MeanLogprob), gate)),
+            Teaching::default(),
+        )
+        .unwrap();
+        let q = Query::text("q", "x");
+        for (lp, score, tier) in [
+            (Some(vec![-0.1f32, -0.3]), 0.2f32, 0),
+            (Some(vec![-1.0, -0.5]), 0.75, 1),
+            (None, f32::INFINITY, 1),
+        ] {
+            let mut w = c.begin(&q, vec![1, 100]).unwrap();
+            c.answered(&mut w, &q, Reply::generated("a".into(), lp), true);
+            if let crate::engine::Next::Call { tier: 1, .. } = w.next() {
+                c.answered(&mut w, &q, Reply::generated("b".into(), None), true);
+            }
+            let (s, _) = c.finish(&mut w, &q, |_| 0).unwrap();
+            assert_eq!(s.tier, tier);
+            assert!((w.item().score - score).abs() < 1e-6 || w.item().score == score);
+        }
     }
 }

@@ -112,6 +112,9 @@ pub struct Step<'a> {
     /// A generated answer's mean token energy (E-LANG's generation form), when its tier gave
     /// per-token logits.
     pub token_energy: Option<f32>,
+    /// A generated answer's mean token log-probability, when its tier gave them (`confidence`
+    /// is its exp; gates held on it read it exactly, not through exp and ln).
+    pub mean_logprob: Option<f32>,
 }
 
 impl<'a> Step<'a> {
@@ -242,6 +245,12 @@ pub trait Deferral: Send {
     fn restore(&mut self, _saved: Option<&[u8]>, _items_done: u64) -> Result<(), CoreError> {
         Ok(())
     }
+
+    /// The score-then-gate gate it decides with, if it has one: a front end that checkpoints
+    /// a gate's share controller on its own (the gateway's state file) reaches it here.
+    fn gate_mut(&mut self) -> Option<&mut gate::Gate> {
+        None
+    }
 }
 
 /// An empty query for the policies' tests.
@@ -276,5 +285,6 @@ pub(crate) fn test_step<'a>(
         below: None,
         next_cost: 1.0,
         token_energy: None,
+        mean_logprob: None,
     }
 }

@@ -185,11 +185,11 @@ impl<'a> Run<'a> {
                             called,
                             count: n,
                         };
-                        let draft = answers[..tier].iter_mut().rev().find_map(Option::take);
                         let info = super::PlanInfo {
-                            score: None,
+                            score: self.walk_score(&walk, &answers),
                             capped,
                         };
+                        let draft = answers[..tier].iter_mut().rev().find_map(Option::take);
                         let role_served = if tier + 1 == n {
                             Served::Large
                         } else {
@@ -287,6 +287,7 @@ impl<'a> Run<'a> {
             .finish(&mut walk, &ctx.query, |_| 0)
             .map_err(Self::engine_error)?;
         let top = n - 1;
+        let score = self.walk_score(&walk, &answers);
         let answered = served.tier;
         if answered == top && served.calls.len() > 1 {
             metrics::counter!("tandem_escalations_total", "route" => self.route.name().to_string())
@@ -303,11 +304,7 @@ impl<'a> Run<'a> {
         } else {
             answers[..top].iter_mut().rev().find_map(Option::take)
         };
-        // No one score speaks for a walk of several tiers' decisions.
-        let info = super::PlanInfo {
-            score: None,
-            capped,
-        };
+        let info = super::PlanInfo { score, capped };
         let mut done = self.done(small, large, &info);
         done.tiers = Some(TierOutcome {
             answered,
@@ -341,6 +338,25 @@ impl<'a> Run<'a> {
                 tracing::warn!(route = route.name(), error = %err, "a streamed cascade's walk did not finish");
                 None
             }
+        }
+    }
+
+    /// The walk's `x-tandem-score`: on a two-model route gated on the small model's signal, the
+    /// gate's score of the small answer (infinite when that answer could not serve, so was not
+    /// scored; none when the small model did not answer). No one score speaks for a walk of
+    /// several tiers' decisions, so other cascades report none.
+    fn walk_score(
+        &self,
+        walk: &tandem_core::engine::Walk,
+        answers: &[Option<Completion>],
+    ) -> Option<f32> {
+        if !self.route.cfg.is_two_model_signal() {
+            return None;
+        }
+        match (walk.item().wanted, answers.first()) {
+            (Some(_), _) => Some(walk.item().score),
+            (None, Some(Some(_))) => Some(f32::INFINITY),
+            _ => None,
         }
     }
 
