@@ -59,7 +59,10 @@ async fn cascade_escalates_exactly_the_unsure_answers() {
         assert!((score - if i % 2 == 0 { 0.05 } else { 3.0 }).abs() < 1e-3);
         // The two-model form runs on the engine as two tiers.
         assert_eq!(body["tandem"]["tier_index"], if i % 2 == 0 { 0 } else { 1 });
-        assert_eq!(body["tandem"]["tiers_called"], if i % 2 == 0 { 1 } else { 2 });
+        assert_eq!(
+            body["tandem"]["tiers_called"],
+            if i % 2 == 0 { 1 } else { 2 }
+        );
     }
     assert_eq!(small.calls(), 20, "the small model answers first, always");
     assert_eq!(large.calls(), 10, "only the unsure answers escalate");

@@ -136,6 +136,8 @@ impl<'a> Run<'a> {
         let mut last_err: Option<GatewayError> = None;
         let mut capped = false;
         let mut called = 0usize;
+        let mut top_failed = false;
+        let two_model = self.route.cfg.is_two_model_signal();
         while let Next::Call {
             tier,
             metered,
@@ -150,6 +152,13 @@ impl<'a> Run<'a> {
                     None => {
                         capped = true;
                         if self.refuses() {
+                            // A small model that failed keeps its own error on the two-model
+                            // form, as before it ran on the engine: the budget was not the fault.
+                            if let (true, false, Some(e)) =
+                                (two_model, walk.has_answer(), last_err.take())
+                            {
+                                return Err(e);
+                            }
                             return Err(self.exhausted());
                         }
                         metrics::counter!("tandem_budget_refusals_total", "route" => self.route.name().to_string(), "tier" => super::tier_name(tier))
@@ -204,6 +213,7 @@ impl<'a> Run<'a> {
                         if let Some(h) = held {
                             h.release();
                         }
+                        top_failed = tier + 1 == n;
                         self.engine()?.failed(&mut walk);
                         last_err = Some(e);
                         continue;
@@ -260,6 +270,11 @@ impl<'a> Run<'a> {
                         error_code = e.code(),
                         "a tier could not answer; the cascade goes on without it"
                     );
+                    if tier == 0 {
+                        metrics::counter!("tandem_small_failures_total", "route" => self.route.name().to_string())
+                            .increment(1);
+                    }
+                    top_failed = tier + 1 == n;
                     last_err = Some(e);
                     if deadline {
                         // Past the deadline nothing more is called: the deepest usable answer
@@ -280,6 +295,23 @@ impl<'a> Run<'a> {
             }
         }
         if !walk.has_answer() {
+            if let (true, true, Some(Some(_))) = (two_model, capped, answers.first()) {
+                // The two-model form serves its small draft, unusable as it is, when the budget
+                // refused the large model: as before it ran on the engine. The gate never
+                // scored it, so the walk is left unfinished and its share counts nothing.
+                let info = super::PlanInfo {
+                    score: Some(f32::INFINITY),
+                    capped,
+                };
+                let small = answers[0].take();
+                let mut done = self.done(small, None, &info);
+                done.tiers = Some(TierOutcome {
+                    answered: 0,
+                    called,
+                    count: n,
+                });
+                return Ok(Err(done));
+            }
             return Err(last_err.unwrap_or_else(|| self.exhausted()));
         }
         let (served, _) = self
@@ -289,6 +321,10 @@ impl<'a> Run<'a> {
         let top = n - 1;
         let score = self.walk_score(&walk, &answers);
         let answered = served.tier;
+        if let (true, Some(e)) = (top_failed && answered < top, &last_err) {
+            // A usable answer below stands in for the top tier that failed.
+            self.fall_back(e);
+        }
         if answered == top && served.calls.len() > 1 {
             metrics::counter!("tandem_escalations_total", "route" => self.route.name().to_string())
                 .increment(1);
