@@ -898,9 +898,3 @@ pub(crate) fn with_hint(messages: &[Value], draft: &str) -> Vec<Value> {
     out.extend_from_slice(&messages[split..]);
     out
 }
-
-/// Mean of a per-token signal; None when the upstream gave none.
-pub(crate) fn mean(v: Option<&Vec<f32>>) -> Option<f32> {
-    v.filter(|v| !v.is_empty())
-        .map(|v| v.iter().sum::<f32>() / v.len() as f32)
-}

@@ -12,14 +12,14 @@ mod tiers;
 pub(crate) use tiers::TierOutcome;
 
 use super::judge::{judge, Verdict};
-use super::{mean, to_answer, with_hint, Ctx, Gateway};
+use super::{to_answer, with_hint, Ctx, Gateway};
 use crate::budget::Held;
 use crate::config::{CascadeGate, OnExhausted};
 use crate::error::GatewayError;
 use crate::feedback::Served;
 use crate::resilience::{Attempts, Group, Ticket};
 use crate::route::{LearnEvent, Learned, RouteState};
-use crate::upstream::{relay, until_answer, Call, Completion, Pieces, Upstream, GATE_TOP_LOGPROBS};
+use crate::upstream::{relay, until_answer, Call, Completion, Pieces, Upstream};
 use serde_json::{json, Value};
 use tandem_core::engine::Next;
 use tandem_core::policy::gate::Route as Pick;
@@ -448,18 +448,9 @@ impl<'a> Run<'a> {
     /// judged — an empty answer, a refusal or an invalid tool call escalates whatever its score
     /// — then scored by the gate. A small model that fails hands the request to the large one.
     pub async fn plan_cascade(&mut self, ctx: &Ctx, call: &Call) -> Result<Plan, GatewayError> {
-        let gate = self.route.cfg.cfg.gate;
-        let small_call = |up: &Upstream| {
-            let c = self.call_for(up, call);
-            match gate {
-                CascadeGate::Logprob | CascadeGate::Energy => {
-                    let k = ctx.asked_logprobs.unwrap_or(0).max(GATE_TOP_LOGPROBS);
-                    c.with("logprobs", Some(json!(true)))
-                        .with("top_logprobs", Some(json!(k)))
-                }
-                CascadeGate::Learned | CascadeGate::Ocl | CascadeGate::Random => c,
-            }
-        };
+        // Only the `learned` gate comes here (the others run on the engine, `tiers`): it reads
+        // the draft's text, not its log-probabilities.
+        let small_call = |up: &Upstream| self.call_for(up, call);
         let (s, n) = self.complete_on(Role::Small, &small_call).await;
         self.tried += n;
         let s = match s {
@@ -487,11 +478,11 @@ impl<'a> Run<'a> {
             });
         }
         let score = match self.route.cfg.cfg.gate {
-            // Unknown confidence escalates: an upstream without log-probabilities cannot vouch.
-            CascadeGate::Logprob => mean(s.token_logprobs.as_ref()).map_or(f32::INFINITY, |m| -m),
-            CascadeGate::Energy => mean(s.token_energies.as_ref()).unwrap_or(f32::INFINITY),
-            // Engine gates never come here: their routes run on the engine (`tiers`).
-            CascadeGate::Ocl | CascadeGate::Random => 0.0,
+            // Engine gates never come here: their routes run on the engine (`tiers`), the
+            // two-model logprob and energy gates too (`route::engine_cascade`).
+            CascadeGate::Logprob | CascadeGate::Energy | CascadeGate::Ocl | CascadeGate::Random => {
+                0.0
+            }
             CascadeGate::Learned => {
                 let model = self.route.model.load();
                 match (&**model, model.scratch()) {
