@@ -181,7 +181,9 @@ pub enum Next {
         estimate: Micros,
         hint: Option<Hint>,
         /// Nothing will be asked after this call: its answer is the item's (a front end may
-        /// stream it, with no judging).
+        /// stream it, with no judging). The top tier; or the entry tier a policy settled on
+        /// before any call (route-before's cheap pick), whose answer goes up only if it cannot
+        /// serve at all.
         last: bool,
     },
     /// The item has its answer: [`Cascade::finish`] it.
@@ -243,7 +245,10 @@ impl Walk {
             metered: self.metered[i],
             estimate: self.costs[i],
             hint,
-            last: i == top || (self.refused && self.calls.is_empty()),
+            // The top; the cheapest after a refusal above it; or the entry the policy settled.
+            last: i == top
+                || (self.refused && self.calls.is_empty())
+                || (self.item.settled && self.calls.is_empty() && self.failed_tiers == 0),
         }
     }
 
@@ -323,6 +328,7 @@ fn step<'a>(
         next_cost: next_cost(costs, c.tier),
         token_energy: mean(r.token_energies.as_deref()),
         mean_logprob: mean(r.token_logprobs.as_deref()),
+        token_logprobs: r.token_logprobs.as_deref(),
     }
 }
 

@@ -597,12 +597,22 @@ pub struct Route {
 }
 
 impl Route {
-    /// A two-model cascade (`small`/`large`) gated on the small model's own log-probabilities or
-    /// energy: it runs on the engine as two tiers, with the two-model gate as the policy.
-    pub fn is_two_model_signal(&self) -> bool {
-        self.cfg.kind == RouteKind::Cascade
-            && self.cfg.tiers.is_none()
-            && matches!(self.cfg.gate, CascadeGate::Logprob | CascadeGate::Energy)
+    /// A two-model route (`small`/`large`) whose two-model gate decides: a route-before router,
+    /// or a cascade gated on the small model's log-probabilities, energy or learned scorer. It
+    /// runs on the engine as two tiers, with that gate as the policy, and keeps the two-model
+    /// form's edges (see `gateway::run::tiers`).
+    pub fn is_two_model(&self) -> bool {
+        match self.cfg.kind {
+            RouteKind::RouteBefore => true,
+            RouteKind::Cascade => {
+                self.cfg.tiers.is_none()
+                    && matches!(
+                        self.cfg.gate,
+                        CascadeGate::Logprob | CascadeGate::Energy | CascadeGate::Learned
+                    )
+            }
+            RouteKind::Fixed | RouteKind::Switching => false,
+        }
     }
 }
 
@@ -998,13 +1008,11 @@ impl ServerConfig {
                     }
                 }
             }
-            if r.kind == RouteKind::Cascade
-                && two_model
-                && matches!(r.gate, CascadeGate::Logprob | CascadeGate::Energy)
-            {
-                // The two-model form of a gate on the small model's own signal runs on the
-                // engine as two tiers, with the two-model gate as its policy (a share or a
-                // threshold, exploration: see `route::engine_cascade`).
+            if (r.kind == RouteKind::Cascade && two_model) || r.kind == RouteKind::RouteBefore {
+                // The two-model forms (a cascade gated on the small model's signal or on its
+                // learned scorer, a route-before router) run on the engine as two tiers, with
+                // the two-model gate as the policy (a share or a threshold, exploration: see
+                // `route::engine_cascade`).
                 tiers = small.iter().chain(large.iter()).cloned().collect();
             }
             if r.s4l && r.kind != RouteKind::Cascade {

@@ -134,7 +134,7 @@ fn apply(m: &mut Learned, ev: &LearnEvent) {
 fn publish(routes: &[RouteState], masters: &[Learned], dirty: &mut [bool]) {
     for ((r, m), d) in routes.iter().zip(masters).zip(dirty.iter_mut()) {
         if *d {
-            r.model.store(Arc::new(m.clone()));
+            r.shared.model.store(Arc::new(m.clone()));
             *d = false;
         }
     }

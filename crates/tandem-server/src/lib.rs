@@ -25,6 +25,7 @@ pub mod resilience;
 pub mod route;
 pub mod scrub;
 pub mod shared;
+pub mod snapshot;
 pub mod upstream;
 
 pub use config::{ServerConfig, Validated};

@@ -123,7 +123,7 @@ pub fn save(
     let header = Header {
         route: route.name().to_string(),
         learned: learned.name().to_string(),
-        gate: route.share_controller(),
+        gate: route.share_controller()?,
         budget: route.budget.spent(),
         counters: Counters {
             requests: load(&c.requests),
@@ -392,7 +392,10 @@ pub fn load(
     ] {
         dst.store(src.load(Ordering::Relaxed), Ordering::Relaxed);
     }
-    route.model.store(std::sync::Arc::new(learned.clone()));
+    route
+        .shared
+        .model
+        .store(std::sync::Arc::new(learned.clone()));
     Ok(Some(Restored {
         learned,
         spend_journal: header.spend_journal,
@@ -489,7 +492,7 @@ max_calls = 10
         assert_eq!(r.budget.spent().calls, 2);
         assert_eq!(r.budget.spent().micros, 7);
         assert_eq!(Counters::get(&r.counters.requests), 7);
-        assert!(matches!(**r.model.load(), Learned::Router(_)));
+        assert!(matches!(**r.shared.model.load(), Learned::Router(_)));
     }
 
     #[test]

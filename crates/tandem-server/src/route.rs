@@ -1,10 +1,11 @@
 //! One route's live state: the learned model (read lock-free by requests, replaced whole by the
-//! learner), the gate that holds the share, the budget and the counters.
+//! learner), the engine whose policy decides (and whose gate holds the share), the budget and
+//! the counters.
 
 use crate::budget::WindowBudget;
 use crate::config::{CascadeGate, Route as RouteCfg, RouteKind};
 use crate::error::GatewayError;
-use arc_swap::ArcSwap;
+use crate::snapshot::{Shared, SnapshotCascade, SnapshotRouter};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -67,10 +68,15 @@ impl Learned {
     }
 }
 
-/// A cascade route's engine: its tiers, the deferral policy its gate names (the core's, one file
-/// each: DS+'s shunt held to a share or at a fixed threshold for `logprob`, E-LANG's energy,
-/// OCL, random), S4L when asked, and every step up metered by the route's budget.
-pub fn engine_cascade(r: &RouteCfg) -> Result<Cascade, tandem_core::CoreError> {
+/// A cascade or route-before route's engine: its tiers, the deferral policy its gate names (the
+/// core's, one file each: DS+'s shunt held to a share or at a fixed threshold for `logprob`,
+/// E-LANG's energy, OCL, random; the two-model gates — a route-before router, a learned or
+/// signal cascade scorer — as core's `Gated`), S4L when asked, and every step up metered by the
+/// route's budget. `shared`: the route's learned model, which a `Gated` scorer reads.
+pub fn engine_cascade(
+    r: &RouteCfg,
+    shared: &crate::snapshot::Shared,
+) -> Result<Cascade, tandem_core::CoreError> {
     let c = &r.cfg;
     let n = r.tiers.len();
     let share = || {
@@ -79,10 +85,28 @@ pub fn engine_cascade(r: &RouteCfg) -> Result<Cascade, tandem_core::CoreError> {
         })
     };
     let policy: Box<dyn Deferral> = match c.gate {
+        // A route-before router picks the entry tier from the prompt alone, under the route's
+        // gate; it learns from exploration's revealed pairs and from feedback.
+        _ if c.kind == crate::config::RouteKind::RouteBefore => Box::new(
+            Gated::new(
+                Scorer::Route(Box::new(SnapshotRouter::new(shared.clone()))),
+                route_gate(c)?,
+            )
+            .learning_from_top(),
+        ),
+        // The two-model learned gate scores the small answer's text (RouteLLM-style cascade
+        // scorer), and learns from every escalation's large answer and from feedback.
+        CascadeGate::Learned if r.is_two_model() => Box::new(
+            Gated::new(
+                Scorer::Cascade(Box::new(SnapshotCascade::new(shared.clone()))),
+                route_gate(c)?,
+            )
+            .learning_from_top(),
+        ),
         // The two-model form keeps the two-model gate: the small answer's score (−mean
         // log-probability, or mean token energy) held to the share (window 500) or against the
         // fixed threshold, with its exploration — the same decisions, draw for draw.
-        CascadeGate::Logprob | CascadeGate::Energy if r.is_two_model_signal() => {
+        CascadeGate::Logprob | CascadeGate::Energy if r.is_two_model() => {
             let signal = match c.gate {
                 CascadeGate::Energy => Signal::MeanEnergy,
                 _ => Signal::MeanLogprob,
@@ -205,8 +229,9 @@ impl Counters {
 pub struct RouteState {
     pub index: usize,
     pub cfg: RouteCfg,
-    pub model: ArcSwap<Learned>,
-    gate: Mutex<Gate>,
+    /// The learned model's latest snapshot (requests read it, the learner replaces it), and the
+    /// lessons the engine's scorer gave that the learner has not had yet.
+    pub shared: Shared,
     pub budget: WindowBudget,
     pub counters: Counters,
     /// `switching` routes: the core's engine with LONDI's switching policy, and the handle to its
@@ -226,7 +251,6 @@ impl RouteState {
     pub fn new(index: usize, cfg: RouteCfg, now: u64) -> Result<Self, GatewayError> {
         let internal = |e: tandem_core::CoreError| GatewayError::Internal(e.to_string());
         let c = &cfg.cfg;
-        let gate = route_gate(c).map_err(internal)?;
         let budget = WindowBudget::new(cfg.limits, c.budget.window_s, now).map_err(internal)?;
         let switching = match c.kind {
             RouteKind::Switching => {
@@ -235,8 +259,9 @@ impl RouteState {
             }
             _ => None,
         };
+        let shared = Shared::new(Learned::for_route(&cfg)?);
         let engine = if cfg.tiers.len() >= 2 {
-            Some(Mutex::new(engine_cascade(&cfg).map_err(internal)?))
+            Some(Mutex::new(engine_cascade(&cfg, &shared).map_err(internal)?))
         } else {
             None
         };
@@ -244,8 +269,7 @@ impl RouteState {
             engine,
             switching,
             index,
-            model: ArcSwap::from_pointee(Learned::for_route(&cfg)?),
-            gate: Mutex::new(gate),
+            shared,
             budget,
             counters: Counters::default(),
             refused_state: std::sync::OnceLock::new(),
@@ -291,30 +315,29 @@ impl RouteState {
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// The share controller of the gate that decides: the engine policy's, when it gates (a
-    /// two-model signal route), else the route's own. State files keep it in the same place
-    /// either way, so files from before a route moved onto the engine still load.
-    pub fn share_controller(&self) -> tandem_core::calibrate::ShareController {
+    /// The share controller of the engine policy's gate, when it gates (a two-model route);
+    /// else the idle one of the route's configured gate, which state files keep in the same
+    /// place (so files from before a route moved onto the engine still load).
+    pub fn share_controller(
+        &self,
+    ) -> Result<tandem_core::calibrate::ShareController, GatewayError> {
         if let Some(mut e) = self.engine() {
             if let Some(g) = e.policy_mut().gate_mut() {
-                return g.share_controller().clone();
+                return Ok(g.share_controller().clone());
             }
         }
-        self.gate().share_controller().clone()
+        route_gate(&self.cfg.cfg)
+            .map(|g| g.share_controller().clone())
+            .map_err(|e| GatewayError::Internal(e.to_string()))
     }
 
+    /// Restores the share controller a state file kept (into the engine policy's gate, if it
+    /// has one; others have no share to restore).
     pub fn restore_share_controller(&self, share: tandem_core::calibrate::ShareController) {
         if let Some(mut e) = self.engine() {
             if let Some(g) = e.policy_mut().gate_mut() {
                 g.restore_share_controller(share);
-                return;
             }
         }
-        self.gate().restore_share_controller(share);
-    }
-
-    pub fn gate(&self) -> MutexGuard<'_, Gate> {
-        // A gate is only mutated by whole decisions; a poisoned lock still holds a usable gate.
-        self.gate.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -1006,3 +1006,101 @@ async fn a_state_dir_serves_one_gateway_at_a_time() {
     let again = start(&cfg(dir.path()), dir.path()).await;
     again.stop().await;
 }
+
+/// Route-before's exploration (`both`) calls the two models at once, not one after the other:
+/// the large call is in flight while the slow small one still is. The pair then teaches the
+/// router (one lesson, counted by the learner), unless the client said `no_learn`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_before_explores_with_both_models_at_once_and_learns_from_the_pair() {
+    setup_env();
+    let (small, s_url) = mock(small_reply()).await;
+    let (large, l_url) = mock(large_reply()).await;
+    small.delay_ms.store(1200, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}[[route]]\nname = \"rb\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 1.0\nexplore = 1.0\n",
+        upstreams(&s_url, &l_url, "token:10:30")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    let learned = |gw: &Running| {
+        gw.gateway.routes()[0]
+            .counters
+            .learned
+            .load(Ordering::SeqCst)
+    };
+    for (k, no_learn) in [(1, false), (2, true)] {
+        let url = gw.url.clone();
+        let mut body = chat_body("rb", "easy sum");
+        if no_learn {
+            body["tandem"] = json!({"no_learn": true});
+        }
+        let pending = tokio::spawn(async move { post(&url, &body).await });
+        // Well inside the small model's 1.2 s: one after the other, the large one would not
+        // have been called yet.
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        assert_eq!((small.calls(), large.calls()), (k, k), "request {k}");
+        let r = pending.await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-tandem-role"), "large");
+        assert_eq!(header(&r, "x-tandem-tiers-called"), "2");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "the answer is 4");
+        assert_eq!(v["tandem"]["escalated"], true);
+        gw.gateway.flush().await.unwrap();
+        // The first pair taught the router; the second was not to be learned from.
+        assert_eq!(learned(&gw), 1, "after request {k}");
+    }
+    // The large call ran without an S4L draft: none existed when it was sent.
+    assert_eq!(large.bodies()[0]["messages"].as_array().unwrap().len(), 1);
+    gw.stop().await;
+}
+
+/// Route-before's cheap pick is settled before any call: its answer streams straight from the
+/// small model (the upstream is asked to stream), while a cascade's draft must first be judged
+/// whole. A pick of the large model streams as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_before_streams_the_model_it_picked() {
+    setup_env();
+    let (small, s_url) = mock(small_reply()).await;
+    let (large, l_url) = mock(large_reply()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}[[route]]\nname = \"cheap\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 0.0\nexplore = 0.0\n\
+         [[route]]\nname = \"dear\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 1.0\nexplore = 0.0\n\
+         [[route]]\nname = \"c\"\nkind = \"cascade\"\nsmall = \"small\"\nlarge = \"large\"\nthreshold = 1.0\nexplore = 0.0\ngate = \"learned\"\n",
+        upstreams(&s_url, &l_url, "token:10:30")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    for (route, role, mock_called, streamed) in [
+        ("cheap", "small", &small, true),
+        ("dear", "large", &large, true),
+        ("c", "small", &small, false),
+    ] {
+        let before = mock_called.calls();
+        let mut body = chat_body(route, "easy sum");
+        body["stream"] = json!(true);
+        let r = post(&gw.url, &body).await;
+        assert_eq!(r.status(), 200, "{route}");
+        assert!(header(&r, "content-type").starts_with("text/event-stream"));
+        assert_eq!(header(&r, "x-tandem-role"), role, "{route}");
+        assert_eq!(header(&r, "x-tandem-tiers-called"), "1", "{route}");
+        let text = r.text().await.unwrap();
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{route}: {text}");
+        let content: String = text
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .collect();
+        assert_eq!(content, "the answer is 4", "{route}");
+        assert_eq!(mock_called.calls(), before + 1, "{route}");
+        let sent = mock_called.bodies().last().cloned().unwrap();
+        assert_eq!(sent["stream"] == json!(true), streamed, "{route}: {sent}");
+    }
+    assert_eq!(large.calls(), 1);
+    gw.stop().await;
+}

@@ -1,10 +1,9 @@
-//! From score to decision: exploration, the target share and the hard budget, in that order. The
-//! budget is checked last and for every escalation, so nothing a policy or a target says can pass it.
+//! From score to the route wanted: exploration, then the target share (or a fixed threshold).
+//! The hard budget is not the gate's: the cascade engine checks it at every metered step up, so
+//! nothing a policy or a target says can pass it; the gate then records what happened.
 
-use crate::budget::{Budget, Reservation};
 use crate::calibrate::ShareController;
 use crate::error::CoreError;
-use crate::money::Micros;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -26,17 +25,6 @@ pub enum Route {
     Strong,
     /// Both models are called (an exploration): both are paid, both outcomes are learned.
     Both,
-}
-
-#[derive(Debug)]
-pub struct GateDecision<R = Reservation> {
-    pub route: Route,
-    pub score: f32,
-    pub threshold: f32,
-    /// The policy wanted the strong model but the budget refused it.
-    pub capped: bool,
-    /// The budget reservation for the strong call; settle it with the real cost.
-    pub reservation: Option<R>,
 }
 
 #[derive(Debug, Clone)]
@@ -103,40 +91,9 @@ impl Gate {
         self.share = share;
     }
 
-    /// Decides for one scored query. `strong_estimate` is reserved against `budget` before the
-    /// strong model may be called.
-    pub fn decide(&mut self, score: f32, budget: &Budget, strong_estimate: Micros) -> GateDecision {
-        self.decide_by(score, || budget.try_reserve(strong_estimate))
-    }
-
-    /// Decides for one scored query; `reserve` is asked for a budget reservation whenever the
-    /// strong model would be called, and None from it routes the query to the weak model.
-    pub fn decide_by<R>(
-        &mut self,
-        score: f32,
-        reserve: impl FnOnce() -> Option<R>,
-    ) -> GateDecision<R> {
-        let (wanted, threshold) = self.choose(score);
-        let (route, reservation, capped) = match wanted {
-            Route::Weak => (Route::Weak, None, false),
-            _ => match reserve() {
-                Some(r) => (wanted, Some(r), false),
-                None => (Route::Weak, None, true),
-            },
-        };
-        self.record(score, route != Route::Weak);
-        GateDecision {
-            route,
-            score,
-            threshold,
-            capped,
-            reservation,
-        }
-    }
-
     /// The route the gate wants for `score` (exploration first, then the share) and the
-    /// threshold it applied, before any budget; [`Gate::record`] must follow with what happened.
-    /// [`Gate::decide_by`] is the two together, around the budget.
+    /// threshold it applied, before any budget (the engine checks it at every metered step up);
+    /// [`Gate::record`] must follow with what happened.
     pub fn choose(&mut self, score: f32) -> (Route, f32) {
         let explore_draw: f64 = self.rng.gen();
         let tie_draw: f64 = self.rng.gen();
@@ -167,7 +124,28 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::budget::BudgetLimits;
+    use crate::budget::{Budget, BudgetLimits, Reservation};
+    use crate::money::Micros;
+
+    /// The gate's route, the budget asked (as the engine asks it) whenever the strong model
+    /// would be called: the route taken, its reservation, and whether the budget refused.
+    fn decide(
+        g: &mut Gate,
+        score: f32,
+        budget: &Budget,
+        estimate: Micros,
+    ) -> (Route, Option<Reservation>, bool) {
+        let (wanted, _) = g.choose(score);
+        let (route, r, capped) = match wanted {
+            Route::Weak => (Route::Weak, None, false),
+            _ => match budget.try_reserve(estimate) {
+                Some(r) => (wanted, Some(r), false),
+                None => (Route::Weak, None, true),
+            },
+        };
+        g.record(score, route != Route::Weak);
+        (route, r, capped)
+    }
 
     fn gate(target: f64, explore: f64) -> Gate {
         Gate::new(GateConfig {
@@ -189,12 +167,12 @@ mod tests {
         let mut g = gate(1.0, 0.0);
         let mut strong = 0;
         for i in 0..100 {
-            let d = g.decide(i as f32, &budget, 10);
-            if let Some(r) = d.reservation {
+            let (_, reservation, capped) = decide(&mut g, i as f32, &budget, 10);
+            if let Some(r) = reservation {
                 budget.settle(r, 10);
                 strong += 1;
             } else {
-                assert!(d.capped);
+                assert!(capped);
             }
         }
         assert_eq!(strong, 5);
@@ -212,7 +190,7 @@ mod tests {
         let mut g = gate(1.0, 0.2);
         let mut n = 0;
         for i in 0..50 {
-            if let Some(r) = g.decide(i as f32, &budget, 25).reservation {
+            if let (_, Some(r), _) = decide(&mut g, i as f32, &budget, 25) {
                 budget.settle(r, 25);
                 n += 1;
             }
@@ -227,7 +205,7 @@ mod tests {
         let mut g = gate(0.3, 0.1);
         let (mut both, mut strong) = (0, 0);
         for i in 0..10_000 {
-            match g.decide((i % 97) as f32, &budget, 0).route {
+            match decide(&mut g, (i % 97) as f32, &budget, 0).0 {
                 Route::Both => both += 1,
                 Route::Strong => strong += 1,
                 Route::Weak => {}
@@ -238,7 +216,7 @@ mod tests {
         assert!((both as f64 / 10_000.0 - 0.1).abs() < 0.01);
         // A target below the exploration rate caps exploration at the target.
         let mut g = gate(0.0, 0.1);
-        assert!((0..1000).all(|i| g.decide(i as f32, &budget, 0).route == Route::Weak));
+        assert!((0..1000).all(|i| decide(&mut g, i as f32, &budget, 0).0 == Route::Weak));
     }
 
     #[test]
@@ -247,7 +225,7 @@ mod tests {
         let run = || {
             let mut g = gate(0.4, 0.1);
             (0..500)
-                .map(|i| g.decide(((i * 37) % 101) as f32, &budget, 0).route)
+                .map(|i| decide(&mut g, ((i * 37) % 101) as f32, &budget, 0).0)
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
@@ -257,10 +235,18 @@ mod tests {
     fn fixed_threshold_gate() {
         let budget = Budget::unlimited();
         let mut g = Gate::fixed(0.5, 0.0, 1).unwrap();
-        assert_eq!(g.decide(0.6, &budget, 0).route, Route::Strong);
-        assert_eq!(g.decide(0.4, &budget, 0).route, Route::Weak);
+        assert_eq!(decide(&mut g, 0.6, &budget, 0).0, Route::Strong);
+        assert_eq!(decide(&mut g, 0.4, &budget, 0).0, Route::Weak);
         assert!((g.realised_share() - 0.5).abs() < 1e-9);
-        let d = g.decide_by(0.9, || None::<()>);
-        assert!(d.capped && d.route == Route::Weak);
+        let one = Budget::new(BudgetLimits {
+            max_calls: Some(1),
+            max_micros: None,
+        })
+        .unwrap();
+        let (route, r, _) = decide(&mut g, 0.9, &one, 0);
+        assert_eq!(route, Route::Strong);
+        one.settle(r.unwrap(), 0);
+        let (route, _, capped) = decide(&mut g, 0.9, &one, 0);
+        assert!(capped && route == Route::Weak);
     }
 }

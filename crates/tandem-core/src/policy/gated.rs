@@ -5,7 +5,9 @@
 //! threshold); a *cascade* scorer ([`super::cascade`]) scores the cheap tier's answer and the gate
 //! keeps or escalates it (cascade-after-generation). The gate holds the target share of top-tier
 //! calls and explores (both tiers called, both outcomes revealed); the engine checks the budget.
-//! The scorers learn from revealed outcomes ([`Deferral::learn_outcomes`]), not from the top tier.
+//! The scorers learn from revealed outcomes ([`Deferral::learn_outcomes`]); built with
+//! [`Gated::learning_from_top`], also from the top tier's answer whenever it answered after the
+//! cheapest tier did (the cheap answer's graded agreement with it, and the top tier right).
 
 use super::gate::{Gate, Route};
 use super::{CascadeScorer, Deferral, Finished, ItemState, Observation, RouteScorer, Step};
@@ -44,11 +46,33 @@ impl Signal {
 pub struct Gated {
     scorer: Scorer,
     gate: Gate,
+    from_top: bool,
 }
 
 impl Gated {
     pub fn new(scorer: Scorer, gate: Gate) -> Self {
-        Gated { scorer, gate }
+        Gated {
+            scorer,
+            gate,
+            from_top: false,
+        }
+    }
+
+    /// Also learns from the top tier's answer when the item ends: where both the cheapest tier
+    /// and the top one answered (an escalation, or exploration), the cheapest answer's
+    /// [`super::response::agreement`] with the top one is its outcome (graded, in [0, 1]) and
+    /// the top tier counts as right — the gateway's teaching, where no outcome is recorded.
+    pub fn learning_from_top(mut self) -> Self {
+        self.from_top = true;
+        self
+    }
+
+    fn learn(&mut self, item: &ItemState, query: &Query, o: &Observation) {
+        match (&mut self.scorer, &item.weak) {
+            (Scorer::Route(s), _) => s.learn(query, o),
+            (Scorer::Cascade(s), Some(weak)) => s.learn(query, weak, o),
+            (Scorer::Cascade(_), None) | (Scorer::Signal(_), _) => {}
+        }
     }
 
     pub fn gate(&self) -> &Gate {
@@ -75,6 +99,7 @@ impl Deferral for Gated {
         let wanted = self.gate.choose(item.score).0;
         item.wanted = Some(wanted);
         item.explored = wanted == Route::Both;
+        item.settled = wanted == Route::Weak;
         if wanted == Route::Strong {
             top
         } else {
@@ -91,7 +116,7 @@ impl Deferral for Gated {
                     tier: String::new(),
                     output: Output::Text {
                         text: step.text.unwrap_or("").to_string(),
-                        token_logprobs: None,
+                        token_logprobs: step.token_logprobs.map(<[f32]>::to_vec),
                     },
                     usage: Usage::default(),
                     cost: 0,
@@ -121,6 +146,17 @@ impl Deferral for Gated {
         if item.wanted.is_some() {
             self.gate.record(item.score, f.answered == f.top);
         }
+        if !self.from_top {
+            return;
+        }
+        let cheapest = f.cheap.iter().find(|s| s.tier == 0).and_then(|s| s.text);
+        if let (Some(top), Some(cheap)) = (f.top_text, cheapest) {
+            let o = Observation {
+                weak: Some(super::response::agreement(cheap, top)),
+                strong: Some(1.0),
+            };
+            self.learn(item, f.query, &o);
+        }
     }
 
     fn gate_mut(&mut self) -> Option<&mut Gate> {
@@ -132,11 +168,7 @@ impl Deferral for Gated {
             weak: observed.first().copied().flatten(),
             strong: observed.last().copied().flatten(),
         };
-        match (&mut self.scorer, &item.weak) {
-            (Scorer::Route(s), _) => s.learn(f.query, &o),
-            (Scorer::Cascade(s), Some(weak)) => s.learn(f.query, weak, &o),
-            (Scorer::Cascade(_), None) | (Scorer::Signal(_), _) => {}
-        }
+        self.learn(item, f.query, &o);
     }
 }
 
@@ -261,5 +293,99 @@ mod tests {
             assert_eq!(s.tier, tier);
             assert!((w.item().score - score).abs() < 1e-6 || w.item().score == score);
         }
+    }
+
+    /// Records what it was taught.
+    struct Taught(std::sync::Arc<std::sync::Mutex<Vec<(String, Observation)>>>);
+
+    impl RouteScorer for Taught {
+        fn score(&mut self, _: &Query) -> f32 {
+            0.0
+        }
+        fn learn(&mut self, q: &Query, o: &Observation) {
+            self.0.lock().unwrap().push((q.id.clone(), *o));
+        }
+    }
+
+    /// Built `learning_from_top`, a route scorer learns from every item where the cheapest tier
+    /// and the top one both answered (exploration): the cheap answer's graded agreement with the
+    /// top one, the top right. Not from an item the top never answered, nor one the client
+    /// would not have learned from. A cheap pick is settled at the entry: its call is the last.
+    #[test]
+    fn learning_from_top_teaches_the_explored_pairs_only() {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let gated = |explore: f64, target: f64| {
+            let gate = Gate::new(GateConfig {
+                target_share: target,
+                explore,
+                window: 100,
+                seed: 3,
+            })
+            .unwrap();
+            Cascade::new(
+                2,
+                Box::new(
+                    Gated::new(Scorer::Route(Box::new(Taught(log.clone()))), gate)
+                        .learning_from_top(),
+                ),
+                Teaching::default(),
+            )
+            .unwrap()
+        };
+        // Always exploring: both tiers answer; "4" against "the answer is 4" agrees (the final
+        // numbers match), "5" does not.
+        let mut c = gated(1.0, 1.0);
+        for (id, cheap, learn) in [("a", "4", true), ("b", "5", true), ("c", "4", false)] {
+            let q = Query::text(id, "x");
+            let mut w = c.begin(&q, vec![1, 100]).unwrap();
+            w.set_learning(learn);
+            assert!(matches!(
+                w.next(),
+                crate::engine::Next::Call {
+                    tier: 0,
+                    last: false,
+                    ..
+                }
+            ));
+            c.answered(&mut w, &q, Reply::generated(cheap.into(), None), true);
+            assert!(matches!(
+                w.next(),
+                crate::engine::Next::Call { tier: 1, .. }
+            ));
+            c.answered(
+                &mut w,
+                &q,
+                Reply::generated("the answer is 4".into(), None),
+                true,
+            );
+            let (s, _) = c.finish(&mut w, &q, |_| 0).unwrap();
+            assert_eq!(s.tier, 1);
+            assert!(s.explored);
+        }
+        let taught = log.lock().unwrap().clone();
+        let weak: Vec<(&str, Option<f32>, Option<f32>)> = taught
+            .iter()
+            .map(|(id, o)| (id.as_str(), o.weak, o.strong))
+            .collect();
+        assert_eq!(
+            weak,
+            [("a", Some(1.0), Some(1.0)), ("b", Some(0.0), Some(1.0))]
+        );
+        // Never going up: the cheap pick is settled, its call the last, and nothing is taught.
+        let mut c = gated(0.0, 0.0);
+        let q = Query::text("d", "x");
+        let mut w = c.begin(&q, vec![1, 100]).unwrap();
+        assert!(matches!(
+            w.next(),
+            crate::engine::Next::Call {
+                tier: 0,
+                last: true,
+                ..
+            }
+        ));
+        c.answered(&mut w, &q, Reply::generated("4".into(), None), true);
+        assert_eq!(w.next(), crate::engine::Next::Done);
+        c.finish(&mut w, &q, |_| 0).unwrap();
+        assert_eq!(log.lock().unwrap().len(), 2);
     }
 }

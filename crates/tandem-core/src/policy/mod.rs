@@ -115,6 +115,8 @@ pub struct Step<'a> {
     /// A generated answer's mean token log-probability, when its tier gave them (`confidence`
     /// is its exp; gates held on it read it exactly, not through exp and ln).
     pub mean_logprob: Option<f32>,
+    /// A generated answer's token log-probabilities (nats each), when its tier gave them.
+    pub token_logprobs: Option<&'a [f32]>,
 }
 
 impl<'a> Step<'a> {
@@ -179,6 +181,9 @@ pub struct ItemState {
     pub wanted: Option<gate::Route>,
     /// The cheapest tier's answer as a cascade scorer saw it (to learn from its outcome).
     pub weak: Option<Answer>,
+    /// The policy settled the item at its entry: the entry tier's answer stands unless it cannot
+    /// serve, so a front end may stream it without judging it (route-before's cheap pick).
+    pub settled: bool,
 }
 
 impl ItemState {
@@ -286,5 +291,6 @@ pub(crate) fn test_step<'a>(
         next_cost: 1.0,
         token_energy: None,
         mean_logprob: None,
+        token_logprobs: None,
     }
 }

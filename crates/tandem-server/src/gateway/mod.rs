@@ -258,6 +258,17 @@ impl Gateway {
         self.learner.flush().await.map_err(GatewayError::Internal)
     }
 
+    /// Hands the lessons `route`'s engine gave its learned scorer (a route-before router, a
+    /// learned cascade scorer) to the learner and the other replicas. Returns how many.
+    pub(crate) fn forward_learned(&self, route: &RouteState) -> usize {
+        let lessons = route.shared.outbox.take();
+        let n = lessons.len();
+        for ev in lessons {
+            self.learn(route.index, ev);
+        }
+        n
+    }
+
     /// Hands what a request or feedback taught to the learner, and to the other replicas.
     pub(crate) fn learn(&self, route: usize, ev: LearnEvent) {
         if let Some(r) = &self.replicas {
@@ -429,8 +440,12 @@ impl Gateway {
         };
         let call = Call::new(req.body.clone());
         let mut run = Run::new(self, route);
-        // A cascade of tiers runs on the core's engine, call by call.
-        if route.engine.is_some() && kind == RouteKind::Cascade && force.is_none() {
+        // A route whose policy decides (a cascade, route-before) runs on the core's engine,
+        // call by call.
+        if route.engine.is_some()
+            && matches!(kind, RouteKind::Cascade | RouteKind::RouteBefore)
+            && force.is_none()
+        {
             let done = match run.tiers(&ctx, &call, req.stream).await {
                 Ok(Ok(s)) => return Ok(Reply::Stream(StreamReply::new(self.clone(), ctx, s))),
                 Ok(Err(done)) => done,
@@ -448,8 +463,12 @@ impl Gateway {
         let plan = match (kind, force) {
             (RouteKind::Fixed, _) | (_, Some(Force::Large)) => run.plan_large(&call)?,
             (_, Some(Force::Small)) => run.plan_small(&call)?,
-            (RouteKind::RouteBefore, None) => run.plan_route_before(&ctx, &call)?,
-            (RouteKind::Cascade, None) => run.plan_cascade(&ctx, &call).await?,
+            (RouteKind::RouteBefore | RouteKind::Cascade, None) => {
+                return Err(GatewayError::Internal(format!(
+                    "route `{}` decides on the engine but has none",
+                    route.name()
+                )))
+            }
             (RouteKind::Switching, None) => {
                 let episode = overrides.episode.as_deref().ok_or_else(|| {
                     GatewayError::BadRequest(format!(
@@ -468,12 +487,12 @@ impl Gateway {
         };
         let plan = run.confirm(plan).await?;
         let done = if req.stream {
-            match run.streamed(&ctx, &call, plan).await? {
+            match run.streamed(&call, plan).await? {
                 Ok(s) => return Ok(Reply::Stream(StreamReply::new(self.clone(), ctx, s))),
                 Err(done) => done,
             }
         } else {
-            run.whole(&ctx, &call, plan).await?
+            run.whole(&call, plan).await?
         };
         self.whole_reply(&ctx, done)
     }
@@ -657,7 +676,12 @@ impl Gateway {
                     let n = engine.tiers();
                     let observed = crate::feedback::tier_outcomes(fb, &o, walk, n);
                     engine.learn_outcomes(walk, &p.query, &observed);
-                    Counters::bump(&route.counters.learned);
+                    drop(engine);
+                    // A learned scorer's lessons go to the learner, which counts them; a policy
+                    // the engine holds whole learned here.
+                    if self.forward_learned(route) == 0 {
+                        Counters::bump(&route.counters.learned);
+                    }
                 } else if p.learn {
                     self.learn(
                         p.route,

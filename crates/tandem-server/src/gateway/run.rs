@@ -1,45 +1,38 @@
-//! One request's decision and calls. First a [`Plan`]: which model serves (and, for a cascade,
-//! the small model's draft, judged), with the large call's budget already reserved; then the plan
-//! is carried out whole, or streamed when the client asked and the answer need not be judged.
+//! One request's calls. A route whose policy decides — a cascade of tiers, a two-model cascade,
+//! a route-before router — runs on the core's engine, call by call (`tiers`). A fixed route, a
+//! forced model or a switching route's step first makes a [`Plan`] (which model serves, with
+//! the large call's budget already reserved), then carries it out whole or streamed.
 //! Each model is a group of upstreams ([`crate::resilience`]): a failed call moves to the next
 //! upstream of the group (retried after a backoff), and a stream can still move until its first
 //! piece of answer. A small group that cannot serve hands the request to the large one, within
-//! the budget; a large group that fails falls back to a usable small draft. One reservation, the
-//! most any upstream of the large group could cost, covers all of a request's large attempts.
+//! the budget. One reservation, the most any upstream of the large group could cost, covers all
+//! of a request's large attempts.
 
 mod tiers;
 
 pub(crate) use tiers::TierOutcome;
 
-use super::judge::{judge, Verdict};
-use super::{to_answer, with_hint, Ctx, Gateway};
+use super::{Ctx, Gateway};
 use crate::budget::Held;
-use crate::config::{CascadeGate, OnExhausted};
+use crate::config::OnExhausted;
 use crate::error::GatewayError;
 use crate::feedback::Served;
 use crate::resilience::{Attempts, Group, Ticket};
-use crate::route::{LearnEvent, Learned, RouteState};
+use crate::route::RouteState;
 use crate::upstream::{relay, until_answer, Call, Completion, Pieces, Upstream};
 use serde_json::{json, Value};
 use tandem_core::engine::Next;
-use tandem_core::policy::gate::Route as Pick;
-use tandem_core::policy::response::agreement;
-use tandem_core::policy::Observation;
 use tandem_core::Micros;
 
 pub(super) enum Target {
     Small,
     Large(Held),
-    /// Exploration: both models, the large answer served, the small one graded by it.
-    Both(Held),
 }
 
+/// What a fixed, forced or switching route's decision picked, with the large call's budget
+/// already reserved when it picked large.
 pub(super) struct Plan {
     pub target: Target,
-    /// A cascade's small answer, already paid for.
-    pub draft: Option<Completion>,
-    /// The draft may be served if the large model fails (not empty, not an invalid tool call).
-    pub draft_usable: bool,
     pub score: Option<f32>,
     pub capped: bool,
 }
@@ -366,11 +359,9 @@ impl<'a> Run<'a> {
         self.route.cfg.cfg.on_exhausted == OnExhausted::Refuse
     }
 
-    fn plan(target: Target, draft: Option<Completion>, score: Option<f32>, capped: bool) -> Plan {
+    fn plan(target: Target, score: Option<f32>, capped: bool) -> Plan {
         Plan {
             target,
-            draft_usable: draft.is_some(),
-            draft,
             score,
             capped,
         }
@@ -379,9 +370,9 @@ impl<'a> Run<'a> {
     /// The large model if its budget allows, else the small one (or a 429).
     pub fn plan_large(&self, call: &Call) -> Result<Plan, GatewayError> {
         match self.reserve(call) {
-            Some(held) => Ok(Self::plan(Target::Large(held), None, None, false)),
+            Some(held) => Ok(Self::plan(Target::Large(held), None, false)),
             None if self.refuses() || self.route.cfg.small.is_none() => Err(self.exhausted()),
-            None => Ok(Self::plan(Target::Small, None, None, true)),
+            None => Ok(Self::plan(Target::Small, None, true)),
         }
     }
 
@@ -389,16 +380,7 @@ impl<'a> Run<'a> {
         if self.route.cfg.small.is_none() {
             return self.plan_large(call);
         }
-        Ok(Self::plan(Target::Small, None, None, false))
-    }
-
-    /// Asks the route's gate; the budget is reserved inside the decision, so a refusal routes small.
-    fn decide(&self, score: f32, call: &Call) -> Result<(Pick, Option<Held>, bool), GatewayError> {
-        let d = self.route.gate().decide_by(score, || self.reserve(call));
-        if d.capped && self.refuses() {
-            return Err(self.exhausted());
-        }
-        Ok((d.route, d.reservation, d.capped))
+        Ok(Self::plan(Target::Small, None, false))
     }
 
     /// LONDI: the route's engine picks the entry tier for this step of an episode — its
@@ -429,113 +411,26 @@ impl<'a> Run<'a> {
         Ok(plan)
     }
 
-    pub fn plan_route_before(&self, ctx: &Ctx, call: &Call) -> Result<Plan, GatewayError> {
-        let model = self.route.model.load();
-        let score = match (&**model, model.scratch()) {
-            (Learned::Router(r), Some(mut s)) => r.score_ref(&ctx.query, &mut s),
-            _ => 0.0,
-        };
-        let (pick, held, capped) = self.decide(score, call)?;
-        let target = match (pick, held) {
-            (Pick::Strong, Some(h)) => Target::Large(h),
-            (Pick::Both, Some(h)) => Target::Both(h),
-            _ => Target::Small,
-        };
-        Ok(Self::plan(target, None, Some(score), capped))
-    }
-
-    /// The small model answers (with log-probabilities when the gate reads them); the draft is
-    /// judged — an empty answer, a refusal or an invalid tool call escalates whatever its score
-    /// — then scored by the gate. A small model that fails hands the request to the large one.
-    pub async fn plan_cascade(&mut self, ctx: &Ctx, call: &Call) -> Result<Plan, GatewayError> {
-        // Only the `learned` gate comes here (the others run on the engine, `tiers`): it reads
-        // the draft's text, not its log-probabilities.
-        let small_call = |up: &Upstream| self.call_for(up, call);
-        let (s, n) = self.complete_on(Role::Small, &small_call).await;
-        self.tried += n;
-        let s = match s {
-            Ok(s) => s,
-            Err(e) if e.is_upstream() => return self.small_failed(e, call),
-            Err(e) => return Err(e),
-        };
-        self.cost += self.cost_of(&s);
-        let verdict = judge(&s.draft, &ctx.tools, ctx.tool_choice.as_deref());
-        if verdict != Verdict::Valid {
-            metrics::counter!("tandem_draft_rejected_total", "route" => self.route.name().to_string(), "why" => verdict.name())
-                .increment(1);
-            // An unusable draft goes up whatever the gate says; the budget still decides.
-            let (target, capped) = match self.reserve(call) {
-                Some(h) => (Target::Large(h), false),
-                None if self.refuses() => return Err(self.exhausted()),
-                None => (Target::Small, true),
-            };
-            return Ok(Plan {
-                target,
-                draft: Some(s),
-                draft_usable: false,
-                score: Some(f32::INFINITY),
-                capped,
-            });
-        }
-        let score = match self.route.cfg.cfg.gate {
-            // Engine gates never come here: their routes run on the engine (`tiers`), the
-            // two-model logprob and energy gates too (`route::engine_cascade`).
-            CascadeGate::Logprob | CascadeGate::Energy | CascadeGate::Ocl | CascadeGate::Random => {
-                0.0
-            }
-            CascadeGate::Learned => {
-                let model = self.route.model.load();
-                match (&**model, model.scratch()) {
-                    (Learned::Cascade(c), Some(mut sc)) => {
-                        let name = self.gw.upstreams.get(s.by).map_or("", |u| u.name.as_str());
-                        c.score_ref(&ctx.query, &to_answer(name, &s), &mut sc)
-                    }
-                    _ => 0.0,
-                }
-            }
-        };
-        let (pick, held, capped) = self.decide(score, call)?;
-        let target = match (pick, held) {
-            (Pick::Strong | Pick::Both, Some(h)) => Target::Large(h),
-            _ => Target::Small,
-        };
-        Ok(Self::plan(target, Some(s), Some(score), capped))
-    }
-
     /// Makes the plan's large reservation durable (journaled, or taken in the shared store)
     /// before anything is called for it. The shared store can still refuse what this replica's
     /// own count allowed — the other replicas spent the cap, or Redis cannot be asked — and
-    /// that refusal is handled as the local cap's is: the small model serves (its draft, if
-    /// made), or the request is refused on a route that refuses or has no small model.
+    /// that refusal is handled as the local cap's is: the small model serves, or the request is
+    /// refused on a route that refuses or has no small model.
     pub async fn confirm(&self, plan: Plan) -> Result<Plan, GatewayError> {
-        let held = match &plan.target {
-            Target::Large(h) | Target::Both(h) => h,
-            Target::Small => return Ok(plan),
+        let Target::Large(held) = &plan.target else {
+            return Ok(plan);
         };
         match held.durable().await {
             Ok(()) => Ok(plan),
             Err(e) if e.is_budget_refusal() => {
-                let Plan {
-                    target,
-                    draft,
-                    draft_usable,
-                    score,
-                    ..
-                } = plan;
-                // Released: its durable step failed, so no call was made on it.
-                drop(target);
-                if self.refuses() || (draft.is_none() && self.route.cfg.small.is_none()) {
+                // Released as it drops: its durable step failed, so no call was made on it.
+                drop(plan.target);
+                if self.refuses() || self.route.cfg.small.is_none() {
                     return Err(e);
                 }
                 metrics::counter!("tandem_shared_budget_refusals_total", "route" => self.route.name().to_string(), "why" => e.code().unwrap_or("budget").to_string())
                     .increment(1);
-                Ok(Plan {
-                    target: Target::Small,
-                    draft,
-                    draft_usable,
-                    score,
-                    capped: true,
-                })
+                Ok(Self::plan(Target::Small, plan.score, true))
             }
             Err(e) => Err(e),
         }
@@ -558,27 +453,8 @@ impl<'a> Run<'a> {
         metrics::counter!("tandem_small_failures_total", "route" => self.route.name().to_string())
             .increment(1);
         match self.reserve(call) {
-            Some(held) => Ok(Self::plan(Target::Large(held), None, None, false)),
+            Some(held) => Ok(Self::plan(Target::Large(held), None, false)),
             None => Err(e),
-        }
-    }
-
-    /// The large model's call to `up`: with the small draft as a hint when the route asks for S4L.
-    fn large_call(&self, up: &Upstream, call: &Call, draft: Option<&Completion>) -> Call {
-        let base = self.call_for(up, call);
-        match draft.filter(|_| self.route.cfg.cfg.s4l) {
-            Some(d) => {
-                let messages = call
-                    .get("messages")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                base.with(
-                    "messages",
-                    Some(Value::Array(with_hint(&messages, &d.text()))),
-                )
-            }
-            None => base,
         }
     }
 
@@ -597,9 +473,7 @@ impl<'a> Run<'a> {
                 Ok((c, Served::Small))
             }
             Err(e) if e.is_upstream() => match self.small_failed(e, call)?.target {
-                Target::Large(held) => {
-                    Ok((self.call_large(call, None, held).await?, Served::Large))
-                }
+                Target::Large(held) => Ok((self.call_large(call, held).await?, Served::Large)),
                 _ => Err(GatewayError::Internal("no model to serve".into())),
             },
             Err(e) => Err(e),
@@ -608,16 +482,11 @@ impl<'a> Run<'a> {
 
     /// Calls the large model on a held reservation, settling it with the real cost (an estimate
     /// when the upstream reports no usage), or releasing it when no attempt succeeded.
-    async fn call_large(
-        &mut self,
-        call: &Call,
-        draft: Option<&Completion>,
-        held: Held,
-    ) -> Result<Completion, GatewayError> {
+    async fn call_large(&mut self, call: &Call, held: Held) -> Result<Completion, GatewayError> {
         // The reservation is on disk before any attempt is made (a crash cannot forget it).
         held.durable().await?;
         let (r, n) = self
-            .complete_on(Role::Large, &|up| self.large_call(up, call, draft))
+            .complete_on(Role::Large, &|up| self.call_for(up, call))
             .await;
         self.tried += n;
         self.mark(&held);
@@ -667,89 +536,29 @@ impl<'a> Run<'a> {
     }
 
     /// Carries the plan out and returns whole answers.
-    pub async fn whole(
-        &mut self,
-        ctx: &Ctx,
-        call: &Call,
-        plan: Plan,
-    ) -> Result<Done, GatewayError> {
+    pub async fn whole(&mut self, call: &Call, plan: Plan) -> Result<Done, GatewayError> {
         let info = PlanInfo::of(&plan);
         match plan.target {
-            Target::Small => match plan.draft {
-                Some(d) => Ok(self.done(Some(d), None, &info)),
-                None => match self.call_small_or_large(call).await? {
-                    (c, Served::Small) => Ok(self.done(Some(c), None, &info)),
-                    (c, Served::Large) => Ok(self.done(None, Some(c), &info)),
-                },
+            Target::Small => match self.call_small_or_large(call).await? {
+                (c, Served::Small) => Ok(self.done(Some(c), None, &info)),
+                (c, Served::Large) => Ok(self.done(None, Some(c), &info)),
             },
             Target::Large(held) => {
-                match (
-                    self.call_large(call, plan.draft.as_ref(), held).await,
-                    plan.draft,
-                ) {
-                    (Ok(l), draft) => {
-                        if let Some(d) = &draft {
-                            self.teach(ctx, d, &l, true);
-                        }
-                        Ok(self.done(draft, Some(l), &info))
-                    }
-                    (Err(e), Some(d)) if plan.draft_usable => {
-                        self.fall_back(&e);
-                        Ok(self.done(Some(d), None, &info))
-                    }
-                    (Err(e), _) => Err(e),
-                }
-            }
-            Target::Both(held) => {
-                held.durable().await?;
-                let small_make = |up: &Upstream| self.call_for(up, call);
-                let large_make = |up: &Upstream| self.large_call(up, call, None);
-                let ((s, ns), (l, nl)) = tokio::join!(
-                    self.complete_on(Role::Small, &small_make),
-                    self.complete_on(Role::Large, &large_make)
-                );
-                self.tried += ns + nl;
-                self.mark(&held);
-                let l = match l {
-                    Ok(l) => {
-                        let cost = self.cost_of(&l);
-                        held.settle(cost);
-                        self.cost += cost;
-                        l
-                    }
-                    Err(e) => {
-                        held.release();
-                        // Exploration is the gateway's own wish: the small answer still serves.
-                        return match s {
-                            Ok(s) => {
-                                self.cost += self.cost_of(&s);
-                                Ok(self.done(Some(s), None, &info))
-                            }
-                            Err(_) => Err(e),
-                        };
-                    }
-                };
-                let s = s.ok();
-                if let Some(s) = &s {
-                    self.cost += self.cost_of(s);
-                    self.teach(ctx, s, &l, false);
-                }
-                Ok(self.done(s, Some(l), &info))
+                let l = self.call_large(call, held).await?;
+                Ok(self.done(None, Some(l), &info))
             }
         }
     }
 
-    /// Carries the plan out, streaming the served answer when it need not be judged first: the
-    /// small model's own answer (no draft), or the large model's. Otherwise returns it whole.
+    /// Carries the plan out, streaming the served answer.
     pub async fn streamed(
         &mut self,
-        ctx: &Ctx,
         call: &Call,
         plan: Plan,
     ) -> Result<Result<Streaming, Done>, GatewayError> {
         let info = PlanInfo::of(&plan);
         match plan.target {
-            Target::Small if plan.draft.is_none() => {
+            Target::Small => {
                 let (r, n) = self
                     .stream_on(Role::Small, &|up| self.call_for(up, call))
                     .await;
@@ -763,28 +572,13 @@ impl<'a> Run<'a> {
                         &info,
                     ))),
                     Err(e) if e.is_upstream() => match self.small_failed(e, call)?.target {
-                        Target::Large(held) => {
-                            self.stream_large(call, held, None, false, &info).await
-                        }
-                        _ => Err(GatewayError::Internal("no model to serve".into())),
+                        Target::Large(held) => self.stream_large(call, held, &info).await,
+                        Target::Small => Err(GatewayError::Internal("no model to serve".into())),
                     },
                     Err(e) => Err(e),
                 }
             }
-            Target::Large(held) => {
-                self.stream_large(call, held, plan.draft, plan.draft_usable, &info)
-                    .await
-            }
-            target => {
-                let plan = Plan {
-                    target,
-                    draft: plan.draft,
-                    draft_usable: plan.draft_usable,
-                    score: info.score,
-                    capped: info.capped,
-                };
-                Ok(Err(self.whole(ctx, call, plan).await?))
-            }
+            Target::Large(held) => self.stream_large(call, held, &info).await,
         }
     }
 
@@ -792,30 +586,23 @@ impl<'a> Run<'a> {
         &mut self,
         call: &Call,
         held: Held,
-        draft: Option<Completion>,
-        draft_usable: bool,
         info: &PlanInfo,
     ) -> Result<Result<Streaming, Done>, GatewayError> {
         held.durable().await?;
         let (r, n) = self
-            .stream_on(Role::Large, &|up| self.large_call(up, call, draft.as_ref()))
+            .stream_on(Role::Large, &|up| self.call_for(up, call))
             .await;
         self.tried += n;
         self.mark(&held);
-        match (r, draft) {
-            (Ok(started), draft) => Ok(Ok(self.streaming(
+        match r {
+            Ok(started) => Ok(Ok(self.streaming(
                 started,
                 Some(held),
                 Served::Large,
-                draft,
+                None,
                 info,
             ))),
-            (Err(e), Some(d)) if draft_usable => {
-                held.release();
-                self.fall_back(&e);
-                Ok(Err(self.done(Some(d), None, info)))
-            }
-            (Err(e), _) => {
+            Err(e) => {
                 held.release();
                 Err(e)
             }
@@ -846,32 +633,6 @@ impl<'a> Run<'a> {
             tiers: None,
             walk: None,
         }
-    }
-
-    /// The large answer grades the small one: the cheap route learns to imitate the expensive one.
-    pub fn teach(&self, ctx: &Ctx, small: &Completion, large: &Completion, with_draft: bool) {
-        if !ctx.learn {
-            return;
-        }
-        let small_answer = with_draft
-            .then(|| {
-                self.gw
-                    .upstreams
-                    .get(small.by)
-                    .map(|u| to_answer(&u.name, small))
-            })
-            .flatten();
-        self.gw.learn(
-            self.route.index,
-            LearnEvent {
-                query: ctx.query.clone(),
-                small: small_answer,
-                observed: Observation {
-                    weak: Some(agreement(&small.text(), &large.text())),
-                    strong: Some(1.0),
-                },
-            },
-        );
     }
 }
 

@@ -359,9 +359,7 @@ impl Finisher {
             let (text, lp) = (answer.text(), answer.token_logprobs.clone());
             super::run::Run::finish_streamed(route, &self.ctx, w, Some(text), lp)
         });
-        if let (Served::Large, Some(d), None) = (self.served, &self.draft, self.tiers) {
-            super::run::Run::new(gw, route).teach(&self.ctx, d, &answer, true);
-        }
+        gw.forward_learned(route);
         let (small, large) = match self.served {
             Served::Large => (self.draft, Some(answer)),
             Served::Small => (Some(answer), None),

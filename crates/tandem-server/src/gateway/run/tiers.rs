@@ -124,11 +124,16 @@ impl<'a> Run<'a> {
         stream: bool,
     ) -> Result<Result<Streaming, Done>, GatewayError> {
         let n = self.route.cfg.tiers.len();
+        let top = n - 1;
         let costs: Vec<Micros> = (0..n).map(|i| self.tier_estimate(i, call)).collect();
+        let top_estimate = costs[top];
         let mut walk = self
             .engine()?
             .begin(&ctx.query, costs)
             .map_err(Self::engine_error)?;
+        // Exploration picked at the entry (route-before's `both`): the top tier is called beside
+        // the cheapest, not after it; its answer, attempts and reservation wait here.
+        let mut early: Option<(Result<Completion, GatewayError>, u32, crate::budget::Held)> = None;
         if !ctx.learn {
             walk.set_learning(false);
         }
@@ -137,7 +142,7 @@ impl<'a> Run<'a> {
         let mut capped = false;
         let mut called = 0usize;
         let mut top_failed = false;
-        let two_model = self.route.cfg.is_two_model_signal();
+        let two_model = self.route.cfg.is_two_model();
         while let Next::Call {
             tier,
             metered,
@@ -146,7 +151,14 @@ impl<'a> Run<'a> {
             last,
         } = walk.next()
         {
-            let held = if metered {
+            let ready = if tier == top { early.take() } else { None };
+            let (ready, held) = match ready {
+                Some((r, k, h)) => (Some((r, k)), Some(h)),
+                None => (None, None),
+            };
+            let held = if held.is_some() {
+                held
+            } else if metered {
                 match self.reserve_tier(estimate).await? {
                     Some(h) => Some(h),
                     None => {
@@ -179,7 +191,7 @@ impl<'a> Run<'a> {
             let make = |up: &Upstream| self.tier_call(up, call, ctx, !last, draft.as_deref());
             self.large_uncertain
                 .store(false, std::sync::atomic::Ordering::SeqCst);
-            if last && stream {
+            if last && stream && ready.is_none() {
                 let (r, k) = self.stream_on(role, &make).await;
                 self.tried += k;
                 if let Some(h) = &held {
@@ -226,7 +238,31 @@ impl<'a> Run<'a> {
                     }
                 }
             }
-            let (r, k) = self.complete_on(role, &make).await;
+            let both = tier == 0
+                && walk.calls().is_empty()
+                && walk.item().explored
+                && walk.item().wanted == Some(tandem_core::policy::gate::Route::Both);
+            let early_held = if both && early.is_none() {
+                self.reserve_tier(top_estimate).await?
+            } else {
+                None
+            };
+            let was_ready = ready.is_some();
+            let (r, k) = if let Some(done) = ready {
+                done
+            } else if let Some(h) = early_held {
+                let top_make = |up: &Upstream| self.tier_call(up, call, ctx, false, None);
+                let (cheap, (rt, kt)) = tokio::join!(
+                    self.complete_on(role, &make),
+                    self.complete_on(Role::Tier(top), &top_make)
+                );
+                self.mark(&h);
+                early = Some((rt, kt, h));
+                cheap
+            } else {
+                // No exploration, or the budget refused its top tier: this tier alone.
+                self.complete_on(role, &make).await
+            };
             self.tried += k;
             if let Some(h) = &held {
                 self.mark(h);
@@ -252,7 +288,8 @@ impl<'a> Run<'a> {
                         },
                         cost,
                         compute: c.elapsed,
-                        hinted: draft.is_some(),
+                        // Called beside the cheapest tier, the top one had no draft to read.
+                        hinted: draft.is_some() && !was_ready,
                         ..Reply::generated(c.text(), c.token_logprobs.clone())
                     };
                     self.engine()?.answered(&mut walk, &ctx.query, reply, true);
@@ -294,6 +331,18 @@ impl<'a> Run<'a> {
                 }
             }
         }
+        if let Some((r, _, h)) = early.take() {
+            // The walk ended before the top tier (past the deadline): its early answer was
+            // still paid for.
+            match r {
+                Ok(c) => {
+                    let cost = self.cost_of(&c);
+                    h.settle(cost);
+                    self.cost += cost;
+                }
+                Err(_) => h.release(),
+            }
+        }
         if !walk.has_answer() {
             if let (true, true, Some(Some(_))) = (two_model, capped, answers.first()) {
                 // The two-model form serves its small draft, unusable as it is, when the budget
@@ -318,7 +367,7 @@ impl<'a> Run<'a> {
             .engine()?
             .finish(&mut walk, &ctx.query, |_| 0)
             .map_err(Self::engine_error)?;
-        let top = n - 1;
+        self.gw.forward_learned(self.route);
         let score = self.walk_score(&walk, &answers);
         let answered = served.tier;
         if let (true, Some(e)) = (top_failed && answered < top, &last_err) {
@@ -386,7 +435,7 @@ impl<'a> Run<'a> {
         walk: &tandem_core::engine::Walk,
         answers: &[Option<Completion>],
     ) -> Option<f32> {
-        if !self.route.cfg.is_two_model_signal() {
+        if !self.route.cfg.is_two_model() {
             return None;
         }
         match (walk.item().wanted, answers.first()) {
