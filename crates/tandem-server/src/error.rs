@@ -96,6 +96,10 @@ pub enum GatewayError {
     /// The request's body did not arrive within `server.body_read_timeout_ms`.
     #[error("the request body did not arrive in time")]
     RequestTimeout,
+    /// A route's persisted state (file, journal) cannot be read, written or used: the message
+    /// names the file and what is wrong with it.
+    #[error("{0}")]
+    State(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -148,7 +152,7 @@ impl GatewayError {
             GatewayError::UpstreamRejected(r) => {
                 StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST)
             }
-            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::State(_) | GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -178,6 +182,7 @@ impl GatewayError {
                 _ => "invalid_request_error",
             }),
             GatewayError::Internal(_)
+            | GatewayError::State(_)
             | GatewayError::BudgetClosed { .. }
             | GatewayError::SpendNotDurable { .. }
             | GatewayError::BudgetStoreDown { .. }

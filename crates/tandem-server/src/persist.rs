@@ -106,7 +106,7 @@ pub fn file_stem(route: &str) -> String {
 }
 
 fn io_err(path: &Path, what: &str, e: impl std::fmt::Display) -> GatewayError {
-    GatewayError::Internal(format!("{}: {what}: {e}", path.display()))
+    GatewayError::State(format!("{}: {what}: {e}", path.display()))
 }
 
 /// Writes one route's state; `learned` is the learner's master copy.
@@ -265,7 +265,7 @@ pub fn load(
 ) -> Result<Option<Restored>, GatewayError> {
     let path = state_path(dir, route.name());
     let bad = |why: &str| {
-        GatewayError::Internal(format!(
+        GatewayError::State(format!(
             "{}: {why}; move the file away to start this route afresh",
             path.display()
         ))

@@ -627,6 +627,8 @@ async fn a_bad_state_file_closes_its_route_only() {
             why.contains("rb.state") && why.contains(needle),
             "{what}: {why}"
         );
+        // The operator's file is at fault, not the gateway.
+        assert!(!why.contains("internal error"), "{what}: {why}");
         // Its large model is closed, even when forced; its small model serves.
         let mut body = chat_body("rb", "anything");
         body["tandem"] = json!({"force": "large"});
@@ -1102,5 +1104,51 @@ async fn route_before_streams_the_model_it_picked() {
         assert_eq!(sent["stream"] == json!(true), streamed, "{route}: {sent}");
     }
     assert_eq!(large.calls(), 1);
+    gw.stop().await;
+}
+
+/// A forced request on a cascade of tiers still says which tier served and how many were called:
+/// the top for `large`, the cheapest for `small`, and both when the cheapest fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_request_on_tiers_names_its_tier() {
+    setup_env();
+    let up = |name: &str, url: &str, price: &str| {
+        format!(
+            "[[upstream]]\nname = \"{name}\"\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"{name}-model\"\nlogprobs = true\nprice = \"{price}\"\ntimeout_ms = 2000\n"
+        )
+    };
+    let (t0, u0) = mock(small_reply()).await;
+    let (t1, u1) = mock(small_reply()).await;
+    let (t2, u2) = mock(large_reply()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}{}{}[[route]]\nname = \"t\"\nkind = \"cascade\"\ntiers = [\"t0\", \"t1\", \"t2\"]\nthreshold = 1.0\nexplore = 0.0\n",
+        up("t0", &u0, "token:0.1:0.1"),
+        up("t1", &u1, "token:1:2"),
+        up("t2", &u2, "token:10:30")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    for (force, stream, fail_cheapest, tier, called, role) in [
+        ("large", false, false, "2", "1", "large"),
+        ("large", true, false, "2", "1", "large"),
+        ("small", false, false, "0", "1", "small"),
+        ("small", true, false, "0", "1", "small"),
+        ("small", false, true, "2", "2", "large"),
+    ] {
+        t0.mode
+            .store(if fail_cheapest { FAIL_500 } else { OK }, Ordering::SeqCst);
+        let mut body = chat_body("t", "hard proof");
+        body["tandem"] = json!({"force": force});
+        body["stream"] = json!(stream);
+        let r = post(&gw.url, &body).await;
+        let what = format!("force {force}, stream {stream}, cheapest failing {fail_cheapest}");
+        assert_eq!(r.status(), 200, "{what}");
+        assert_eq!(header(&r, "x-tandem-tier-index"), tier, "{what}");
+        assert_eq!(header(&r, "x-tandem-tiers-called"), called, "{what}");
+        assert_eq!(header(&r, "x-tandem-role"), role, "{what}");
+        let _ = r.text().await.unwrap();
+    }
+    // Forcing skips the walk: the middle tier is never asked.
+    assert_eq!(t1.calls(), 0);
     gw.stop().await;
 }

@@ -486,14 +486,28 @@ impl Gateway {
             }
         };
         let plan = run.confirm(plan).await?;
-        let done = if req.stream {
+        // A forced request on a route of tiers still says which tier served and how many
+        // were called (the cheapest, the top, or both when the cheapest failed).
+        let count = route.engine.as_ref().map(|_| route.cfg.tiers.len());
+        let outcome = |served: Served, called: usize| {
+            count.map(|n| run::TierOutcome {
+                answered: if served == Served::Large { n - 1 } else { 0 },
+                called,
+                count: n,
+            })
+        };
+        let mut done = if req.stream {
             match run.streamed(&call, plan).await? {
-                Ok(s) => return Ok(Reply::Stream(StreamReply::new(self.clone(), ctx, s))),
+                Ok(mut s) => {
+                    s.tiers = outcome(s.served, run.models_called());
+                    return Ok(Reply::Stream(StreamReply::new(self.clone(), ctx, s)));
+                }
                 Err(done) => done,
             }
         } else {
             run.whole(&call, plan).await?
         };
+        done.tiers = outcome(done.served, run.models_called());
         self.whole_reply(&ctx, done)
     }
 

@@ -120,6 +120,8 @@ pub(super) struct Run<'a> {
     asked: std::sync::atomic::AtomicU64,
     /// A large attempt may have been billed without an answer (see [`Held::mark_uncertain`]).
     large_uncertain: std::sync::atomic::AtomicBool,
+    /// The two-model roles called so far (bit 0 small, bit 1 large).
+    roles: std::sync::atomic::AtomicU8,
 }
 
 impl<'a> Run<'a> {
@@ -136,7 +138,15 @@ impl<'a> Run<'a> {
                 .map(|ms| tokio::time::Instant::now() + std::time::Duration::from_millis(ms)),
             asked: std::sync::atomic::AtomicU64::new(0),
             large_uncertain: std::sync::atomic::AtomicBool::new(false),
+            roles: std::sync::atomic::AtomicU8::new(0),
         }
+    }
+
+    /// How many of the two models (small, large) this request called.
+    pub fn models_called(&self) -> usize {
+        self.roles
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .count_ones() as usize
     }
 
     /// Keeps `held` whole if a large attempt may have been billed without an answer.
@@ -194,6 +204,13 @@ impl<'a> Run<'a> {
             Ok(g) => g,
             Err(e) => return (Err(e), 0),
         };
+        let bit = match role {
+            Role::Small => 1,
+            Role::Large => 2,
+            Role::Tier(_) => 0,
+        };
+        self.roles
+            .fetch_or(bit, std::sync::atomic::Ordering::Relaxed);
         let mut at = Attempts::new(
             &self.gw.upstreams,
             group,
