@@ -1148,7 +1148,8 @@ async fn a_forced_request_on_tiers_names_its_tier() {
         assert_eq!(header(&r, "x-tandem-role"), role, "{what}");
         let _ = r.text().await.unwrap();
     }
-    // Forcing skips the walk: the middle tier is never asked.
+    // Forcing skips the walk: the middle tier is never asked; the top answered three times.
     assert_eq!(t1.calls(), 0);
+    assert_eq!(t2.calls(), 3);
     gw.stop().await;
 }
