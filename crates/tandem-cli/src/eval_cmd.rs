@@ -1,7 +1,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tandem_core::money::usd_to_micros;
 use tandem_core::policy::cascade::CascadeConfig;
@@ -13,8 +13,8 @@ use tandem_eval::ntier::{default_ladder_policies, ladder_work};
 use tandem_eval::plot::{write_ladder_plot, write_plot};
 use tandem_eval::runner::{Models, PolicyKind};
 use tandem_eval::{
-    evaluate, evaluate_ladder, Dataset, EvalConfig, Ladder, LadderConfig, LadderPolicy, LadderSpec,
-    LoadOptions, PolicySpec,
+    evaluate, evaluate_ladder, Dataset, EvalConfig, EvalError, Ladder, LadderConfig, LadderPolicy,
+    LadderSpec, LoadOptions, PolicySpec,
 };
 
 #[derive(Args, Debug)]
@@ -111,15 +111,8 @@ fn parse_policies(s: &str, has_responses: bool) -> Result<Vec<PolicySpec>> {
             bail!("--policies: `cascade` needs the weak model's recorded responses, and this file has none");
         }
         let learned = matches!(kind, PolicyKind::Router | PolicyKind::Cascade);
-        let modes: Vec<FeedbackMode> = match (mode, learned) {
-            ("", true) => vec![FeedbackMode::Full, FeedbackMode::Partial],
-            ("full", true) => vec![FeedbackMode::Full],
-            ("partial", true) => vec![FeedbackMode::Partial],
-            ("", false) | ("none", false) => vec![FeedbackMode::None],
-            (m, _) => bail!("--policies: {item:?}: feedback mode {m:?} does not apply (full or partial for learned policies)"),
-        };
         out.extend(
-            modes
+            feedback_modes(item, mode, learned, "learned policies")?
                 .into_iter()
                 .map(|feedback| PolicySpec { kind, feedback }),
         );
@@ -128,6 +121,23 @@ fn parse_policies(s: &str, has_responses: bool) -> Result<Vec<PolicySpec>> {
         bail!("--policies: no policy named");
     }
     Ok(out)
+}
+
+/// The feedback modes `mode` (after the `:` of `item`) asks for: both when empty for a learned
+/// policy, none for the others; `learned_names` names the learned ones in the error.
+fn feedback_modes(
+    item: &str,
+    mode: &str,
+    learned: bool,
+    learned_names: &str,
+) -> Result<Vec<FeedbackMode>> {
+    Ok(match (mode, learned) {
+        ("", true) => vec![FeedbackMode::Full, FeedbackMode::Partial],
+        ("full", true) => vec![FeedbackMode::Full],
+        ("partial", true) => vec![FeedbackMode::Partial],
+        ("", false) | ("none", false) => vec![FeedbackMode::None],
+        (m, _) => bail!("--policies: {item:?}: feedback mode {m:?} does not apply (full or partial for {learned_names})"),
+    })
 }
 
 fn parse_ladder_policies(s: &str) -> Result<Vec<LadderSpec>> {
@@ -140,15 +150,8 @@ fn parse_ladder_policies(s: &str) -> Result<Vec<LadderSpec>> {
             "ocl" => LadderPolicy::Ocl,
             other => bail!("--policies: unknown policy {other:?} for a cascade of N models (known: random, oracle, ocl)"),
         };
-        let modes: Vec<FeedbackMode> = match (mode, policy == LadderPolicy::Ocl) {
-            ("", true) => vec![FeedbackMode::Full, FeedbackMode::Partial],
-            ("full", true) => vec![FeedbackMode::Full],
-            ("partial", true) => vec![FeedbackMode::Partial],
-            ("", false) | ("none", false) => vec![FeedbackMode::None],
-            (m, _) => bail!("--policies: {item:?}: feedback mode {m:?} does not apply (full or partial for ocl)"),
-        };
         out.extend(
-            modes
+            feedback_modes(item, mode, policy == LadderPolicy::Ocl, "ocl")?
                 .into_iter()
                 .map(|feedback| LadderSpec { policy, feedback }),
         );
@@ -276,9 +279,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         grid: a.grid,
         window: a.window,
         budget,
-        threads: a
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        threads: threads(&a),
         limit: a.limit,
         policies,
         router: RouterConfig {
@@ -288,33 +289,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         cascade: CascadeConfig::default(),
     };
     cfg.validate()?;
-
-    let bar = ProgressBar::new(total_work(&cfg, items));
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {percent}% {per_sec} decisions ({eta} left)",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let report = evaluate(&models, &cfg, &|n| bar.inc(n))?;
-    bar.finish_and_clear();
-
+    let report = with_progress(total_work(&cfg, items), |p| evaluate(&models, &cfg, p))?;
     print!("{}", report.table());
-    if let Some(path) = &a.json {
-        crate::run_cmd::write_json(path, &report)?;
-        println!("wrote {}", path.display());
-    }
-    let plot = a
-        .plot
-        .clone()
-        .or_else(|| a.json.as_ref().map(|j| j.with_extension("svg")));
-    if let Some(svg) = plot {
-        write_plot(&report, &svg)?;
-        let png = svg.with_extension("png");
-        write_plot(&report, &png)?;
-        println!("wrote {} and {}", svg.display(), png.display());
-    }
-    Ok(())
+    write_outputs(&a, &report, write_plot)
 }
 
 /// A cascade of the file's models (or --tiers), ordered by cost, with each policy's frontier.
@@ -331,9 +308,7 @@ fn run_ladder(a: EvalArgs, data: Dataset, budget: BudgetLimits) -> Result<()> {
         explore: a.explore,
         grid: a.grid,
         budget,
-        threads: a
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        threads: threads(&a),
         limit: a.limit,
         policies: match &a.policies {
             Some(s) => parse_ladder_policies(s)?,
@@ -341,28 +316,54 @@ fn run_ladder(a: EvalArgs, data: Dataset, budget: BudgetLimits) -> Result<()> {
         },
     };
     cfg.validate()?;
-    let bar = ProgressBar::new(ladder_work(&cfg, items));
+    let report = with_progress(ladder_work(&cfg, items), |p| {
+        evaluate_ladder(&ladder, &cfg, p)
+    })?;
+    print!("{}", report.table());
+    write_outputs(&a, &report, write_ladder_plot)
+}
+
+/// Worker threads for the curve runs: --threads, or all cores.
+fn threads(a: &EvalArgs) -> usize {
+    a.threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Runs `evaluate` under a progress bar of `work` decisions, cleared when it is done.
+fn with_progress<R>(
+    work: u64,
+    evaluate: impl FnOnce(&(dyn Fn(u64) + Sync)) -> Result<R, EvalError>,
+) -> Result<R> {
+    let bar = ProgressBar::new(work);
     bar.set_style(
         ProgressStyle::with_template(
             "{elapsed_precise} [{bar:40}] {percent}% {per_sec} decisions ({eta} left)",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let report = evaluate_ladder(&ladder, &cfg, &|n| bar.inc(n))?;
+    let report = evaluate(&|n| bar.inc(n))?;
     bar.finish_and_clear();
-    print!("{}", report.table());
+    Ok(report)
+}
+
+/// Writes the report as JSON (--json) and its plot as SVG and PNG (--plot, or beside the JSON).
+fn write_outputs<R: serde::Serialize>(
+    a: &EvalArgs,
+    report: &R,
+    plot: fn(&R, &Path) -> Result<(), EvalError>,
+) -> Result<()> {
     if let Some(path) = &a.json {
-        crate::run_cmd::write_json(path, &report)?;
+        crate::run_cmd::write_json(path, report)?;
         println!("wrote {}", path.display());
     }
-    let plot = a
+    let svg_path = a
         .plot
         .clone()
         .or_else(|| a.json.as_ref().map(|j| j.with_extension("svg")));
-    if let Some(svg) = plot {
-        write_ladder_plot(&report, &svg)?;
+    if let Some(svg) = svg_path {
+        plot(report, &svg)?;
         let png = svg.with_extension("png");
-        write_ladder_plot(&report, &png)?;
+        plot(report, &png)?;
         println!("wrote {} and {}", svg.display(), png.display());
     }
     Ok(())

@@ -5,18 +5,13 @@
 
 use crate::error::EvalError;
 use crate::report::{EvalReport, PolicyRow};
-use crate::runner::{run, Models, PolicyKind, RunConfig, RunOutcome};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use crate::runner::{run, Models, PolicyKind, RunConfig};
+use crate::sweep::{decision_us, in_parallel, run_seed, share_grid, stream_order, Sweep};
 use tandem_core::metrics::{Curve, CurvePoint};
 use tandem_core::money::micros_to_usd;
 use tandem_core::policy::cascade::CascadeConfig;
 use tandem_core::policy::router::RouterConfig;
 use tandem_core::policy::FeedbackMode;
-use tandem_core::stats::percentile;
 use tandem_core::BudgetLimits;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,38 +90,20 @@ pub struct EvalConfig {
 
 impl EvalConfig {
     pub fn validate(&self) -> Result<(), EvalError> {
-        let bad = |m: String| Err(EvalError::Invalid(m));
-        if !(0.0..=1.0).contains(&self.target_share) {
-            return bad(format!(
-                "--target-share {}: must be between 0 and 1",
-                self.target_share
-            ));
-        }
-        if !(0.0..=0.5).contains(&self.explore) {
-            return bad(format!(
-                "--explore {}: must be between 0 and 0.5",
-                self.explore
-            ));
-        }
-        if !(2..=201).contains(&self.grid) {
-            return bad(format!("--grid {}: must be between 2 and 201", self.grid));
-        }
-        if self.limit == Some(0) {
-            return bad("--limit 0: nothing to evaluate".into());
-        }
-        if self.policies.is_empty() {
-            return bad("no policies to evaluate".into());
-        }
-        self.budget.validate()?;
-        Ok(())
+        self.sweep().validate()
     }
-}
 
-/// A deterministic per-run seed, so each run's randomness is independent of scheduling.
-pub(crate) fn run_seed(seed: u64, point: usize) -> u64 {
-    let mut z = seed.wrapping_add((point as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z ^ (z >> 27)
+    fn sweep(&self) -> Sweep {
+        Sweep {
+            target_share: self.target_share,
+            explore: self.explore,
+            explore_max: 0.5,
+            grid: self.grid,
+            limit: self.limit,
+            policies: self.policies.len(),
+            budget: self.budget,
+        }
+    }
 }
 
 struct Job {
@@ -142,11 +119,7 @@ pub fn evaluate(
 ) -> Result<EvalReport, EvalError> {
     cfg.validate()?;
     let data = &models.data;
-    let mut order: Vec<usize> = (0..data.rows.len()).collect();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed));
-    if let Some(limit) = cfg.limit {
-        order.truncate(limit);
-    }
+    let order = stream_order(data.rows.len(), cfg.seed, cfg.limit);
     let n = order.len() as f64;
     let q_weak = order
         .iter()
@@ -159,9 +132,7 @@ pub fn evaluate(
         .count() as f64
         / n;
 
-    let grid: Vec<f64> = (0..cfg.grid)
-        .map(|i| i as f64 / (cfg.grid - 1) as f64)
-        .collect();
+    let grid = share_grid(cfg.grid);
     let curve_jobs: Vec<Job> = cfg
         .policies
         .iter()
@@ -191,30 +162,14 @@ pub fn evaluate(
     };
 
     // Curve runs in parallel: results depend only on each run's own seed.
-    let results: Mutex<Vec<Option<Result<RunOutcome, EvalError>>>> =
-        Mutex::new((0..curve_jobs.len()).map(|_| None).collect());
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..cfg.threads.max(1) {
-            s.spawn(|| loop {
-                let j = next.fetch_add(1, Ordering::Relaxed);
-                let Some(job) = curve_jobs.get(j) else { break };
-                let r = run(models, &order, &run_cfg(job), progress);
-                if let Ok(mut res) = results.lock() {
-                    res[j] = Some(r);
-                }
-            });
-        }
-    });
-    let results = results
-        .into_inner()
-        .map_err(|_| EvalError::Invalid("a worker thread panicked".into()))?;
+    let results = in_parallel(&curve_jobs, cfg.threads, "curve", |job| {
+        run(models, &order, &run_cfg(job), progress)
+    })?;
     let mut curves: Vec<Vec<CurvePoint>> = vec![Vec::new(); cfg.policies.len()];
     for (job, r) in curve_jobs.iter().zip(results) {
-        let r = r.ok_or_else(|| EvalError::Invalid("a curve run did not finish".into()))??;
         curves[job.policy].push(CurvePoint {
             share: r.strong_share(),
-            quality: r.quality(),
+            quality: r.tally.quality(),
         });
     }
 
@@ -233,25 +188,25 @@ pub fn evaluate(
         let curve = spec
             .has_curve()
             .then(|| Curve::new(std::mem::take(&mut curves[p])));
-        let mut us: Vec<f64> = r.decision_ns.iter().map(|&ns| ns as f64 / 1000.0).collect();
+        let (p50, p99) = decision_us(&r.tally.decision_ns);
         rows.push(PolicyRow {
             name: spec.name().to_string(),
             feedback: spec.feedback.as_str().to_string(),
-            quality: r.quality(),
+            quality: r.tally.quality(),
             strong_share: r.strong_share(),
-            explore_share: r.both_calls as f64 / r.items.max(1) as f64,
-            cost_usd: micros_to_usd(r.ledger.total_micros()),
-            capped: r.capped,
+            explore_share: r.both_calls as f64 / r.tally.items.max(1) as f64,
+            cost_usd: micros_to_usd(r.tally.ledger.total_micros()),
+            capped: r.tally.capped,
             apgr: curve
                 .as_ref()
                 .and_then(|c| c.apgr(q_weak, q_strong, cfg.grid)),
             cpt50: curve.as_ref().and_then(|c| c.cpt(0.5, q_weak, q_strong)),
             cpt80: curve.as_ref().and_then(|c| c.cpt(0.8, q_weak, q_strong)),
-            decision_us_p50: percentile(&mut us, 50.0).unwrap_or(0.0),
-            decision_us_p99: percentile(&mut us, 99.0).unwrap_or(0.0),
+            decision_us_p50: p50,
+            decision_us_p99: p99,
             curve: curve.map(|c| c.points().to_vec()).unwrap_or_default(),
         });
-        r.decision_ns.clear();
+        r.tally.decision_ns.clear();
     }
     Ok(EvalReport {
         data: data.path.display().to_string(),
@@ -273,7 +228,6 @@ pub fn evaluate(
 
 /// How many items all runs of `evaluate` will process, for a progress bar.
 pub fn total_work(cfg: &EvalConfig, items: usize) -> u64 {
-    let n = cfg.limit.map_or(items, |l| l.min(items)) as u64;
-    let curves = cfg.policies.iter().filter(|p| p.has_curve()).count() as u64;
-    n * (curves * cfg.grid as u64 + cfg.policies.len() as u64)
+    let curves = cfg.policies.iter().filter(|p| p.has_curve()).count();
+    cfg.sweep().work(items, curves)
 }

@@ -10,6 +10,7 @@ pub mod plot;
 pub mod replay;
 pub mod report;
 pub mod runner;
+mod sweep;
 
 pub use data::{Dataset, LoadOptions};
 pub use error::EvalError;

@@ -10,15 +10,11 @@
 
 use crate::data::Dataset;
 use crate::error::EvalError;
-use crate::eval::run_seed;
 use crate::replay::ReplayTier;
 use crate::report::{FrontierPoint, LadderModel, LadderReport, LadderRow};
-use crate::runner::Replayed;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use crate::runner::{outcome, Pass, Replayed, Tally};
+use crate::sweep::{decision_us, in_parallel, run_seed, share_grid, stream_order, Sweep};
+use std::sync::Arc;
 use tandem_core::engine::Cascade;
 use tandem_core::metrics::{Curve, CurvePoint};
 use tandem_core::money::micros_to_usd;
@@ -27,8 +23,7 @@ use tandem_core::policy::random::RandomDeferral;
 use tandem_core::policy::signals::Signals;
 use tandem_core::policy::teaching::Teaching;
 use tandem_core::policy::{Deferral, FeedbackMode, Finished, ItemState, Step};
-use tandem_core::stats::percentile;
-use tandem_core::{Budget, BudgetLimits, Ledger, Micros, Price, Query, Tier};
+use tandem_core::{BudgetLimits, Micros, Price, Query, Tier};
 
 /// The models of a recorded file as a cascade: model indices and prices, cheapest first.
 #[derive(Debug, Clone)]
@@ -283,37 +278,24 @@ pub struct LadderRunConfig {
 
 #[derive(Debug, Clone, Default)]
 pub struct LadderOutcome {
-    pub items: u64,
-    pub correct: u64,
+    pub tally: Tally,
     /// Per tier, cheapest first: items it answered, and calls made to it.
     pub answered: Vec<u64>,
     pub calls: Vec<u64>,
-    /// Steps up the budget refused.
-    pub capped: u64,
-    pub ledger: Ledger,
-    pub decision_ns: Vec<u64>,
 }
 
 impl LadderOutcome {
-    pub fn quality(&self) -> f64 {
-        self.correct as f64 / self.items.max(1) as f64
-    }
-
     /// Share of items on which the top tier was called.
     pub fn top_share(&self) -> f64 {
-        self.calls.last().copied().unwrap_or(0) as f64 / self.items.max(1) as f64
+        self.calls.last().copied().unwrap_or(0) as f64 / self.tally.items.max(1) as f64
     }
 
     pub fn answered_shares(&self) -> Vec<f64> {
         self.answered
             .iter()
-            .map(|&a| a as f64 / self.items.max(1) as f64)
+            .map(|&a| a as f64 / self.tally.items.max(1) as f64)
             .collect()
     }
-}
-
-fn outcome(correct: bool) -> Option<f32> {
-    Some(if correct { 1.0 } else { 0.0 })
 }
 
 /// One online pass of `cfg.spec` over `order` (indices into the rows) through the core engine.
@@ -361,38 +343,24 @@ pub fn run_ladder(
     };
     let mut cascade = Cascade::new(n, policy, Teaching::default())?;
     let mut tiers = ladder.replayed()?;
-    let budget = Budget::new(cfg.budget)?;
-
-    let mut out = LadderOutcome {
-        answered: vec![0; n],
-        calls: vec![0; n],
-        ..Default::default()
+    let pass = Pass {
+        data,
+        order,
+        budget: cfg.budget,
+        time_decisions: cfg.time_decisions,
+        progress,
     };
-    let mut observed = vec![None; n];
-    for (done, &i) in order.iter().enumerate() {
-        let row = data
-            .rows
-            .get(i)
-            .ok_or_else(|| EvalError::Invalid(format!("row {i} out of range")))?;
-        let q = &row.query;
-        let (served, walk) = cascade.serve_walk(&mut tiers, &budget, q)?;
-        if cfg.time_decisions {
-            out.decision_ns.push(served.decision.as_nanos() as u64);
-        }
+    let (mut answered, mut calls) = (vec![0; n], vec![0; n]);
+    let tally = pass.run(&mut cascade, &mut tiers, |row, served, observed| {
         for c in &served.calls {
-            if let (Some(t), Some(k)) = (tiers.tiers.get(c.tier), out.calls.get_mut(c.tier)) {
-                out.ledger.record(t.id(), c.cost, c.usage);
+            if let Some(k) = calls.get_mut(c.tier) {
                 *k += 1;
             }
         }
         let ok = |tier: usize| ladder.models.get(tier).is_some_and(|&m| row.correct[m]);
-        if let Some(a) = out.answered.get_mut(served.tier) {
+        if let Some(a) = answered.get_mut(served.tier) {
             *a += 1;
         }
-        out.correct += u64::from(ok(served.tier));
-        out.capped += u64::from(served.refused);
-        out.items += 1;
-
         // Full: every model's outcome. Partial: what a deployment sees, the served answer's
         // outcome, and every called tier's when the policy explored.
         for (t, o) in observed.iter_mut().enumerate() {
@@ -404,13 +372,13 @@ pub fn run_ladder(
             };
             *o = if shown { outcome(ok(t)) } else { None };
         }
-        cascade.learn_outcomes(&walk, q, &observed);
-        if done % 512 == 511 {
-            progress(512);
-        }
-    }
-    progress((order.len() % 512) as u64);
-    Ok(out)
+        ok(served.tier)
+    })?;
+    Ok(LadderOutcome {
+        tally,
+        answered,
+        calls,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -429,38 +397,26 @@ pub struct LadderConfig {
 
 impl LadderConfig {
     pub fn validate(&self) -> Result<(), EvalError> {
-        let bad = |m: String| Err(EvalError::Invalid(m));
-        if !(0.0..=1.0).contains(&self.target_share) {
-            return bad(format!(
-                "--target-share {}: must be between 0 and 1",
-                self.target_share
-            ));
+        self.sweep().validate()
+    }
+
+    fn sweep(&self) -> Sweep {
+        Sweep {
+            target_share: self.target_share,
+            explore: self.explore,
+            explore_max: 1.0,
+            grid: self.grid,
+            limit: self.limit,
+            policies: self.policies.len(),
+            budget: self.budget,
         }
-        if !(0.0..=1.0).contains(&self.explore) {
-            return bad(format!(
-                "--explore {}: must be between 0 and 1",
-                self.explore
-            ));
-        }
-        if !(2..=201).contains(&self.grid) {
-            return bad(format!("--grid {}: must be between 2 and 201", self.grid));
-        }
-        if self.limit == Some(0) {
-            return bad("--limit 0: nothing to evaluate".into());
-        }
-        if self.policies.is_empty() {
-            return bad("no policies to evaluate".into());
-        }
-        self.budget.validate()?;
-        Ok(())
     }
 }
 
 /// How many items all runs of [`evaluate_ladder`] process, for a progress bar.
 pub fn ladder_work(cfg: &LadderConfig, items: usize) -> u64 {
-    let n = cfg.limit.map_or(items, |l| l.min(items)) as u64;
-    let curves = cfg.policies.iter().filter(|p| p.has_frontier()).count() as u64;
-    n * (curves * cfg.grid as u64 + cfg.policies.len() as u64)
+    let curves = cfg.policies.iter().filter(|p| p.has_frontier()).count();
+    cfg.sweep().work(items, curves)
 }
 
 /// Every policy's frontier (one online run per share of the grid, in parallel) and its
@@ -473,11 +429,7 @@ pub fn evaluate_ladder(
     cfg.validate()?;
     let data = &ladder.data;
     // The same stream as the two-model eval's for the same seed.
-    let mut order: Vec<usize> = (0..data.rows.len()).collect();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed));
-    if let Some(limit) = cfg.limit {
-        order.truncate(limit);
-    }
+    let order = stream_order(data.rows.len(), cfg.seed, cfg.limit);
     let n_items = order.len() as f64;
     let replayed = ladder.replayed()?;
     let models: Vec<LadderModel> = ladder
@@ -503,9 +455,7 @@ pub fn evaluate_ladder(
         _ => (0.0, 0.0),
     };
 
-    let grid: Vec<f64> = (0..cfg.grid)
-        .map(|i| i as f64 / (cfg.grid - 1) as f64)
-        .collect();
+    let grid = share_grid(cfg.grid);
     let run_cfg = |p: usize, point: Option<usize>| LadderRunConfig {
         spec: cfg.policies[p],
         target_share: point.map_or(cfg.target_share, |g| grid[g]),
@@ -522,32 +472,16 @@ pub fn evaluate_ladder(
         .flat_map(|(p, _)| (0..grid.len()).map(move |g| (p, g)))
         .collect();
     // Frontier runs in parallel: each depends only on its own seed.
-    let results: Mutex<Vec<Option<Result<LadderOutcome, EvalError>>>> =
-        Mutex::new((0..jobs.len()).map(|_| None).collect());
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..cfg.threads.max(1) {
-            s.spawn(|| loop {
-                let j = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(p, g)) = jobs.get(j) else { break };
-                let r = run_ladder(ladder, &order, &run_cfg(p, Some(g)), progress);
-                if let Ok(mut res) = results.lock() {
-                    res[j] = Some(r);
-                }
-            });
-        }
-    });
-    let results = results
-        .into_inner()
-        .map_err(|_| EvalError::Invalid("a worker thread panicked".into()))?;
+    let results = in_parallel(&jobs, cfg.threads, "frontier", |&(p, g)| {
+        run_ladder(ladder, &order, &run_cfg(p, Some(g)), progress)
+    })?;
     let mut frontiers: Vec<Vec<FrontierPoint>> = vec![Vec::new(); cfg.policies.len()];
     for (&(p, g), r) in jobs.iter().zip(results) {
-        let r = r.ok_or_else(|| EvalError::Invalid("a frontier run did not finish".into()))??;
         frontiers[p].push(FrontierPoint {
             target_share: grid[g],
             top_share: r.top_share(),
-            quality: r.quality(),
-            cost_usd: micros_to_usd(r.ledger.total_micros()),
+            quality: r.tally.quality(),
+            cost_usd: micros_to_usd(r.tally.ledger.total_micros()),
             answered: r.answered_shares(),
         });
     }
@@ -566,20 +500,20 @@ pub fn evaluate_ladder(
                 })
                 .collect(),
         );
-        let mut us: Vec<f64> = r.decision_ns.iter().map(|&ns| ns as f64 / 1000.0).collect();
+        let (p50, p99) = decision_us(&r.tally.decision_ns);
         rows.push(LadderRow {
             name: spec.name().to_string(),
             feedback: spec.feedback.as_str().to_string(),
-            quality: r.quality(),
+            quality: r.tally.quality(),
             top_share: r.top_share(),
             answered: r.answered_shares(),
-            cost_usd: micros_to_usd(r.ledger.total_micros()),
-            capped: r.capped,
+            cost_usd: micros_to_usd(r.tally.ledger.total_micros()),
+            capped: r.tally.capped,
             apgr: (!frontier.is_empty())
                 .then(|| curve.apgr(q_low, q_top, cfg.grid))
                 .flatten(),
-            decision_us_p50: percentile(&mut us, 50.0).unwrap_or(0.0),
-            decision_us_p99: percentile(&mut us, 99.0).unwrap_or(0.0),
+            decision_us_p50: p50,
+            decision_us_p99: p99,
             frontier,
         });
     }
@@ -622,11 +556,10 @@ mod tests {
     const THREE: &str = r#"{"id":"a","prompt":"p","correct":{"big":true,"mid":true,"small":false},"cost":{"mid":0.001}}
 {"id":"b","prompt":"q","correct":{"big":true,"mid":false,"small":true},"cost":{"mid":0.001}}"#;
 
-    #[test]
-    fn orders_models_by_cost_and_takes_recorded_costs() {
-        let ds = data(THREE);
-        let l = Ladder::new(
-            ds,
+    /// THREE's models with big and small priced (mid's costs are recorded).
+    fn three_ladder() -> Ladder {
+        Ladder::new(
+            data(THREE),
             &[],
             &[
                 ("big".into(), price("call:0.01")),
@@ -634,7 +567,12 @@ mod tests {
             ],
             1,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn orders_models_by_cost_and_takes_recorded_costs() {
+        let l = three_ladder();
         assert_eq!(l.names(), vec!["small", "mid", "big"]);
     }
 
@@ -688,17 +626,7 @@ mod tests {
 
     #[test]
     fn the_oracle_answers_at_the_cheapest_right_tier() {
-        let ds = data(THREE);
-        let l = Ladder::new(
-            ds,
-            &[],
-            &[
-                ("big".into(), price("call:0.01")),
-                ("small".into(), price("call:0.0001")),
-            ],
-            1,
-        )
-        .unwrap();
+        let l = three_ladder();
         let cfg = LadderRunConfig {
             spec: LadderSpec {
                 policy: LadderPolicy::Oracle,
@@ -711,9 +639,9 @@ mod tests {
             time_decisions: false,
         };
         let r = run_ladder(&l, &[0, 1], &cfg, &|_| {}).unwrap();
-        assert_eq!(r.correct, 2);
+        assert_eq!(r.tally.correct, 2);
         // a: mid (small is wrong); b: small.
         assert_eq!(r.answered, vec![1, 1, 0]);
-        assert_eq!(r.ledger.total_micros(), 1000 + 100);
+        assert_eq!(r.tally.ledger.total_micros(), 1000 + 100);
     }
 }

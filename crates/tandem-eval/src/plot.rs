@@ -3,8 +3,10 @@
 
 use crate::error::EvalError;
 use crate::report::{EvalReport, LadderReport};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use std::ops::Range;
 use std::path::Path;
 
 const COLORS: [RGBColor; 8] = [
@@ -18,8 +20,27 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(23, 190, 207),
 ];
 
+/// A chart whose axes both hold numbers (shares, dollars, qualities).
+type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
 /// Writes the plot to `path`; the backend follows the extension (`.svg` or `.png`).
 pub fn write_plot(report: &EvalReport, path: &Path) -> Result<(), EvalError> {
+    write_chart(
+        path,
+        (900, 600),
+        |area| draw(report, area),
+        |area| draw(report, area),
+    )
+}
+
+/// Writes a chart of `size` pixels to `path` (creating its directory), drawn by `svg` or `png`
+/// as the extension says.
+fn write_chart(
+    path: &Path,
+    size: (u32, u32),
+    svg: impl FnOnce(DrawingArea<SVGBackend, Shift>) -> Result<(), String>,
+    png: impl FnOnce(DrawingArea<BitMapBackend, Shift>) -> Result<(), String>,
+) -> Result<(), EvalError> {
     let err = |e: String| EvalError::Write {
         path: path.to_path_buf(),
         message: e,
@@ -28,12 +49,9 @@ pub fn write_plot(report: &EvalReport, path: &Path) -> Result<(), EvalError> {
         std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
     }
     register_fonts();
-    let size = (900, 600);
     match path.extension().and_then(|e| e.to_str()) {
-        Some("svg") => draw(report, SVGBackend::new(path, size).into_drawing_area()).map_err(err),
-        Some("png") => {
-            draw(report, BitMapBackend::new(path, size).into_drawing_area()).map_err(err)
-        }
+        Some("svg") => svg(SVGBackend::new(path, size).into_drawing_area()).map_err(err),
+        Some("png") => png(BitMapBackend::new(path, size).into_drawing_area()).map_err(err),
         _ => Err(err("the plot path must end in .svg or .png".into())),
     }
 }
@@ -52,6 +70,66 @@ fn register_fonts() {
     });
 }
 
+/// The quality axis: from the lowest quality shown to the highest, padded by 8% of the spread
+/// (at least half a point).
+fn quality_axis(qualities: impl Iterator<Item = f64>) -> Range<f64> {
+    let (lo, hi) = qualities.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), q| {
+        (lo.min(q), hi.max(q))
+    });
+    let pad = ((hi - lo) * 0.08).max(0.005);
+    (lo - pad)..(hi + pad)
+}
+
+/// A chart builder on `area` with room for the axes' labels.
+fn chart_on<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>) -> ChartBuilder<'_, '_, DB> {
+    let mut b = ChartBuilder::on(area);
+    b.margin(12).x_label_area_size(45).y_label_area_size(60);
+    b
+}
+
+/// A policy's curve through `pts`: a line, in the legend by its name (and feedback mode, if it
+/// has one), with each point marked.
+fn draw_curve<DB: DrawingBackend>(
+    chart: &mut Chart<'_, DB>,
+    pts: Vec<(f64, f64)>,
+    color: RGBColor,
+    name: &str,
+    feedback: &str,
+) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    let label = if feedback == "none" {
+        name.to_string()
+    } else {
+        format!("{name} ({feedback})")
+    };
+    chart
+        .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+        .map_err(e)?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2)));
+    chart
+        .draw_series(pts.into_iter().map(|xy| Circle::new(xy, 2, color.filled())))
+        .map_err(e)?;
+    Ok(())
+}
+
+/// The legend, lower right on a light box.
+fn draw_legend<'a, DB: DrawingBackend + 'a>(chart: &mut Chart<'a, DB>) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|x| x.to_string())
+}
+
 fn draw<DB: DrawingBackend>(report: &EvalReport, root: DrawingArea<DB, Shift>) -> Result<(), String>
 where
     DB::ErrorType: 'static,
@@ -63,17 +141,10 @@ where
         .iter()
         .flat_map(|p| p.curve.iter().map(|c| c.quality).chain([p.quality]))
         .chain([report.q_weak, report.q_strong]);
-    let (lo, hi) = qualities.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), q| {
-        (lo.min(q), hi.max(q))
-    });
-    let pad = ((hi - lo) * 0.08).max(0.005);
     let title = format!("{} — quality vs strong-call share", file_name(&report.data));
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = chart_on(&root)
         .caption(title, ("sans-serif", 22))
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..1.0f64, (lo - pad)..(hi + pad))
+        .build_cartesian_2d(0.0..1.0f64, quality_axis(qualities))
         .map_err(e)?;
     chart
         .configure_mesh()
@@ -110,27 +181,9 @@ where
     {
         let color = COLORS[i % COLORS.len()];
         let pts: Vec<(f64, f64)> = p.curve.iter().map(|c| (c.share, c.quality)).collect();
-        let label = if p.feedback == "none" {
-            p.name.clone()
-        } else {
-            format!("{} ({})", p.name, p.feedback)
-        };
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-            .map_err(e)?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2)));
-        chart
-            .draw_series(pts.into_iter().map(|xy| Circle::new(xy, 2, color.filled())))
-            .map_err(e)?;
+        draw_curve(&mut chart, pts, color, &p.name, &p.feedback)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(e)?;
+    draw_legend(&mut chart)?;
     root.present().map_err(e)?;
     Ok(())
 }
@@ -145,24 +198,12 @@ fn file_name(p: &str) -> &str {
 /// The N-model cascade's frontiers: quality against dollars (left) and against the top tier's
 /// share (right), each model alone as a labelled point (the oracle too). `.svg` or `.png`.
 pub fn write_ladder_plot(report: &LadderReport, path: &Path) -> Result<(), EvalError> {
-    let err = |e: String| EvalError::Write {
-        path: path.to_path_buf(),
-        message: e,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-    }
-    register_fonts();
-    let size = (1400, 600);
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("svg") => {
-            draw_ladder(report, SVGBackend::new(path, size).into_drawing_area()).map_err(err)
-        }
-        Some("png") => {
-            draw_ladder(report, BitMapBackend::new(path, size).into_drawing_area()).map_err(err)
-        }
-        _ => Err(err("the plot path must end in .svg or .png".into())),
-    }
+    write_chart(
+        path,
+        (1400, 600),
+        |area| draw_ladder(report, area),
+        |area| draw_ladder(report, area),
+    )
 }
 
 fn draw_ladder<DB: DrawingBackend>(
@@ -190,10 +231,7 @@ where
         .iter()
         .flat_map(|p| p.frontier.iter().map(|c| c.quality).chain([p.quality]))
         .chain(report.models.iter().map(|m| m.quality));
-    let (lo, hi) = qualities.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), q| {
-        (lo.min(q), hi.max(q))
-    });
-    let pad = ((hi - lo) * 0.08).max(0.005);
+    let y_axis = quality_axis(qualities);
     let max_cost = report
         .policies
         .iter()
@@ -206,11 +244,8 @@ where
     // Panel 0: x = dollars; panel 1: x = the top tier's share.
     for (panel, area) in [(0, left), (1, right)] {
         let x_max = if panel == 0 { max_cost } else { 1.0 };
-        let mut chart = ChartBuilder::on(&area)
-            .margin(12)
-            .x_label_area_size(45)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..x_max, (lo - pad)..(hi + pad))
+        let mut chart = chart_on(&area)
+            .build_cartesian_2d(0.0..x_max, y_axis.clone())
             .map_err(e)?;
         let x_desc = if panel == 0 {
             "cost of the run ($)".to_string()
@@ -243,21 +278,7 @@ where
             let color = COLORS[i % COLORS.len()];
             let mut pts: Vec<(f64, f64)> = p.frontier.iter().map(point).collect();
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let label = if p.feedback == "none" {
-                p.name.clone()
-            } else {
-                format!("{} ({})", p.name, p.feedback)
-            };
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                .map_err(e)?
-                .label(label)
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2))
-                });
-            chart
-                .draw_series(pts.into_iter().map(|xy| Circle::new(xy, 2, color.filled())))
-                .map_err(e)?;
+            draw_curve(&mut chart, pts, color, &p.name, &p.feedback)?;
         }
         // Each model alone sits at its own cost, and at top share 0 (or 1 for the top model).
         let last = report.models.len().saturating_sub(1);
@@ -286,13 +307,7 @@ where
                     + Text::new(p.name.clone(), (6, 4), ("sans-serif", 13).into_font())])
                 .map_err(e)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(e)?;
+        draw_legend(&mut chart)?;
     }
     root.present().map_err(e)?;
     Ok(())

@@ -5,13 +5,13 @@
 //! the policy learns. Nothing a policy sees about an item depends on its outcome before its
 //! decision is made.
 
-use crate::data::Dataset;
+use crate::data::{Dataset, Row};
 use crate::error::EvalError;
 use crate::replay::ReplayTier;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
-use tandem_core::engine::{Cascade, Hint, Reply, Tiers};
+use tandem_core::engine::{Cascade, Hint, Reply, Served, Tiers};
 use tandem_core::policy::cascade::{CascadeConfig, ResponseCascade};
 use tandem_core::policy::gate::{Gate, GateConfig, Route};
 use tandem_core::policy::gated::{Gated, Scorer};
@@ -60,27 +60,91 @@ pub struct RunConfig {
     pub time_decisions: bool,
 }
 
+/// What every replayed run counts, whatever its number of tiers.
 #[derive(Debug, Clone, Default)]
-pub struct RunOutcome {
+pub struct Tally {
     pub items: u64,
     pub correct: u64,
-    /// Queries on which the strong model was called (explorations included).
-    pub strong_calls: u64,
-    /// Explorations: both models called and paid.
-    pub both_calls: u64,
-    /// Escalations the policy wanted and the budget refused.
+    /// Steps up (escalations) the policy wanted and the budget refused.
     pub capped: u64,
     pub ledger: Ledger,
     pub decision_ns: Vec<u64>,
 }
 
-impl RunOutcome {
+impl Tally {
     pub fn quality(&self) -> f64 {
         self.correct as f64 / self.items.max(1) as f64
     }
+}
 
+#[derive(Debug, Clone, Default)]
+pub struct RunOutcome {
+    pub tally: Tally,
+    /// Queries on which the strong model was called (explorations included).
+    pub strong_calls: u64,
+    /// Explorations: both models called and paid.
+    pub both_calls: u64,
+}
+
+impl RunOutcome {
     pub fn strong_share(&self) -> f64 {
-        self.strong_calls as f64 / self.items.max(1) as f64
+        self.strong_calls as f64 / self.tally.items.max(1) as f64
+    }
+}
+
+/// The stream and settings of one online pass, whatever its policy and tiers.
+pub(crate) struct Pass<'a> {
+    pub(crate) data: &'a Dataset,
+    /// Indices into the rows, in stream order.
+    pub(crate) order: &'a [usize],
+    pub(crate) budget: BudgetLimits,
+    pub(crate) time_decisions: bool,
+    /// Told how many items were done, now and then.
+    pub(crate) progress: &'a (dyn Fn(u64) + Sync),
+}
+
+impl Pass<'_> {
+    /// Serves each item in turn through `cascade` over `tiers` and counts it; `settle` then
+    /// counts what its run adds, sets each tier's outcome as the feedback mode reveals it (None:
+    /// hidden) and says whether the served answer was right; the policy learns from the revealed
+    /// outcomes before the next item.
+    pub(crate) fn run(
+        &self,
+        cascade: &mut Cascade,
+        tiers: &mut Replayed,
+        mut settle: impl FnMut(&Row, &Served, &mut [Option<f32>]) -> bool,
+    ) -> Result<Tally, EvalError> {
+        let budget = Budget::new(self.budget)?;
+        let mut out = Tally::default();
+        if self.time_decisions {
+            out.decision_ns.reserve(self.order.len());
+        }
+        let mut observed = vec![None; tiers.tiers.len()];
+        for (done, &i) in self.order.iter().enumerate() {
+            let row = self
+                .data
+                .rows
+                .get(i)
+                .ok_or_else(|| EvalError::Invalid(format!("row {i} out of range")))?;
+            let (served, walk) = cascade.serve_walk(tiers, &budget, &row.query)?;
+            if self.time_decisions {
+                out.decision_ns.push(served.decision.as_nanos() as u64);
+            }
+            for c in &served.calls {
+                if let Some(t) = tiers.tiers.get(c.tier) {
+                    out.ledger.record(t.id(), c.cost, c.usage);
+                }
+            }
+            out.capped += u64::from(served.refused);
+            out.correct += u64::from(settle(row, &served, &mut observed));
+            out.items += 1;
+            cascade.learn_outcomes(&walk, &row.query, &observed);
+            if done % 512 == 511 {
+                (self.progress)(512);
+            }
+        }
+        (self.progress)((self.order.len() % 512) as u64);
+        Ok(out)
     }
 }
 
@@ -169,7 +233,7 @@ impl RouteScorer for Constant {
     fn learn(&mut self, _: &Query, _: &Observation) {}
 }
 
-fn outcome(correct: bool) -> Option<f32> {
+pub(crate) fn outcome(correct: bool) -> Option<f32> {
     Some(if correct { 1.0 } else { 0.0 })
 }
 
@@ -194,7 +258,6 @@ pub fn run(
         models.strong_price,
         models.default_output_tokens,
     )?;
-    let budget = Budget::new(cfg.budget)?;
     let target = match cfg.kind {
         PolicyKind::AlwaysWeak => 0.0,
         PolicyKind::AlwaysStrong => 1.0,
@@ -238,40 +301,25 @@ pub fn run(
         tiers: vec![weak, strong],
     };
 
-    let mut out = RunOutcome::default();
-    if cfg.time_decisions {
-        out.decision_ns.reserve(order.len());
-    }
-    for (done, &i) in order.iter().enumerate() {
-        let row = data
-            .rows
-            .get(i)
-            .ok_or_else(|| EvalError::Invalid(format!("row {i} out of range")))?;
-        let q = &row.query;
+    let pass = Pass {
+        data,
+        order,
+        budget: cfg.budget,
+        time_decisions: cfg.time_decisions,
+        progress,
+    };
+    let (mut strong_calls, mut both_calls) = (0, 0);
+    let tally = pass.run(&mut cascade, &mut tiers, |row, served, observed| {
         let (w_ok, s_ok) = (row.correct[models.weak], row.correct[models.strong]);
-
-        let (served, walk) = cascade.serve_walk(&mut tiers, &budget, q)?;
-        if cfg.time_decisions {
-            out.decision_ns.push(served.decision.as_nanos() as u64);
-        }
-        for c in &served.calls {
-            out.ledger
-                .record(tiers.tiers[c.tier.min(1)].id(), c.cost, c.usage);
-        }
         let strong_called = served.calls.iter().any(|c| c.tier == 1);
         let route = match (strong_called, served.explored) {
             (false, _) => Route::Weak,
             (true, false) => Route::Strong,
             (true, true) => Route::Both,
         };
-        out.strong_calls += u64::from(strong_called);
-        out.capped += u64::from(served.refused);
-        out.both_calls += u64::from(route == Route::Both);
-        let served_ok = if route == Route::Weak { w_ok } else { s_ok };
-        out.correct += u64::from(served_ok);
-        out.items += 1;
-
-        let observed = match (cfg.feedback, route) {
+        strong_calls += u64::from(strong_called);
+        both_calls += u64::from(route == Route::Both);
+        let revealed = match (cfg.feedback, route) {
             (FeedbackMode::None, _) => Observation::default(),
             (FeedbackMode::Full, _) | (FeedbackMode::Partial, Route::Both) => Observation {
                 weak: outcome(w_ok),
@@ -286,11 +334,18 @@ pub fn run(
                 strong: outcome(s_ok),
             },
         };
-        cascade.learn_outcomes(&walk, q, &[observed.weak, observed.strong]);
-        if done % 512 == 511 {
-            progress(512);
+        for (o, r) in observed.iter_mut().zip([revealed.weak, revealed.strong]) {
+            *o = r;
         }
-    }
-    progress((order.len() % 512) as u64);
-    Ok(out)
+        if route == Route::Weak {
+            w_ok
+        } else {
+            s_ok
+        }
+    })?;
+    Ok(RunOutcome {
+        tally,
+        strong_calls,
+        both_calls,
+    })
 }

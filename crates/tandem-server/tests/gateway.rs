@@ -18,22 +18,6 @@ fn setup_env() {
     std::env::set_var("TANDEM_TEST_LARGE_KEY", KEY);
 }
 
-async fn post(url: &str, body: &Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{url}/v1/chat/completions"))
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
-
-fn header(r: &reqwest::Response, k: &str) -> String {
-    r.headers()
-        .get(k)
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cascade_escalates_exactly_the_unsure_answers() {
     setup_env();
@@ -47,7 +31,7 @@ async fn cascade_escalates_exactly_the_unsure_answers() {
     let gw = start(&cfg, dir.path()).await;
     for i in 0..20 {
         let text = if i % 2 == 0 { "easy sum" } else { "hard proof" };
-        let r = post(&gw.url, &chat_body("tandem", text)).await;
+        let r = post_chat(&gw.url, &chat_body("tandem", text)).await;
         assert_eq!(r.status(), 200);
         let role = header(&r, "x-tandem-role");
         assert_eq!(role, if i % 2 == 0 { "small" } else { "large" }, "{text}");
@@ -86,7 +70,7 @@ async fn s4l_puts_the_small_draft_in_the_large_prompt() {
     let body = json!({"model": "t", "messages": [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "hard one"}]});
-    assert_eq!(post(&gw.url, &body).await.status(), 200);
+    assert_eq!(post_chat(&gw.url, &body).await.status(), 200);
     let sent = large.last.lock().unwrap().clone();
     let msgs = sent["messages"].as_array().unwrap();
     assert_eq!(msgs.len(), 3);
@@ -117,7 +101,7 @@ async fn budget_holds_under_64_concurrent_clients() {
     for i in 0..64 {
         let url = gw.url.clone();
         tasks.push(tokio::spawn(async move {
-            let r = post(&url, &chat_body("big", &format!("q{i}"))).await;
+            let r = post_chat(&url, &chat_body("big", &format!("q{i}"))).await;
             (r.status().as_u16(), header(&r, "x-tandem-role"))
         }));
     }
@@ -143,7 +127,7 @@ async fn budget_holds_under_64_concurrent_clients() {
     for i in 0..16 {
         let url = gw.url.clone();
         tasks.push(tokio::spawn(async move {
-            post(&url, &chat_body("strict", &format!("s{i}"))).await
+            post_chat(&url, &chat_body("strict", &format!("s{i}"))).await
         }));
     }
     let mut ok = 0;
@@ -177,13 +161,13 @@ async fn timeouts_and_failures_release_the_budget() {
     let gw = start(&cfg, dir.path()).await;
     // The large upstream's total timeout is 300 ms.
     large.delay_ms.store(1500, Ordering::SeqCst);
-    let r = post(&gw.url, &chat_body("direct", "anything")).await;
+    let r = post_chat(&gw.url, &chat_body("direct", "anything")).await;
     assert_eq!(r.status(), 504);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "upstream_timeout");
     // A cascade whose large model times out serves the small draft and gives the money back;
     // the call, which reached the upstream, stays counted against max_calls.
-    let r = post(&gw.url, &chat_body("casc", "hard one")).await;
+    let r = post_chat(&gw.url, &chat_body("casc", "hard one")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-tandem-role"), "small");
     let spent = gw.gateway.routes()[0].budget.spent();
@@ -194,7 +178,7 @@ async fn timeouts_and_failures_release_the_budget() {
         (GARBAGE, 502, "malformed response"),
     ] {
         large.mode.store(mode, Ordering::SeqCst);
-        let r = post(&gw.url, &chat_body("direct", "x")).await;
+        let r = post_chat(&gw.url, &chat_body("direct", "x")).await;
         assert_eq!(r.status(), status);
         assert_eq!(header(&r, "x-should-retry"), "true");
         let text = r.text().await.unwrap();
@@ -324,7 +308,7 @@ async fn streaming_is_openai_chunks_and_matches_the_plain_answer() {
     let mut body = chat_body("t", "hard one");
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    let r = post(&gw.url, &body).await;
+    let r = post_chat(&gw.url, &body).await;
     assert_eq!(r.status(), 200);
     assert!(header(&r, "content-type").starts_with("text/event-stream"));
     assert_eq!(header(&r, "x-tandem-role"), "large");
@@ -354,7 +338,7 @@ async fn streaming_is_openai_chunks_and_matches_the_plain_answer() {
     // An accepted small answer was judged whole, then sent as the same kind of stream.
     let mut body = chat_body("t", "easy one");
     body["stream"] = json!(true);
-    let r = post(&gw.url, &body).await;
+    let r = post_chat(&gw.url, &body).await;
     assert_eq!(header(&r, "x-tandem-role"), "small");
     let text = r.text().await.unwrap();
     let content: String = text
@@ -396,7 +380,7 @@ async fn upstream_streams_pass_through_with_their_timeouts_and_budget() {
         b
     };
     // An escalated cascade streams the large answer from its upstream as it comes.
-    let r = post(&gw.url, &stream_body("t", "hard one")).await;
+    let r = post_chat(&gw.url, &stream_body("t", "hard one")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-tandem-role"), "large");
     assert_eq!(
@@ -417,7 +401,7 @@ async fn upstream_streams_pass_through_with_their_timeouts_and_budget() {
 
     // Cut mid-stream: the client gets the pieces so far, then an error event.
     large.mode.store(CUT, Ordering::SeqCst);
-    let text = post(&gw.url, &stream_body("direct", "x"))
+    let text = post_chat(&gw.url, &stream_body("direct", "x"))
         .await
         .text()
         .await
@@ -434,7 +418,7 @@ async fn upstream_streams_pass_through_with_their_timeouts_and_budget() {
     // Stalled between pieces (idle timeout 150 ms).
     large.mode.store(OK, Ordering::SeqCst);
     large.chunk_delay_ms.store(400, Ordering::SeqCst);
-    let text = post(&gw.url, &stream_body("direct", "x"))
+    let text = post_chat(&gw.url, &stream_body("direct", "x"))
         .await
         .text()
         .await
@@ -444,7 +428,7 @@ async fn upstream_streams_pass_through_with_their_timeouts_and_budget() {
     // No first byte within the first-token timeout (200 ms): a plain 504 before any stream.
     large.chunk_delay_ms.store(0, Ordering::SeqCst);
     large.delay_ms.store(1000, Ordering::SeqCst);
-    let r = post(&gw.url, &stream_body("direct", "x")).await;
+    let r = post_chat(&gw.url, &stream_body("direct", "x")).await;
     assert_eq!(r.status(), 504);
     gw.stop().await;
 }
@@ -475,7 +459,7 @@ async fn route_round(url: &str, n: usize, offset: usize, learn: bool) -> (f64, f
         if !learn {
             body["tandem"] = json!({"no_learn": true});
         }
-        let r = post(url, &body).await;
+        let r = post_chat(url, &body).await;
         assert_eq!(r.status(), 200);
         let role = header(&r, "x-tandem-role");
         let id = r.json::<Value>().await.unwrap()["id"]
@@ -574,7 +558,7 @@ async fn a_bad_state_file_closes_its_route_only() {
     let good = {
         let dir = tempfile::tempdir().unwrap();
         let gw = start(&cfg, dir.path()).await;
-        post(&gw.url, &chat_body("rb", "hello")).await;
+        post_chat(&gw.url, &chat_body("rb", "hello")).await;
         gw.stop().await;
         std::fs::read(dir.path().join("state/rb.state")).unwrap()
     };
@@ -632,18 +616,20 @@ async fn a_bad_state_file_closes_its_route_only() {
         // Its large model is closed, even when forced; its small model serves.
         let mut body = chat_body("rb", "anything");
         body["tandem"] = json!({"force": "large"});
-        let r = post(&gw.url, &body).await;
+        let r = post_chat(&gw.url, &body).await;
         assert_eq!(r.status(), 200, "{what}");
         assert_eq!(header(&r, "x-tandem-role"), "small", "{what}");
         assert_eq!(header(&r, "x-tandem-capped"), "true", "{what}");
         // A route with nothing to fall back on refuses, saying why.
-        let r = post(&gw.url, &chat_body("direct", "x")).await;
+        let r = post_chat(&gw.url, &chat_body("direct", "x")).await;
         assert_eq!(r.status(), 503, "{what}");
         let e: Value = r.json().await.unwrap();
         assert_eq!(e["error"]["code"], "route_state_refused");
         // The other routes serve.
         assert_eq!(
-            post(&gw.url, &chat_body("healthy", "x")).await.status(),
+            post_chat(&gw.url, &chat_body("healthy", "x"))
+                .await
+                .status(),
             200
         );
         assert_eq!(
@@ -693,7 +679,7 @@ async fn route_before_learns_from_the_tools_offered() {
                 if !learn {
                     body["tandem"] = json!({"no_learn": true});
                 }
-                let r = post(&url, &body).await;
+                let r = post_chat(&url, &body).await;
                 assert_eq!(r.status(), 200);
                 let large = header(&r, "x-tandem-role") == "large";
                 let score: f64 = header(&r, "x-tandem-score").parse().unwrap();
@@ -730,7 +716,7 @@ async fn route_before_learns_from_the_tools_offered() {
     let mut body = chat_body("rb", "anything");
     body["tools"] = tools.clone();
     body["tandem"] = json!({"force": "large"});
-    let v: Value = post(&gw.url, &body).await.json().await.unwrap();
+    let v: Value = post_chat(&gw.url, &body).await.json().await.unwrap();
     let id = v["id"].as_str().unwrap();
     let r = reqwest::Client::new()
         .post(format!("{}/v1/feedback", gw.url))
@@ -774,7 +760,7 @@ async fn a_route_cap_respects_the_clients_fields() {
         for (k, v) in sent.as_object().unwrap() {
             body[k] = v.clone();
         }
-        post(&gw.url, &body).await;
+        post_chat(&gw.url, &body).await;
         let got = large.last.lock().unwrap().clone();
         for f in ["max_tokens", "max_completion_tokens"] {
             assert_eq!(got.get(f), want.get(f), "sent {sent}: {f} upstream");
@@ -824,13 +810,19 @@ async fn journaled_spend_survives_a_crash() {
     let cfg = journaled_cfg(&s_url, &l_url, 2);
     let dir = tempfile::tempdir().unwrap();
     let gw = start(&cfg, dir.path()).await;
-    assert_eq!(post(&gw.url, &chat_body("one", "a")).await.status(), 200);
+    assert_eq!(
+        post_chat(&gw.url, &chat_body("one", "a")).await.status(),
+        200
+    );
     let mut streamed = chat_body("one", "b");
     streamed["stream"] = json!(true);
-    let r = post(&gw.url, &streamed).await;
+    let r = post_chat(&gw.url, &streamed).await;
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("[DONE]"));
-    assert_eq!(post(&gw.url, &chat_body("free", "c")).await.status(), 200);
+    assert_eq!(
+        post_chat(&gw.url, &chat_body("free", "c")).await.status(),
+        200
+    );
     let crashed = tempfile::tempdir().unwrap();
     copy_dir(&dir.path().join("state"), &crashed.path().join("state"));
     assert!(
@@ -842,7 +834,7 @@ async fn journaled_spend_survives_a_crash() {
     let gw = start(&cfg, crashed.path()).await;
     let spent = gw.gateway.routes()[0].budget.spent();
     assert_eq!((spent.calls, spent.micros), (2, 20_000));
-    let r = post(&gw.url, &chat_body("one", "d")).await;
+    let r = post_chat(&gw.url, &chat_body("one", "d")).await;
     assert_eq!(r.status(), 429);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "insufficient_quota");
@@ -866,7 +858,10 @@ async fn a_journal_that_cannot_be_written_refuses_large_calls() {
     let cfg = journaled_cfg(&s_url, &l_url, 100);
     let dir = tempfile::tempdir().unwrap();
     let gw = start(&cfg, dir.path()).await;
-    assert_eq!(post(&gw.url, &chat_body("one", "a")).await.status(), 200);
+    assert_eq!(
+        post_chat(&gw.url, &chat_body("one", "a")).await.status(),
+        200
+    );
     // The state directory goes away (a file in its place): nothing can be created in it, even
     // by root. The next compaction fails, and the journal must be rewritten before any append.
     let state = dir.path().join("state");
@@ -881,7 +876,7 @@ async fn a_journal_that_cannot_be_written_refuses_large_calls() {
         streamed.clone(),
         chat_body("one", "c"),
     ] {
-        let r = post(&gw.url, &body).await;
+        let r = post_chat(&gw.url, &body).await;
         assert_eq!(r.status(), 503);
         assert_eq!(header(&r, "x-should-retry"), "true");
         let e: Value = r.json().await.unwrap();
@@ -902,11 +897,17 @@ async fn a_journal_that_cannot_be_written_refuses_large_calls() {
         "refused calls gave their reservation back"
     );
     // The uncapped route needs no journal.
-    assert_eq!(post(&gw.url, &chat_body("free", "f")).await.status(), 200);
+    assert_eq!(
+        post_chat(&gw.url, &chat_body("free", "f")).await.status(),
+        200
+    );
     std::fs::remove_file(&state).unwrap();
     std::fs::rename(&away, &state).unwrap();
-    assert_eq!(post(&gw.url, &streamed).await.status(), 200);
-    assert_eq!(post(&gw.url, &chat_body("one", "e")).await.status(), 200);
+    assert_eq!(post_chat(&gw.url, &streamed).await.status(), 200);
+    assert_eq!(
+        post_chat(&gw.url, &chat_body("one", "e")).await.status(),
+        200
+    );
     assert_eq!(large.calls(), 4);
     gw.stop().await;
     let gw = start(&cfg, dir.path()).await;
@@ -925,7 +926,10 @@ async fn a_bad_or_missing_journal_closes_its_route() {
     let cfg = journaled_cfg(&s_url, &l_url, 100);
     let good = tempfile::tempdir().unwrap();
     let gw = start(&cfg, good.path()).await;
-    assert_eq!(post(&gw.url, &chat_body("one", "a")).await.status(), 200);
+    assert_eq!(
+        post_chat(&gw.url, &chat_body("one", "a")).await.status(),
+        200
+    );
     gw.stop().await;
     let journal = std::fs::read(good.path().join("state/one.journal")).unwrap();
     let mut flipped = journal.clone();
@@ -962,11 +966,14 @@ async fn a_bad_or_missing_journal_closes_its_route() {
             why.contains("one.journal") && why.contains(needle),
             "{what}: {why}"
         );
-        let r = post(&gw.url, &chat_body("one", "x")).await;
+        let r = post_chat(&gw.url, &chat_body("one", "x")).await;
         assert_eq!(r.status(), 503, "{what}");
         let e: Value = r.json().await.unwrap();
         assert_eq!(e["error"]["code"], "route_state_refused");
-        assert_eq!(post(&gw.url, &chat_body("free", "x")).await.status(), 200);
+        assert_eq!(
+            post_chat(&gw.url, &chat_body("free", "x")).await.status(),
+            200
+        );
         assert_eq!(large.calls(), calls + 1, "{what}");
         gw.stop().await;
         assert_eq!(std::fs::read(&path).ok(), bytes, "{what}: left as it was");
@@ -1036,7 +1043,7 @@ async fn route_before_explores_with_both_models_at_once_and_learns_from_the_pair
         if no_learn {
             body["tandem"] = json!({"no_learn": true});
         }
-        let pending = tokio::spawn(async move { post(&url, &body).await });
+        let pending = tokio::spawn(async move { post_chat(&url, &body).await });
         // Well inside the small model's 1.2 s: one after the other, the large one would not
         // have been called yet.
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
@@ -1081,7 +1088,7 @@ async fn route_before_streams_the_model_it_picked() {
         let before = mock_called.calls();
         let mut body = chat_body(route, "easy sum");
         body["stream"] = json!(true);
-        let r = post(&gw.url, &body).await;
+        let r = post_chat(&gw.url, &body).await;
         assert_eq!(r.status(), 200, "{route}");
         assert!(header(&r, "content-type").starts_with("text/event-stream"));
         assert_eq!(header(&r, "x-tandem-role"), role, "{route}");

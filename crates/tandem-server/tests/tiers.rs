@@ -10,22 +10,9 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-
-async fn post(url: &str, body: &Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{url}/v1/chat/completions"))
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
-
-fn header(r: &reqwest::Response, k: &str) -> String {
-    r.headers()
-        .get(k)
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
-}
+use std::path::Path;
+use std::sync::Arc;
+use tandem_server::config::{ConfigError, ServerConfig, Validated};
 
 fn upstream(name: &str, url: &str, price: &str) -> String {
     format!(
@@ -34,7 +21,7 @@ fn upstream(name: &str, url: &str, price: &str) -> String {
 }
 
 /// Tier 0 is sure of "easy" prompts only, tier 1 of "easy" and "medium"; the top answers all.
-async fn three_mocks() -> (Vec<std::sync::Arc<Mock>>, String) {
+async fn three_mocks() -> (Vec<Arc<Mock>>, String) {
     let (t0, u0) = mock(reply(|p| {
         if p.contains("easy") {
             ("the answer is 4".into(), -0.05)
@@ -58,15 +45,62 @@ async fn three_mocks() -> (Vec<std::sync::Arc<Mock>>, String) {
     (vec![t0, t1, t2], ups)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_tier_is_judged_in_turn_and_the_first_sure_one_answers() {
+/// The route's tiers when it runs over all three mocks.
+const ALL_THREE: &str = "tiers = [\"t0\", \"t1\", \"t2\"]\n";
+
+/// Sure below a mean −log-probability of 1, no exploration: each tier keeps a fixed set.
+const JUDGED: &str = "threshold = 1.0\nexplore = 0.0\n";
+
+/// A gateway over the three mocks (and the upstreams in `more_ups`) whose route "t" is a cascade
+/// with these settings, joined (its `tiers` first); the directory holds its files.
+async fn cascade_over_three(
+    more_ups: &str,
+    settings: &[&str],
+) -> (Vec<Arc<Mock>>, Running, tempfile::TempDir) {
     let (m, ups) = three_mocks().await;
     let dir = tempfile::tempdir().unwrap();
-    // Escalate when −mean log-probability > 1: tier 0 keeps "easy", tier 1 keeps "medium".
     let cfg = format!(
-        "{ups}[[route]]\nname = \"t\"\nkind = \"cascade\"\ntiers = [\"t0\", \"t1\", \"t2\"]\nthreshold = 1.0\nexplore = 0.0\ns4l = true\n"
+        "{ups}{more_ups}[[route]]\nname = \"t\"\nkind = \"cascade\"\n{}",
+        settings.concat()
     );
     let gw = start(&cfg, dir.path()).await;
+    (m, gw, dir)
+}
+
+/// Posts `body` and checks that it was answered.
+async fn answered(url: &str, body: &Value) -> reqwest::Response {
+    let r = post_chat(url, body).await;
+    assert_eq!(r.status(), 200, "{body}");
+    r
+}
+
+/// The first route's policy state, as it saves it.
+fn policy_state(gw: &Running) -> Vec<u8> {
+    gw.gateway.routes()[0]
+        .engine()
+        .unwrap()
+        .policy()
+        .save()
+        .unwrap()
+}
+
+fn validated(text: &str, dir: &Path) -> Result<Validated, ConfigError> {
+    toml::from_str::<ServerConfig>(text)
+        .unwrap()
+        .validate(Path::new("test.toml"), dir.to_path_buf())
+}
+
+/// Why a gateway started from `text` refuses its first route's saved state.
+fn refused_state(text: &str, dir: &Path) -> String {
+    let g = tandem_server::Gateway::start(&validated(text, dir).unwrap()).unwrap();
+    let why = g.routes()[0].refused_state().unwrap().to_string();
+    why
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tier_is_judged_in_turn_and_the_first_sure_one_answers() {
+    // Escalate when −mean log-probability > 1: tier 0 keeps "easy", tier 1 keeps "medium".
+    let (m, gw, _dir) = cascade_over_three("", &[ALL_THREE, JUDGED, "s4l = true\n"]).await;
     for (text, tier, called, role) in [
         ("easy sum", "0", "1", "small"),
         ("medium sum", "1", "2", "mid"),
@@ -74,8 +108,7 @@ async fn each_tier_is_judged_in_turn_and_the_first_sure_one_answers() {
         ("another easy one", "0", "1", "small"),
         ("hard again", "2", "3", "large"),
     ] {
-        let r = post(&gw.url, &chat_body("t", text)).await;
-        assert_eq!(r.status(), 200, "{text}");
+        let r = answered(&gw.url, &chat_body("t", text)).await;
         assert_eq!(header(&r, "x-tandem-tier-index"), tier, "{text}");
         assert_eq!(header(&r, "x-tandem-tiers-called"), called, "{text}");
         assert_eq!(header(&r, "x-tandem-role"), role, "{text}");
@@ -105,18 +138,13 @@ async fn each_tier_is_judged_in_turn_and_the_first_sure_one_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_step_up_rechecks_the_budget() {
-    let (m, ups) = three_mocks().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = format!(
-        "{ups}[[route]]\nname = \"t\"\nkind = \"cascade\"\ntiers = [\"t0\", \"t1\", \"t2\"]\nthreshold = 1.0\nexplore = 0.0\n[route.budget]\nmax_calls = 3\n"
-    );
-    let gw = start(&cfg, dir.path()).await;
+    let (m, gw, _dir) =
+        cascade_over_three("", &[ALL_THREE, JUDGED, "[route.budget]\nmax_calls = 3\n"]).await;
     // Three metered calls allowed: the first hard item takes two (tiers 1 and 2), the second
     // gets tier 1 only (the top is refused: tier 1's answer stands, capped), the third none.
     let mut seen = Vec::new();
     for _ in 0..3 {
-        let r = post(&gw.url, &chat_body("t", "hard proof")).await;
-        assert_eq!(r.status(), 200);
+        let r = answered(&gw.url, &chat_body("t", "hard proof")).await;
         seen.push((
             header(&r, "x-tandem-tier-index"),
             header(&r, "x-tandem-capped"),
@@ -133,26 +161,26 @@ async fn every_step_up_rechecks_the_budget() {
     assert_eq!([m[0].calls(), m[1].calls(), m[2].calls()], [3, 2, 1]);
     gw.stop().await;
     // A route that refuses answers 429 once its budget is spent.
-    let (_m, ups) = three_mocks().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = format!(
-        "{ups}[[route]]\nname = \"t\"\nkind = \"cascade\"\ntiers = [\"t0\", \"t1\", \"t2\"]\nthreshold = 1.0\nexplore = 0.0\non_exhausted = \"refuse\"\n[route.budget]\nmax_calls = 1\n"
+    let refuse = "on_exhausted = \"refuse\"\n[route.budget]\nmax_calls = 1\n";
+    let (_m, gw, _dir) = cascade_over_three("", &[ALL_THREE, JUDGED, refuse]).await;
+    assert_eq!(
+        post_chat(&gw.url, &chat_body("t", "medium")).await.status(),
+        200
     );
-    let gw = start(&cfg, dir.path()).await;
-    assert_eq!(post(&gw.url, &chat_body("t", "medium")).await.status(), 200);
-    assert_eq!(post(&gw.url, &chat_body("t", "easy")).await.status(), 200);
-    assert_eq!(post(&gw.url, &chat_body("t", "medium")).await.status(), 429);
+    assert_eq!(
+        post_chat(&gw.url, &chat_body("t", "easy")).await.status(),
+        200
+    );
+    assert_eq!(
+        post_chat(&gw.url, &chat_body("t", "medium")).await.status(),
+        429
+    );
     gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_tier_is_passed_over_and_a_failing_top_leaves_the_best_draft() {
-    let (m, ups) = three_mocks().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = format!(
-        "{ups}[[route]]\nname = \"t\"\nkind = \"cascade\"\ntiers = [\"t0\", \"t1\", \"t2\"]\nthreshold = 1.0\nexplore = 0.0\n"
-    );
-    let gw = start(&cfg, dir.path()).await;
+    let (m, gw, _dir) = cascade_over_three("", &[ALL_THREE, JUDGED]).await;
     let fail = || {
         Scripted::error(
             500,
@@ -161,38 +189,30 @@ async fn a_failing_tier_is_passed_over_and_a_failing_top_leaves_the_best_draft()
     };
     m[1].set_always(Some(fail()));
     // Tier 1 is down: a medium item goes on to the top.
-    let r = post(&gw.url, &chat_body("t", "medium sum")).await;
-    assert_eq!(r.status(), 200);
+    let r = answered(&gw.url, &chat_body("t", "medium sum")).await;
     assert_eq!(header(&r, "x-tandem-tier-index"), "2");
     m[1].set_always(None);
     m[2].set_always(Some(fail()));
     // The top is down: the deepest usable draft (tier 1's) serves.
-    let r = post(&gw.url, &chat_body("t", "hard proof")).await;
-    assert_eq!(r.status(), 200);
+    let r = answered(&gw.url, &chat_body("t", "hard proof")).await;
     assert_eq!(header(&r, "x-tandem-tier-index"), "1");
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "perhaps 9");
     // Every tier down: the error of the last one stands.
     m[0].set_always(Some(fail()));
     m[1].set_always(Some(fail()));
-    let r = post(&gw.url, &chat_body("t", "hard proof")).await;
+    let r = post_chat(&gw.url, &chat_body("t", "hard proof")).await;
     assert_eq!(r.status(), 502, "{:?}", r.text().await);
     gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_answer_that_ends_the_walk_streams() {
-    let (m, ups) = three_mocks().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = format!(
-        "{ups}[[route]]\nname = \"t\"\nkind = \"cascade\"\ntiers = [\"t0\", \"t1\", \"t2\"]\nthreshold = 1.0\nexplore = 0.0\n"
-    );
-    let gw = start(&cfg, dir.path()).await;
+    let (m, gw, _dir) = cascade_over_three("", &[ALL_THREE, JUDGED]).await;
     for (text, tier) in [("hard proof", "2"), ("easy sum", "0")] {
         let mut body = chat_body("t", text);
         body["stream"] = json!(true);
-        let r = post(&gw.url, &body).await;
-        assert_eq!(r.status(), 200);
+        let r = answered(&gw.url, &body).await;
         assert_eq!(header(&r, "x-tandem-tier-index"), tier, "{text}");
         assert!(header(&r, "content-type").starts_with("text/event-stream"));
         let sse = r.text().await.unwrap();
@@ -254,8 +274,7 @@ async fn ocl_learns(stream: bool) {
         );
         let mut body = chat_body("t", &text);
         body["stream"] = json!(stream);
-        let r = post(&gw.url, &body).await;
-        assert_eq!(r.status(), 200);
+        let r = answered(&gw.url, &body).await;
         let up = header(&r, "x-tandem-tier-index") == "1";
         // Read to the end: a stream's answer teaches when it is whole.
         let _ = r.text().await.unwrap();
@@ -271,7 +290,7 @@ async fn ocl_learns(stream: bool) {
         return;
     }
     // Feedback on a response teaches the policy too (and is counted).
-    let r = post(&gw.url, &chat_body("t", "easy question about tigers")).await;
+    let r = post_chat(&gw.url, &chat_body("t", "easy question about tigers")).await;
     let id = r.json::<Value>().await.unwrap()["id"]
         .as_str()
         .unwrap()
@@ -284,45 +303,24 @@ async fn ocl_learns(stream: bool) {
         .unwrap();
     assert_eq!(fb.status(), 200, "{:?}", fb.text().await);
     // The learned deferral survives a restart: the restored route decides as the saved one.
-    let saved = gw.gateway.routes()[0]
-        .engine()
-        .unwrap()
-        .policy()
-        .save()
-        .unwrap();
+    let saved = policy_state(&gw);
     gw.stop().await;
     let gw = start(&cfg, dir.path()).await;
-    let back = gw.gateway.routes()[0]
-        .engine()
-        .unwrap()
-        .policy()
-        .save()
-        .unwrap();
+    let back = policy_state(&gw);
     assert_eq!(saved, back, "the policy's state is restored from state_dir");
     // A file whose policy is another gate's is refused with a message naming both.
     gw.stop().await;
     let other = cfg.replace("gate = \"ocl\"", "gate = \"energy\"\ntarget_share = 0.3");
-    let v = toml::from_str::<tandem_server::config::ServerConfig>(&other)
-        .unwrap()
-        .validate(std::path::Path::new("test.toml"), dir.path().to_path_buf())
-        .unwrap();
-    let g = tandem_server::Gateway::start(&v).unwrap();
-    let why = g.routes()[0].refused_state().unwrap().to_string();
+    let why = refused_state(&other, dir.path());
     assert!(
         why.contains("gate = \"ocl\"") && why.contains("gate = \"energy\""),
         "{why}"
     );
-    drop(g);
     // So is one whose tiers are other upstreams now (the learned deferral is about those).
     let swapped = cfg
         .replace("tiers = [\"s\", \"l\"]", "tiers = [\"s2\", \"l\"]")
         .replace("[[upstream]]\nname = \"s\"", "[[upstream]]\nname = \"s2\"");
-    let v = toml::from_str::<tandem_server::config::ServerConfig>(&swapped)
-        .unwrap()
-        .validate(std::path::Path::new("test.toml"), dir.path().to_path_buf())
-        .unwrap();
-    let g = tandem_server::Gateway::start(&v).unwrap();
-    let why = g.routes()[0].refused_state().unwrap().to_string();
+    let why = refused_state(&swapped, dir.path());
     assert!(
         why.contains("tiers [s, l]") && why.contains("tiers [s2, l]"),
         "{why}"
@@ -372,21 +370,14 @@ fn bad_tier_configs_name_the_field() {
         ),
     ] {
         let text = format!("{ups}[[route]]\nname = \"x\"\nkind = \"cascade\"\n{route}\n");
-        let err = toml::from_str::<tandem_server::config::ServerConfig>(&text)
-            .unwrap()
-            .validate(std::path::Path::new("test.toml"), std::path::PathBuf::new())
+        let err = validated(&text, Path::new(""))
             .err()
             .unwrap_or_else(|| panic!("accepted: {route}"))
             .to_string();
         assert!(err.contains(want), "{route}: {err}");
     }
     let text = format!("{ups}[[route]]\nname = \"x\"\nkind = \"route_before\"\ntiers = [\"a\", \"b\"]\ntarget_share = 0.3\n");
-    let err = toml::from_str::<tandem_server::config::ServerConfig>(&text)
-        .unwrap()
-        .validate(std::path::Path::new("test.toml"), std::path::PathBuf::new())
-        .err()
-        .unwrap()
-        .to_string();
+    let err = validated(&text, Path::new("")).err().unwrap().to_string();
     assert!(err.contains("route[0].tiers"), "{err}");
 }
 
@@ -431,12 +422,7 @@ max_tokens = 6
         upstream("top", &tu, "token:10:30")
     );
     let gw = start(&cfg, dir.path()).await;
-    let before = gw.gateway.routes()[0]
-        .engine()
-        .unwrap()
-        .policy()
-        .save()
-        .unwrap();
+    let before = policy_state(&gw);
     let mut tiers = [0u32; 3];
     let prompts = [
         "What is the capital of France?",
@@ -445,8 +431,7 @@ max_tokens = 6
         "Who wrote Hamlet?",
     ];
     for i in 0..12 {
-        let r = post(&gw.url, &chat_body("t", prompts[i % prompts.len()])).await;
-        assert_eq!(r.status(), 200);
+        let r = answered(&gw.url, &chat_body("t", prompts[i % prompts.len()])).await;
         let k: usize = header(&r, "x-tandem-tier-index").parse().unwrap();
         let called: usize = header(&r, "x-tandem-tiers-called").parse().unwrap();
         assert!(
@@ -467,12 +452,7 @@ max_tokens = 6
     // and SmolLM2 is rarely sure), and the policy learned from the top's answers.
     assert_eq!(tiers.iter().sum::<u32>(), 12);
     assert!(top.calls() >= 1, "the top tier was never called: {tiers:?}");
-    let after = gw.gateway.routes()[0]
-        .engine()
-        .unwrap()
-        .policy()
-        .save()
-        .unwrap();
+    let after = policy_state(&gw);
     assert_ne!(before, after, "OCL learned nothing from the top tier");
     gw.stop().await;
 }
@@ -481,15 +461,10 @@ max_tokens = 6
 /// never called, and about the target share goes to the top.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_deferral_calls_only_the_tier_that_answers() {
-    let (m, ups) = three_mocks().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = format!(
-        "{ups}[[route]]\nname = \"t\"\nkind = \"cascade\"\ntiers = [\"t0\", \"t1\", \"t2\"]\ngate = \"random\"\ntarget_share = 0.3\n"
-    );
-    let gw = start(&cfg, dir.path()).await;
+    let random = "gate = \"random\"\ntarget_share = 0.3\n";
+    let (m, gw, _dir) = cascade_over_three("", &[ALL_THREE, random]).await;
     for i in 0..200 {
-        let r = post(&gw.url, &chat_body("t", &format!("question {i}"))).await;
-        assert_eq!(r.status(), 200);
+        let r = answered(&gw.url, &chat_body("t", &format!("question {i}"))).await;
         assert_eq!(header(&r, "x-tandem-tiers-called"), "1");
     }
     let [a, b, c] = [m[0].calls(), m[1].calls(), m[2].calls()];
@@ -505,16 +480,18 @@ async fn random_deferral_calls_only_the_tier_that_answers() {
 /// given back, so it does not use up the calls the tiers above need.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_tier_costs_no_budget() {
-    let (m, ups) = three_mocks().await;
-    let ups = ups + &upstream("down", "http://127.0.0.1:9/v1", "token:1:2");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = format!(
-        "{ups}[[route]]\nname = \"t\"\nkind = \"cascade\"\ntiers = [\"t0\", \"down\", \"t2\"]\nthreshold = 1.0\nexplore = 0.0\n[route.budget]\nmax_calls = 2\n"
-    );
-    let gw = start(&cfg, dir.path()).await;
+    let down = upstream("down", "http://127.0.0.1:9/v1", "token:1:2");
+    let (m, gw, _dir) = cascade_over_three(
+        &down,
+        &[
+            "tiers = [\"t0\", \"down\", \"t2\"]\n",
+            JUDGED,
+            "[route.budget]\nmax_calls = 2\n",
+        ],
+    )
+    .await;
     for _ in 0..2 {
-        let r = post(&gw.url, &chat_body("t", "hard proof")).await;
-        assert_eq!(r.status(), 200);
+        let r = answered(&gw.url, &chat_body("t", "hard proof")).await;
         assert_eq!(header(&r, "x-tandem-tier-index"), "2");
         assert_eq!(header(&r, "x-tandem-capped"), "false");
     }

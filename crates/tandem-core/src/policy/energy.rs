@@ -59,14 +59,7 @@ mod tests {
             let up = g.defer(&mut it, &step(&probs, l));
             g.end_item(
                 &it,
-                &super::super::Finished {
-                    query: &crate::policy::TEST_QUERY,
-                    top_text: None,
-                    answered: if up { 1 } else { 0 },
-                    top: 1,
-                    top_label: None,
-                    cheap: &[],
-                },
+                &crate::policy::test_finished(if up { 1 } else { 0 }, 1, None, &[]),
             );
             if k >= 200 {
                 *(if k % 2 == 0 {

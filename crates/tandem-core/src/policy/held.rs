@@ -350,17 +350,7 @@ mod tests {
             } else {
                 2
             };
-            g.end_item(
-                &it,
-                &Finished {
-                    query: &crate::policy::TEST_QUERY,
-                    top_text: None,
-                    answered,
-                    top: 2,
-                    top_label: None,
-                    cheap: &[],
-                },
-            );
+            g.end_item(&it, &crate::policy::test_finished(answered, 2, None, &[]));
         }
         // Half the items must go up, and the sure tier's score is the path minimum of all of
         // them: the gate sends up about half, never none.
@@ -378,14 +368,7 @@ mod tests {
             let d = g.defer(&mut it, &step(0, &probs, &logits));
             g.end_item(
                 &it,
-                &Finished {
-                    query: &crate::policy::TEST_QUERY,
-                    top_text: None,
-                    answered: if d { 2 } else { 0 },
-                    top: 2,
-                    top_label: None,
-                    cheap: &[],
-                },
+                &crate::policy::test_finished(if d { 2 } else { 0 }, 2, None, &[]),
             );
         }
         let saved = g.save().unwrap();
@@ -460,14 +443,7 @@ mod tests {
             let top_label = up1.then_some(1);
             g.end_item(
                 &it,
-                &Finished {
-                    query: &crate::policy::TEST_QUERY,
-                    top_text: None,
-                    answered,
-                    top: 2,
-                    top_label,
-                    cheap: &cheap,
-                },
+                &crate::policy::test_finished(answered, 2, top_label, &cheap),
             );
             if k >= 1000 {
                 kept += u32::from(!up0);

@@ -294,3 +294,22 @@ pub(crate) fn test_step<'a>(
         token_logprobs: None,
     }
 }
+
+/// An item's end for the policies' tests: answered at tier `answered` of `top + 1`, with the top
+/// tier's label when it answered (no text), after the cheap tiers' `cheap` steps.
+#[cfg(test)]
+pub(crate) fn test_finished<'a>(
+    answered: usize,
+    top: usize,
+    top_label: Option<usize>,
+    cheap: &'a [Step<'a>],
+) -> Finished<'a> {
+    Finished {
+        query: &TEST_QUERY,
+        top_text: None,
+        answered,
+        top,
+        top_label,
+        cheap,
+    }
+}

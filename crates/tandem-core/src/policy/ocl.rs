@@ -903,17 +903,7 @@ mod tests {
         for _ in 0..500 {
             let it = ItemState::default();
             // The top tier said 0 where the cheap tier said 1.
-            o.end_item(
-                &it,
-                &Finished {
-                    query: &crate::policy::TEST_QUERY,
-                    top_text: None,
-                    answered: 1,
-                    top: 1,
-                    top_label: Some(0),
-                    cheap: &[unsure],
-                },
-            );
+            o.end_item(&it, &crate::policy::test_finished(1, 1, Some(0), &[unsure]));
         }
         let after = p(&mut o);
         assert!(after > before + 0.3, "{before} -> {after}");

@@ -586,6 +586,24 @@ pub fn chat_body(route: &str, text: &str) -> Value {
     json!({"model": route, "messages": [{"role": "user", "content": text}]})
 }
 
+/// Posts `body` to the gateway's chat completions.
+pub async fn post_chat(url: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A response header's value ("" when it is absent).
+pub fn header(r: &reqwest::Response, k: &str) -> String {
+    r.headers()
+        .get(k)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
 /// The small model is sure of "easy" prompts and unsure of "hard" ones; both answer the same
 /// text so that escalations look like agreement unless the prompt says otherwise.
 pub fn small_reply() -> Reply {
