@@ -1147,7 +1147,7 @@ async fn a_forced_request_on_tiers_names_its_tier() {
         let mut body = chat_body("t", "hard proof");
         body["tandem"] = json!({"force": force});
         body["stream"] = json!(stream);
-        let r = post(&gw.url, &body).await;
+        let r = post_chat(&gw.url, &body).await;
         let what = format!("force {force}, stream {stream}, cheapest failing {fail_cheapest}");
         assert_eq!(r.status(), 200, "{what}");
         assert_eq!(header(&r, "x-tandem-tier-index"), tier, "{what}");
