@@ -18,11 +18,10 @@ use std::sync::Arc;
 use tandem_core::engine::Cascade;
 use tandem_core::metrics::{Curve, CurvePoint};
 use tandem_core::money::micros_to_usd;
-use tandem_core::policy::ocl::{Context, DeferralConfig, OclDeferral};
+use tandem_core::policy::ocl::{DeferralConfig, OclOutcomes};
 use tandem_core::policy::random::RandomDeferral;
-use tandem_core::policy::signals::Signals;
 use tandem_core::policy::teaching::Teaching;
-use tandem_core::policy::{Deferral, FeedbackMode, Finished, ItemState, Step};
+use tandem_core::policy::{Deferral, FeedbackMode, ItemState, Step};
 use tandem_core::{BudgetLimits, Micros, Price, Query, Tier};
 
 /// The models of a recorded file as a cascade: model indices and prices, cheapest first.
@@ -191,57 +190,6 @@ pub fn default_ladder_policies() -> Vec<LadderSpec> {
     ]
 }
 
-/// OCL's learned deferral ([`OclDeferral`], the core's learner and decision rule, cost-to-go
-/// included) over replayed tiers. The core's `Ocl` policy learns whether each cheap tier agreed
-/// with the top tier's label; replayed tiers have no comparable labels, only revealed outcomes,
-/// so here each cheap tier learns the probability that its own answer is wrong from the outcomes
-/// the feedback mode reveals (the gold standing in for the top tier). It sees the input's words
-/// and length: a replayed tier exposes no confidence.
-struct OclOutcomes {
-    deferral: OclDeferral,
-    top: usize,
-}
-
-impl OclOutcomes {
-    fn context(query: &Query) -> Context<'_> {
-        Context {
-            signals: Signals::of(&[], &[], 1.0),
-            text: query.routing_text(),
-            below: None,
-        }
-    }
-}
-
-impl Deferral for OclOutcomes {
-    fn name(&self) -> &'static str {
-        "ocl"
-    }
-
-    fn defer(&mut self, item: &mut ItemState, step: &Step) -> bool {
-        item.decided = true;
-        let d = self
-            .deferral
-            .decide(item, step.tier, &Self::context(step.query), step.next_cost);
-        item.explored |= d.explored;
-        d.defer
-    }
-
-    fn end_item(&mut self, item: &ItemState, f: &Finished) {
-        if item.decided {
-            self.deferral.end_item(item, f.answered == f.top);
-        }
-    }
-
-    fn learn_outcomes(&mut self, _item: &ItemState, f: &Finished, observed: &[Option<f32>]) {
-        let ctx = Self::context(f.query);
-        for (tier, o) in observed.iter().enumerate().take(self.top) {
-            if let Some(q) = o {
-                self.deferral.learn(tier, &ctx, *q >= 0.5);
-            }
-        }
-    }
-}
-
 /// Enters at the cheapest tier that is right (peeking at the outcomes) and answers there.
 struct Oracle {
     correct: Vec<Vec<bool>>,
@@ -310,23 +258,20 @@ pub fn run_ladder(
     let top = n - 1;
     let policy: Box<dyn Deferral> = match cfg.spec.policy {
         LadderPolicy::Random => Box::new(RandomDeferral::new(cfg.target_share, cfg.seed)),
-        LadderPolicy::Ocl => Box::new(OclOutcomes {
-            deferral: OclDeferral::new(
-                top,
-                DeferralConfig {
-                    target_top_share: Some(cfg.target_share),
-                    // With every outcome revealed there is nothing to explore for.
-                    explore: match cfg.spec.feedback {
-                        FeedbackMode::Partial => cfg.explore,
-                        _ => 0.0,
-                    },
-                    text_features: true,
-                    seed: cfg.seed,
-                    ..DeferralConfig::default()
-                },
-            )?,
+        LadderPolicy::Ocl => Box::new(OclOutcomes::new(
             top,
-        }),
+            DeferralConfig {
+                target_top_share: Some(cfg.target_share),
+                // With every outcome revealed there is nothing to explore for.
+                explore: match cfg.spec.feedback {
+                    FeedbackMode::Partial => cfg.explore,
+                    _ => 0.0,
+                },
+                text_features: true,
+                seed: cfg.seed,
+                ..DeferralConfig::default()
+            },
+        )?),
         LadderPolicy::Oracle => Box::new(Oracle {
             correct: data
                 .rows

@@ -39,6 +39,7 @@ use crate::calibrate::ShareController;
 use crate::error::CoreError;
 use crate::features::{ns, FeatureVec, Featurizer, TextFeatures};
 use crate::learner::{LearnerConfig, OnlineSoftmax};
+use crate::query::Query;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -453,6 +454,66 @@ impl Deferral for Ocl {
     }
 }
 
+/// OCL's learned deferral for tiers that expose nothing but their answer's outcome — recorded
+/// (replayed) tiers: the same learner, decision rule and cost-to-go as [`Ocl`], but each cheap
+/// tier learns the probability that its own answer is wrong from the outcomes revealed after the
+/// item ([`Deferral::learn_outcomes`]: the gold standing in for the top tier), not from
+/// agreement with the top tier's label, which replayed tiers cannot give. It sees the input's
+/// words and length (no confidence, no tier below). Every revealed cheap tier learns, whether
+/// or not it ran on the item.
+pub struct OclOutcomes {
+    deferral: OclDeferral,
+    top: usize,
+}
+
+impl OclOutcomes {
+    /// `cheap_tiers`: the tiers below the top.
+    pub fn new(cheap_tiers: usize, cfg: DeferralConfig) -> Result<Self, CoreError> {
+        Ok(OclOutcomes {
+            deferral: OclDeferral::new(cheap_tiers, cfg)?,
+            top: cheap_tiers,
+        })
+    }
+
+    fn context(query: &Query) -> Context<'_> {
+        Context {
+            signals: Signals::of(&[], &[], 1.0),
+            text: query.routing_text(),
+            below: None,
+        }
+    }
+}
+
+impl Deferral for OclOutcomes {
+    fn name(&self) -> &'static str {
+        "ocl"
+    }
+
+    fn defer(&mut self, item: &mut ItemState, step: &Step) -> bool {
+        item.decided = true;
+        let d = self
+            .deferral
+            .decide(item, step.tier, &Self::context(step.query), step.next_cost);
+        item.explored |= d.explored;
+        d.defer
+    }
+
+    fn end_item(&mut self, item: &ItemState, f: &Finished) {
+        if item.decided {
+            self.deferral.end_item(item, f.answered == f.top);
+        }
+    }
+
+    fn learn_outcomes(&mut self, _item: &ItemState, f: &Finished, observed: &[Option<f32>]) {
+        let ctx = Self::context(f.query);
+        for (tier, o) in observed.iter().enumerate().take(self.top) {
+            if let Some(q) = o {
+                self.deferral.learn(tier, &ctx, *q >= 0.5);
+            }
+        }
+    }
+}
+
 /// The model learns a correction to a prior: the tier's own error estimate 1 − max probability.
 /// Untrained, the deferral is the confidence shunt; it departs from it only as far as the top
 /// tier's labels show the tier's confidence to be off (a weak tier's overconfidence, a kind of
@@ -621,6 +682,42 @@ mod tests {
             explore: 0.0,
             ..Default::default()
         }
+    }
+
+    /// Replayed tiers: only revealed outcomes teach (each revealed cheap tier, whether it ran
+    /// or not); the top tier's label, which replayed tiers cannot make comparable, teaches
+    /// nothing.
+    #[test]
+    fn ocl_from_outcomes_learns_revealed_outcomes_only() {
+        let cfg = DeferralConfig {
+            text_features: true,
+            ..quiet()
+        };
+        let mut p = OclOutcomes::new(1, cfg).unwrap();
+        let hard = Query::text("h", "prove the lemma");
+        let easy = Query::text("e", "add two numbers");
+        let d = |p: &mut OclOutcomes, q: &Query| p.deferral.p_disagree(0, &OclOutcomes::context(q));
+        let (h0, e0) = (d(&mut p, &hard), d(&mut p, &easy));
+        let finished = |q| Finished {
+            query: q,
+            answered: 1,
+            top: 1,
+            top_label: Some(0),
+            top_text: None,
+            cheap: &[],
+        };
+        p.end_item(&ItemState::default(), &finished(&hard));
+        assert_eq!(d(&mut p, &hard), h0, "the top's label taught nothing");
+        for _ in 0..30 {
+            let item = ItemState::default();
+            p.learn_outcomes(&item, &finished(&hard), &[Some(0.0), Some(1.0)]);
+            p.learn_outcomes(&item, &finished(&easy), &[Some(1.0), Some(1.0)]);
+        }
+        // Untrained, both start at the prior (no confidence: everything looks wrong); the
+        // outcomes tell them apart.
+        assert!((h0 - e0).abs() < 1e-6);
+        let (h1, e1) = (d(&mut p, &hard), d(&mut p, &easy));
+        assert!(h1 > e1 + 0.3, "hard {h1}, easy {e1}");
     }
 
     #[test]
