@@ -88,6 +88,10 @@ pub struct EvalArgs {
     /// Do not use the records' metadata (e.g. `subject`) as router features.
     #[arg(long)]
     no_metadata: bool,
+    /// Start the learned router and cascade scorer from this prior (`tandem train --out`)
+    /// instead of from nothing; they keep learning online. Its feature settings are used.
+    #[arg(long)]
+    prior: Option<PathBuf>,
 }
 
 fn parse_price(flag: &str, s: &str) -> Result<Price> {
@@ -178,7 +182,11 @@ fn parse_model_prices(flags: &[String]) -> Result<Vec<(String, Price)>> {
 }
 
 /// The weak and strong models: as named, or the less and more accurate of exactly two.
-fn pick_models(data: &Dataset, weak: Option<&str>, strong: Option<&str>) -> Result<(usize, usize)> {
+pub(crate) fn pick_models(
+    data: &Dataset,
+    weak: Option<&str>,
+    strong: Option<&str>,
+) -> Result<(usize, usize)> {
     let (w, s) = match (weak, strong) {
         (Some(w), Some(s)) => (data.model_index(w)?, data.model_index(s)?),
         (w, s) if data.models.len() == 2 => {
@@ -263,6 +271,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
         Some(s) => parse_policies(s, has_responses)?,
         None => default_policies(has_responses),
     };
+    let prior = match &a.prior {
+        Some(p) => {
+            let prior = tandem_core::prior::Prior::load(p)?;
+            println!("{}", describe_prior(p, &prior));
+            Some(Arc::new(prior))
+        }
+        None => None,
+    };
     let items = data.rows.len();
     let models = Models {
         data: Arc::new(data),
@@ -287,6 +303,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             ..RouterConfig::default()
         },
         cascade: CascadeConfig::default(),
+        prior,
     };
     cfg.validate()?;
     let report = with_progress(total_work(&cfg, items), |p| evaluate(&models, &cfg, p))?;
@@ -298,6 +315,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
 fn run_ladder(a: EvalArgs, data: Dataset, budget: BudgetLimits) -> Result<()> {
     if a.weak.is_some() || a.strong.is_some() {
         bail!("--tiers runs a cascade of the models it names; --weak and --strong pick two models instead");
+    }
+    if a.prior.is_some() {
+        bail!("--prior starts the two-model router and cascade scorer; a cascade of N models (--tiers, or a file of three or more) has no prior yet");
     }
     let prices = parse_model_prices(&a.prices)?;
     let items = data.rows.len();
@@ -367,4 +387,23 @@ fn write_outputs<R: serde::Serialize>(
         println!("wrote {} and {}", svg.display(), png.display());
     }
     Ok(())
+}
+
+/// One line on what a prior holds and what it was trained on.
+pub(crate) fn describe_prior(path: &std::path::Path, p: &tandem_core::prior::Prior) -> String {
+    let files: Vec<String> = p
+        .info
+        .trained_on
+        .iter()
+        .map(|t| format!("{} ({} items, {} vs {})", t.file, t.items, t.weak, t.strong))
+        .collect();
+    format!(
+        "prior {}: router {}, cascade scorer {}; trained on {} ({} passes, seed {})",
+        path.display(),
+        if p.router.is_some() { "yes" } else { "no" },
+        if p.cascade.is_some() { "yes" } else { "no" },
+        files.join(", "),
+        p.info.epochs,
+        p.info.seed
+    )
 }

@@ -9,6 +9,7 @@ mod londi_cmd;
 mod record_cmd;
 mod run_cmd;
 mod serve_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -33,6 +34,8 @@ struct Cli {
 enum Command {
     /// Evaluate routing and cascade policies on a file of recorded model answers.
     Eval(Box<eval_cmd::EvalArgs>),
+    /// Fit a router (and cascade scorer) on recorded files: a prior that eval and serve start from.
+    Train(train_cmd::TrainArgs),
     /// Install or inspect the pinned model weights and data sets.
     Assets(assets_cmd::AssetsArgs),
     /// Stream texts through a cascade of local tiers that learn online from the top tier.
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(args) => eval_cmd::run(*args),
+        Command::Train(args) => train_cmd::run(args),
         Command::Assets(args) => assets_cmd::run(args),
         Command::Run(args) => run_cmd::run(*args),
         Command::Demo(args) => demo_cmd::run(args),

@@ -13,6 +13,9 @@ pub enum CoreError {
     Tier { tier: String, reason: String },
     #[error("budget exhausted: {0}")]
     BudgetExhausted(String),
+    /// A prior file (a router trained beforehand) that cannot be read, written or used.
+    #[error("prior {path}: {reason}")]
+    Prior { path: String, reason: String },
 }
 
 impl CoreError {

@@ -14,6 +14,7 @@ pub mod londi;
 pub mod metrics;
 pub mod money;
 pub mod policy;
+pub mod prior;
 pub mod query;
 pub mod stats;
 pub mod tier;

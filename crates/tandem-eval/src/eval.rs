@@ -86,6 +86,9 @@ pub struct EvalConfig {
     pub policies: Vec<PolicySpec>,
     pub router: RouterConfig,
     pub cascade: CascadeConfig,
+    /// A router (and cascade scorer) trained beforehand: the learned policies start from it
+    /// (with its feature configuration) instead of from nothing, and keep learning.
+    pub prior: Option<std::sync::Arc<tandem_core::prior::Prior>>,
 }
 
 impl EvalConfig {
@@ -157,6 +160,7 @@ pub fn evaluate(
             budget: cfg.budget,
             router: cfg.router,
             cascade: cfg.cascade,
+            prior: cfg.prior.clone(),
             time_decisions: job.point.is_none(),
         }
     };

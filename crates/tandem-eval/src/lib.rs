@@ -11,6 +11,7 @@ pub mod replay;
 pub mod report;
 pub mod runner;
 mod sweep;
+pub mod train;
 
 pub use data::{Dataset, LoadOptions};
 pub use error::EvalError;

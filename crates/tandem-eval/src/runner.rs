@@ -56,6 +56,8 @@ pub struct RunConfig {
     pub budget: BudgetLimits,
     pub router: RouterConfig,
     pub cascade: CascadeConfig,
+    /// Where the learned policies start: a trained prior's models, else nothing.
+    pub prior: Option<Arc<tandem_core::prior::Prior>>,
     /// Record the time of every decision (for the operating point; off on curve runs).
     pub time_decisions: bool,
 }
@@ -283,7 +285,10 @@ pub fn run(
             weak: models.weak,
             strong: models.strong,
         })),
-        PolicyKind::Router => Scorer::Route(Box::new(GainRouter::new(cfg.router)?)),
+        PolicyKind::Router => match cfg.prior.as_ref().and_then(|p| p.router.clone()) {
+            Some(r) => Scorer::Route(Box::new(r)),
+            None => Scorer::Route(Box::new(GainRouter::new(cfg.router)?)),
+        },
         PolicyKind::Cascade => {
             if !data.has_responses(models.weak) {
                 return Err(EvalError::Invalid(format!(
@@ -292,7 +297,10 @@ pub fn run(
                     data.models[models.weak]
                 )));
             }
-            Scorer::Cascade(Box::new(ResponseCascade::new(cfg.cascade)?))
+            match cfg.prior.as_ref().and_then(|p| p.cascade.clone()) {
+                Some(c) => Scorer::Cascade(Box::new(c)),
+                None => Scorer::Cascade(Box::new(ResponseCascade::new(cfg.cascade)?)),
+            }
         }
     };
     // Two tiers, the strong one metered by the budget; the replayed tiers teach nobody.

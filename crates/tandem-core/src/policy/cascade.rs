@@ -12,7 +12,8 @@ use crate::features::{ns, FeatureVec, Featurizer, Scratch, TextFeatures};
 use crate::learner::{LearnerConfig, OnlineSoftmax};
 use crate::query::Query;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CascadeConfig {
     pub bits: u32,
     pub prompt_text: TextFeatures,
@@ -127,6 +128,11 @@ impl ResponseCascade {
     /// Buffers for [`Self::score_ref`].
     pub fn scratch(&self) -> Result<Scratch, CoreError> {
         Scratch::new(self.cfg.bits)
+    }
+
+    /// Its features and learning rate (what a checkpoint must be loaded with).
+    pub fn config(&self) -> CascadeConfig {
+        self.cfg
     }
 
     /// Checkpoint: the two learners; the configuration is the caller's to give back on load.

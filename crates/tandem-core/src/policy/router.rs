@@ -9,7 +9,8 @@ use crate::features::{ns, FeatureVec, Featurizer, Scratch, TextFeatures};
 use crate::learner::{LearnerConfig, OnlineSoftmax};
 use crate::query::Query;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RouterConfig {
     pub bits: u32,
     pub text: TextFeatures,
@@ -89,6 +90,11 @@ impl GainRouter {
     /// Buffers for [`Self::score_ref`].
     pub fn scratch(&self) -> Result<Scratch, CoreError> {
         Scratch::new(self.cfg.bits)
+    }
+
+    /// Its features and learning rate (what a checkpoint must be loaded with).
+    pub fn config(&self) -> RouterConfig {
+        self.cfg
     }
 
     /// The strong model's expected gain, from a model shared read-only between threads.

@@ -1,0 +1,141 @@
+//! `tandem train` end to end: a prior written from a labelled file of one's own and read back by
+//! `tandem eval --prior`; every bad input named (file and line, field, value).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn tandem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .output()
+        .expect("run tandem")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A user's own labelled file: "proof" prompts only the strong model gets right.
+fn labelled(dir: &Path, n: usize) -> std::path::PathBuf {
+    let mut s = String::new();
+    for i in 0..n {
+        let hard = i % 3 == 0;
+        let prompt = if hard {
+            format!("give a proof of lemma {i}")
+        } else {
+            format!("what is the capital of country {i}")
+        };
+        s.push_str(&format!(
+            "{{\"id\":\"q{i}\",\"prompt\":\"{prompt}\",\"correct\":{{\"cheap\":{},\"dear\":true}},\"response\":{{\"cheap\":\"answer {i}\",\"dear\":\"answer {i}\"}}}}\n",
+            !hard
+        ));
+    }
+    let p = dir.join("mine.jsonl");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+#[test]
+fn a_prior_from_a_labelled_file_is_read_back_by_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = labelled(dir.path(), 300);
+    let prior = dir.path().join("mine.prior");
+    let out = tandem(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        prior.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("router yes, cascade scorer yes")
+            && said.contains("300 items, cheap vs dear"),
+        "{said}"
+    );
+    let out = tandem(&[
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--prior",
+        prior.to_str().unwrap(),
+        "--policies",
+        "router:full,cascade:full",
+        "--grid",
+        "5",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("prior ") && said.contains("mine.prior"),
+        "{said}"
+    );
+    assert!(
+        said.contains("router ") && said.contains("cascade "),
+        "{said}"
+    );
+}
+
+#[test]
+fn bad_training_inputs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = labelled(dir.path(), 20);
+    let d = data.to_str().unwrap();
+    let prior = dir.path().join("p.prior");
+    let p = prior.to_str().unwrap();
+    let bad_line = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad_line,
+        "{\"id\":\"a\",\"prompt\":\"x\",\"correct\":{\"w\":true,\"s\":false}}\n{\"id\":\"b\",\"prompt\":\"y\",\"correct\":{\"w\":\"yes\",\"s\":true}}\n",
+    )
+    .unwrap();
+    let not_prior = dir.path().join("not.prior");
+    std::fs::write(&not_prior, "{\"this\": \"is a JSON file, not a prior\"}").unwrap();
+    let missing = dir.path().join("missing.jsonl");
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["train", "--data", missing.to_str().unwrap(), "--out", p],
+            vec!["missing.jsonl", "cannot read"],
+        ),
+        (
+            vec!["train", "--data", bad_line.to_str().unwrap(), "--out", p],
+            vec!["bad.jsonl:2", "correct"],
+        ),
+        (
+            vec!["train", "--data", d, "--out", p, "--epochs", "0"],
+            vec!["--epochs"],
+        ),
+        (
+            vec!["train", "--data", d, "--out", p, "--bits", "40"],
+            vec!["--bits 40"],
+        ),
+        (
+            vec!["train", "--data", d, "--out", p, "--weak", "nobody"],
+            vec!["nobody", "cheap, dear"],
+        ),
+        (
+            vec!["eval", "--data", d, "--prior", not_prior.to_str().unwrap()],
+            vec!["not.prior", "not a prior file"],
+        ),
+        (
+            vec!["eval", "--data", d, "--prior", missing.to_str().unwrap()],
+            vec!["missing.jsonl", "cannot read"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let out = tandem(&args);
+        let said = text(&out);
+        assert!(!out.status.success(), "{args:?} succeeded: {said}");
+        for n in needles {
+            assert!(said.contains(n), "{args:?}: expected {n:?} in: {said}");
+        }
+        assert!(!said.contains("panicked"), "{args:?}: {said}");
+    }
+    assert!(!prior.exists(), "no prior is written from bad input");
+}
