@@ -452,12 +452,15 @@ impl Cascade {
     }
 
     /// The budget refused the metered call [`Walk::next`] asked for: refused before any tier
-    /// ran (the policy entered above the cheapest), the cheapest answers; else the deepest tier
-    /// that ran does.
+    /// answered (the policy entered above the cheapest), the cheapest answers unless it already
+    /// failed; else the deepest tier that ran does (none: the walk ends without an answer).
     pub fn refused(&self, walk: &mut Walk) {
         walk.refused = true;
+        // The cheapest only if it has not failed already: a tier is called once per item, so a
+        // failed cheapest tier and a refused one above it end the walk (with no answer).
+        let cheapest_open = walk.failed_tiers & 1 == 0;
         walk.at = match walk.at {
-            Some(i) if walk.calls.is_empty() && i > 0 => Some(0),
+            Some(i) if walk.calls.is_empty() && i > 0 && cheapest_open => Some(0),
             _ => None,
         };
     }
@@ -1017,11 +1020,27 @@ mod tests {
     /// Drives a walk by hand: `fails[t]` says tier t's call fails. Returns the tiers called, in
     /// order, and the tier that answered (None: no answer).
     fn drive(c: &mut Cascade, fails: &[bool]) -> (Vec<usize>, Option<usize>) {
+        drive_refusing(c, fails, &[false; 3])
+    }
+
+    /// As [`drive`], the budget refusing the tiers `refused` marks (every time they are asked).
+    fn drive_refusing(
+        c: &mut Cascade,
+        fails: &[bool],
+        refused: &[bool],
+    ) -> (Vec<usize>, Option<usize>) {
         let mut t = three();
         let q = q();
         let mut walk = c.begin(&q, vec![0, 10, 100]).unwrap();
         let mut called = Vec::new();
+        let mut asked = 0;
         while let Next::Call { tier, .. } = walk.next() {
+            asked += 1;
+            assert!(asked <= 8, "the walk loops: {called:?}");
+            if refused[tier] {
+                c.refused(&mut walk);
+                continue;
+            }
             called.push(tier);
             assert!(called.len() <= 6, "the walk loops: {called:?}");
             if fails[tier] {
@@ -1063,6 +1082,52 @@ mod tests {
             (top_first(), [false, false, true], vec![2, 0], Some(0)),
         ] {
             assert_eq!(drive(&mut c, &fails), (called, answered), "{fails:?}");
+        }
+    }
+
+    /// A failed cheapest tier under a budget that refuses the tiers above: the walk ends with
+    /// no answer, instead of going back to the failed tier again and again (a gateway route
+    /// whose budget was closed looped here once, logging without end).
+    #[test]
+    fn a_failed_cheapest_tier_and_a_refused_one_above_end_the_walk() {
+        let defer = || Cascade::new(3, Box::<Fixed>::default(), Teaching::default()).unwrap();
+        let top_first = || {
+            Cascade::new(
+                3,
+                Box::new(Enter {
+                    at: 2,
+                    explore: false,
+                }),
+                Teaching::default(),
+            )
+            .unwrap()
+        };
+        let none_up = [false, true, true];
+        for (mut c, fails, refused, called, answered) in [
+            (defer(), [true, false, false], none_up, vec![0], None),
+            (top_first(), [true, false, false], none_up, vec![0], None),
+            // The cheapest answers after the top was refused: it stands.
+            (
+                top_first(),
+                [false, false, false],
+                none_up,
+                vec![0],
+                Some(0),
+            ),
+            // Only the top refused: the middle one still gets its turn.
+            (
+                defer(),
+                [true, false, false],
+                [false, false, true],
+                vec![0, 1],
+                Some(1),
+            ),
+        ] {
+            assert_eq!(
+                drive_refusing(&mut c, &fails, &refused),
+                (called, answered),
+                "fails {fails:?}, refused {refused:?}"
+            );
         }
     }
 

@@ -522,6 +522,10 @@ pub struct RouteConfig {
     pub seed: u64,
     /// `switching`: the controller's settings (`cost`, `budget` of large calls per episode, ...).
     pub switching: Option<tandem_core::londi::SwitchConfig>,
+    /// A router trained beforehand (`tandem train --out`, relative to this file): a
+    /// `route_before` route starts its router from it, a two-model `cascade` with gate
+    /// `learned` its cascade scorer; they keep learning. A state file, once written, wins.
+    pub prior: Option<PathBuf>,
 }
 
 /// The call tiers' prices are compared on: 1,000 tokens in and 1,000 out.
@@ -594,6 +598,8 @@ pub struct Route {
     /// group, cheapest first (`small` is the first, `large` the last). Empty otherwise.
     pub tiers: Vec<Group>,
     pub limits: BudgetLimits,
+    /// The prior the route's learned model starts from, loaded and checked.
+    pub prior: Option<std::sync::Arc<tandem_core::prior::Prior>>,
 }
 
 impl Route {
@@ -1035,7 +1041,18 @@ impl ServerConfig {
             if r.budget.window_s == Some(0) {
                 return Err(bad(at("budget.window_s"), &0, "must be at least 1 second"));
             }
+            let prior = match &r.prior {
+                None => None,
+                Some(p) => {
+                    let file = base_dir.join(p);
+                    let shown = p.display();
+                    let prior =
+                        check_prior(&r, &file).map_err(|why| bad(at("prior"), &shown, &why))?;
+                    Some(std::sync::Arc::new(prior))
+                }
+            };
             routes.push(Route {
+                prior,
                 limits: BudgetLimits {
                     max_calls: r.budget.max_calls,
                     max_micros,
@@ -1237,6 +1254,42 @@ impl Validated {
                 self.base_dir.join(d)
             }
         })
+    }
+}
+
+/// Loads a route's prior and checks it can start the route's learned model: the right kind of
+/// model, trained with the gateway's feature settings (its state files are read with them).
+fn check_prior(r: &RouteConfig, file: &Path) -> Result<tandem_core::prior::Prior, String> {
+    let two_model_learned =
+        r.kind == RouteKind::Cascade && r.gate == CascadeGate::Learned && r.tiers.is_none();
+    if r.kind != RouteKind::RouteBefore && !two_model_learned {
+        return Err(
+            "applies to route_before routes and to cascades of small/large with gate = \"learned\""
+                .into(),
+        );
+    }
+    let prior = tandem_core::prior::Prior::load(file).map_err(|e| e.to_string())?;
+    let (have, want, what) = if r.kind == RouteKind::RouteBefore {
+        (
+            prior.router.as_ref().map(|m| format!("{:?}", m.config())),
+            format!("{:?}", crate::route::router_config()),
+            "router",
+        )
+    } else {
+        (
+            prior.cascade.as_ref().map(|m| format!("{:?}", m.config())),
+            format!("{:?}", crate::route::cascade_config()),
+            "cascade scorer (train it on files that record the weak model's responses)",
+        )
+    };
+    match have {
+        None => Err(format!("{} holds no {what}", file.display())),
+        Some(h) if h != want => Err(format!(
+            "{}: its {what} was trained with {h}; the gateway's is {want} (train it with `tandem train --bits {}`)",
+            file.display(),
+            crate::route::LEARNER_BITS
+        )),
+        Some(_) => Ok(prior),
     }
 }
 

@@ -38,9 +38,25 @@ pub enum Learned {
 }
 
 impl Learned {
+    /// A route's model before it learned anything here: its prior's, else a fresh one.
     pub fn for_route(r: &RouteCfg) -> Result<Learned, GatewayError> {
         let internal = |e: tandem_core::CoreError| GatewayError::Internal(e.to_string());
+        let prior = r.prior.as_deref();
         Ok(match (r.cfg.kind, r.cfg.gate) {
+            (RouteKind::RouteBefore, _) if prior.is_some_and(|p| p.router.is_some()) => {
+                Learned::Router(Box::new(
+                    prior
+                        .and_then(|p| p.router.clone())
+                        .ok_or_else(|| GatewayError::Internal("prior without router".into()))?,
+                ))
+            }
+            (RouteKind::Cascade, CascadeGate::Learned)
+                if prior.is_some_and(|p| p.cascade.is_some()) =>
+            {
+                Learned::Cascade(Box::new(prior.and_then(|p| p.cascade.clone()).ok_or_else(
+                    || GatewayError::Internal("prior without cascade scorer".into()),
+                )?))
+            }
             (RouteKind::RouteBefore, _) => Learned::Router(Box::new(
                 GainRouter::new(router_config()).map_err(internal)?,
             )),

@@ -1160,3 +1160,191 @@ async fn a_forced_request_on_tiers_names_its_tier() {
     assert_eq!(t2.calls(), 3);
     gw.stop().await;
 }
+
+/// A cascade whose cheapest tier is down and whose budget refuses every tier above it answers
+/// with the cheapest tier's error at once: the walk never goes back to a tier that failed (it
+/// once did, in a loop that logged without end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_cheapest_tier_under_a_refusing_budget_fails_fast() {
+    setup_env();
+    let up = |name: &str, url: &str, price: &str| {
+        format!(
+            "[[upstream]]\nname = \"{name}\"\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"{name}-model\"\nlogprobs = true\nprice = \"{price}\"\ntimeout_ms = 2000\n"
+        )
+    };
+    let (t0, u0) = mock(small_reply()).await;
+    let (t1, u1) = mock(small_reply()).await;
+    let (t2, u2) = mock(large_reply()).await;
+    t0.mode.store(FAIL_500, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    // One micro-dollar: no step up ever fits.
+    let cfg = format!(
+        "{}{}{}[[route]]\nname = \"t\"\nkind = \"cascade\"\ntiers = [\"t0\", \"t1\", \"t2\"]\nthreshold = 1.0\nexplore = 0.0\n[route.budget]\nmax_usd = 0.000001\n",
+        up("t0", &u0, "token:0.1:0.1"),
+        up("t1", &u1, "token:1:2"),
+        up("t2", &u2, "token:10:30")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    for stream in [false, true] {
+        let mut body = chat_body("t", "hard proof");
+        body["stream"] = json!(stream);
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            post_chat(&gw.url, &body),
+        )
+        .await
+        .expect("the request ends");
+        assert!(r.status().is_server_error(), "{}", r.status());
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["type"], "upstream_error", "{e}");
+    }
+    assert_eq!((t1.calls(), t2.calls()), (0, 0));
+    gw.stop().await;
+}
+
+/// A route-before route starts from a prior (`tandem train`): from its first requests it sends
+/// the prompts the prior learned need the large model there, and the others to the small one.
+/// A prior the route cannot use is refused at start, naming the field and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_starts_from_its_prior() {
+    use tandem_core::policy::router::GainRouter;
+    use tandem_core::policy::{Observation, RouteScorer};
+    use tandem_core::prior::{Prior, PriorInfo, PRIOR_VERSION};
+    setup_env();
+    let (small, s_url) = mock(small_reply()).await;
+    let (large, l_url) = mock(large_reply()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut router = GainRouter::new(tandem_server::route::router_config()).unwrap();
+    for i in 0..400 {
+        let proof = i % 2 == 0;
+        let text = if proof {
+            format!("give a proof of lemma {i}")
+        } else {
+            format!("name the capital of country {i}")
+        };
+        let q = tandem_core::Query::text(format!("t{i}"), text);
+        router.learn(
+            &q,
+            &Observation {
+                weak: Some(if proof { 0.0 } else { 1.0 }),
+                strong: Some(1.0),
+            },
+        );
+    }
+    let info = PriorInfo {
+        version: PRIOR_VERSION,
+        router: None,
+        cascade: None,
+        trained_on: vec![],
+        epochs: 1,
+        seed: 0,
+    };
+    let prior = Prior {
+        info: info.clone(),
+        router: Some(router),
+        cascade: None,
+    };
+    prior.save(&dir.path().join("rb.prior")).unwrap();
+    let ups = upstreams(&s_url, &l_url, "token:10:30");
+    let cfg = format!(
+        "{ups}[[route]]\nname = \"rb\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 0.5\nexplore = 0.0\nprior = \"rb.prior\"\n"
+    );
+    let gw = start(&cfg, dir.path()).await;
+    let mut wrong = 0;
+    for i in 0..40 {
+        let proof = i % 2 == 0;
+        let text = if proof {
+            format!("give a proof of theorem {}", 1000 + i)
+        } else {
+            format!("name the capital of state {}", 1000 + i)
+        };
+        let r = post_chat(&gw.url, &chat_body("rb", &text)).await;
+        assert_eq!(r.status(), 200);
+        let large_served = header(&r, "x-tandem-role") == "large";
+        // The share controller needs a few scores before it holds its share.
+        if i >= 6 && large_served != proof {
+            wrong += 1;
+        }
+    }
+    assert!(wrong <= 2, "{wrong} of 34 routed against the prior");
+    assert!(small.calls() >= 15 && large.calls() >= 15);
+    gw.stop().await;
+
+    // Priors the route cannot use.
+    let cascade_only = Prior {
+        info,
+        router: None,
+        cascade: Some(
+            tandem_core::policy::cascade::ResponseCascade::new(
+                tandem_server::route::cascade_config(),
+            )
+            .unwrap(),
+        ),
+    };
+    cascade_only.save(&dir.path().join("c.prior")).unwrap();
+    let wide = Prior {
+        router: Some(
+            GainRouter::new(tandem_core::policy::router::RouterConfig {
+                bits: 12,
+                ..tandem_server::route::router_config()
+            })
+            .unwrap(),
+        ),
+        ..cascade_only.clone()
+    };
+    wide.save(&dir.path().join("wide.prior")).unwrap();
+    std::fs::write(
+        dir.path().join("junk.prior"),
+        "{\"not\": \"a prior at all\"}",
+    )
+    .unwrap();
+    let route = |kind: &str, extra: &str, prior: &str| {
+        format!(
+            "{ups}[[route]]\nname = \"r\"\nkind = \"{kind}\"\nsmall = \"small\"\nlarge = \"large\"\n{extra}prior = \"{prior}\"\n"
+        )
+    };
+    for (text, needles) in [
+        (
+            route("route_before", "target_share = 0.5\n", "missing.prior"),
+            vec!["route[0].prior", "missing.prior", "cannot read"],
+        ),
+        (
+            route("route_before", "target_share = 0.5\n", "junk.prior"),
+            vec!["route[0].prior", "not a prior file"],
+        ),
+        (
+            route("route_before", "target_share = 0.5\n", "c.prior"),
+            vec!["route[0].prior", "holds no router"],
+        ),
+        (
+            route("route_before", "target_share = 0.5\n", "wide.prior"),
+            vec!["route[0].prior", "tandem train --bits 18"],
+        ),
+        (
+            route(
+                "cascade",
+                "threshold = 0.5\ngate = \"learned\"\n",
+                "rb.prior",
+            ),
+            vec!["route[0].prior", "holds no cascade scorer"],
+        ),
+        (
+            route(
+                "cascade",
+                "threshold = 0.5\ngate = \"logprob\"\n",
+                "rb.prior",
+            ),
+            vec!["route[0].prior", "applies to route_before routes"],
+        ),
+    ] {
+        let cfg: tandem_server::ServerConfig = toml::from_str(&text).unwrap();
+        let e = cfg
+            .validate(Path::new("test.toml"), dir.path().to_path_buf())
+            .err()
+            .unwrap()
+            .to_string();
+        for n in needles {
+            assert!(e.contains(n), "expected {n:?} in: {e}");
+        }
+    }
+}

@@ -143,6 +143,9 @@ impl<'a> Run<'a> {
         let mut called = 0usize;
         let mut top_failed = false;
         let two_model = self.route.cfg.is_two_model();
+        // Each tier is called at most once and refused at most twice per walk; more steps than
+        // that would be an engine fault: end the request rather than loop.
+        let mut steps = 0usize;
         while let Next::Call {
             tier,
             metered,
@@ -151,6 +154,13 @@ impl<'a> Run<'a> {
             last,
         } = walk.next()
         {
+            steps += 1;
+            if steps > 3 * n + 2 {
+                return Err(GatewayError::Internal(format!(
+                    "route `{}`: the cascade's walk did not end after {steps} steps",
+                    self.route.name()
+                )));
+            }
             let ready = if tier == top { early.take() } else { None };
             let (ready, held) = match ready {
                 Some((r, k, h)) => (Some((r, k)), Some(h)),
