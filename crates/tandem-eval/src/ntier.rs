@@ -257,7 +257,10 @@ pub fn run_ladder(
     let n = ladder.models.len();
     let top = n - 1;
     let policy: Box<dyn Deferral> = match cfg.spec.policy {
-        LadderPolicy::Random => Box::new(RandomDeferral::new(cfg.target_share, cfg.seed)),
+        LadderPolicy::Random => Box::new(
+            // As the gateway pays: only the tier that answers is called.
+            RandomDeferral::new(cfg.target_share, cfg.seed).calling_only_what_answers(),
+        ),
         LadderPolicy::Ocl => Box::new(OclOutcomes::new(
             top,
             DeferralConfig {

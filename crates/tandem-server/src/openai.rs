@@ -119,6 +119,12 @@ impl ChatRequest {
         // One parse of the bytes; the fields tandem reads are taken from the parsed tree.
         let v: Value =
             serde_json::from_slice(bytes).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+        // Not an object: said plainly, before serde would name its own internal type.
+        if !v.is_object() {
+            return Err(GatewayError::BadJson(
+                "the body must be a JSON object".into(),
+            ));
+        }
         let k = Known::deserialize(&v).map_err(|e| GatewayError::BadJson(e.to_string()))?;
         let Value::Object(mut body) = v else {
             return Err(GatewayError::BadJson(
@@ -261,6 +267,21 @@ mod tests {
         assert!(!r.body.contains_key("max_tokens"));
         assert_eq!(r.logprobs, Some(3));
         assert!(r.tandem.unwrap().no_learn);
+    }
+
+    /// A body that is JSON but not an object says so, in the client's terms.
+    #[test]
+    fn a_body_that_is_not_an_object_says_so() {
+        for body in ["[]", "[1, 2]", "\"hi\"", "3", "null", "true"] {
+            let e = ChatRequest::parse(body.as_bytes())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.contains("the body must be a JSON object") && !e.contains("Known"),
+                "{body}: {e}"
+            );
+        }
     }
 
     #[test]

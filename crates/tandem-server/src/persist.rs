@@ -139,12 +139,18 @@ pub fn save(
         policy: None,
     };
     let mut header = header;
+    // Every engine route names its gate and tiers' upstreams, so a restart on other models is
+    // refused rather than starting them from what was learned about these; a policy without
+    // state of its own (a two-model gate, whose model is the learner's) writes no bytes.
     let policy = match route.engine() {
-        Some(e) if e.policy().state_file().is_some() => {
-            let bytes = e
-                .policy()
-                .save()
-                .map_err(|err| io_err(&path, "cannot encode the cascade policy", err))?;
+        Some(e) => {
+            let bytes = match e.policy().state_file() {
+                Some(_) => e
+                    .policy()
+                    .save()
+                    .map_err(|err| io_err(&path, "cannot encode the cascade policy", err))?,
+                None => Vec::new(),
+            };
             header.policy = Some(PolicyHeader {
                 gate: route.cfg.cfg.gate.name().to_string(),
                 tiers: tier_names(route, upstreams),
@@ -152,7 +158,7 @@ pub fn save(
             });
             bytes
         }
-        _ => Vec::new(),
+        None => Vec::new(),
     };
     let buf = encode(&header, learned, &policy).map_err(|e| io_err(&path, "cannot encode", e))?;
     let tmp = path.with_extension("state.tmp");
@@ -318,7 +324,7 @@ pub fn load(
             let now_tiers = tier_names(route, upstreams);
             if p.tiers != now_tiers {
                 return Err(bad(&format!(
-                    "its cascade policy learned about tiers [{}] but route `{}` now has tiers [{}]",
+                    "it learned about tiers [{}] but route `{}` now has tiers [{}]",
                     p.tiers.join(", "),
                     route.name(),
                     now_tiers.join(", ")

@@ -1348,3 +1348,92 @@ async fn a_route_starts_from_its_prior() {
         }
     }
 }
+
+/// On a route that refuses when its budget is spent, an exploration the budget cannot pay for
+/// still serves the small answer it already paid for: exploring is the gateway's wish, not the
+/// client's. A large pick the budget refuses is still a 429, before anything is called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_exploration_serves_the_small_answer_on_a_refusing_route() {
+    setup_env();
+    let (small, s_url) = mock(small_reply()).await;
+    let (large, l_url) = mock(large_reply()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ups = upstreams(&s_url, &l_url, "token:10:30");
+    let cfg = format!(
+        "{ups}[[route]]\nname = \"explore\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 1.0\nexplore = 1.0\non_exhausted = \"refuse\"\n[route.budget]\nmax_calls = 1\n\
+         [[route]]\nname = \"large\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 1.0\nexplore = 0.0\non_exhausted = \"refuse\"\n[route.budget]\nmax_calls = 1\n"
+    );
+    let gw = start(&cfg, dir.path()).await;
+    for (route, second_status, second_role) in [("explore", 200, "small"), ("large", 429, "")] {
+        let (s0, l0) = (small.calls(), large.calls());
+        let r = post_chat(&gw.url, &chat_body(route, "hard proof")).await;
+        assert_eq!(r.status(), 200, "{route}");
+        assert_eq!(header(&r, "x-tandem-role"), "large", "{route}");
+        let r = post_chat(&gw.url, &chat_body(route, "hard proof")).await;
+        assert_eq!(r.status(), second_status, "{route}");
+        assert_eq!(header(&r, "x-tandem-role"), second_role, "{route}");
+        // One large call each; the small model is asked only where its answer can serve.
+        assert_eq!(large.calls() - l0, 1, "{route}");
+        let small_calls = if route == "explore" { 2 } else { 0 };
+        assert_eq!(small.calls() - s0, small_calls, "{route}");
+    }
+    gw.stop().await;
+}
+
+/// A two-model route's learned state is about its two models: restarted with other models, its
+/// state file is refused (the route's large model closed, `/health` says why), as a cascade of
+/// tiers' is, instead of routing the new models by what was learned about the old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_model_route_restarted_on_other_models_refuses_its_state() {
+    setup_env();
+    let (_s, s_url) = mock(small_reply()).await;
+    let (_l, l_url) = mock(large_reply()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ups = upstreams(&s_url, &l_url, "token:10:30");
+    let cfg = |kind: &str, small: &str, large: &str| {
+        format!(
+            "[server]\nstate_dir = \"state\"\n{ups}[[route]]\nname = \"r\"\nkind = \"{kind}\"\nsmall = \"{small}\"\nlarge = \"{large}\"\ntarget_share = 0.5\n"
+        )
+    };
+    for kind in ["route_before", "cascade"] {
+        let _ = std::fs::remove_dir_all(dir.path().join("state"));
+        let extra = if kind == "cascade" {
+            "gate = \"learned\"\n"
+        } else {
+            ""
+        };
+        let first = cfg(kind, "small", "large") + extra;
+        let gw = start(&first, dir.path()).await;
+        assert_eq!(
+            post_chat(&gw.url, &chat_body("r", "hi")).await.status(),
+            200
+        );
+        gw.stop().await;
+        // The same models: restored.
+        let gw = start(&first, dir.path()).await;
+        let health: Value = reqwest::get(format!("{}/health", gw.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(health["status"], "ok", "{kind}: {health}");
+        gw.stop().await;
+        // Other models (here the two swapped): refused, naming both.
+        let gw = start(&(cfg(kind, "large", "small") + extra), dir.path()).await;
+        let health: Value = reqwest::get(format!("{}/health", gw.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let why = health["routes"]["r"]["state_refused"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            why.contains("tiers [small, large]") && why.contains("now has tiers [large, small]"),
+            "{kind}: {health}"
+        );
+        gw.stop().await;
+    }
+}

@@ -173,7 +173,10 @@ impl<'a> Run<'a> {
                     Some(h) => Some(h),
                     None => {
                         capped = true;
-                        if self.refuses() {
+                        // Exploration is the gateway's own wish to learn: when the budget
+                        // refuses it, the answer in hand serves, even on a refusing route.
+                        let exploring = walk.item().explored && walk.has_answer();
+                        if self.refuses() && !exploring {
                             // A small model that failed keeps its own error on the two-model
                             // form, as before it ran on the engine: the budget was not the fault.
                             if let (true, false, Some(e)) =
