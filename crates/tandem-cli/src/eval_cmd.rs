@@ -240,23 +240,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let weak_price = parse_price("--weak-price", &a.weak_price)?;
     let strong_price = parse_price("--strong-price", &a.strong_price)?;
 
-    let data = Dataset::load(
-        &a.data,
-        &LoadOptions {
-            skip_bad: a.skip_bad,
-            ..Default::default()
-        },
-    )?;
-    if !data.skipped.is_empty() {
-        eprintln!(
-            "tandem: skipped {} bad lines of {} (--skip-bad):",
-            data.skipped.len(),
-            a.data.display()
-        );
-        for b in data.skipped.iter().take(5) {
-            eprintln!("  line {}: {}", b.line, b.message);
-        }
-    }
+    let data = load_data(&a.data, a.skip_bad)?;
     let cascade =
         !a.tiers.is_empty() || (data.models.len() > 2 && a.weak.is_none() && a.strong.is_none());
     if cascade {
@@ -406,4 +390,27 @@ pub(crate) fn describe_prior(path: &std::path::Path, p: &tandem_core::prior::Pri
         p.info.epochs,
         p.info.seed
     )
+}
+
+/// Loads a recorded file; with `skip_bad`, says how many bad lines were skipped (and the first
+/// five) on stderr.
+pub(crate) fn load_data(path: &std::path::Path, skip_bad: bool) -> Result<Dataset> {
+    let data = Dataset::load(
+        path,
+        &LoadOptions {
+            skip_bad,
+            ..Default::default()
+        },
+    )?;
+    if !data.skipped.is_empty() {
+        eprintln!(
+            "tandem: skipped {} bad lines of {} (--skip-bad):",
+            data.skipped.len(),
+            path.display()
+        );
+        for b in data.skipped.iter().take(5) {
+            eprintln!("  line {}: {}", b.line, b.message);
+        }
+    }
+    Ok(data)
 }

@@ -1,6 +1,6 @@
 //! `tandem train`: fits a prior (the route-before router and the cascade scorer) on recorded files.
 
-use crate::eval_cmd::{describe_prior, pick_models};
+use crate::eval_cmd::{describe_prior, load_data, pick_models};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -8,7 +8,6 @@ use std::sync::Arc;
 use tandem_core::policy::cascade::CascadeConfig;
 use tandem_core::policy::router::RouterConfig;
 use tandem_eval::train::{train, TrainConfig, TrainSet};
-use tandem_eval::{Dataset, LoadOptions};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -50,20 +49,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let mut sets = Vec::new();
     for path in &a.data {
-        let data = Dataset::load(
-            path,
-            &LoadOptions {
-                skip_bad: a.skip_bad,
-                ..Default::default()
-            },
-        )?;
-        if !data.skipped.is_empty() {
-            eprintln!(
-                "tandem: skipped {} bad lines of {} (--skip-bad)",
-                data.skipped.len(),
-                path.display()
-            );
-        }
+        let data = load_data(path, a.skip_bad)?;
         let (weak, strong) = pick_models(&data, a.weak.as_deref(), a.strong.as_deref())?;
         sets.push(TrainSet {
             data: Arc::new(data),

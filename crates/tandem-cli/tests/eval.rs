@@ -2,16 +2,11 @@
 //! caps and every bad-input case. Tests that need `../shared` say so and skip when it is absent.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+use common::tandem;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn tandem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(args)
-        .output()
-        .expect("run tandem")
-}
 
 /// `../shared/data/routellm` beside the checkout (CI always has it; a user's clone may not).
 fn shared(file: &str) -> Option<PathBuf> {

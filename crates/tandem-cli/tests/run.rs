@@ -3,17 +3,13 @@
 //! gives exactly the answers of an uninterrupted one, none lost or repeated; bad input is named.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+use common::tandem;
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use tandem_models::assets::{find, Store};
-
-fn tandem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(args)
-        .output()
-        .expect("run tandem")
-}
 
 fn have_assets() -> bool {
     let store = Store::default_home();

@@ -2,15 +2,11 @@
 //! `tandem eval --prior`; every bad input named (file and line, field, value).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn tandem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(args)
-        .output()
-        .expect("run tandem")
-}
+use common::tandem;
+use std::path::Path;
+use std::process::Output;
 
 fn text(o: &Output) -> String {
     format!(

@@ -1056,20 +1056,27 @@ mod tests {
         (called, answered)
     }
 
+    /// Three tiers whose fixed policy defers from every cheap tier.
+    fn deferring() -> Cascade {
+        Cascade::new(3, Box::<Fixed>::default(), Teaching::default()).unwrap()
+    }
+
+    /// Three tiers whose policy enters at the top (route-before's large pick).
+    fn entering_at_top() -> Cascade {
+        Cascade::new(
+            3,
+            Box::new(Enter {
+                at: 2,
+                explore: false,
+            }),
+            Teaching::default(),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn failed_tiers_are_passed_over_once_and_the_walk_ends() {
-        let defer = || Cascade::new(3, Box::<Fixed>::default(), Teaching::default()).unwrap();
-        let top_first = || {
-            Cascade::new(
-                3,
-                Box::new(Enter {
-                    at: 2,
-                    explore: false,
-                }),
-                Teaching::default(),
-            )
-            .unwrap()
-        };
+        let (defer, top_first) = (deferring, entering_at_top);
         for (mut c, fails, called, answered) in [
             // Every tier down: each is tried once, and nothing answers.
             (defer(), [true, true, true], vec![0, 1, 2], None),
@@ -1090,18 +1097,7 @@ mod tests {
     /// whose budget was closed looped here once, logging without end).
     #[test]
     fn a_failed_cheapest_tier_and_a_refused_one_above_end_the_walk() {
-        let defer = || Cascade::new(3, Box::<Fixed>::default(), Teaching::default()).unwrap();
-        let top_first = || {
-            Cascade::new(
-                3,
-                Box::new(Enter {
-                    at: 2,
-                    explore: false,
-                }),
-                Teaching::default(),
-            )
-            .unwrap()
-        };
+        let (defer, top_first) = (deferring, entering_at_top);
         let none_up = [false, true, true];
         for (mut c, fails, refused, called, answered) in [
             (defer(), [true, false, false], none_up, vec![0], None),

@@ -12,31 +12,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+use common::shared;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use tandem_core::policy::FeedbackMode;
 use tandem_core::tier::estimate_tokens;
 use tandem_core::{BudgetLimits, Price};
 use tandem_eval::ntier::default_ladder_policies;
 use tandem_eval::{evaluate_ladder, Dataset, Ladder, LadderConfig, LadderReport, LoadOptions};
-
-fn shared(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data/routellm")
-        .join(name);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "skipping: {} is absent (the recorded RouteLLM answers live in ../shared beside the checkout)",
-            p.display()
-        );
-        None
-    }
-}
 
 const WEAK: &str = "mixtral-8x7b-instruct";
 const STRONG: &str = "gpt-4-1106-preview";

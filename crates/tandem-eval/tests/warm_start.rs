@@ -10,7 +10,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::shared;
+use std::path::Path;
 use std::sync::Arc;
 use tandem_core::policy::cascade::CascadeConfig;
 use tandem_core::policy::router::RouterConfig;
@@ -20,21 +23,6 @@ use tandem_core::{BudgetLimits, Price};
 use tandem_eval::runner::{Models, PolicyKind};
 use tandem_eval::train::{train, TrainConfig, TrainSet};
 use tandem_eval::{evaluate, Dataset, EvalConfig, LoadOptions, PolicySpec};
-
-fn shared(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data/routellm")
-        .join(name);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "skipping: {} is absent (the recorded RouteLLM answers live in ../shared beside the checkout)",
-            p.display()
-        );
-        None
-    }
-}
 
 /// The file's lines whose id hashes to `half` (0 or 1).
 fn half(text: &str, half: u64) -> String {

@@ -1114,11 +1114,9 @@ async fn route_before_streams_the_model_it_picked() {
     gw.stop().await;
 }
 
-/// A forced request on a cascade of tiers still says which tier served and how many were called:
-/// the top for `large`, the cheapest for `small`, and both when the cheapest fails.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forced_request_on_tiers_names_its_tier() {
-    setup_env();
+/// Three mocks as tiers t0 (sure of easy prompts), t1 (the same) and t2 (the top), priced
+/// cheapest first, and their upstream config; route `t` over them gets `route_extra`.
+async fn three_tiers(route_extra: &str) -> ([std::sync::Arc<Mock>; 3], String) {
     let up = |name: &str, url: &str, price: &str| {
         format!(
             "[[upstream]]\nname = \"{name}\"\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"{name}-model\"\nlogprobs = true\nprice = \"{price}\"\ntimeout_ms = 2000\n"
@@ -1127,13 +1125,22 @@ async fn a_forced_request_on_tiers_names_its_tier() {
     let (t0, u0) = mock(small_reply()).await;
     let (t1, u1) = mock(small_reply()).await;
     let (t2, u2) = mock(large_reply()).await;
-    let dir = tempfile::tempdir().unwrap();
     let cfg = format!(
-        "{}{}{}[[route]]\nname = \"t\"\nkind = \"cascade\"\ntiers = [\"t0\", \"t1\", \"t2\"]\nthreshold = 1.0\nexplore = 0.0\n",
+        "{}{}{}[[route]]\nname = \"t\"\nkind = \"cascade\"\ntiers = [\"t0\", \"t1\", \"t2\"]\nthreshold = 1.0\nexplore = 0.0\n{route_extra}",
         up("t0", &u0, "token:0.1:0.1"),
         up("t1", &u1, "token:1:2"),
         up("t2", &u2, "token:10:30")
     );
+    ([t0, t1, t2], cfg)
+}
+
+/// A forced request on a cascade of tiers still says which tier served and how many were called:
+/// the top for `large`, the cheapest for `small`, and both when the cheapest fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_request_on_tiers_names_its_tier() {
+    setup_env();
+    let ([t0, t1, t2], cfg) = three_tiers("").await;
+    let dir = tempfile::tempdir().unwrap();
     let gw = start(&cfg, dir.path()).await;
     for (force, stream, fail_cheapest, tier, called, role) in [
         ("large", false, false, "2", "1", "large"),
@@ -1167,23 +1174,10 @@ async fn a_forced_request_on_tiers_names_its_tier() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_down_cheapest_tier_under_a_refusing_budget_fails_fast() {
     setup_env();
-    let up = |name: &str, url: &str, price: &str| {
-        format!(
-            "[[upstream]]\nname = \"{name}\"\nkind = \"openai\"\nbase_url = \"{url}\"\nmodel = \"{name}-model\"\nlogprobs = true\nprice = \"{price}\"\ntimeout_ms = 2000\n"
-        )
-    };
-    let (t0, u0) = mock(small_reply()).await;
-    let (t1, u1) = mock(small_reply()).await;
-    let (t2, u2) = mock(large_reply()).await;
+    // One micro-dollar: no step up ever fits.
+    let ([t0, t1, t2], cfg) = three_tiers("[route.budget]\nmax_usd = 0.000001\n").await;
     t0.mode.store(FAIL_500, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
-    // One micro-dollar: no step up ever fits.
-    let cfg = format!(
-        "{}{}{}[[route]]\nname = \"t\"\nkind = \"cascade\"\ntiers = [\"t0\", \"t1\", \"t2\"]\nthreshold = 1.0\nexplore = 0.0\n[route.budget]\nmax_usd = 0.000001\n",
-        up("t0", &u0, "token:0.1:0.1"),
-        up("t1", &u1, "token:1:2"),
-        up("t2", &u2, "token:10:30")
-    );
     let gw = start(&cfg, dir.path()).await;
     for stream in [false, true] {
         let mut body = chat_body("t", "hard proof");
