@@ -1,6 +1,8 @@
 //! Recorded answers of several models to the same prompts, one JSON object a line, as the RouteLLM
 //! files are: `{"id", "prompt", "correct": {model: bool}, "response": {model: text}?, ...}`, with
-//! two or more models. `"cost": {model: dollars}?` records what each answer cost; a model's cost is
+//! two or more models. Graded outcomes: `"score": {model: number}` beside or instead of `correct`
+//! (any range, e.g. a 1–10 judge score), normalised per file to [0, 1] by the file's lowest and
+//! highest score; quality is then the mean normalised score, as RouteLLM scores MT-Bench. `"cost": {model: dollars}?` records what each answer cost; a model's cost is
 //! recorded on every line or on none (then its price comes from the command line).
 //! Other string fields named in `metadata_fields` (e.g. `subject`) become query metadata; the
 //! outcome fields are kept apart from the queries so that policies cannot see them.
@@ -33,8 +35,11 @@ impl Default for LoadOptions {
 #[derive(Debug, Clone)]
 pub struct Row {
     pub query: Query,
-    /// Indexed like [`Dataset::models`].
+    /// Indexed like [`Dataset::models`]: right or wrong (a graded file without `correct`: a
+    /// normalised score of at least one half).
     pub correct: Vec<bool>,
+    /// Each answer's quality in [0, 1]: 1 or 0 for right or wrong, or the normalised score.
+    pub quality: Vec<f32>,
     pub response: Vec<Option<String>>,
     /// What each model's answer cost, when the file records it.
     pub cost: Vec<Option<Micros>>,
@@ -55,6 +60,12 @@ pub struct Dataset {
     index: HashMap<String, usize>,
     /// Per model: the first record has its cost, so every record must.
     costed: Vec<bool>,
+    /// The lowest and highest score of a graded file (its normalisation), None for right/wrong.
+    pub graded: Option<(f64, f64)>,
+    /// The first record has scores, so every record must.
+    scored: bool,
+    /// The first record says right or wrong (`correct`), so every record must.
+    judged: bool,
 }
 
 impl Dataset {
@@ -74,6 +85,9 @@ impl Dataset {
             skipped: Vec::new(),
             index: HashMap::new(),
             costed: Vec::new(),
+            graded: None,
+            scored: false,
+            judged: false,
         };
         for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
             let line = i + 1;
@@ -102,6 +116,9 @@ impl Dataset {
                 }
             }
         }
+        if ds.scored {
+            ds.normalise_scores();
+        }
         if ds.rows.is_empty() {
             let why = if ds.skipped.is_empty() {
                 "no records: the file is empty".to_string()
@@ -126,31 +143,82 @@ impl Dataset {
             ));
         }
         let prompt = str_field(obj, "prompt")?;
-        let correct = obj
-            .get("correct")
-            .ok_or("missing field `correct`")?
-            .as_object()
-            .ok_or("field `correct`: expected an object of model name to true/false")?;
-        if correct.is_empty() {
-            return Err("field `correct`: no models".into());
-        }
-        // The first valid record fixes the model set; `models` is only set once it parsed whole.
-        let first = self.models.is_empty();
-        let models: Vec<String> = if first {
-            correct.keys().cloned().collect()
-        } else {
-            self.models.clone()
+        let object = |field: &str, what: &str| match obj.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(o)) if o.is_empty() => Err(format!("field `{field}`: no models")),
+            Some(Value::Object(o)) => Ok(Some(o)),
+            Some(_) => Err(format!(
+                "field `{field}`: expected an object of model name to {what}"
+            )),
         };
+        let correct = object("correct", "true/false")?;
+        let scores = object("score", "a number")?;
+        // The first valid record fixes the model set and whether scores are recorded;
+        // `models` is only set once it parsed whole.
+        let first = self.models.is_empty();
+        let models: Vec<String> = match (first, correct.or(scores)) {
+            (false, _) => self.models.clone(),
+            (true, Some(o)) => o.keys().cloned().collect(),
+            (true, None) => return Err("missing field `correct` (or `score`)".into()),
+        };
+        let scored = if first { scores.is_some() } else { self.scored };
+        match (scored, scores.is_some()) {
+            (true, false) => {
+                return Err("missing field `score` (the first record has it; record scores on every line or on none)".into())
+            }
+            (false, true) => {
+                return Err("field `score`: the first record has no scores (record scores on every line or on none)".into())
+            }
+            _ => {}
+        }
+        let judged = if first {
+            correct.is_some()
+        } else {
+            self.judged
+        };
+        if judged != correct.is_some() {
+            return Err(if judged {
+                "missing field `correct` (the first record has it; record it on every line or on none)".into()
+            } else {
+                "field `correct`: the first record has none (record it on every line or on none)"
+                    .into()
+            });
+        }
+        if correct.is_none() && scores.is_none() {
+            return Err("missing field `correct` (or `score`)".into());
+        }
         let mut row_correct = Vec::with_capacity(models.len());
+        let mut row_quality = Vec::with_capacity(models.len());
         for m in &models {
-            let c = correct
-                .get(m)
-                .ok_or_else(|| format!("missing field `correct.{m}` (the first record has it)"))?;
-            row_correct.push(
-                c.as_bool().ok_or_else(|| {
-                    format!("field `correct.{m}`: expected true or false, got {c}")
-                })?,
-            );
+            // Raw scores for now: normalised once the whole file is read.
+            let score =
+                match scores {
+                    None => None,
+                    Some(o) => {
+                        let v = o.get(m).ok_or_else(|| {
+                            format!("missing field `score.{m}` (the first record has it)")
+                        })?;
+                        Some(v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
+                            format!("field `score.{m}`: expected a number, got {v}")
+                        })?)
+                    }
+                };
+            let right = match correct {
+                None => None,
+                Some(o) => {
+                    let c = o.get(m).ok_or_else(|| {
+                        format!("missing field `correct.{m}` (the first record has it)")
+                    })?;
+                    Some(c.as_bool().ok_or_else(|| {
+                        format!("field `correct.{m}`: expected true or false, got {c}")
+                    })?)
+                }
+            };
+            row_correct.push(right.unwrap_or(false));
+            row_quality.push(match (score, right) {
+                (Some(s), _) => s as f32,
+                (None, r) => f32::from(u8::from(r.unwrap_or(false))),
+            });
         }
         if models.len() < 2 {
             return Err(format!(
@@ -158,10 +226,12 @@ impl Dataset {
                 models.join(", ")
             ));
         }
-        if let Some(extra) = correct.keys().find(|k| !models.contains(k)) {
-            return Err(format!(
-                "field `correct.{extra}`: model not in the first record"
-            ));
+        for (field, o) in [("correct", correct), ("score", scores)] {
+            if let Some(extra) = o.and_then(|o| o.keys().find(|k| !models.contains(k))) {
+                return Err(format!(
+                    "field `{field}.{extra}`: model not in the first record"
+                ));
+            }
         }
         let responses = match obj.get("response") {
             None | Some(Value::Null) => None,
@@ -192,7 +262,12 @@ impl Dataset {
             }
         };
         if let Some(extra) = costs.and_then(|c| c.keys().find(|k| !models.contains(k))) {
-            return Err(format!("field `cost.{extra}`: model not in `correct`"));
+            let of = if correct.is_some() {
+                "correct"
+            } else {
+                "score"
+            };
+            return Err(format!("field `cost.{extra}`: model not in `{of}`"));
         }
         let mut row_cost = Vec::with_capacity(models.len());
         for (k, m) in models.iter().enumerate() {
@@ -233,10 +308,13 @@ impl Dataset {
         if first {
             self.costed = row_cost.iter().map(Option::is_some).collect();
             self.models = models;
+            self.scored = scored;
+            self.judged = judged;
         }
         Ok(Row {
             query,
             correct: row_correct,
+            quality: row_quality,
             response: row_response,
             cost: row_cost,
         })
@@ -255,18 +333,48 @@ impl Dataset {
             })
     }
 
+    /// Maps every raw score to [0, 1] by the file's lowest and highest; right/wrong follows (at
+    /// least one half) where the file gives no `correct`. A file whose scores are all equal
+    /// scores every answer 1.
+    fn normalise_scores(&mut self) {
+        let (lo, hi) = self
+            .rows
+            .iter()
+            .flat_map(|r| r.quality.iter().copied())
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+                (lo.min(f64::from(x)), hi.max(f64::from(x)))
+            });
+        if !lo.is_finite() {
+            return;
+        }
+        self.graded = Some((lo, hi));
+        let span = hi - lo;
+        for r in &mut self.rows {
+            for (q, c) in r.quality.iter_mut().zip(r.correct.iter_mut()) {
+                *q = if span > 0.0 {
+                    ((f64::from(*q) - lo) / span) as f32
+                } else {
+                    1.0
+                };
+                if !self.judged {
+                    *c = *q >= 0.5;
+                }
+            }
+        }
+    }
+
     pub fn row_of(&self, id: &str) -> Option<&Row> {
         self.index.get(id).and_then(|&i| self.rows.get(i))
     }
 
-    /// Share of rows the model answered correctly.
+    /// The model's mean quality: its share of right answers, or its mean normalised score.
     pub fn quality(&self, model: usize) -> f64 {
-        let n = self
+        let sum: f64 = self
             .rows
             .iter()
-            .filter(|r| r.correct.get(model).copied().unwrap_or(false))
-            .count();
-        n as f64 / self.rows.len().max(1) as f64
+            .map(|r| f64::from(r.quality.get(model).copied().unwrap_or(0.0)))
+            .sum();
+        sum / self.rows.len().max(1) as f64
     }
 
     /// Whether the file records what `model`'s answers cost (then on every line).
@@ -304,6 +412,78 @@ mod tests {
                 ..Default::default()
             },
         )
+    }
+
+    /// Graded files: scores in any range are normalised by the file's lowest and highest;
+    /// right/wrong follows the score where `correct` is absent, and is kept where given.
+    #[test]
+    fn scores_are_normalised_per_file() {
+        let ds = parse(
+            "{\"id\":\"a\",\"prompt\":\"p\",\"score\":{\"w\":1,\"s\":10}}\n\
+             {\"id\":\"b\",\"prompt\":\"q\",\"score\":{\"w\":4,\"s\":7}}\n",
+            false,
+        )
+        .unwrap();
+        let (w, st) = (ds.model_index("w").unwrap(), ds.model_index("s").unwrap());
+        assert_eq!(ds.graded, Some((1.0, 10.0)));
+        assert_eq!((ds.rows[0].quality[w], ds.rows[0].quality[st]), (0.0, 1.0));
+        assert_eq!(
+            (ds.rows[1].quality[w], ds.rows[1].quality[st]),
+            (1.0 / 3.0, 2.0 / 3.0)
+        );
+        assert_eq!(
+            (ds.rows[1].correct[w], ds.rows[1].correct[st]),
+            (false, true)
+        );
+        assert!((ds.quality(st) - (1.0 + 2.0 / 3.0) / 2.0).abs() < 1e-6);
+        // Beside `correct`: the score is the quality, `correct` stays as recorded.
+        let ds = parse(
+            "{\"id\":\"a\",\"prompt\":\"p\",\"correct\":{\"w\":true,\"s\":true},\"score\":{\"w\":0.2,\"s\":0.9}}\n\
+             {\"id\":\"b\",\"prompt\":\"q\",\"correct\":{\"w\":false,\"s\":true},\"score\":{\"w\":0.1,\"s\":0.5}}\n",
+            false,
+        )
+        .unwrap();
+        let w = ds.model_index("w").unwrap();
+        assert_eq!(ds.rows[0].correct, vec![true, true]);
+        assert!((ds.rows[0].quality[w] - 0.125).abs() < 1e-6);
+        // Right/wrong files are unchanged: quality 1 or 0.
+        let ds = parse(GOOD, false).unwrap();
+        let (w, st) = (ds.model_index("w").unwrap(), ds.model_index("s").unwrap());
+        assert_eq!(ds.graded, None);
+        assert_eq!((ds.rows[0].quality[w], ds.rows[0].quality[st]), (1.0, 0.0));
+    }
+
+    #[test]
+    fn bad_scores_are_named() {
+        for (text, needle) in [
+            (
+                "{\"id\":\"a\",\"prompt\":\"p\",\"score\":{\"w\":\"high\",\"s\":1}}",
+                "t.jsonl:1: field `score.w`: expected a number",
+            ),
+            (
+                "{\"id\":\"a\",\"prompt\":\"p\",\"score\":{\"w\":1,\"s\":2}}\n{\"id\":\"b\",\"prompt\":\"q\",\"correct\":{\"w\":true,\"s\":true}}",
+                "t.jsonl:2: missing field `score`",
+            ),
+            (
+                "{\"id\":\"a\",\"prompt\":\"p\",\"correct\":{\"w\":true,\"s\":true}}\n{\"id\":\"b\",\"prompt\":\"q\",\"correct\":{\"w\":true,\"s\":true},\"score\":{\"w\":1,\"s\":2}}",
+                "t.jsonl:2: field `score`: the first record has no scores",
+            ),
+            (
+                "{\"id\":\"a\",\"prompt\":\"p\",\"score\":{\"w\":1,\"s\":2}}\n{\"id\":\"b\",\"prompt\":\"q\",\"score\":{\"w\":1}}",
+                "t.jsonl:2: missing field `score.s`",
+            ),
+            (
+                "{\"id\":\"a\",\"prompt\":\"p\",\"score\":{\"w\":1,\"s\":2}}\n{\"id\":\"b\",\"prompt\":\"q\",\"score\":{\"w\":1,\"s\":2,\"x\":3}}",
+                "t.jsonl:2: field `score.x`: model not in the first record",
+            ),
+            (
+                "{\"id\":\"a\",\"prompt\":\"p\"}",
+                "t.jsonl:1: missing field `correct` (or `score`)",
+            ),
+        ] {
+            let e = parse(text, false).err().unwrap().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
     }
 
     const GOOD: &str =
@@ -346,7 +526,7 @@ mod tests {
         );
         assert_eq!(
             err(r#"{"id":"a","prompt":"p"}"#),
-            "t.jsonl:1: missing field `correct`"
+            "t.jsonl:1: missing field `correct` (or `score`)"
         );
         assert!(err(&format!(
             "{GOOD}\n{}",

@@ -124,16 +124,14 @@ pub fn evaluate(
     let data = &models.data;
     let order = stream_order(data.rows.len(), cfg.seed, cfg.limit);
     let n = order.len() as f64;
-    let q_weak = order
-        .iter()
-        .filter(|&&i| data.rows[i].correct[models.weak])
-        .count() as f64
-        / n;
-    let q_strong = order
-        .iter()
-        .filter(|&&i| data.rows[i].correct[models.strong])
-        .count() as f64
-        / n;
+    let mean = |m: usize| {
+        order
+            .iter()
+            .map(|&i| f64::from(data.rows[i].quality[m]))
+            .sum::<f64>()
+            / n
+    };
+    let (q_weak, q_strong) = (mean(models.weak), mean(models.strong));
 
     let grid = share_grid(cfg.grid);
     let curve_jobs: Vec<Job> = cfg

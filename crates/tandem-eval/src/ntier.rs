@@ -190,9 +190,10 @@ pub fn default_ladder_policies() -> Vec<LadderSpec> {
     ]
 }
 
-/// Enters at the cheapest tier that is right (peeking at the outcomes) and answers there.
+/// Enters at the cheapest tier that is right — graded, the cheapest with the best score —
+/// (peeking at the outcomes) and answers there.
 struct Oracle {
-    correct: Vec<Vec<bool>>,
+    quality: Vec<Vec<f32>>,
     index: std::collections::HashMap<String, usize>,
 }
 
@@ -204,8 +205,13 @@ impl Deferral for Oracle {
     fn entry(&mut self, _item: &mut ItemState, query: &Query, top: usize) -> usize {
         self.index
             .get(&query.id)
-            .and_then(|&i| self.correct.get(i))
-            .and_then(|c| c.iter().position(|&ok| ok))
+            .and_then(|&i| self.quality.get(i))
+            // The cheapest tier whose answer is as good as any tier's (right, or the best score).
+            .and_then(|q| {
+                let best = q.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                // None right (all zero): the top, as with right/wrong outcomes.
+                q.iter().position(|&x| x >= best && x > 0.0)
+            })
             .unwrap_or(top)
     }
 
@@ -276,10 +282,10 @@ pub fn run_ladder(
             },
         )?),
         LadderPolicy::Oracle => Box::new(Oracle {
-            correct: data
+            quality: data
                 .rows
                 .iter()
-                .map(|r| ladder.models.iter().map(|&m| r.correct[m]).collect())
+                .map(|r| ladder.models.iter().map(|&m| r.quality[m]).collect())
                 .collect(),
             index: data
                 .rows
@@ -305,7 +311,7 @@ pub fn run_ladder(
                 *k += 1;
             }
         }
-        let ok = |tier: usize| ladder.models.get(tier).is_some_and(|&m| row.correct[m]);
+        let ok = |tier: usize| ladder.models.get(tier).map_or(0.0, |&m| row.quality[m]);
         if let Some(a) = answered.get_mut(served.tier) {
             *a += 1;
         }
@@ -385,14 +391,17 @@ pub fn evaluate_ladder(
         .iter()
         .zip(&replayed.tiers)
         .map(|(&m, t)| {
-            let correct = order.iter().filter(|&&i| data.rows[i].correct[m]).count();
+            let score: f64 = order
+                .iter()
+                .map(|&i| f64::from(data.rows[i].quality[m]))
+                .sum();
             let cost: Micros = order
                 .iter()
                 .map(|&i| t.estimate_cost(&data.rows[i].query))
                 .fold(0, Micros::saturating_add);
             LadderModel {
                 name: data.models[m].clone(),
-                quality: correct as f64 / n_items,
+                quality: score / n_items,
                 cost_usd: micros_to_usd(cost),
                 recorded_cost: data.has_costs(m),
             }
@@ -587,7 +596,7 @@ mod tests {
             time_decisions: false,
         };
         let r = run_ladder(&l, &[0, 1], &cfg, &|_| {}).unwrap();
-        assert_eq!(r.tally.correct, 2);
+        assert_eq!(r.tally.score, 2.0);
         // a: mid (small is wrong); b: small.
         assert_eq!(r.answered, vec![1, 1, 0]);
         assert_eq!(r.tally.ledger.total_micros(), 1000 + 100);

@@ -66,7 +66,8 @@ pub struct RunConfig {
 #[derive(Debug, Clone, Default)]
 pub struct Tally {
     pub items: u64,
-    pub correct: u64,
+    /// The served answers' summed quality (each in [0, 1]: right or wrong, or a graded score).
+    pub score: f64,
     /// Steps up (escalations) the policy wanted and the budget refused.
     pub capped: u64,
     pub ledger: Ledger,
@@ -75,7 +76,7 @@ pub struct Tally {
 
 impl Tally {
     pub fn quality(&self) -> f64 {
-        self.correct as f64 / self.items.max(1) as f64
+        self.score / self.items.max(1) as f64
     }
 }
 
@@ -108,13 +109,13 @@ pub(crate) struct Pass<'a> {
 impl Pass<'_> {
     /// Serves each item in turn through `cascade` over `tiers` and counts it; `settle` then
     /// counts what its run adds, sets each tier's outcome as the feedback mode reveals it (None:
-    /// hidden) and says whether the served answer was right; the policy learns from the revealed
-    /// outcomes before the next item.
+    /// hidden) and says the served answer's quality in [0, 1]; the policy learns from the
+    /// revealed outcomes before the next item.
     pub(crate) fn run(
         &self,
         cascade: &mut Cascade,
         tiers: &mut Replayed,
-        mut settle: impl FnMut(&Row, &Served, &mut [Option<f32>]) -> bool,
+        mut settle: impl FnMut(&Row, &Served, &mut [Option<f32>]) -> f32,
     ) -> Result<Tally, EvalError> {
         let budget = Budget::new(self.budget)?;
         let mut out = Tally::default();
@@ -138,7 +139,7 @@ impl Pass<'_> {
                 }
             }
             out.capped += u64::from(served.refused);
-            out.correct += u64::from(settle(row, &served, &mut observed));
+            out.score += f64::from(settle(row, &served, &mut observed));
             out.items += 1;
             cascade.learn_outcomes(&walk, &row.query, &observed);
             if done % 512 == 511 {
@@ -219,9 +220,9 @@ struct OracleScorer {
 
 impl RouteScorer for OracleScorer {
     fn score(&mut self, q: &Query) -> f32 {
-        self.data.row_of(&q.id).map_or(0.0, |r| {
-            f32::from(u8::from(r.correct[self.strong])) - f32::from(u8::from(r.correct[self.weak]))
-        })
+        self.data
+            .row_of(&q.id)
+            .map_or(0.0, |r| r.quality[self.strong] - r.quality[self.weak])
     }
     fn learn(&mut self, _: &Query, _: &Observation) {}
 }
@@ -235,8 +236,9 @@ impl RouteScorer for Constant {
     fn learn(&mut self, _: &Query, _: &Observation) {}
 }
 
-pub(crate) fn outcome(correct: bool) -> Option<f32> {
-    Some(if correct { 1.0 } else { 0.0 })
+/// A revealed outcome: the answer's quality in [0, 1].
+pub(crate) fn outcome(quality: f32) -> Option<f32> {
+    Some(quality)
 }
 
 /// Runs `cfg.kind` over `order` (indices into the dataset's rows). `progress` is told how many
@@ -318,7 +320,7 @@ pub fn run(
     };
     let (mut strong_calls, mut both_calls) = (0, 0);
     let tally = pass.run(&mut cascade, &mut tiers, |row, served, observed| {
-        let (w_ok, s_ok) = (row.correct[models.weak], row.correct[models.strong]);
+        let (w_ok, s_ok) = (row.quality[models.weak], row.quality[models.strong]);
         let strong_called = served.calls.iter().any(|c| c.tier == 1);
         let route = match (strong_called, served.explored) {
             (false, _) => Route::Weak,

@@ -76,7 +76,7 @@ pub fn train(sets: &[TrainSet], cfg: &TrainConfig) -> Result<Prior, EvalError> {
             // Ids are unique within a file, not across files: the learners cache features by id.
             let mut q = row.query.clone();
             q.id = format!("{f}:{}", q.id);
-            let outcome = |m: usize| row.correct.get(m).map(|&c| if c { 1.0 } else { 0.0 });
+            let outcome = |m: usize| row.quality.get(m).copied();
             let o = Observation {
                 weak: outcome(set.weak),
                 strong: outcome(set.strong),
