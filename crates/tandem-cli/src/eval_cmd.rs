@@ -88,6 +88,10 @@ pub struct EvalArgs {
     /// Do not use the records' metadata (e.g. `subject`) as router features.
     #[arg(long)]
     no_metadata: bool,
+    /// The learned router's weight on the strong call's price, 0 to 1: 0 escalates where the
+    /// quality gain is highest, 1 where the gain per dollar is.
+    #[arg(long, default_value_t = 0.0)]
+    cost_weight: f32,
     /// Start the learned router and cascade scorer from this prior (`tandem train --out`)
     /// instead of from nothing; they keep learning online. Its feature settings are used.
     #[arg(long)]
@@ -288,6 +292,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         },
         cascade: CascadeConfig::default(),
         prior,
+        cost_weight: a.cost_weight,
     };
     cfg.validate()?;
     let report = with_progress(total_work(&cfg, items), |p| evaluate(&models, &cfg, p))?;

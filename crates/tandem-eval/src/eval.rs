@@ -89,10 +89,18 @@ pub struct EvalConfig {
     /// A router (and cascade scorer) trained beforehand: the learned policies start from it
     /// (with its feature configuration) instead of from nothing, and keep learning.
     pub prior: Option<std::sync::Arc<tandem_core::prior::Prior>>,
+    /// The router's weight on price (0: quality gain alone, 1: gain per dollar).
+    pub cost_weight: f32,
 }
 
 impl EvalConfig {
     pub fn validate(&self) -> Result<(), EvalError> {
+        if !(0.0..=1.0).contains(&self.cost_weight) {
+            return Err(EvalError::Invalid(format!(
+                "--cost-weight {}: must be between 0 (quality gain alone) and 1 (gain per dollar)",
+                self.cost_weight
+            )));
+        }
         self.sweep().validate()
     }
 
@@ -159,6 +167,7 @@ pub fn evaluate(
             router: cfg.router,
             cascade: cfg.cascade,
             prior: cfg.prior.clone(),
+            cost_weight: cfg.cost_weight,
             time_decisions: job.point.is_none(),
         }
     };

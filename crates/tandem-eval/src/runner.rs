@@ -58,6 +58,9 @@ pub struct RunConfig {
     pub cascade: CascadeConfig,
     /// Where the learned policies start: a trained prior's models, else nothing.
     pub prior: Option<Arc<tandem_core::prior::Prior>>,
+    /// The router's weight on the strong call's price: 0 the quality gain alone, 1 the gain
+    /// per dollar ([`tandem_core::policy::cost`]).
+    pub cost_weight: f32,
     /// Record the time of every decision (for the operating point; off on curve runs).
     pub time_decisions: bool,
 }
@@ -287,10 +290,23 @@ pub fn run(
             weak: models.weak,
             strong: models.strong,
         })),
-        PolicyKind::Router => match cfg.prior.as_ref().and_then(|p| p.router.clone()) {
-            Some(r) => Scorer::Route(Box::new(r)),
-            None => Scorer::Route(Box::new(GainRouter::new(cfg.router)?)),
-        },
+        PolicyKind::Router => {
+            let router: Box<dyn RouteScorer> =
+                match cfg.prior.as_ref().and_then(|p| p.router.clone()) {
+                    Some(r) => Box::new(r),
+                    None => Box::new(GainRouter::new(cfg.router)?),
+                };
+            Scorer::Route(if cfg.cost_weight > 0.0 {
+                Box::new(tandem_core::policy::cost::CostAware::new(
+                    router,
+                    models.strong_price,
+                    models.default_output_tokens,
+                    cfg.cost_weight,
+                ))
+            } else {
+                router
+            })
+        }
         PolicyKind::Cascade => {
             if !data.has_responses(models.weak) {
                 return Err(EvalError::Invalid(format!(

@@ -74,6 +74,7 @@ fn graded_scores_are_evaluated_on_their_mean_and_learned_from() {
         router: RouterConfig::default(),
         cascade: CascadeConfig::default(),
         prior: None,
+        cost_weight: 0.0,
     };
     let r = evaluate(&models, &cfg, &|_| {}).unwrap();
     let row = |name: &str| r.policies.iter().find(|p| p.name == name).unwrap();

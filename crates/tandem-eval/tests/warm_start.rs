@@ -56,6 +56,7 @@ fn eval_cfg(seed: u64, prior: Option<Arc<Prior>>) -> EvalConfig {
         router: RouterConfig::default(),
         cascade: CascadeConfig::default(),
         prior,
+        cost_weight: 0.0,
     }
 }
 

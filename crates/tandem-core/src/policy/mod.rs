@@ -23,6 +23,7 @@
 //! budget, so every policy gets calibration and hard caps from one place.
 
 pub mod cascade;
+pub mod cost;
 pub mod energy;
 pub mod gate;
 pub mod gated;
