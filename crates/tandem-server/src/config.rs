@@ -522,6 +522,9 @@ pub struct RouteConfig {
     pub seed: u64,
     /// `switching`: the controller's settings (`cost`, `budget` of large calls per episode, ...).
     pub switching: Option<tandem_core::londi::SwitchConfig>,
+    /// `route_before`: the router's weight on the large call's price, 0 to 1 (0: the quality
+    /// gain alone; 1: the gain per dollar, so long, dear prompts go large less often).
+    pub cost_weight: Option<f32>,
     /// A router trained beforehand (`tandem train --out`, relative to this file): a
     /// `route_before` route starts its router from it, a two-model `cascade` with gate
     /// `learned` its cascade scorer; they keep learning. A state file, once written, wins.
@@ -600,6 +603,9 @@ pub struct Route {
     pub limits: BudgetLimits,
     /// The prior the route's learned model starts from, loaded and checked.
     pub prior: Option<std::sync::Arc<tandem_core::prior::Prior>>,
+    /// The large model's price (its group's dearest upstream at a call of 1,000 tokens in and
+    /// out), for a cost-aware router.
+    pub large_price: Option<tandem_core::Price>,
 }
 
 impl Route {
@@ -1051,7 +1057,27 @@ impl ServerConfig {
                     Some(std::sync::Arc::new(prior))
                 }
             };
+            if let Some(w) = r.cost_weight {
+                if r.kind != RouteKind::RouteBefore {
+                    return Err(bad(at("cost_weight"), &w, "applies to route_before routes"));
+                }
+                if !(0.0..=1.0).contains(&w) {
+                    return Err(bad(
+                        at("cost_weight"),
+                        &w,
+                        "must be between 0 (quality gain alone) and 1 (gain per dollar)",
+                    ));
+                }
+            }
+            let large_price = large.as_ref().and_then(|g| {
+                g.members
+                    .iter()
+                    .filter_map(|&m| upstreams.get(m))
+                    .max_by_key(|u| u.price.cost(REFERENCE_CALL))
+                    .map(|u| u.price)
+            });
             routes.push(Route {
+                large_price,
                 prior,
                 limits: BudgetLimits {
                     max_calls: r.budget.max_calls,

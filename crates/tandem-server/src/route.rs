@@ -103,13 +103,21 @@ pub fn engine_cascade(
     let policy: Box<dyn Deferral> = match c.gate {
         // A route-before router picks the entry tier from the prompt alone, under the route's
         // gate; it learns from exploration's revealed pairs and from feedback.
-        _ if c.kind == crate::config::RouteKind::RouteBefore => Box::new(
-            Gated::new(
-                Scorer::Route(Box::new(SnapshotRouter::new(shared.clone()))),
-                route_gate(c)?,
-            )
-            .learning_from_top(),
-        ),
+        _ if c.kind == crate::config::RouteKind::RouteBefore => {
+            let router: Box<dyn tandem_core::policy::RouteScorer> =
+                Box::new(SnapshotRouter::new(shared.clone()));
+            // Weighed by the large call's price for the prompt, when the route asks.
+            let router = match (c.cost_weight.filter(|&w| w > 0.0), r.large_price) {
+                (Some(w), Some(price)) => Box::new(tandem_core::policy::cost::CostAware::new(
+                    router,
+                    price,
+                    u64::from(c.max_tokens.unwrap_or(256)),
+                    w,
+                )),
+                _ => router,
+            };
+            Box::new(Gated::new(Scorer::Route(router), route_gate(c)?).learning_from_top())
+        }
         // The two-model learned gate scores the small answer's text (RouteLLM-style cascade
         // scorer), and learns from every escalation's large answer and from feedback.
         CascadeGate::Learned if r.is_two_model() => Box::new(

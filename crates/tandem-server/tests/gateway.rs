@@ -1431,3 +1431,116 @@ async fn a_two_model_route_restarted_on_other_models_refuses_its_state() {
         gw.stop().await;
     }
 }
+
+/// A route-before route with `cost_weight` weighs the large call's price per prompt: where the
+/// router expects the same gain everywhere, the short (cheap) prompts get the large model and
+/// the long (dear) ones the small one. Without it the gain alone decides: here it favours the
+/// long prompts (more of their words were seen gaining), so the knob turns the choice round.
+/// Measured: with it, 25 of 25 short prompts and 0 of 25 long ones went large; without, 0 and 25.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cost_weighted_router_sends_the_cheap_prompts_up() {
+    use tandem_core::policy::router::GainRouter;
+    use tandem_core::policy::{Observation, RouteScorer};
+    use tandem_core::prior::{Prior, PriorInfo, PRIOR_VERSION};
+    setup_env();
+    let (_s, s_url) = mock(small_reply()).await;
+    let (_l, l_url) = mock(large_reply()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let long = |i: usize| format!("question {i} {}", "with many words of context ".repeat(60));
+    let short = |i: usize| format!("question {i}");
+    // The large model always gains: short or long, the router expects the same.
+    let mut router = GainRouter::new(tandem_server::route::router_config()).unwrap();
+    for i in 0..400 {
+        let text = if i % 2 == 0 { short(i) } else { long(i) };
+        let q = tandem_core::Query::text(format!("t{i}"), text);
+        router.learn(
+            &q,
+            &Observation {
+                weak: Some(0.0),
+                strong: Some(1.0),
+            },
+        );
+    }
+    let prior = Prior {
+        info: PriorInfo {
+            version: PRIOR_VERSION,
+            router: None,
+            cascade: None,
+            trained_on: vec![],
+            epochs: 1,
+            seed: 0,
+        },
+        router: Some(router),
+        cascade: None,
+    };
+    prior.save(&dir.path().join("gain.prior")).unwrap();
+    let ups = upstreams(&s_url, &l_url, "token:10:30");
+    let route = |name: &str, extra: &str| {
+        format!("[[route]]\nname = \"{name}\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 0.5\nexplore = 0.0\nprior = \"gain.prior\"\n{extra}")
+    };
+    let cfg = format!(
+        "{ups}{}{}",
+        route("priced", "cost_weight = 1.0\n"),
+        route("plain", "")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    let mut large = std::collections::HashMap::new();
+    for name in ["priced", "plain"] {
+        let (mut short_up, mut long_up) = (0, 0);
+        for i in 0..60 {
+            let is_long = i % 2 == 1;
+            let text = if is_long {
+                long(1000 + i)
+            } else {
+                short(1000 + i)
+            };
+            let r = post_chat(&gw.url, &chat_body(name, &text)).await;
+            assert_eq!(r.status(), 200);
+            // After the share controller's first scores.
+            if i >= 10 && header(&r, "x-tandem-role") == "large" {
+                if is_long {
+                    long_up += 1;
+                } else {
+                    short_up += 1;
+                }
+            }
+        }
+        large.insert(name, (short_up, long_up));
+    }
+    eprintln!("large calls (short, long): {large:?}");
+    let (short_up, long_up) = large["priced"];
+    assert!(
+        short_up >= 20 && long_up <= 5,
+        "priced: {short_up} of 25 short prompts went large, {long_up} of 25 long ones"
+    );
+    let (plain_short, plain_long) = large["plain"];
+    assert!(
+        plain_long > plain_short,
+        "plain: {plain_short} short, {plain_long} long"
+    );
+    gw.stop().await;
+    // The knob belongs to route_before routes, between 0 and 1.
+    for (extra, kind, needle) in [
+        ("cost_weight = 1.5\n", "route_before", "between 0"),
+        (
+            "cost_weight = 0.5\nthreshold = 1.0\n",
+            "cascade",
+            "applies to route_before",
+        ),
+    ] {
+        let text = format!(
+            "{ups}[[route]]\nname = \"r\"\nkind = \"{kind}\"\nsmall = \"small\"\nlarge = \"large\"\n{}{extra}",
+            if kind == "route_before" { "target_share = 0.5\n" } else { "" }
+        );
+        let cfg: tandem_server::ServerConfig = toml::from_str(&text).unwrap();
+        let e = cfg
+            .validate(Path::new("test.toml"), dir.path().to_path_buf())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("route[0].cost_weight") && e.contains(needle),
+            "{e}"
+        );
+    }
+}
