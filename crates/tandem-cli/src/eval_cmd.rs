@@ -1,6 +1,6 @@
+use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tandem_core::money::usd_to_micros;
@@ -96,6 +96,12 @@ pub struct EvalArgs {
     /// instead of from nothing; they keep learning online. Its feature settings are used.
     #[arg(long)]
     prior: Option<PathBuf>,
+    /// The learned router also reads MiniLM sentence vectors of the prompts (beside its n-grams,
+    /// and a nearest-neighbour estimate over past prompts). Needs the `minilm` asset
+    /// (`scripts/setup minilm`); the vectors are computed once and cached under
+    /// $TANDEM_HOME/embeddings.
+    #[arg(long)]
+    embed: bool,
 }
 
 fn parse_price(flag: &str, s: &str) -> Result<Price> {
@@ -227,6 +233,41 @@ pub(crate) fn pick_models(
     Ok((w, s))
 }
 
+/// MiniLM's vectors of every prompt of the files, from the cache (one per file, named after it)
+/// or computed, with progress on stderr.
+pub(crate) fn embed_prompts(
+    files: &[Arc<Dataset>],
+) -> Result<Arc<dyn tandem_core::embed::Embedder>> {
+    let store = tandem_models::assets::Store::default_home();
+    crate::assets_cmd::ensure_installed(&store, &["minilm"])?;
+    let mut all: Option<tandem_core::embed::EmbeddingTable> = None;
+    for data in files {
+        let texts: Vec<&str> = data.rows.iter().map(|r| r.query.routing_text()).collect();
+        let name = data
+            .path
+            .file_stem()
+            .map_or_else(|| "data".to_string(), |s| s.to_string_lossy().into_owned());
+        let bar = Progress::new(
+            &format!("prompts of {name} embedded (MiniLM, once; then cached)"),
+            texts.len() as u64,
+        );
+        let table = tandem_models::embed_cache::minilm_table(&store, &name, &texts, &mut |d, n| {
+            bar.set_total(n as u64);
+            bar.set(d as u64);
+        })
+        .with_context(|| format!("embedding the prompts of {}", data.path.display()))?;
+        bar.finish();
+        match &mut all {
+            None => all = Some(table),
+            Some(t) => t.extend(table)?,
+        }
+    }
+    match all {
+        Some(t) => Ok(Arc::new(t)),
+        None => bail!("no files to embed"),
+    }
+}
+
 pub fn run(a: EvalArgs) -> Result<()> {
     let budget = BudgetLimits {
         max_calls: a.max_strong_calls,
@@ -267,9 +308,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
         None => None,
     };
+    let data = Arc::new(data);
+    let embedder = if a.embed {
+        Some(embed_prompts(std::slice::from_ref(&data))?)
+    } else {
+        None
+    };
+    if let Some(p) = &prior {
+        check_prior_encoder(p, embedder.as_deref())?;
+    }
     let items = data.rows.len();
     let models = Models {
-        data: Arc::new(data),
+        data,
         weak,
         strong,
         weak_price,
@@ -293,6 +343,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         cascade: CascadeConfig::default(),
         prior,
         cost_weight: a.cost_weight,
+        embedder,
     };
     cfg.validate()?;
     let report = with_progress(total_work(&cfg, items), |p| evaluate(&models, &cfg, p))?;
@@ -343,15 +394,9 @@ fn with_progress<R>(
     work: u64,
     evaluate: impl FnOnce(&(dyn Fn(u64) + Sync)) -> Result<R, EvalError>,
 ) -> Result<R> {
-    let bar = ProgressBar::new(work);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {percent}% {per_sec} decisions ({eta} left)",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = Progress::new("decisions", work);
     let report = evaluate(&|n| bar.inc(n))?;
-    bar.finish_and_clear();
+    bar.finish();
     Ok(report)
 }
 
@@ -379,6 +424,23 @@ fn write_outputs<R: serde::Serialize>(
 }
 
 /// One line on what a prior holds and what it was trained on.
+/// A prior whose router read sentence vectors needs the same encoder here, and one that did not
+/// cannot be given vectors it never learned.
+pub(crate) fn check_prior_encoder(
+    p: &tandem_core::prior::Prior,
+    embedder: Option<&dyn tandem_core::embed::Embedder>,
+) -> Result<()> {
+    match (p.info.embedder.as_deref(), embedder) {
+        (Some(want), Some(e)) if want != e.name() => bail!(
+            "--prior: its router read {want}'s vectors, not {}'s",
+            e.name()
+        ),
+        (Some(want), None) => bail!("--prior: its router reads {want} sentence vectors: add --embed"),
+        (None, Some(_)) => bail!("--prior: its router was trained without sentence vectors: drop --embed, or train it with --embed"),
+        _ => Ok(()),
+    }
+}
+
 pub(crate) fn describe_prior(path: &std::path::Path, p: &tandem_core::prior::Prior) -> String {
     let files: Vec<String> = p
         .info
@@ -387,9 +449,13 @@ pub(crate) fn describe_prior(path: &std::path::Path, p: &tandem_core::prior::Pri
         .map(|t| format!("{} ({} items, {} vs {})", t.file, t.items, t.weak, t.strong))
         .collect();
     format!(
-        "prior {}: router {}, cascade scorer {}; trained on {} ({} passes, seed {})",
+        "prior {}: router {}{}, cascade scorer {}; trained on {} ({} passes, seed {})",
         path.display(),
         if p.router.is_some() { "yes" } else { "no" },
+        p.info
+            .embedder
+            .as_deref()
+            .map_or(String::new(), |e| format!(" (reads {e} vectors)")),
         if p.cascade.is_some() { "yes" } else { "no" },
         files.join(", "),
         p.info.epochs,

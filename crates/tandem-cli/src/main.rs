@@ -6,6 +6,7 @@ mod demo_cmd;
 mod eval_cmd;
 mod log_writer;
 mod londi_cmd;
+mod progress;
 mod record_cmd;
 mod run_cmd;
 mod serve_cmd;

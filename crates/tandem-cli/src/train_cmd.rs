@@ -41,6 +41,10 @@ pub struct TrainArgs {
     /// Skip malformed lines (and report how many) instead of stopping at the first.
     #[arg(long)]
     skip_bad: bool,
+    /// The router also reads MiniLM sentence vectors of the prompts (`tandem eval --embed`); a
+    /// front end using the prior must read them too.
+    #[arg(long)]
+    embed: bool,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -68,6 +72,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         cascade: CascadeConfig {
             bits: a.bits,
             ..CascadeConfig::default()
+        },
+        embedder: if a.embed {
+            Some(crate::eval_cmd::embed_prompts(
+                &sets.iter().map(|s| s.data.clone()).collect::<Vec<_>>(),
+            )?)
+        } else {
+            None
         },
     };
     let prior = train(&sets, &cfg)?;

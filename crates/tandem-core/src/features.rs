@@ -73,6 +73,7 @@ pub mod ns {
     pub const RESPONSE: u64 = 0x7265_7370;
     pub const META: u64 = 0x6d65_7461;
     pub const NUMERIC: u64 = 0x6e75_6d65;
+    pub const EMBEDDING: u64 = 0x656d_6265;
 }
 
 const CHAR_NS: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -112,6 +113,13 @@ impl Featurizer {
 
     fn index(&self, h: u64) -> u32 {
         (h & self.mask) as u32
+    }
+
+    /// Feature indices for the `n` components of a dense vector (a sentence embedding).
+    pub fn dense_indices(&self, namespace: u64, n: usize) -> Vec<u32> {
+        (0..n as u64)
+            .map(|i| self.index(mix(namespace.rotate_left(32) ^ i)))
+            .collect()
     }
 
     pub fn add_bias(&self, out: &mut FeatureVec) {

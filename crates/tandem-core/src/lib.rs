@@ -5,6 +5,7 @@
 pub mod answer;
 pub mod budget;
 pub mod calibrate;
+pub mod embed;
 pub mod engine;
 pub mod error;
 pub mod features;

@@ -44,6 +44,10 @@ pub struct PriorInfo {
     /// The cascade scorer's configuration, when the prior has one.
     pub cascade: Option<CascadeConfig>,
     pub trained_on: Vec<TrainedOn>,
+    /// The sentence encoder whose vectors the router reads (e.g. `all-MiniLM-L6-v2/128`); a
+    /// front end attaches the same one, or refuses the prior.
+    #[serde(default)]
+    pub embedder: Option<String>,
     /// Passes over the shuffled records, and the shuffle's seed.
     pub epochs: u32,
     pub seed: u64,
@@ -204,6 +208,7 @@ mod tests {
                     strong: "s".into(),
                     responses: false,
                 }],
+                embedder: None,
                 epochs: 1,
                 seed: 0,
             },

@@ -91,6 +91,9 @@ pub struct EvalConfig {
     pub prior: Option<std::sync::Arc<tandem_core::prior::Prior>>,
     /// The router's weight on price (0: quality gain alone, 1: gain per dollar).
     pub cost_weight: f32,
+    /// Sentence vectors of the prompts (e.g. MiniLM's, computed once by the caller): the
+    /// router reads them beside its n-grams and mixes in a kNN estimate.
+    pub embedder: Option<std::sync::Arc<dyn tandem_core::embed::Embedder>>,
 }
 
 impl EvalConfig {
@@ -168,6 +171,7 @@ pub fn evaluate(
             cascade: cfg.cascade,
             prior: cfg.prior.clone(),
             cost_weight: cfg.cost_weight,
+            embedder: cfg.embedder.clone(),
             time_decisions: job.point.is_none(),
         }
     };

@@ -61,8 +61,29 @@ pub struct RunConfig {
     /// The router's weight on the strong call's price: 0 the quality gain alone, 1 the gain
     /// per dollar ([`tandem_core::policy::cost`]).
     pub cost_weight: f32,
+    /// Sentence vectors of the prompts: the router reads them beside its n-grams.
+    pub embedder: Option<Arc<dyn tandem_core::embed::Embedder>>,
     /// Record the time of every decision (for the operating point; off on curve runs).
     pub time_decisions: bool,
+}
+
+/// The run's route-before router: the prior's, else a new one; reading the prompts' vectors
+/// when the run has them (and, for a prior, when it was trained on them).
+fn router_for(cfg: &RunConfig) -> Result<GainRouter, EvalError> {
+    match (
+        cfg.prior.as_ref().and_then(|p| p.router.clone()),
+        &cfg.embedder,
+    ) {
+        (Some(r), Some(e)) if r.config().reads_embeddings() => Ok(r.with_embedder(e.clone())?),
+        (Some(r), None) if r.config().reads_embeddings() => Err(EvalError::Invalid(
+            "the prior's router reads sentence vectors, and this run has none".into(),
+        )),
+        (Some(r), _) => Ok(r),
+        (None, Some(e)) => {
+            Ok(GainRouter::new(cfg.router.with_embeddings(e.dim()))?.with_embedder(e.clone())?)
+        }
+        (None, None) => Ok(GainRouter::new(cfg.router)?),
+    }
 }
 
 /// What every replayed run counts, whatever its number of tiers.
@@ -291,11 +312,7 @@ pub fn run(
             strong: models.strong,
         })),
         PolicyKind::Router => {
-            let router: Box<dyn RouteScorer> =
-                match cfg.prior.as_ref().and_then(|p| p.router.clone()) {
-                    Some(r) => Box::new(r),
-                    None => Box::new(GainRouter::new(cfg.router)?),
-                };
+            let router: Box<dyn RouteScorer> = Box::new(router_for(cfg)?);
             Scorer::Route(if cfg.cost_weight > 0.0 {
                 Box::new(tandem_core::policy::cost::CostAware::new(
                     router,

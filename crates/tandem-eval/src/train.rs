@@ -23,13 +23,16 @@ pub struct TrainSet {
     pub strong: usize,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TrainConfig {
     /// Passes over the shuffled records (at least 1).
     pub epochs: u32,
     pub seed: u64,
     pub router: RouterConfig,
     pub cascade: CascadeConfig,
+    /// Sentence vectors of the prompts: the router reads them (its configuration is set for
+    /// them), and the prior names the encoder, so it is never fed another's.
+    pub embedder: Option<Arc<dyn tandem_core::embed::Embedder>>,
 }
 
 /// Fits a prior on `sets`.
@@ -53,7 +56,12 @@ pub fn train(sets: &[TrainSet], cfg: &TrainConfig) -> Result<Prior, EvalError> {
         }
     }
     let responses: Vec<bool> = sets.iter().map(|s| s.data.has_responses(s.weak)).collect();
-    let mut router = GainRouter::new(cfg.router)?;
+    let mut router = match &cfg.embedder {
+        Some(e) => {
+            GainRouter::new(cfg.router.with_embeddings(e.dim()))?.with_embedder(e.clone())?
+        }
+        None => GainRouter::new(cfg.router)?,
+    };
     let mut cascade = if responses.iter().any(|&r| r) {
         Some(ResponseCascade::new(cfg.cascade)?)
     } else {
@@ -66,7 +74,7 @@ pub fn train(sets: &[TrainSet], cfg: &TrainConfig) -> Result<Prior, EvalError> {
         .flat_map(|(f, s)| (0..s.data.rows.len()).map(move |i| (f, i)))
         .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    for _ in 0..cfg.epochs {
+    for epoch in 0..cfg.epochs {
         order.shuffle(&mut rng);
         for &(f, i) in &order {
             let set = &sets[f];
@@ -81,7 +89,12 @@ pub fn train(sets: &[TrainSet], cfg: &TrainConfig) -> Result<Prior, EvalError> {
                 weak: outcome(set.weak),
                 strong: outcome(set.strong),
             };
-            router.learn(&q, &o);
+            // The neighbour memory holds each item once: later passes teach the linear models.
+            if epoch == 0 {
+                router.learn(&q, &o);
+            } else {
+                router.learn_linear(&q, &o);
+            }
             let text = row.response.get(set.weak).cloned().flatten();
             if let (Some(c), Some(text)) = (cascade.as_mut(), text) {
                 let weak = Answer {
@@ -115,6 +128,7 @@ pub fn train(sets: &[TrainSet], cfg: &TrainConfig) -> Result<Prior, EvalError> {
             router: Some(router.config()),
             cascade: cascade.as_ref().map(ResponseCascade::config),
             trained_on,
+            embedder: router.embedder_name().map(str::to_string),
             epochs: cfg.epochs,
             seed: cfg.seed,
         },

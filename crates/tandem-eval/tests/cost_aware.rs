@@ -55,6 +55,7 @@ fn weighing_price_spends_less_than_random_at_higher_quality() {
             cascade: CascadeConfig::default(),
             prior: None,
             cost_weight,
+            embedder: None,
         };
         let r = evaluate(&models, &cfg, &|_| {}).unwrap();
         let row = |n: &str| {

@@ -75,6 +75,7 @@ fn graded_scores_are_evaluated_on_their_mean_and_learned_from() {
         cascade: CascadeConfig::default(),
         prior: None,
         cost_weight: 0.0,
+        embedder: None,
     };
     let r = evaluate(&models, &cfg, &|_| {}).unwrap();
     let row = |name: &str| r.policies.iter().find(|p| p.name == name).unwrap();

@@ -57,6 +57,7 @@ fn eval_cfg(seed: u64, prior: Option<Arc<Prior>>) -> EvalConfig {
         cascade: CascadeConfig::default(),
         prior,
         cost_weight: 0.0,
+        embedder: None,
     }
 }
 
@@ -89,6 +90,7 @@ fn a_prior_from_one_half_routes_the_other_half_better_from_the_start() {
                 bits: 18,
                 ..CascadeConfig::default()
             },
+            embedder: None,
         },
     )
     .unwrap();

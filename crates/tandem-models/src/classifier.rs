@@ -21,6 +21,8 @@ pub enum ModelError {
     Encoder(#[from] EncoderError),
     #[error(transparent)]
     Core(#[from] CoreError),
+    #[error(transparent)]
+    Asset(#[from] crate::assets::AssetError),
     #[error("no precomputed embedding for {0:?} and no encoder loaded to compute it")]
     NoEmbedding(String),
     #[error("checkpoint {path}: {message}")]

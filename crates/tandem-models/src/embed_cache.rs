@@ -2,13 +2,17 @@
 //! time each took, which is still charged to the tier) in every run. The file name carries what
 //! the vectors depend on (encoder file and token limit); a file that does not parse is rebuilt.
 
+use crate::assets::Store;
 use crate::classifier::{EmbeddingCache, ModelError};
 use crate::minilm::MiniLm;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tandem_core::embed::EmbeddingTable;
 
 const MAGIC: &[u8; 8] = b"TNDMEMB1";
+/// While encoding, the cache file is rewritten at least this often.
+const SAVE_EVERY: Duration = Duration::from_secs(60);
 
 fn err(path: &Path, message: impl ToString) -> ModelError {
     ModelError::Checkpoint {
@@ -107,6 +111,7 @@ pub fn load_or_build(
     todo.dedup();
     let mut enc = encoder()?;
     let mut done = 0;
+    let mut saved = Instant::now();
     for chunk in todo.chunks(batch.max(1)) {
         let t0 = Instant::now();
         let embs = enc.embed(chunk)?;
@@ -116,9 +121,68 @@ pub fn load_or_build(
         }
         done += chunk.len();
         progress(done, todo.len());
+        // An interrupted run keeps what it computed.
+        if saved.elapsed() >= SAVE_EVERY {
+            write(path, &cache)?;
+            saved = Instant::now();
+        }
     }
     write(path, &cache)?;
     Ok(cache)
+}
+
+/// Where MiniLM's vectors of the texts of `name` (a dataset) are cached: the file name carries the
+/// encoder's weights (their sha256's start) and the token limit, so another encoder never reads
+/// them. Also returns the encoder's directory.
+///
+/// Errors: the `minilm` asset is not installed.
+pub fn minilm_cache(
+    store: &Store,
+    name: &str,
+    max_tokens: usize,
+) -> Result<(PathBuf, PathBuf), ModelError> {
+    let file = store.path("minilm", "model.safetensors")?;
+    let sha = crate::assets::find("minilm")?
+        .files
+        .iter()
+        .find(|f| f.out.ends_with("model.safetensors"))
+        .map_or("unknown", |f| f.sha256);
+    let path = store.home().join("embeddings").join(format!(
+        "{name}-minilm-{}-{max_tokens}.bin",
+        &sha[..12.min(sha.len())]
+    ));
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok((path, dir))
+}
+
+/// The name routers know MiniLM's vectors by (a prior trained on them refuses others).
+pub fn minilm_name(max_tokens: usize) -> String {
+    format!("all-MiniLM-L6-v2/{max_tokens}")
+}
+
+/// MiniLM's vectors of `texts` as a lookup table for the router (`tandem eval --embed`), computed
+/// once and cached under `name` ([`minilm_cache`]). `progress(done, todo)` follows the encoding.
+pub fn minilm_table(
+    store: &Store,
+    name: &str,
+    texts: &[&str],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EmbeddingTable, ModelError> {
+    const MAX_TOKENS: usize = 128;
+    let (path, dir) = minilm_cache(store, name, MAX_TOKENS)?;
+    let mut load = || MiniLm::load(&dir, MAX_TOKENS).map_err(ModelError::from);
+    let cache = load_or_build(&path, &mut load, texts, 32, progress)?;
+    let dim = cache.values().next().map_or(384, |(v, _)| v.len());
+    let mut table =
+        EmbeddingTable::new(minilm_name(MAX_TOKENS), dim).map_err(|e| err(&path, e.to_string()))?;
+    for t in texts {
+        if let Some((v, _)) = cache.get(*t) {
+            table
+                .insert(t, v)
+                .map_err(|e| err(&path, format!("{t:?}: {e}")))?;
+        }
+    }
+    Ok(table)
 }
 
 #[cfg(test)]

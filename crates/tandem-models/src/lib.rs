@@ -4,5 +4,6 @@
 pub mod assets;
 pub mod classifier;
 pub mod embed_cache;
+pub mod embedder;
 pub mod gguf;
 pub mod minilm;

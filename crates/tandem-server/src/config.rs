@@ -529,6 +529,18 @@ pub struct RouteConfig {
     /// `route_before` route starts its router from it, a two-model `cascade` with gate
     /// `learned` its cascade scorer; they keep learning. A state file, once written, wins.
     pub prior: Option<PathBuf>,
+    /// `route_before`: the router also reads each prompt's sentence vector (`"minilm"`:
+    /// all-MiniLM-L6-v2 in-process, from the `minilm` asset), beside its n-grams, and mixes in a
+    /// nearest-neighbour estimate over past prompts. Vectors are cached by prompt (the last
+    /// 100,000); a prompt is encoded once, off the async threads.
+    pub embeddings: Option<EmbeddingsKind>,
+}
+
+/// The sentence encoders a router may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbeddingsKind {
+    Minilm,
 }
 
 /// The call tiers' prices are compared on: 1,000 tokens in and 1,000 out.
@@ -603,6 +615,8 @@ pub struct Route {
     pub limits: BudgetLimits,
     /// The prior the route's learned model starts from, loaded and checked.
     pub prior: Option<std::sync::Arc<tandem_core::prior::Prior>>,
+    /// The encoder a route-before router reads prompts' vectors from (`embeddings`).
+    pub embedder: Option<std::sync::Arc<dyn tandem_core::embed::Embedder>>,
     /// The large model's price (its group's dearest upstream at a call of 1,000 tokens in and
     /// out), for a cost-aware router.
     pub large_price: Option<tandem_core::Price>,
@@ -821,6 +835,7 @@ impl ServerConfig {
                     .map_err(|(f, v, why)| bad(f, &v, &why))
             };
         let mut routes = Vec::new();
+        let mut encoders = None;
         let mut route_names = BTreeSet::new();
         for (i, r) in self.routes.into_iter().enumerate() {
             let at = |f: &str| format!("route[{i}].{f}");
@@ -1047,13 +1062,29 @@ impl ServerConfig {
             if r.budget.window_s == Some(0) {
                 return Err(bad(at("budget.window_s"), &0, "must be at least 1 second"));
             }
+            let embedder = match r.embeddings {
+                None => None,
+                Some(kind) => {
+                    if r.kind != RouteKind::RouteBefore {
+                        return Err(bad(
+                            at("embeddings"),
+                            &"minilm",
+                            "applies to route_before routes",
+                        ));
+                    }
+                    Some(
+                        encoder(kind, &mut encoders)
+                            .map_err(|why| bad(at("embeddings"), &"minilm", &why))?,
+                    )
+                }
+            };
             let prior = match &r.prior {
                 None => None,
                 Some(p) => {
                     let file = base_dir.join(p);
                     let shown = p.display();
-                    let prior =
-                        check_prior(&r, &file).map_err(|why| bad(at("prior"), &shown, &why))?;
+                    let prior = check_prior(&r, &file, embedder.as_deref())
+                        .map_err(|why| bad(at("prior"), &shown, &why))?;
                     Some(std::sync::Arc::new(prior))
                 }
             };
@@ -1079,6 +1110,7 @@ impl ServerConfig {
             routes.push(Route {
                 large_price,
                 prior,
+                embedder,
                 limits: BudgetLimits {
                     max_calls: r.budget.max_calls,
                     max_micros,
@@ -1285,7 +1317,11 @@ impl Validated {
 
 /// Loads a route's prior and checks it can start the route's learned model: the right kind of
 /// model, trained with the gateway's feature settings (its state files are read with them).
-fn check_prior(r: &RouteConfig, file: &Path) -> Result<tandem_core::prior::Prior, String> {
+fn check_prior(
+    r: &RouteConfig,
+    file: &Path,
+    embedder: Option<&dyn tandem_core::embed::Embedder>,
+) -> Result<tandem_core::prior::Prior, String> {
     let two_model_learned =
         r.kind == RouteKind::Cascade && r.gate == CascadeGate::Learned && r.tiers.is_none();
     if r.kind != RouteKind::RouteBefore && !two_model_learned {
@@ -1298,7 +1334,7 @@ fn check_prior(r: &RouteConfig, file: &Path) -> Result<tandem_core::prior::Prior
     let (have, want, what) = if r.kind == RouteKind::RouteBefore {
         (
             prior.router.as_ref().map(|m| format!("{:?}", m.config())),
-            format!("{:?}", crate::route::router_config()),
+            format!("{:?}", crate::route::router_config(embedder)),
             "router",
         )
     } else {
@@ -1315,9 +1351,38 @@ fn check_prior(r: &RouteConfig, file: &Path) -> Result<tandem_core::prior::Prior
             file.display(),
             crate::route::LEARNER_BITS
         )),
-        Some(_) => Ok(prior),
+        Some(_) => match (prior.info.embedder.as_deref(), embedder.map(|e| e.name())) {
+            (Some(a), Some(b)) if a != b => Err(format!(
+                "{}: its router read {a}'s vectors, this route reads {b}'s",
+                file.display()
+            )),
+            _ => Ok(prior),
+        },
     }
 }
+
+/// The route's encoder, loaded once per configuration whatever the number of routes using it.
+fn encoder(
+    kind: EmbeddingsKind,
+    loaded: &mut Option<std::sync::Arc<dyn tandem_core::embed::Embedder>>,
+) -> Result<std::sync::Arc<dyn tandem_core::embed::Embedder>, String> {
+    match kind {
+        EmbeddingsKind::Minilm => {
+            if let Some(e) = loaded {
+                return Ok(e.clone());
+            }
+            let store = tandem_models::assets::Store::default_home();
+            let e = tandem_models::embedder::MiniLmEmbedder::load(&store, EMBEDDING_CACHE)
+                .map_err(|e| format!("{e} (install it with `tandem assets install minilm`)"))?;
+            let e: std::sync::Arc<dyn tandem_core::embed::Embedder> = std::sync::Arc::new(e);
+            *loaded = Some(e.clone());
+            Ok(e)
+        }
+    }
+}
+
+/// Prompts whose vectors a gateway keeps.
+const EMBEDDING_CACHE: usize = 100_000;
 
 #[cfg(test)]
 mod tests {

@@ -353,9 +353,11 @@ pub fn load(
     };
     let learned = match fresh {
         Learned::Nothing => Learned::Nothing,
-        Learned::Router(_) => Learned::Router(Box::new(
-            GainRouter::load(router_config(), &mut rest).map_err(|e| bad(&e.to_string()))?,
-        )),
+        Learned::Router(_) => Learned::Router(Box::new(crate::route::attach_encoder(
+            GainRouter::load(router_config(route.cfg.embedder.as_deref()), &mut rest)
+                .map_err(|e| bad(&e.to_string()))?,
+            &route.cfg,
+        )?)),
         Learned::Cascade(_) => Learned::Cascade(Box::new(
             ResponseCascade::load(cascade_config(), &mut rest).map_err(|e| bad(&e.to_string()))?,
         )),

@@ -44,11 +44,12 @@ impl Learned {
         let prior = r.prior.as_deref();
         Ok(match (r.cfg.kind, r.cfg.gate) {
             (RouteKind::RouteBefore, _) if prior.is_some_and(|p| p.router.is_some()) => {
-                Learned::Router(Box::new(
+                Learned::Router(Box::new(attach_encoder(
                     prior
                         .and_then(|p| p.router.clone())
                         .ok_or_else(|| GatewayError::Internal("prior without router".into()))?,
-                ))
+                    r,
+                )?))
             }
             (RouteKind::Cascade, CascadeGate::Learned)
                 if prior.is_some_and(|p| p.cascade.is_some()) =>
@@ -57,9 +58,10 @@ impl Learned {
                     || GatewayError::Internal("prior without cascade scorer".into()),
                 )?))
             }
-            (RouteKind::RouteBefore, _) => Learned::Router(Box::new(
-                GainRouter::new(router_config()).map_err(internal)?,
-            )),
+            (RouteKind::RouteBefore, _) => Learned::Router(Box::new(attach_encoder(
+                GainRouter::new(router_config(r.embedder.as_deref())).map_err(internal)?,
+                r,
+            )?)),
             (RouteKind::Cascade, CascadeGate::Learned) => Learned::Cascade(Box::new(
                 ResponseCascade::new(cascade_config()).map_err(internal)?,
             )),
@@ -205,10 +207,26 @@ pub fn switch_config(r: &RouteCfg) -> SwitchConfig {
     })
 }
 
-pub fn router_config() -> RouterConfig {
-    RouterConfig {
+/// A gateway router's settings: the learners' size, and when the route reads an encoder's
+/// vectors, the settings for them.
+pub fn router_config(embedder: Option<&dyn tandem_core::embed::Embedder>) -> RouterConfig {
+    let c = RouterConfig {
         bits: LEARNER_BITS,
         ..RouterConfig::default()
+    };
+    match embedder {
+        Some(e) => c.with_embeddings(e.dim()),
+        None => c,
+    }
+}
+
+/// A route-before router as the route runs it: `r`, its encoder attached when it has one.
+pub fn attach_encoder(r: GainRouter, route: &RouteCfg) -> Result<GainRouter, GatewayError> {
+    match &route.embedder {
+        Some(e) if r.config().reads_embeddings() => r
+            .with_embedder(e.clone())
+            .map_err(|e| GatewayError::Internal(e.to_string())),
+        _ => Ok(r),
     }
 }
 

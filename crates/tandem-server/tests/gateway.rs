@@ -539,6 +539,91 @@ async fn route_before_learns_from_feedback_and_survives_a_restart() {
     gw.stop().await;
 }
 
+/// A route-before router that reads MiniLM sentence vectors beside its n-grams (needs the
+/// `minilm` asset; skips without it unless TANDEM_REQUIRE_ASSETS=1): it learns from feedback,
+/// its neighbour memory survives a restart, and the settings it cannot use are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_before_router_reads_sentence_vectors() {
+    use tandem_models::assets::{find, Store};
+    let installed = find("minilm").is_ok_and(|a| Store::default_home().is_installed(a));
+    if !installed {
+        assert!(
+            std::env::var("TANDEM_REQUIRE_ASSETS").map_or(true, |v| v != "1"),
+            "minilm is not installed; run scripts/setup minilm"
+        );
+        eprintln!("skipping: minilm is not installed (scripts/setup minilm)");
+        return;
+    }
+    setup_env();
+    let (_s, s_url) = mock(small_reply()).await;
+    let (_l, l_url) = mock(large_reply()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ups = upstreams(&s_url, &l_url, "token:10:30");
+    let cfg = format!(
+        "[server]\nstate_dir = \"state\"\n{ups}[[route]]\nname = \"rb\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 0.5\nexplore = 0.1\nembeddings = \"minilm\"\n"
+    );
+    let gw = start(&cfg, dir.path()).await;
+    for round in 0..3 {
+        route_round(&gw.url, 100, round * 100, true).await;
+        gw.gateway.flush().await.unwrap();
+    }
+    let (proof, capital) = route_round(&gw.url, 100, 10_000, false).await;
+    assert!(
+        proof > 0.75 && capital < 0.25,
+        "large share: proofs {proof}, capitals {capital}"
+    );
+    gw.stop().await;
+    let state = std::fs::read(dir.path().join("state/rb.state")).unwrap();
+    assert!(
+        state.windows(8).any(|w| w == b"TNDKNN01"),
+        "the state holds the neighbour memory"
+    );
+
+    // A new process on the same state routes the same.
+    let gw = start(&cfg, dir.path()).await;
+    let (proof2, capital2) = route_round(&gw.url, 100, 10_000, false).await;
+    assert!(
+        proof2 > 0.75 && capital2 < 0.25,
+        "after restart: proofs {proof2}, capitals {capital2}"
+    );
+    gw.stop().await;
+
+    // The same state under a route without vectors is refused, not misread: the route closes
+    // and /health names its state file.
+    let plain = cfg.replace("embeddings = \"minilm\"\n", "");
+    let gw = start(&plain, dir.path()).await;
+    let health = reqwest::get(format!("{}/health", gw.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(health.contains("rb.state"), "{health}");
+    gw.stop().await;
+    for (text, needles) in [
+        (
+            format!("{ups}[[route]]\nname = \"c\"\nkind = \"cascade\"\nsmall = \"small\"\nlarge = \"large\"\nthreshold = 0.5\nembeddings = \"minilm\"\n"),
+            vec!["route[0].embeddings", "route_before"],
+        ),
+        (
+            format!("{ups}[[route]]\nname = \"r\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 0.5\nembeddings = \"bert\"\n"),
+            vec!["embeddings", "bert", "minilm"],
+        ),
+    ] {
+        let msg = match toml::from_str::<tandem_server::ServerConfig>(&text) {
+            Err(e) => e.to_string(),
+            Ok(c) => c
+                .validate(Path::new("test.toml"), dir.path().to_path_buf())
+                .err()
+                .unwrap()
+                .to_string(),
+        };
+        for n in needles {
+            assert!(msg.contains(n), "{n:?} not in {msg}");
+        }
+    }
+}
+
 /// A bad state file (garbage, truncated, a learner header that lies about its size, NaN
 /// weights) stops only its own route's large calls: the gateway starts, the other routes serve,
 /// the route answers from its small model (or 503 when it has none to fall back on), `/health`
@@ -1208,7 +1293,7 @@ async fn a_route_starts_from_its_prior() {
     let (small, s_url) = mock(small_reply()).await;
     let (large, l_url) = mock(large_reply()).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut router = GainRouter::new(tandem_server::route::router_config()).unwrap();
+    let mut router = GainRouter::new(tandem_server::route::router_config(None)).unwrap();
     for i in 0..400 {
         let proof = i % 2 == 0;
         let text = if proof {
@@ -1230,6 +1315,7 @@ async fn a_route_starts_from_its_prior() {
         router: None,
         cascade: None,
         trained_on: vec![],
+        embedder: None,
         epochs: 1,
         seed: 0,
     };
@@ -1280,7 +1366,7 @@ async fn a_route_starts_from_its_prior() {
         router: Some(
             GainRouter::new(tandem_core::policy::router::RouterConfig {
                 bits: 12,
-                ..tandem_server::route::router_config()
+                ..tandem_server::route::router_config(None)
             })
             .unwrap(),
         ),
@@ -1449,7 +1535,7 @@ async fn a_cost_weighted_router_sends_the_cheap_prompts_up() {
     let long = |i: usize| format!("question {i} {}", "with many words of context ".repeat(60));
     let short = |i: usize| format!("question {i}");
     // The large model always gains: short or long, the router expects the same.
-    let mut router = GainRouter::new(tandem_server::route::router_config()).unwrap();
+    let mut router = GainRouter::new(tandem_server::route::router_config(None)).unwrap();
     for i in 0..400 {
         let text = if i % 2 == 0 { short(i) } else { long(i) };
         let q = tandem_core::Query::text(format!("t{i}"), text);
@@ -1467,6 +1553,7 @@ async fn a_cost_weighted_router_sends_the_cheap_prompts_up() {
             router: None,
             cascade: None,
             trained_on: vec![],
+            embedder: None,
             epochs: 1,
             seed: 0,
         },

@@ -47,7 +47,7 @@ fn load() -> Option<Vec<Item>> {
 
 fn router() -> tandem_server::route::Learned {
     tandem_server::route::Learned::Router(Box::new(
-        tandem_core::policy::router::GainRouter::new(router_config()).unwrap(),
+        tandem_core::policy::router::GainRouter::new(router_config(None)).unwrap(),
     ))
 }
 

@@ -2,12 +2,19 @@
 //! prompt (and the query's metadata) estimate the chance that each model answers well; the score is
 //! the strong model's expected gain over the weak one. Each model learns only from outcomes it is
 //! shown, so the same code serves full and partial feedback.
+//!
+//! With an [`Embedder`] attached (issue 15), the prompt's sentence vector joins the n-grams in the
+//! linear models (`embedding` sets its weight), and an online nearest-neighbour estimate over the
+//! vectors of past queries (`knn`) is mixed with each linear estimate by an online stacker fitted
+//! on predictions made before each outcome was learned ([`crate::embed`]).
 
 use super::{Observation, RouteScorer};
+use crate::embed::{Embedder, NeighbourEvidence};
 use crate::error::CoreError;
 use crate::features::{ns, FeatureVec, Featurizer, Scratch, TextFeatures};
 use crate::learner::{LearnerConfig, OnlineSoftmax};
 use crate::query::Query;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -17,6 +24,73 @@ pub struct RouterConfig {
     pub learning_rate: f32,
     /// Use the query's metadata (e.g. a subject or task name) as features.
     pub use_metadata: bool,
+    /// Length of the sentence vectors the router reads; 0: it reads none (n-grams only).
+    #[serde(default)]
+    pub embedding_dim: u32,
+    /// L2 norm of the prompt's vector among the linear models' features (the n-grams have 1).
+    #[serde(default)]
+    pub embedding: f32,
+    /// Neighbours in the kNN estimate mixed into each model's estimate; 0: no kNN.
+    #[serde(default)]
+    pub knn: u32,
+    /// Past queries the kNN estimate remembers (a ring: the oldest are forgotten).
+    #[serde(default = "default_knn_memory")]
+    pub knn_memory: u32,
+}
+
+fn default_knn_memory() -> u32 {
+    4096
+}
+
+impl RouterConfig {
+    /// The settings that read sentence vectors of length `dim`: the vector at weight 1 beside the
+    /// n-grams and a 32-neighbour estimate over the last 4,096 queries.
+    pub fn with_embeddings(self, dim: usize) -> Self {
+        RouterConfig {
+            embedding_dim: dim as u32,
+            embedding: 1.0,
+            knn: 32,
+            knn_memory: default_knn_memory(),
+            ..self
+        }
+    }
+
+    /// Whether the router reads sentence vectors.
+    pub fn reads_embeddings(&self) -> bool {
+        self.embedding_dim > 0
+    }
+
+    fn validate(&self) -> Result<(), CoreError> {
+        if !(self.embedding >= 0.0 && self.embedding.is_finite()) {
+            return Err(CoreError::config(
+                "embedding",
+                self.embedding,
+                "must be zero or positive",
+            ));
+        }
+        if self.embedding_dim > 4096 {
+            return Err(CoreError::config(
+                "embedding_dim",
+                self.embedding_dim,
+                "must be at most 4096",
+            ));
+        }
+        if self.embedding_dim == 0 && (self.embedding > 0.0 || self.knn > 0) {
+            return Err(CoreError::config(
+                "embedding_dim",
+                0,
+                "embedding features or kNN need the vectors' length",
+            ));
+        }
+        if self.knn > self.knn_memory || self.knn_memory > 1 << 20 {
+            return Err(CoreError::config(
+                "knn",
+                format!("{} of {}", self.knn, self.knn_memory),
+                "k must be at most knn_memory, which must be at most 1,048,576",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for RouterConfig {
@@ -30,6 +104,10 @@ impl Default for RouterConfig {
             },
             learning_rate: 0.05,
             use_metadata: true,
+            embedding_dim: 0,
+            embedding: 0.0,
+            knn: 0,
+            knn_memory: default_knn_memory(),
         }
     }
 }
@@ -43,6 +121,16 @@ pub struct GainRouter {
     x_of: Option<String>,
     weak: OnlineSoftmax,
     strong: OnlineSoftmax,
+    /// Where prompts' vectors come from; `None`: n-grams only, even if the configuration reads
+    /// vectors (a router loaded before its embedder is attached).
+    embedder: Option<Arc<dyn Embedder>>,
+    /// The vector of the query in `x` (when the embedder had one).
+    v: Option<Arc<[f32]>>,
+    /// Feature indices of the vector's components.
+    dense: Vec<u32>,
+    evidence: Option<NeighbourEvidence>,
+    /// Prompts the router read without a vector although it was configured for them.
+    pub missing_vectors: u64,
 }
 
 impl GainRouter {
@@ -51,21 +139,66 @@ impl GainRouter {
             learning_rate: cfg.learning_rate,
             ..LearnerConfig::binary(cfg.bits)
         };
+        cfg.validate()?;
+        let featurizer = Featurizer::new(cfg.bits)?;
+        let dense = featurizer.dense_indices(ns::EMBEDDING, cfg.embedding_dim as usize);
+        let evidence = if cfg.knn > 0 {
+            Some(NeighbourEvidence::new(
+                cfg.embedding_dim as usize,
+                cfg.knn_memory as usize,
+                cfg.knn as usize,
+            )?)
+        } else {
+            None
+        };
         Ok(GainRouter {
             cfg,
-            featurizer: Featurizer::new(cfg.bits)?,
+            featurizer,
             x: FeatureVec::default(),
             x_of: None,
             weak: OnlineSoftmax::new(lc)?,
             strong: OnlineSoftmax::new(lc)?,
+            embedder: None,
+            v: None,
+            dense,
+            evidence,
+            missing_vectors: 0,
         })
+    }
+
+    /// Attaches the encoder whose vectors the router reads.
+    ///
+    /// Errors: the router is not configured for vectors, or for vectors of another length.
+    pub fn with_embedder(mut self, embedder: Arc<dyn Embedder>) -> Result<Self, CoreError> {
+        if embedder.dim() != self.cfg.embedding_dim as usize {
+            return Err(CoreError::config(
+                "embedding_dim",
+                self.cfg.embedding_dim,
+                "differs from the encoder's vector length",
+            ));
+        }
+        self.embedder = Some(embedder);
+        self.x_of = None;
+        Ok(self)
+    }
+
+    /// The attached encoder's name, if any.
+    pub fn embedder_name(&self) -> Option<&str> {
+        self.embedder.as_deref().map(|e| e.name())
     }
 
     fn featurize(&mut self, q: &Query) {
         if self.x_of.as_deref() == Some(q.id.as_str()) {
             return;
         }
-        Self::features_into(&self.cfg, &mut self.featurizer, q, &mut self.x);
+        self.v = self.vector(q);
+        Self::features_into(
+            &self.cfg,
+            &mut self.featurizer,
+            q,
+            self.v.as_deref().map(|v| (v, self.dense.as_slice())),
+            &mut self.x,
+        );
         match &mut self.x_of {
             Some(s) => {
                 s.clear();
@@ -75,8 +208,27 @@ impl GainRouter {
         }
     }
 
+    /// The prompt's vector, when the router reads vectors and its encoder has one.
+    fn vector(&mut self, q: &Query) -> Option<Arc<[f32]>> {
+        if !self.cfg.reads_embeddings() {
+            return None;
+        }
+        let v = self.embedder.as_ref()?.embed(q.routing_text());
+        if v.is_none() {
+            self.missing_vectors += 1;
+        }
+        v
+    }
+
     /// The query's features, into a caller-owned buffer so a shared, read-only model can score.
-    fn features_into(cfg: &RouterConfig, f: &mut Featurizer, q: &Query, x: &mut FeatureVec) {
+    /// `dense`: the prompt's vector and its components' feature indices.
+    fn features_into(
+        cfg: &RouterConfig,
+        f: &mut Featurizer,
+        q: &Query,
+        dense: Option<(&[f32], &[u32])>,
+        x: &mut FeatureVec,
+    ) {
         x.clear();
         f.add_bias(x);
         f.add_text(ns::PROMPT, q.routing_text(), cfg.text, 1.0, x);
@@ -84,6 +236,25 @@ impl GainRouter {
             for (k, v) in &q.metadata {
                 f.add_token(ns::META ^ hash_key(k), v, 0.5, x);
             }
+        }
+        if let Some((v, at)) = dense {
+            if cfg.embedding > 0.0 {
+                for (&i, &c) in at.iter().zip(v) {
+                    x.push(i, c * cfg.embedding);
+                }
+            }
+        }
+    }
+
+    /// The linear estimates mixed with the neighbours' (when the router has both).
+    fn mixed(&self, x: &FeatureVec, v: Option<&[f32]>) -> (f32, f32) {
+        let (pw, ps) = (self.weak.prob1(x), self.strong.prob1(x));
+        match (&self.evidence, v) {
+            (Some(ev), Some(v)) => (
+                ev.stack[0].mix(pw, ev.memory[0].estimate(v).0),
+                ev.stack[1].mix(ps, ev.memory[1].estimate(v).0),
+            ),
+            _ => (pw, ps),
         }
     }
 
@@ -99,20 +270,50 @@ impl GainRouter {
 
     /// The strong model's expected gain, from a model shared read-only between threads.
     pub fn score_ref(&self, q: &Query, s: &mut Scratch) -> f32 {
-        Self::features_into(&self.cfg, &mut s.featurizer, q, &mut s.a);
-        self.strong.prob1(&s.a) - self.weak.prob1(&s.a)
+        let v = if self.cfg.reads_embeddings() {
+            self.embedder
+                .as_ref()
+                .and_then(|e| e.embed(q.routing_text()))
+        } else {
+            None
+        };
+        Self::features_into(
+            &self.cfg,
+            &mut s.featurizer,
+            q,
+            v.as_deref().map(|v| (v, self.dense.as_slice())),
+            &mut s.a,
+        );
+        let (pw, ps) = self.mixed(&s.a, v.as_deref());
+        ps - pw
     }
 
-    /// Checkpoint: the two learners; the configuration is the caller's to give back on load.
+    /// Checkpoint: the two learners, then the neighbour evidence when the configuration has kNN;
+    /// the configuration is the caller's to give back on load.
     pub fn save(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
         self.weak.save(w)?;
-        self.strong.save(w)
+        self.strong.save(w)?;
+        if let Some(ev) = &self.evidence {
+            ev.save(w)?;
+        }
+        Ok(())
     }
 
     pub fn load(cfg: RouterConfig, r: &mut impl std::io::Read) -> Result<Self, CoreError> {
         let mut g = GainRouter::new(cfg)?;
         g.weak = OnlineSoftmax::load(r)?;
         g.strong = OnlineSoftmax::load(r)?;
+        if g.evidence.is_some() {
+            let ev = NeighbourEvidence::load(r)?;
+            if ev.memory[0].dim() != cfg.embedding_dim as usize {
+                return Err(CoreError::config(
+                    "embedding_dim",
+                    cfg.embedding_dim,
+                    "the checkpoint's neighbour memory holds vectors of another length",
+                ));
+            }
+            g.evidence = Some(ev);
+        }
         if g.weak.config().bits != cfg.bits || g.strong.config().bits != cfg.bits {
             return Err(CoreError::config(
                 "bits",
@@ -126,7 +327,7 @@ impl GainRouter {
     /// Estimated probabilities that the weak and the strong model answer `q` well.
     pub fn probabilities(&mut self, q: &Query) -> (f32, f32) {
         self.featurize(q);
-        (self.weak.prob1(&self.x), self.strong.prob1(&self.x))
+        self.mixed(&self.x, self.v.as_deref())
     }
 }
 
@@ -147,6 +348,20 @@ pub(crate) fn learn_outcome(m: &mut OnlineSoftmax, x: &FeatureVec, y: f32) {
     }
 }
 
+impl GainRouter {
+    /// Teaches the linear models alone: a later pass over items the neighbour memory (and its
+    /// stacker) already learned, which would otherwise find each item as its own neighbour.
+    pub fn learn_linear(&mut self, q: &Query, observed: &Observation) {
+        self.featurize(q);
+        if let Some(y) = observed.weak {
+            learn_outcome(&mut self.weak, &self.x, y);
+        }
+        if let Some(y) = observed.strong {
+            learn_outcome(&mut self.strong, &self.x, y);
+        }
+    }
+}
+
 impl RouteScorer for GainRouter {
     fn score(&mut self, q: &Query) -> f32 {
         let (pw, ps) = self.probabilities(q);
@@ -155,12 +370,20 @@ impl RouteScorer for GainRouter {
 
     fn learn(&mut self, q: &Query, observed: &Observation) {
         self.featurize(q);
-        if let Some(y) = observed.weak {
-            learn_outcome(&mut self.weak, &self.x, y);
+        // The stackers learn from the estimates as they stood before this outcome was learned.
+        if let (Some(ev), Some(v)) = (&mut self.evidence, self.v.as_deref()) {
+            for (arm, y, model) in [
+                (0, observed.weak, &self.weak),
+                (1, observed.strong, &self.strong),
+            ] {
+                if let Some(y) = y {
+                    let knn = ev.memory[arm].estimate(v).0;
+                    ev.stack[arm].learn(model.prob1(&self.x), knn, y);
+                    ev.memory[arm].add(v, y);
+                }
+            }
         }
-        if let Some(y) = observed.strong {
-            learn_outcome(&mut self.strong, &self.x, y);
-        }
+        self.learn_linear(q, observed);
     }
 }
 
@@ -192,6 +415,124 @@ mod tests {
         let hard = r.score(&Query::text("h", "give a proof of lemma 9999"));
         let easy = r.score(&Query::text("e", "capital of country 9999"));
         assert!(hard > 0.5 && easy < 0.1, "hard {hard} easy {easy}");
+    }
+
+    /// Prompts whose words say nothing (a fresh number each) but whose vectors fall in two
+    /// clusters: only the strong model answers the first cluster.
+    fn clustered(n: usize) -> (Arc<crate::embed::EmbeddingTable>, Vec<(Query, bool)>) {
+        let mut table = crate::embed::EmbeddingTable::new("test", 8).unwrap();
+        let mut out = Vec::new();
+        for i in 0..n {
+            let hard = i % 3 == 0;
+            let text = format!("item {}", 7919 * i + 13);
+            let mut v = [0.0f32; 8];
+            v[if hard { 0 } else { 1 }] = 1.0;
+            // A little spread, so no two vectors are equal.
+            v[2 + i % 6] = 0.1 + (i % 7) as f32 * 0.02;
+            table.insert(&text, &v).unwrap();
+            out.push((Query::text(format!("q{i}"), text), hard));
+        }
+        (Arc::new(table), out)
+    }
+
+    #[test]
+    fn embeddings_carry_what_the_words_do_not() {
+        let (table, items) = clustered(700);
+        let (train, test) = items.split_at(600);
+        let mut plain = GainRouter::new(RouterConfig::default()).unwrap();
+        let mut with = GainRouter::new(RouterConfig::default().with_embeddings(8))
+            .unwrap()
+            .with_embedder(table.clone())
+            .unwrap();
+        for (q, hard) in train {
+            let seen = Observation {
+                weak: Some(if *hard { 0.0 } else { 1.0 }),
+                strong: Some(1.0),
+            };
+            for r in [&mut plain, &mut with] {
+                let _ = r.score(q);
+                r.learn(q, &seen);
+            }
+        }
+        // Mean score gap between unseen hard and easy prompts.
+        let gap = |r: &mut GainRouter| {
+            let (mut h, mut e, mut nh, mut ne) = (0.0, 0.0, 0, 0);
+            for (q, hard) in test {
+                let s = r.score(q);
+                if *hard {
+                    h += s;
+                    nh += 1;
+                } else {
+                    e += s;
+                    ne += 1;
+                }
+            }
+            h / nh as f32 - e / ne as f32
+        };
+        let (g_plain, g_with) = (gap(&mut plain), gap(&mut with));
+        assert!(
+            g_with > 0.6 && g_plain < 0.2,
+            "with vectors {g_with}, words alone {g_plain}"
+        );
+        assert_eq!(with.missing_vectors, 0);
+        // A prompt the encoder has no vector for is scored on its words, and counted.
+        let _ = with.score(&Query::text("new", "never embedded"));
+        assert_eq!(with.missing_vectors, 1);
+    }
+
+    #[test]
+    fn an_embedding_router_checks_its_encoder_and_round_trips() {
+        let (table, items) = clustered(100);
+        let cfg = RouterConfig {
+            bits: 12,
+            ..RouterConfig::default().with_embeddings(8)
+        };
+        assert!(GainRouter::new(cfg.with_embeddings(16))
+            .unwrap()
+            .with_embedder(table.clone())
+            .is_err());
+        let mut r = GainRouter::new(cfg)
+            .unwrap()
+            .with_embedder(table.clone())
+            .unwrap();
+        for (q, hard) in &items {
+            r.learn(
+                q,
+                &Observation {
+                    weak: Some(if *hard { 0.0 } else { 1.0 }),
+                    strong: Some(1.0),
+                },
+            );
+        }
+        let mut buf = Vec::new();
+        r.save(&mut buf).unwrap();
+        let back = GainRouter::load(cfg, &mut buf.as_slice())
+            .unwrap()
+            .with_embedder(table)
+            .unwrap();
+        let mut scratch = r.scratch().unwrap();
+        for (q, _) in items.iter().take(10) {
+            assert_eq!(back.score_ref(q, &mut scratch), r.score(q));
+        }
+        // Without its neighbour memory the checkpoint is refused.
+        let plain_len = {
+            let mut b = Vec::new();
+            GainRouter::new(RouterConfig {
+                bits: 12,
+                ..RouterConfig::default()
+            })
+            .unwrap()
+            .save(&mut b)
+            .unwrap();
+            b.len()
+        };
+        assert!(GainRouter::load(cfg, &mut &buf[..plain_len]).is_err());
+        // Settings that read vectors need their length.
+        let bad = RouterConfig {
+            knn: 8,
+            ..RouterConfig::default()
+        };
+        assert!(GainRouter::new(bad).is_err());
     }
 
     #[test]

@@ -182,18 +182,7 @@ pub fn prepare(
     let mut embeddings = EmbeddingCache::new();
     for t in ds.cfg.tiers.iter().filter(|t| t.kind == TierKind::Minilm) {
         let max_tokens = t.max_tokens.unwrap_or(128);
-        let file = store.path("minilm", "model.safetensors")?;
-        let sha = tandem_models::assets::find("minilm")?
-            .files
-            .iter()
-            .find(|f| f.out.ends_with("model.safetensors"))
-            .map_or("unknown", |f| f.sha256);
-        let path = store.home().join("embeddings").join(format!(
-            "{}-minilm-{}-{max_tokens}.bin",
-            ds.name,
-            &sha[..12.min(sha.len())]
-        ));
-        let dir = file.parent().map(|d| d.to_path_buf()).unwrap_or_default();
+        let (path, dir) = embed_cache::minilm_cache(store, &ds.name, max_tokens)?;
         let mut load = || MiniLm::load(&dir, max_tokens).map_err(ModelError::from);
         embeddings = embed_cache::load_or_build(
             &path,

@@ -127,6 +127,12 @@ impl<'a> Run<'a> {
         let top = n - 1;
         let costs: Vec<Micros> = (0..n).map(|i| self.tier_estimate(i, call)).collect();
         let top_estimate = costs[top];
+        // A router reading sentence vectors finds the prompt's in its encoder's cache: encoding
+        // (milliseconds of CPU) happens here, on a blocking thread, not under the engine's lock.
+        if let Some(e) = self.route.cfg.embedder.clone() {
+            let text = ctx.query.routing_text().to_string();
+            let _ = tokio::task::spawn_blocking(move || e.embed(&text)).await;
+        }
         let mut walk = self
             .engine()?
             .begin(&ctx.query, costs)

@@ -1,0 +1,499 @@
+//! Sentence embeddings as routing evidence: the [`Embedder`] a front end supplies (MiniLM in
+//! `tandem-models`, a precomputed [`EmbeddingTable`] in `tandem eval`), the online
+//! nearest-neighbour estimate over past queries' vectors ([`KnnMemory`]), and the online stacker
+//! that mixes it with the linear model's estimate ([`Stacker`]).
+//!
+//! The core never encodes text itself, so the engine and `tandem eval` do not depend on a model
+//! runtime. Vectors are unit-norm `f32`s; similarity is their dot product (cosine).
+
+use crate::error::CoreError;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+/// A sentence encoder as the router sees it.
+pub trait Embedder: Send + Sync {
+    /// The encoder and its settings (e.g. `all-MiniLM-L6-v2/128`): a router that learned on one
+    /// encoder's vectors refuses another's.
+    fn name(&self) -> &str;
+    /// Vector length.
+    fn dim(&self) -> usize;
+    /// The unit-norm vector of `text`; `None` when it cannot be had (the router then decides on
+    /// its n-grams alone, and says so in its counters rather than failing the request).
+    fn embed(&self, text: &str) -> Option<Arc<[f32]>>;
+}
+
+impl std::fmt::Debug for dyn Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Embedder({}, dim {})", self.name(), self.dim())
+    }
+}
+
+/// The key vectors are cached under: a 64-bit hash of the text.
+pub fn text_key(text: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(text.as_bytes(), 0x656d_6265)
+}
+
+/// Vectors computed beforehand, looked up by text hash: what `tandem eval` hands the router so that
+/// a recorded file is encoded once, not once per run.
+#[derive(Debug, Clone)]
+pub struct EmbeddingTable {
+    name: String,
+    dim: usize,
+    map: HashMap<u64, Arc<[f32]>>,
+}
+
+impl EmbeddingTable {
+    pub fn new(name: impl Into<String>, dim: usize) -> Result<Self, CoreError> {
+        if !(1..=4096).contains(&dim) {
+            return Err(CoreError::config(
+                "embedding dim",
+                dim,
+                "must be between 1 and 4096",
+            ));
+        }
+        Ok(EmbeddingTable {
+            name: name.into(),
+            dim,
+            map: HashMap::new(),
+        })
+    }
+
+    /// Adds `text`'s vector, normalised to unit length.
+    ///
+    /// Errors: a vector of another length, or one that is zero or not finite.
+    pub fn insert(&mut self, text: &str, vector: &[f32]) -> Result<(), CoreError> {
+        if vector.len() != self.dim {
+            return Err(CoreError::config(
+                "embedding",
+                vector.len(),
+                "vector length differs from the table's dim",
+            ));
+        }
+        let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if !(norm.is_finite() && norm > 0.0) {
+            return Err(CoreError::config(
+                "embedding",
+                norm,
+                "vector is zero or not finite",
+            ));
+        }
+        let v: Arc<[f32]> = vector.iter().map(|x| x / norm).collect();
+        self.map.insert(text_key(text), v);
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Adds another table's vectors.
+    ///
+    /// Errors: the other table is another encoder's, or of another length.
+    pub fn extend(&mut self, other: EmbeddingTable) -> Result<(), CoreError> {
+        if other.name != self.name || other.dim != self.dim {
+            return Err(CoreError::config(
+                "embedding",
+                format!("{} ({})", other.name, other.dim),
+                "tables of different encoders cannot be merged",
+            ));
+        }
+        self.map.extend(other.map);
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+impl Embedder for EmbeddingTable {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn embed(&self, text: &str) -> Option<Arc<[f32]>> {
+        self.map.get(&text_key(text)).cloned()
+    }
+}
+
+/// An online k-nearest-neighbour estimate of an outcome in [0, 1]: the similarity-weighted mean
+/// of the outcomes of the `k` most similar past queries, shrunk towards the running mean of all
+/// outcomes when the neighbours are few or far. Memory is a ring of the last `capacity` vectors
+/// (older ones are forgotten, which also tracks drift); a query costs `capacity × dim`
+/// multiply-adds (384 × 4,096 ≈ 1.6 M, about 0.2 ms here).
+///
+/// Source: the online kNN router of the prototype; RouteLLM (Ong et al. 2024, §4.2)
+/// reports similarity-weighted ranking over labelled neighbours as one of its routers.
+#[derive(Debug, Clone)]
+pub struct KnnMemory {
+    dim: usize,
+    capacity: usize,
+    k: usize,
+    vectors: Vec<f32>,
+    outcomes: Vec<f32>,
+    next: usize,
+    len: usize,
+    sum: f64,
+    seen: u64,
+}
+
+/// Neighbours closer than this weigh `e` times more than one this much further (cosine units).
+const KNN_TEMPERATURE: f32 = 0.05;
+/// Pseudo-count of the running mean in the estimate.
+const KNN_SHRINK: f32 = 1.0;
+
+impl KnnMemory {
+    pub fn new(dim: usize, capacity: usize, k: usize) -> Result<Self, CoreError> {
+        if dim == 0 || capacity == 0 || k == 0 || k > capacity {
+            return Err(CoreError::config(
+                "knn",
+                format!("dim {dim}, capacity {capacity}, k {k}"),
+                "dim, capacity and k must be positive, and k at most the capacity",
+            ));
+        }
+        Ok(KnnMemory {
+            dim,
+            capacity,
+            k,
+            vectors: Vec::new(),
+            outcomes: Vec::new(),
+            next: 0,
+            len: 0,
+            sum: 0.0,
+            seen: 0,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Vector length.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The running mean of every outcome remembered so far (0.5 before the first).
+    pub fn mean(&self) -> f32 {
+        if self.seen == 0 {
+            0.5
+        } else {
+            (self.sum / self.seen as f64) as f32
+        }
+    }
+
+    /// Remembers `v`'s outcome `y` (clamped to [0, 1]); a vector of another length is ignored.
+    pub fn add(&mut self, v: &[f32], y: f32) {
+        if v.len() != self.dim || !y.is_finite() {
+            return;
+        }
+        let y = y.clamp(0.0, 1.0);
+        if self.len < self.capacity {
+            self.vectors.extend_from_slice(v);
+            self.outcomes.push(y);
+            self.len += 1;
+        } else {
+            let at = self.next * self.dim;
+            self.vectors[at..at + self.dim].copy_from_slice(v);
+            self.outcomes[self.next] = y;
+        }
+        self.next = (self.next + 1) % self.capacity;
+        self.sum += f64::from(y);
+        self.seen += 1;
+    }
+
+    /// The estimate for `v`, and the summed weight of the neighbours behind it (0 when the memory
+    /// is empty: the estimate is then the running mean).
+    pub fn estimate(&self, v: &[f32]) -> (f32, f32) {
+        let prior = self.mean();
+        if v.len() != self.dim || self.len == 0 {
+            return (prior, 0.0);
+        }
+        // The k best similarities, kept sorted descending in a small array.
+        let mut best: Vec<(f32, f32)> = Vec::with_capacity(self.k + 1);
+        for (row, &y) in self.vectors.chunks_exact(self.dim).zip(&self.outcomes) {
+            let s = dot(row, v);
+            if best.len() == self.k {
+                if let Some(&(worst, _)) = best.last() {
+                    if s <= worst {
+                        continue;
+                    }
+                }
+                best.pop();
+            }
+            let at = best.partition_point(|&(b, _)| b >= s);
+            best.insert(at, (s, y));
+        }
+        let top = best.first().map_or(0.0, |b| b.0);
+        let (mut wy, mut w) = (0.0f32, 0.0f32);
+        for &(s, y) in &best {
+            let weight = ((s - top) / KNN_TEMPERATURE).exp() * s.max(0.0);
+            wy += weight * y;
+            w += weight;
+        }
+        ((wy + KNN_SHRINK * prior) / (w + KNN_SHRINK), w)
+    }
+
+    fn save(&self, w: &mut impl Write) -> std::io::Result<()> {
+        for n in [self.dim, self.capacity, self.k, self.len, self.next] {
+            w.write_all(&(n as u64).to_le_bytes())?;
+        }
+        w.write_all(&self.sum.to_le_bytes())?;
+        w.write_all(&self.seen.to_le_bytes())?;
+        for x in self.vectors.iter().chain(&self.outcomes) {
+            w.write_all(&x.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn load(r: &mut impl Read) -> Result<Self, CoreError> {
+        let bad = |what: &str| CoreError::config("knn memory", what, "damaged checkpoint");
+        let mut u = [0u8; 8];
+        let mut next_u64 = |r: &mut dyn Read| -> Result<u64, CoreError> {
+            r.read_exact(&mut u).map_err(|_| bad("truncated header"))?;
+            Ok(u64::from_le_bytes(u))
+        };
+        let mut n = [0usize; 5];
+        for x in &mut n {
+            *x = usize::try_from(next_u64(r)?).map_err(|_| bad("size"))?;
+        }
+        let [dim, capacity, k, len, next] = n;
+        let sum = f64::from_bits(next_u64(r)?);
+        let seen = next_u64(r)?;
+        let mut m = KnnMemory::new(dim, capacity, k).map_err(|_| bad("sizes"))?;
+        if len > capacity || next >= capacity || dim > 4096 {
+            return Err(bad("sizes"));
+        }
+        let mut read_f32s = |count: usize, out: &mut Vec<f32>| -> Result<(), CoreError> {
+            let mut b = vec![0u8; count * 4];
+            r.read_exact(&mut b).map_err(|_| bad("truncated vectors"))?;
+            out.extend(
+                b.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+            Ok(())
+        };
+        read_f32s(len * dim, &mut m.vectors)?;
+        read_f32s(len, &mut m.outcomes)?;
+        m.len = len;
+        m.next = next;
+        m.sum = sum;
+        m.seen = seen;
+        Ok(m)
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent sums let the compiler vectorise the loop.
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((a, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *a += x * y;
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Online stacking of two probability estimates of one outcome: p = σ(a + b·logit(p₁) +
+/// c·logit(p₂)), fitted by online gradient steps on each outcome *before* the estimates learn it
+/// (progressive validation), so the mix weighs each estimate by how well it predicted unseen
+/// queries. Starts as p₁ alone (b = 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stacker {
+    w: [f32; 3],
+    acc: [f32; 3],
+}
+
+const STACK_RATE: f32 = 0.05;
+
+impl Default for Stacker {
+    fn default() -> Self {
+        Stacker {
+            w: [0.0, 1.0, 0.0],
+            acc: [1.0; 3],
+        }
+    }
+}
+
+fn logit(p: f32) -> f32 {
+    let p = p.clamp(1e-3, 1.0 - 1e-3);
+    (p / (1.0 - p)).ln()
+}
+
+impl Stacker {
+    pub fn mix(&self, p1: f32, p2: f32) -> f32 {
+        let z = self.w[0] + self.w[1] * logit(p1) + self.w[2] * logit(p2);
+        1.0 / (1.0 + (-z).exp())
+    }
+
+    /// One AdaGrad step on the log-loss of the mix towards `y` in [0, 1].
+    pub fn learn(&mut self, p1: f32, p2: f32, y: f32) {
+        let g = self.mix(p1, p2) - y.clamp(0.0, 1.0);
+        let x = [1.0, logit(p1), logit(p2)];
+        for ((w, acc), xi) in self.w.iter_mut().zip(&mut self.acc).zip(x) {
+            let gi = g * xi;
+            *acc += gi * gi;
+            *w -= STACK_RATE * gi / acc.sqrt();
+        }
+    }
+
+    /// The weights (intercept, first estimate, second estimate).
+    pub fn weights(&self) -> [f32; 3] {
+        self.w
+    }
+}
+
+/// What a router learns beside its linear models when it reads embeddings: one kNN memory and one
+/// stacker per model (weak, strong). Saved after the linear models.
+#[derive(Debug, Clone)]
+pub struct NeighbourEvidence {
+    pub memory: [KnnMemory; 2],
+    pub stack: [Stacker; 2],
+}
+
+const EVIDENCE_MAGIC: &[u8; 8] = b"TNDKNN01";
+
+impl NeighbourEvidence {
+    pub fn new(dim: usize, capacity: usize, k: usize) -> Result<Self, CoreError> {
+        Ok(NeighbourEvidence {
+            memory: [
+                KnnMemory::new(dim, capacity, k)?,
+                KnnMemory::new(dim, capacity, k)?,
+            ],
+            stack: [Stacker::default(); 2],
+        })
+    }
+
+    pub fn save(&self, w: &mut impl Write) -> std::io::Result<()> {
+        w.write_all(EVIDENCE_MAGIC)?;
+        for s in &self.stack {
+            for x in s.w.iter().chain(&s.acc) {
+                w.write_all(&x.to_le_bytes())?;
+            }
+        }
+        for m in &self.memory {
+            m.save(w)?;
+        }
+        Ok(())
+    }
+
+    pub fn load(r: &mut impl Read) -> Result<Self, CoreError> {
+        let bad = |what: &str| CoreError::config("neighbour evidence", what, "damaged checkpoint");
+        let mut magic = [0u8; 8];
+        r.read_exact(&mut magic)
+            .map_err(|_| bad("missing (saved without embeddings?)"))?;
+        if &magic != EVIDENCE_MAGIC {
+            return Err(bad("wrong magic (saved without embeddings?)"));
+        }
+        let mut stack = [Stacker::default(); 2];
+        for s in &mut stack {
+            let mut b = [0u8; 24];
+            r.read_exact(&mut b).map_err(|_| bad("truncated stacker"))?;
+            let f: Vec<f32> = b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            s.w.copy_from_slice(&f[..3]);
+            s.acc.copy_from_slice(&f[3..]);
+        }
+        let memory = [KnnMemory::load(r)?, KnnMemory::load(r)?];
+        Ok(NeighbourEvidence { memory, stack })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(v: &[f32]) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect()
+    }
+
+    #[test]
+    fn the_table_normalises_and_refuses_bad_vectors() {
+        let mut t = EmbeddingTable::new("test", 3).unwrap();
+        t.insert("a", &[3.0, 0.0, 4.0]).unwrap();
+        let v = t.embed("a").unwrap();
+        assert!((v[0] - 0.6).abs() < 1e-6 && (v[2] - 0.8).abs() < 1e-6);
+        assert!(t.embed("b").is_none());
+        assert!(t.insert("c", &[1.0, 2.0]).is_err());
+        assert!(t.insert("c", &[0.0, 0.0, 0.0]).is_err());
+        assert!(t.insert("c", &[f32::NAN, 0.0, 1.0]).is_err());
+        assert!(EmbeddingTable::new("x", 0).is_err());
+    }
+
+    #[test]
+    fn neighbours_decide_the_estimate() {
+        let mut m = KnnMemory::new(2, 100, 5).unwrap();
+        assert_eq!(m.estimate(&[1.0, 0.0]), (0.5, 0.0));
+        // Two clusters: near (1, 0) the outcome is 1, near (0, 1) it is 0.
+        for i in 0..40 {
+            let e = (i as f32) * 0.005;
+            m.add(&unit(&[1.0, e]), 1.0);
+            m.add(&unit(&[e, 1.0]), 0.0);
+        }
+        let (hi, w) = m.estimate(&unit(&[1.0, 0.1]));
+        let (lo, _) = m.estimate(&unit(&[0.1, 1.0]));
+        assert!(hi > 0.8 && lo < 0.2 && w > 1.0, "hi {hi} lo {lo} w {w}");
+        assert!((m.mean() - 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_ring_forgets_the_oldest() {
+        let mut m = KnnMemory::new(2, 4, 1).unwrap();
+        for _ in 0..4 {
+            m.add(&[1.0, 0.0], 0.0);
+        }
+        for _ in 0..4 {
+            m.add(&[1.0, 0.0], 1.0);
+        }
+        assert_eq!(m.len(), 4);
+        // Every remembered neighbour now says 1; only the running mean remembers the zeros.
+        let (p, _) = m.estimate(&[1.0, 0.0]);
+        assert!(p > 0.6, "{p}");
+        assert!(KnnMemory::new(2, 4, 5).is_err());
+    }
+
+    #[test]
+    fn the_stacker_learns_to_trust_the_better_estimate() {
+        let mut s = Stacker::default();
+        // The second estimate is right, the first is noise.
+        for i in 0..3000 {
+            let y = (i % 2) as f32;
+            let good = if y > 0.5 { 0.8 } else { 0.2 };
+            let noise = if (i / 2) % 2 == 0 { 0.7 } else { 0.3 };
+            s.learn(noise, good, y);
+        }
+        let w = s.weights();
+        assert!(w[2] > w[1].abs(), "{w:?}");
+        assert!(s.mix(0.7, 0.8) > 0.6 && s.mix(0.7, 0.2) < 0.4);
+    }
+
+    #[test]
+    fn evidence_round_trips_and_refuses_damage() {
+        let mut e = NeighbourEvidence::new(2, 8, 2).unwrap();
+        e.memory[1].add(&[1.0, 0.0], 1.0);
+        e.stack[0].learn(0.3, 0.9, 1.0);
+        let mut buf = Vec::new();
+        e.save(&mut buf).unwrap();
+        let back = NeighbourEvidence::load(&mut buf.as_slice()).unwrap();
+        assert_eq!(back.stack, e.stack);
+        assert_eq!(
+            back.memory[1].estimate(&[1.0, 0.0]),
+            e.memory[1].estimate(&[1.0, 0.0])
+        );
+        assert!(NeighbourEvidence::load(&mut &buf[..buf.len() - 1]).is_err());
+        assert!(NeighbourEvidence::load(&mut &b"TNDKNN00"[..]).is_err());
+    }
+}
