@@ -188,8 +188,15 @@ pub fn prepare(
             .iter()
             .find(|f| f.out.ends_with("model.safetensors"))
             .map_or("unknown", |f| f.sha256);
+        // The ONNX Runtime encoder's vectors differ slightly from candle's: named apart.
+        let backend = match tandem_models::minilm::backend_choice()
+            .map_err(|e| RunError::Invalid(e.to_string()))?
+        {
+            "candle" => String::new(),
+            other => format!("-{other}"),
+        };
         let path = store.home().join("embeddings").join(format!(
-            "{}-minilm-{}-{max_tokens}.bin",
+            "{}-minilm-{}-{max_tokens}{backend}.bin",
             ds.name,
             &sha[..12.min(sha.len())]
         ));
