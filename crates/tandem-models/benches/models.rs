@@ -143,7 +143,7 @@ fn main() {
                 "ort f32 (rust)            ",
                 MiniLm::load_ort_f32 as fn(&Path, usize) -> _,
             ),
-            ("ort int8 (rust, default)  ", MiniLm::load_ort),
+            ("ort int8 (rust, opt-in)   ", MiniLm::load_ort),
         ] {
             match load(&dir, 128) {
                 Ok(mut enc) => {
