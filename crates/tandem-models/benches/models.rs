@@ -10,7 +10,7 @@ use tandem_core::Message;
 use tandem_models::assets::Store;
 use tandem_models::gguf::model::{Cache, Logits};
 use tandem_models::gguf::GgufLm;
-use tandem_models::minilm::{cosine, MiniLm};
+use tandem_models::minilm::MiniLm;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -65,8 +65,13 @@ fn rate(enc: &mut MiniLm, texts: &[String], batch: usize, runs: usize) -> (f64, 
     (median(rates), out)
 }
 
+#[cfg(feature = "ort")]
 fn cosines(a: &[Vec<f32>], b: &[Vec<f32>]) -> String {
-    let c: Vec<f32> = a.iter().zip(b).map(|(x, y)| cosine(x, y)).collect();
+    let c: Vec<f32> = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| tandem_models::minilm::cosine(x, y))
+        .collect();
     let min = c.iter().copied().fold(f32::INFINITY, f32::min);
     let mean = c.iter().sum::<f32>() / c.len().max(1) as f32;
     format!("cosine to candle min {min:.4} mean {mean:.4}")
@@ -135,6 +140,7 @@ fn main() {
             "minilm on {} {set} (128-token cap, batches of 32 sorted by length, median of {runs}):",
             texts.len()
         );
+        #[cfg_attr(not(feature = "ort"), allow(unused_variables))]
         let (base, reference) = rate(&mut candle, texts, 32, *runs);
         println!("  candle f32                 {base:>7.1} sentences/s");
         #[cfg(feature = "ort")]

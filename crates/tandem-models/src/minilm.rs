@@ -187,6 +187,8 @@ impl MiniLm {
         let flat = |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> Vec<u32> {
             enc.iter().flat_map(|e| f(e).to_vec()).collect()
         };
+        // Without the `ort` feature the match has one arm.
+        #[allow(clippy::infallible_destructuring_match)]
         let model = match &mut self.backend {
             Backend::Candle(m) => m,
             #[cfg(feature = "ort")]
