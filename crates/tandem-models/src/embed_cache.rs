@@ -147,17 +147,26 @@ pub fn minilm_cache(
         .iter()
         .find(|f| f.out.ends_with("model.safetensors"))
         .map_or("unknown", |f| f.sha256);
+    // The ONNX Runtime encoder's vectors differ slightly from candle's: named apart.
+    let backend = match crate::minilm::backend_choice()? {
+        "candle" => String::new(),
+        other => format!("-{other}"),
+    };
     let path = store.home().join("embeddings").join(format!(
-        "{name}-minilm-{}-{max_tokens}.bin",
+        "{name}-minilm-{}-{max_tokens}{backend}.bin",
         &sha[..12.min(sha.len())]
     ));
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok((path, dir))
 }
 
-/// The name routers know MiniLM's vectors by (a prior trained on them refuses others).
+/// The name routers know MiniLM's vectors by (a prior trained on them refuses others): the
+/// token limit, and the backend when it is not candle's f32.
 pub fn minilm_name(max_tokens: usize) -> String {
-    format!("all-MiniLM-L6-v2/{max_tokens}")
+    match crate::minilm::backend_choice() {
+        Ok("candle") | Err(_) => format!("all-MiniLM-L6-v2/{max_tokens}"),
+        Ok(other) => format!("all-MiniLM-L6-v2/{max_tokens}/{other}"),
+    }
 }
 
 /// MiniLM's vectors of `texts` as a lookup table for the router (`tandem eval --embed`), computed
