@@ -2,10 +2,10 @@
 
 use crate::assets_cmd::ensure_installed;
 use crate::demo_cmd::cache_recordings;
+use crate::progress::Progress;
 use crate::run_cmd::{set_threads, write_json};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tandem_models::assets::Store;
@@ -360,14 +360,8 @@ fn datasets(a: &CascadeArgs, store: &Store) -> Result<Vec<Dataset>> {
     Ok(out)
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
-    let b = ProgressBar::new(len);
-    b.set_style(
-        ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} ({eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    b.set_message(what.to_string());
-    b
+fn bar(len: u64, what: &str) -> Progress {
+    Progress::new(what, len)
 }
 
 fn cascade(a: CascadeArgs) -> Result<()> {
@@ -384,18 +378,16 @@ fn cascade(a: CascadeArgs) -> Result<()> {
                 Stage::Embedding => &embed,
                 Stage::Recording => &record,
             };
-            b.set_length(n as u64);
-            b.set_position(done as u64);
+            b.set_total(n as u64);
+            b.set(done as u64);
         })?;
-        embed.finish_and_clear();
-        record.finish_and_clear();
+        embed.finish();
+        record.finish();
         let n_runs = bench::jobs(&bench::variants(&ds.cfg, &plan), &plan).len();
         let runs_bar = bar(n_runs as u64, &format!("{}: cascade runs", ds.name));
         let t0 = std::time::Instant::now();
-        let runs = bench::run_all(&ds, &prep, &plan, &store, &|k, _| {
-            runs_bar.set_position(k as u64)
-        })?;
-        runs_bar.finish_and_clear();
+        let runs = bench::run_all(&ds, &prep, &plan, &store, &|k, _| runs_bar.set(k as u64))?;
+        runs_bar.finish();
         let names: Vec<String> = ds.cfg.tiers.iter().map(|t| t.name.clone()).collect();
         let s = summary::summarize(&ds.name, ds.stream.items.len(), &names, &runs, &plan);
         print!("{}", s.table());

@@ -14,6 +14,8 @@ pub struct Progress {
     bar: Option<ProgressBar>,
     what: String,
     total: Mutex<u64>,
+    /// What the work found so far (shares, accuracy), shown after the count.
+    message: Mutex<String>,
     state: Mutex<Lines>,
 }
 
@@ -31,7 +33,7 @@ impl Progress {
             let bar = ProgressBar::new(total);
             bar.set_style(
                 ProgressStyle::with_template(&format!(
-                    "{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {what} ({{eta}} left)"
+                    "{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {what} ({{eta}} left) {{msg}}"
                 ))
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
@@ -42,6 +44,7 @@ impl Progress {
             bar,
             what: what.to_string(),
             total: Mutex::new(total),
+            message: Mutex::new(String::new()),
             state: Mutex::new(Lines {
                 done: 0,
                 started: now,
@@ -57,6 +60,20 @@ impl Progress {
         }
         if let Ok(mut t) = self.total.lock() {
             *t = total;
+        }
+    }
+
+    /// Whether progress shows as a bar (stderr is a terminal), not as lines.
+    pub fn is_bar(&self) -> bool {
+        self.bar.is_some()
+    }
+
+    /// Replaces the message shown after the count.
+    pub fn set_message(&self, m: String) {
+        if let Some(b) = &self.bar {
+            b.set_message(m);
+        } else if let Ok(mut s) = self.message.lock() {
+            *s = m;
         }
     }
 
@@ -84,7 +101,12 @@ impl Progress {
         if tenth > s.tenth || now.duration_since(s.last) >= LINE_EVERY {
             s.tenth = tenth;
             s.last = now;
-            eprintln!("{}", line(&self.what, done, total, s.started.elapsed()));
+            let msg = self.message.lock().map(|m| m.clone()).unwrap_or_default();
+            let sep = if msg.is_empty() { "" } else { " " };
+            eprintln!(
+                "{}{sep}{msg}",
+                line(&self.what, done, total, s.started.elapsed())
+            );
         }
     }
 

@@ -1,6 +1,5 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use tandem_models::assets::Store;
 use tandem_run::config::TierKind;
@@ -64,17 +63,13 @@ pub fn run(a: RecordArgs) -> Result<()> {
         bail!("tier {:?} is not an LLM tier", a.tier)
     };
     let llm: &mut RecordingLlm = llm;
-    let bar = ProgressBar::new(s.items.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {per_sec}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = crate::progress::Progress::new("items recorded", s.items.len() as u64);
     for item in &s.items {
         tandem_models::classifier::Classifier::predict(llm, &item.text)?;
         bar.inc(1);
     }
     llm.flush()?;
-    bar.finish_and_clear();
+    bar.finish();
     println!(
         "{}: {} items of {} ({} already recorded, {} computed now)",
         a.out.display(),

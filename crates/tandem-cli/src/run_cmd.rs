@@ -1,6 +1,5 @@
 use anyhow::{Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use tandem_models::assets::{find, Store};
@@ -100,16 +99,12 @@ pub fn run_with(a: &RunArgs, cfg: RunConfig, config_text: &str) -> Result<RunRep
         checkpoint_every: a.checkpoint_every.max(1),
         lookahead: 64,
     };
-    let bar = ProgressBar::new(s.items.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {per_sec} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = crate::progress::Progress::new("items", s.items.len() as u64);
     let names: Vec<String> = cfg.tiers.iter().map(|t| t.name.clone()).collect();
     let mut last_msg = std::time::Instant::now();
     let mut show = |p: &Progress| {
-        bar.set_position(p.done);
-        if last_msg.elapsed().as_millis() >= 250 || p.done == p.total {
+        // A log line (stderr not a terminal) prints at `set`: the message first, so it is current.
+        if last_msg.elapsed().as_millis() >= 250 || p.done == p.total || !bar.is_bar() {
             last_msg = std::time::Instant::now();
             let n = p.done.max(1) as f64;
             let shares: Vec<String> = p
@@ -138,6 +133,7 @@ pub fn run_with(a: &RunArgs, cfg: RunConfig, config_text: &str) -> Result<RunRep
                 agree.join("/")
             ));
         }
+        bar.set(p.done);
     };
     let mut cascade = live::cascade_for(&cfg, &tiers, a.seed)?;
     let state = live::run(
@@ -150,7 +146,7 @@ pub fn run_with(a: &RunArgs, cfg: RunConfig, config_text: &str) -> Result<RunRep
         &opts,
         &mut show,
     )?;
-    bar.finish_and_clear();
+    bar.finish();
     let report = RunReport::new(&state, s.truncated);
     if let Some(p) = &a.json {
         write_json(p, &report)?;

@@ -76,6 +76,78 @@ fn a_prior_from_a_labelled_file_is_read_back_by_eval() {
         said.contains("router ") && said.contains("cascade "),
         "{said}"
     );
+    // Progress reaches a log as lines (stderr is not a terminal here).
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("decisions (100%)"), "{err}");
+}
+
+/// `--embed`: the router reads MiniLM vectors of the prompts (needs the `minilm` asset; skips
+/// without it unless TANDEM_REQUIRE_ASSETS=1). A prior trained on them says so and needs them
+/// again; one trained without them refuses them.
+#[test]
+fn a_prior_on_sentence_vectors_needs_them_again() {
+    use tandem_models::assets::{find, Store};
+    if !find("minilm").is_ok_and(|a| Store::default_home().is_installed(a)) {
+        assert!(
+            std::env::var("TANDEM_REQUIRE_ASSETS").map_or(true, |v| v != "1"),
+            "minilm is not installed; run scripts/setup minilm"
+        );
+        eprintln!("skipping: minilm is not installed (scripts/setup minilm)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = labelled(dir.path(), 200);
+    let d = data.to_str().unwrap();
+    let vec_prior = dir.path().join("vec.prior");
+    let plain_prior = dir.path().join("plain.prior");
+    let out = tandem(&[
+        "train",
+        "--data",
+        d,
+        "--out",
+        vec_prior.to_str().unwrap(),
+        "--embed",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("reads all-MiniLM-L6-v2/128"),
+        "{}",
+        text(&out)
+    );
+    let out = tandem(&["train", "--data", d, "--out", plain_prior.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let eval = |prior: &Path, embed: bool| {
+        let mut args = vec![
+            "eval",
+            "--data",
+            d,
+            "--prior",
+            prior.to_str().unwrap(),
+            "--policies",
+            "router:full",
+            "--grid",
+            "5",
+        ];
+        if embed {
+            args.push("--embed");
+        }
+        tandem(&args)
+    };
+    let ok = eval(&vec_prior, true);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(text(&ok).contains("router "), "{}", text(&ok));
+    for (prior, embed, needle) in [
+        (&vec_prior, false, "add --embed"),
+        (&plain_prior, true, "trained without sentence vectors"),
+    ] {
+        let out = eval(prior, embed);
+        assert!(!out.status.success());
+        assert!(
+            text(&out).contains(needle),
+            "{needle:?} not in {}",
+            text(&out)
+        );
+    }
 }
 
 #[test]
