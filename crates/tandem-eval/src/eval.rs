@@ -4,7 +4,7 @@
 //! machine, to time its decisions.
 
 use crate::error::EvalError;
-use crate::report::{EvalReport, PolicyRow};
+use crate::report::{CostPoint, EvalReport, PolicyRow};
 use crate::runner::{run, Models, PolicyKind, RunConfig};
 use crate::sweep::{decision_us, in_parallel, run_seed, share_grid, stream_order, Sweep};
 use tandem_core::metrics::{Curve, CurvePoint};
@@ -181,12 +181,46 @@ pub fn evaluate(
         run(models, &order, &run_cfg(job), progress)
     })?;
     let mut curves: Vec<Vec<CurvePoint>> = vec![Vec::new(); cfg.policies.len()];
+    let mut cost_curves: Vec<Vec<CostPoint>> = vec![Vec::new(); cfg.policies.len()];
     for (job, r) in curve_jobs.iter().zip(results) {
         curves[job.policy].push(CurvePoint {
             share: r.strong_share(),
             quality: r.tally.quality(),
         });
+        cost_curves[job.policy].push(CostPoint {
+            cost_usd: micros_to_usd(r.tally.ledger.total_micros()),
+            quality: r.tally.quality(),
+        });
     }
+    // Each model alone, for APGR over cost: the dollars between the weak model's spend and the
+    // strong model's.
+    let alone = |kind: PolicyKind| {
+        let job = Job {
+            policy: 0,
+            point: None,
+        };
+        run(
+            models,
+            &order,
+            &RunConfig {
+                kind,
+                time_decisions: false,
+                // What each model alone would spend, uncapped.
+                budget: BudgetLimits::default(),
+                ..run_cfg(&job)
+            },
+            &|_| {},
+        )
+        .map(|r| micros_to_usd(r.tally.ledger.total_micros()))
+    };
+    let cost_span = if curve_jobs.is_empty() {
+        None
+    } else {
+        Some((
+            alone(PolicyKind::AlwaysWeak)?,
+            alone(PolicyKind::AlwaysStrong)?,
+        ))
+    };
 
     // Operating points one at a time, so decision times are not measured under contention.
     let mut rows = Vec::with_capacity(cfg.policies.len());
@@ -204,6 +238,13 @@ pub fn evaluate(
             .has_curve()
             .then(|| Curve::new(std::mem::take(&mut curves[p])));
         let (p50, p99) = decision_us(&r.tally.decision_ns);
+        let by_cost = std::mem::take(&mut cost_curves[p]);
+        let apgr_cost = match (&curve, cost_span) {
+            (Some(_), Some((c_weak, c_strong))) => {
+                apgr_over_cost(&by_cost, c_weak, c_strong, q_weak, q_strong, cfg.grid)
+            }
+            _ => None,
+        };
         rows.push(PolicyRow {
             name: spec.name().to_string(),
             feedback: spec.feedback.as_str().to_string(),
@@ -215,11 +256,13 @@ pub fn evaluate(
             apgr: curve
                 .as_ref()
                 .and_then(|c| c.apgr(q_weak, q_strong, cfg.grid)),
+            apgr_cost,
             cpt50: curve.as_ref().and_then(|c| c.cpt(0.5, q_weak, q_strong)),
             cpt80: curve.as_ref().and_then(|c| c.cpt(0.8, q_weak, q_strong)),
             decision_us_p50: p50,
             decision_us_p99: p99,
             curve: curve.map(|c| c.points().to_vec()).unwrap_or_default(),
+            curve_cost: by_cost,
         });
         r.tally.decision_ns.clear();
     }
@@ -241,8 +284,61 @@ pub fn evaluate(
     })
 }
 
+/// APGR over cost: the mean PGR over `grid` evenly spaced dollar amounts from the weak model's
+/// spend alone (`c_weak`) to the strong model's (`c_strong`), quality linear between the measured
+/// (cost, quality) points and flat beyond them. A router that buys its quality with cheaper
+/// escalations scores higher here than on APGR over share. `None` when the two spends are equal.
+pub fn apgr_over_cost(
+    points: &[CostPoint],
+    c_weak: f64,
+    c_strong: f64,
+    q_weak: f64,
+    q_strong: f64,
+    grid: usize,
+) -> Option<f64> {
+    let span = c_strong - c_weak;
+    if span.abs() < 1e-12 {
+        return None;
+    }
+    Curve::new(
+        points
+            .iter()
+            .map(|p| CurvePoint {
+                share: (p.cost_usd - c_weak) / span,
+                quality: p.quality,
+            })
+            .collect(),
+    )
+    .apgr(q_weak, q_strong, grid)
+}
+
 /// How many items all runs of `evaluate` will process, for a progress bar.
 pub fn total_work(cfg: &EvalConfig, items: usize) -> u64 {
     let curves = cfg.policies.iter().filter(|p| p.has_curve()).count();
     cfg.sweep().work(items, curves)
+}
+
+#[cfg(test)]
+mod cost_tests {
+    use super::*;
+
+    fn pts(v: &[(f64, f64)]) -> Vec<CostPoint> {
+        v.iter()
+            .map(|&(cost_usd, quality)| CostPoint { cost_usd, quality })
+            .collect()
+    }
+
+    #[test]
+    fn apgr_over_cost_rewards_cheap_quality() {
+        // Quality rising with dollars in a straight line: half the gap on average.
+        let line = pts(&[(1.0, 0.6), (6.0, 0.7), (11.0, 0.8)]);
+        let a = apgr_over_cost(&line, 1.0, 11.0, 0.6, 0.8, 11).unwrap();
+        assert!((a - 0.5).abs() < 1e-9, "{a}");
+        // The strong model's quality for a fifth of its extra dollars: most of the area.
+        let cheap = pts(&[(1.0, 0.6), (3.0, 0.8), (11.0, 0.8)]);
+        let b = apgr_over_cost(&cheap, 1.0, 11.0, 0.6, 0.8, 11).unwrap();
+        assert!(b > 0.85, "{b}");
+        // Models that cost the same: no span to measure over.
+        assert!(apgr_over_cost(&line, 2.0, 2.0, 0.6, 0.8, 11).is_none());
+    }
 }

@@ -16,11 +16,23 @@ pub struct PolicyRow {
     pub cost_usd: f64,
     pub capped: u64,
     pub apgr: Option<f64>,
+    /// APGR over dollars between the weak and the strong model's spend alone
+    /// ([`crate::eval::apgr_over_cost`]).
+    pub apgr_cost: Option<f64>,
     pub cpt50: Option<f64>,
     pub cpt80: Option<f64>,
     pub decision_us_p50: f64,
     pub decision_us_p99: f64,
     pub curve: Vec<CurvePoint>,
+    /// The same runs as `curve`, by what they spent.
+    pub curve_cost: Vec<CostPoint>,
+}
+
+/// One run of a curve by its spend: dollars and quality.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CostPoint {
+    pub cost_usd: f64,
+    pub quality: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,13 +86,14 @@ impl EvalReport {
         }
         let _ = writeln!(
             s,
-            "{:<14} {:<8} {:>8} {:>8} {:>10} {:>7} {:>7} {:>7} {:>9} {:>9}",
+            "{:<14} {:<8} {:>8} {:>8} {:>10} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9}",
             "policy",
             "feedback",
             "quality",
             "strong",
             "cost $",
             "APGR",
+            "APGR$",
             "CPT50",
             "CPT80",
             "dec p50",
@@ -89,13 +102,15 @@ impl EvalReport {
         for r in &self.policies {
             let _ = writeln!(
                 s,
-                "{:<14} {:<8} {:>7.2}% {:>7.1}% {:>10.4} {:>7} {:>7} {:>7} {:>7.2}us {:>7.2}us",
+                "{:<14} {:<8} {:>7.2}% {:>7.1}% {:>10.4} {:>7} {:>7} {:>7} {:>7} {:>7.2}us {:>7.2}us",
                 r.name,
                 r.feedback,
                 100.0 * r.quality,
                 100.0 * r.strong_share,
                 r.cost_usd,
                 r.apgr
+                    .map_or_else(|| "-".to_string(), |a| format!("{a:.3}")),
+                r.apgr_cost
                     .map_or_else(|| "-".to_string(), |a| format!("{a:.3}")),
                 pct(r.cpt50),
                 pct(r.cpt80),
