@@ -21,6 +21,10 @@ pub struct DemoArgs {
     /// Where answers, state and the plot go.
     #[arg(long, default_value = "out/demo")]
     dir: PathBuf,
+    /// Labelled snippets (held out of the stream) the cheap tiers learn before it starts; 0:
+    /// none, so they learn from the stream alone.
+    #[arg(long, default_value_t = 3000)]
+    pretrain: usize,
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
@@ -41,8 +45,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
         json: None,
         plot: Some(a.dir.join("run.svg")),
         threads: None,
+        pretrain: (a.pretrain > 0).then(|| "rest".to_string()),
+        pretrain_limit: Some(a.pretrain),
     };
-    println!("tandem demo: {} movie-review snippets through hashed n-grams -> MiniLM head -> Qwen2.5-0.5B (local, no API key)", a.limit);
+    println!("tandem demo: {} movie-review snippets through hashed n-grams -> MiniLM head -> Qwen2.5-0.5B (local, no API key); the cheap tiers warm up on {} labelled snippets held out of the stream and learn each item's label after answering it; 35% of the items go to the LLM", a.limit, a.pretrain);
     let report = run_with(&args, cfg, DEMO)?;
     print!("{}", report.table());
     println!(

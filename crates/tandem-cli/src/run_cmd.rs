@@ -1,4 +1,4 @@
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -46,6 +46,15 @@ pub struct RunArgs {
     /// Threads for the model tiers (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Warm start: teach the cheap tiers these labelled items before the stream starts (DS+'s
+    /// small model trained on labelled data): `rest` (the input's items past --limit, a held-out
+    /// split of the same shuffle), or a JSONL file of {"text", "label"}. Items without a label
+    /// are skipped and counted.
+    #[arg(long)]
+    pub pretrain: Option<String>,
+    /// At most this many pretraining items.
+    #[arg(long)]
+    pub pretrain_limit: Option<usize>,
 }
 
 pub fn set_threads(threads: Option<usize>) {
@@ -60,6 +69,9 @@ fn digest(config_text: &str, a: &RunArgs) -> String {
     h.update(config_text.as_bytes());
     // The limit is left out: a resumed run may go further than the first one.
     h.update(format!("\n{}\n{}", a.input, a.seed).as_bytes());
+    if let Some(p) = &a.pretrain {
+        h.update(format!("\npretrain {p} {:?}", a.pretrain_limit).as_bytes());
+    }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -87,10 +99,34 @@ pub fn run_with(a: &RunArgs, cfg: RunConfig, config_text: &str) -> Result<RunRep
     let store = Store::default_home();
     check_assets(&cfg, &store)?;
     let mut s = stream::open(&a.input, &cfg, a.seed, &store)?;
+    let mut rest = Vec::new();
     if let Some(l) = a.limit {
-        s.items.truncate(l);
+        if l < s.items.len() {
+            rest = s.items.split_off(l);
+        }
     }
     let mut tiers = tiers::build(&cfg, &store)?;
+    // A resumed run's checkpoint holds what the pretraining taught.
+    if let Some(src) = a.pretrain.as_ref().filter(|_| !a.resume) {
+        let items = match src.as_str() {
+            "rest" if rest.is_empty() => {
+                bail!("--pretrain rest: the input has no items past --limit to learn from")
+            }
+            "rest" => std::mem::take(&mut rest),
+            path => stream::open(path, &cfg, a.seed, &store)?.items,
+        };
+        let n = a.pretrain_limit.unwrap_or(usize::MAX).min(items.len());
+        let bar = crate::progress::Progress::new("labelled items learned (--pretrain)", n as u64);
+        let t0 = std::time::Instant::now();
+        let done = tandem_run::live::pretrain(&mut tiers, &items[..n], &mut |k| bar.set(k as u64))?;
+        bar.finish();
+        println!(
+            "pretrained the cheap tiers on {} labelled items in {:.0} s ({} without a label skipped)",
+            done.learned,
+            t0.elapsed().as_secs_f64(),
+            done.unlabelled
+        );
+    }
     let limits = cfg.budget.limits().map_err(anyhow::Error::msg)?;
     let opts = RunOptions {
         output: a.out.clone(),
@@ -98,6 +134,7 @@ pub fn run_with(a: &RunArgs, cfg: RunConfig, config_text: &str) -> Result<RunRep
         resume: a.resume,
         checkpoint_every: a.checkpoint_every.max(1),
         lookahead: 64,
+        teach_gold: cfg.policy.teach == tandem_run::config::Teach::Gold,
     };
     let bar = crate::progress::Progress::new("items", s.items.len() as u64);
     let names: Vec<String> = cfg.tiers.iter().map(|t| t.name.clone()).collect();

@@ -263,3 +263,72 @@ fn bad_configs_and_inputs_are_named() {
     let out = tandem(&["run", "--config", &cfg, "--input", "no-such-dataset"]);
     assert!(!out.status.success());
 }
+
+/// `--pretrain` warms the cheap tiers up on labelled items before the stream (`rest`: the
+/// input's items past --limit; or a file), and `teach = "gold"` teaches them the items' own
+/// labels; bad pretraining sources are named.
+#[test]
+fn pretraining_warms_the_cheap_tiers_before_the_stream() {
+    if !have_assets() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &dir.path().join("r.jsonl"));
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let gold = dir.path().join("gold.toml");
+    std::fs::write(&gold, format!("{text}[policy]\nteach = \"gold\"\n")).unwrap();
+    let g = gold.to_str().unwrap();
+    let answers = dir.path().join("a.jsonl");
+    let out = ok(&tandem(&[
+        "run",
+        "--config",
+        g,
+        "--limit",
+        "40",
+        "--pretrain",
+        "rest",
+        "--pretrain-limit",
+        "2000",
+        "--out",
+        answers.to_str().unwrap(),
+    ]));
+    assert!(
+        out.contains("pretrained the cheap tiers on 2000 labelled items"),
+        "{out}"
+    );
+    // Past its warm-up from the first item: the hashed tier answers some of the first ten.
+    let first: Vec<Value> = lines(&answers).into_iter().take(10).collect();
+    assert!(first.iter().any(|l| l["tier"] == "hashed"), "{first:?}");
+    let input = dir.path().join("labelled.jsonl");
+    std::fs::write(
+        &input,
+        "{\"text\":\"a fine film\",\"label\":\"positive\"}\n{\"text\":\"dull\"}\n",
+    )
+    .unwrap();
+    let out = ok(&tandem(&[
+        "run",
+        "--config",
+        g,
+        "--limit",
+        "3",
+        "--pretrain",
+        input.to_str().unwrap(),
+    ]));
+    assert!(
+        out.contains("on 1 labelled items") && out.contains("1 without a label skipped"),
+        "{out}"
+    );
+    for (args, needle) in [
+        (vec!["--pretrain", "rest"], "no items past --limit"),
+        (vec!["--pretrain", "missing.jsonl"], "missing.jsonl"),
+    ] {
+        let mut all = vec!["run", "--config", g, "--input", input.to_str().unwrap()];
+        all.extend(args);
+        let out = tandem(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{needle:?}: {err}"
+        );
+    }
+}

@@ -224,6 +224,8 @@ pub struct Walk {
     finished: Option<usize>,
     /// The policy may learn from how the item ends (the top tier's answer).
     learning: bool,
+    /// The item's known answer (a gold label, a user's correction), when it has one.
+    truth: Option<usize>,
 }
 
 impl Walk {
@@ -271,6 +273,14 @@ impl Walk {
     /// holds counts the item either way.
     pub fn set_learning(&mut self, learning: bool) {
         self.learning = learning;
+    }
+
+    /// The item's known answer (a gold label or a correction the caller holds): when set, it
+    /// teaches every cheap tier whichever tier answered (DS+ trains its small model on labelled
+    /// data), and the policy learns the cheap tiers' answers against it rather than against the
+    /// top tier's.
+    pub fn set_truth(&mut self, label: Option<usize>) {
+        self.truth = label;
     }
 
     /// The tier that answered, once [`Cascade::finish`]ed.
@@ -448,6 +458,7 @@ impl Cascade {
             item,
             finished: None,
             learning: true,
+            truth: None,
         })
     }
 
@@ -557,7 +568,16 @@ impl Cascade {
         );
         walk.finished = Some(tier);
         let mut lessons = Vec::new();
-        if tier == top {
+        let truth = walk.truth.filter(|_| walk.learning);
+        if let Some(gold) = truth {
+            for i in 0..top {
+                lessons.push(Lesson {
+                    tier: i,
+                    label: gold,
+                    weight: 1.0,
+                });
+            }
+        } else if tier == top {
             // L4S: the top tier's label teaches every tier below it.
             let classes = walk.replies[k].probs.len();
             for i in 0..top {
@@ -575,8 +595,8 @@ impl Cascade {
             query,
             answered: tier,
             top,
-            top_label: teaches.then_some(label),
-            top_text: if teaches {
+            top_label: truth.or(teaches.then_some(label)),
+            top_text: if teaches && truth.is_none() {
                 walk.replies[k].text.as_deref()
             } else {
                 None
@@ -621,6 +641,18 @@ impl Cascade {
         budget: &Budget,
         query: &Query,
     ) -> Result<(Served, Walk), T::Error> {
+        self.serve_labelled(tiers, budget, query, None)
+    }
+
+    /// [`Cascade::serve_walk`] for an item whose answer is known (`truth`: a gold label or a
+    /// correction; see [`Walk::set_truth`]).
+    pub fn serve_labelled<T: Tiers + ?Sized>(
+        &mut self,
+        tiers: &mut T,
+        budget: &Budget,
+        query: &Query,
+        truth: Option<usize>,
+    ) -> Result<(Served, Walk), T::Error> {
         if tiers.count() != self.tiers {
             return Err(CoreError::config(
                 "tiers",
@@ -631,6 +663,7 @@ impl Cascade {
         }
         let costs: Vec<Micros> = (0..self.tiers).map(|i| tiers.estimate(i, query)).collect();
         let mut walk = self.begin(query, costs)?;
+        walk.set_truth(truth);
         while let Next::Call {
             tier,
             metered,
@@ -668,7 +701,7 @@ impl Cascade {
             self.answered(&mut walk, query, reply, warm);
         }
         let (served, lessons) = self.finish(&mut walk, query, |i| tiers.updates(i))?;
-        if served.tier == self.top() {
+        if served.tier == self.top() || !lessons.is_empty() {
             let input = query.routing_text();
             for l in lessons {
                 tiers.learn(l.tier, input, l.label, l.weight)?;
@@ -793,12 +826,16 @@ mod tests {
         }
     }
 
+    /// Per item: the tier that answered, the label the policy learns against, cheap steps.
+    type FixedEnded = std::sync::Arc<std::sync::Mutex<Vec<(usize, Option<usize>, usize)>>>;
+
     /// Defers always (or never); counts what it was asked and told.
     #[derive(Default)]
     struct Fixed {
         keep: bool,
         asked: Vec<usize>,
-        ended: Vec<(usize, Option<usize>, usize)>,
+        /// Shared, so a test reads it while the cascade owns the policy.
+        ended: FixedEnded,
     }
 
     impl Deferral for Fixed {
@@ -810,7 +847,10 @@ mod tests {
             !self.keep
         }
         fn end_item(&mut self, _: &ItemState, f: &Finished) {
-            self.ended.push((f.answered, f.top_label, f.cheap.len()));
+            self.ended
+                .lock()
+                .unwrap()
+                .push((f.answered, f.top_label, f.cheap.len()));
         }
     }
 
@@ -1124,6 +1164,42 @@ mod tests {
                 (called, answered),
                 "fails {fails:?}, refused {refused:?}"
             );
+        }
+    }
+
+    /// A known answer (gold label, correction) teaches every cheap tier whichever tier
+    /// answered, and the policy learns against it; without one, only a top answer teaches.
+    #[test]
+    fn a_known_answer_teaches_the_cheap_tiers_whoever_answered() {
+        for (keep, truth, learned, told) in [
+            // The cheapest keeps its answer (label 1): the truth 0 teaches both cheap tiers.
+            (true, Some(0), vec![(0, 0, 1.0), (1, 0, 1.0)], (0, Some(0))),
+            // No truth: a cheap answer teaches nobody.
+            (true, None, vec![], (0, None)),
+            // Up to the top (label 0), truth 1: the truth teaches, not the top.
+            (false, Some(1), vec![(0, 1, 1.0), (1, 1, 1.0)], (2, Some(1))),
+            (false, None, vec![(0, 0, 1.0), (1, 0, 1.0)], (2, Some(0))),
+        ] {
+            let ended = std::sync::Arc::default();
+            let mut c = Cascade::new(
+                3,
+                Box::new(Fixed {
+                    keep,
+                    ended: std::sync::Arc::clone(&ended),
+                    ..Fixed::default()
+                }),
+                Teaching::default(),
+            )
+            .unwrap();
+            let mut t = three();
+            let (s, walk) = c
+                .serve_labelled(&mut t, &Budget::unlimited(), &q(), truth)
+                .unwrap();
+            assert_eq!(t.learned, learned, "keep {keep}, truth {truth:?}");
+            assert_eq!(walk.finished(), Some(s.tier));
+            // What the policy was told at the end: who answered, the label it learns against.
+            let (answered, top_label, _) = ended.lock().unwrap()[0];
+            assert_eq!((answered, top_label), told);
         }
     }
 

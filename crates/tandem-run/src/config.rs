@@ -90,6 +90,21 @@ pub struct PolicyConfig {
     /// Weighted L4S: the number of top-tier labels imitated at full weight before weighting starts
     /// (default 500).
     pub l4s_imitate_first: Option<u64>,
+    /// Who teaches the cheap tiers: `"top"` (default), the top tier's answers (L4S); `"gold"`,
+    /// an item's own label when it carries one (the cheap tiers learn it whichever tier
+    /// answered, and the deferral policy learns their errors against it), the top tier's answer
+    /// otherwise.
+    #[serde(default)]
+    pub teach: Teach,
+}
+
+/// Who teaches the cheap tiers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Teach {
+    #[default]
+    Top,
+    Gold,
 }
 
 impl PolicyConfig {

@@ -65,6 +65,8 @@ pub struct RunOptions {
     pub resume: bool,
     pub checkpoint_every: u64,
     pub lookahead: usize,
+    /// Items carrying a gold label teach the cheap tiers that label (`teach = "gold"`).
+    pub teach_gold: bool,
 }
 
 /// What the progress display shows after each item.
@@ -135,7 +137,9 @@ pub fn run(
         }
         // 3. The engine serves the item: up the tiers, the budget, the teaching step.
         let query = Query::text(item.id.as_str(), item.text.as_str());
-        let served = cascade.serve(&mut LiveTiers { tiers, labels }, &budget, &query)?;
+        let truth = if opts.teach_gold { item.gold } else { None };
+        let (served, _) =
+            cascade.serve_labelled(&mut LiveTiers { tiers, labels }, &budget, &query, truth)?;
         // 4. Count it, write it, show it; checkpoint now and then.
         state.record(&served, item);
         if let Some((path, w)) = &mut out {
@@ -222,6 +226,47 @@ impl RunState {
         self.items_done += 1;
         self.last_id = Some(item.id.clone());
     }
+}
+
+/// What [`pretrain`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pretrained {
+    pub learned: u64,
+    /// Items without a gold label, skipped.
+    pub unlabelled: u64,
+}
+
+/// Warm start: every cheap tier learns each labelled item's gold label, in order, before the
+/// stream starts (DS+ trains its small model on labelled data). The tiers' warm-up counts these
+/// labels. `progress(k)`: items done.
+pub fn pretrain(
+    tiers: &mut [TierSetup],
+    items: &[Item],
+    progress: &mut dyn FnMut(usize),
+) -> Result<Pretrained, RunError> {
+    let top = tiers.len().saturating_sub(1);
+    let mut out = Pretrained::default();
+    const BATCH: usize = 64;
+    for (b, chunk) in items.chunks(BATCH).enumerate() {
+        let texts: Vec<&str> = chunk.iter().map(|i| i.text.as_str()).collect();
+        for t in tiers[..top].iter_mut() {
+            t.model.classifier().prepare(&texts)?;
+        }
+        for item in chunk {
+            let Some(g) = item.gold else {
+                out.unlabelled += 1;
+                continue;
+            };
+            for t in tiers[..top].iter_mut() {
+                let c = t.model.classifier();
+                c.learn(&item.text, g, 1.0)?;
+                c.forget(&item.text);
+            }
+            out.learned += 1;
+        }
+        progress((b * BATCH + chunk.len()).min(items.len()));
+    }
+    Ok(out)
 }
 
 /// The cheap tiers see the texts about to come (batched encoders embed them together).

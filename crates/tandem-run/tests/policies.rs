@@ -106,6 +106,7 @@ fn run(
         resume: false,
         checkpoint_every: u64::MAX,
         lookahead: 1,
+        teach_gold: c.policy.teach == tandem_run::config::Teach::Gold,
     };
     let mut by_text: HashMap<String, (u64, u64)> = HashMap::new();
     let mut seen = |p: &Progress| {

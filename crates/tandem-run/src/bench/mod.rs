@@ -276,6 +276,7 @@ pub fn run_one(
         resume: false,
         checkpoint_every: u64::MAX,
         lookahead: 1,
+        teach_gold: cfg.policy.teach == crate::config::Teach::Gold,
     };
     let top = tiers.len() - 1;
     let (mut agree, mut s4l_items, mut with, mut without) = (0u64, 0u64, 0u64, 0u64);
