@@ -13,37 +13,17 @@ use std::sync::Arc;
 use tandem_core::embed::{Embedder, EmbeddingTable};
 use tandem_core::policy::cascade::CascadeConfig;
 use tandem_core::policy::router::RouterConfig;
-use tandem_core::policy::FeedbackMode;
-use tandem_core::{BudgetLimits, Price};
-use tandem_eval::runner::{Models, PolicyKind};
 use tandem_eval::train::{train, TrainConfig, TrainSet};
-use tandem_eval::{evaluate, Dataset, EvalConfig, LoadOptions, PolicySpec};
+use tandem_eval::{evaluate, Dataset, EvalConfig, LoadOptions};
 
 fn cfg(seed: u64, embedder: Option<Arc<dyn Embedder>>) -> EvalConfig {
     EvalConfig {
-        seed,
-        target_share: 0.3,
-        explore: 0.1,
-        grid: 11,
-        window: 1000,
-        budget: BudgetLimits::default(),
-        threads: 2,
-        limit: Some(6000),
-        policies: [FeedbackMode::Full, FeedbackMode::Partial]
-            .into_iter()
-            .map(|feedback| PolicySpec {
-                kind: PolicyKind::Router,
-                feedback,
-            })
-            .collect(),
         router: RouterConfig {
             use_metadata: false,
             ..RouterConfig::default()
         },
-        cascade: CascadeConfig::default(),
-        prior: None,
-        cost_weight: 0.0,
         embedder,
+        ..common::router_eval(seed, Some(6000))
     }
 }
 
@@ -78,15 +58,7 @@ fn vectors_carry_what_the_words_miss() {
         return;
     };
     let data = Arc::new(Dataset::load(&path, &LoadOptions::default()).unwrap());
-    let model = |m: &str| data.models.iter().position(|x| x == m).unwrap();
-    let models = Models {
-        data: data.clone(),
-        weak: model("mixtral-8x7b-instruct"),
-        strong: model("gpt-4-1106-preview"),
-        weak_price: Price::parse("token:0.24").unwrap(),
-        strong_price: Price::parse("token:24.7").unwrap(),
-        default_output_tokens: 1,
-    };
+    let models = common::mmlu_models(data.clone());
     let vectors = subject_vectors(&data);
     let apgr = |e: Option<Arc<dyn Embedder>>| {
         let mut sum = [0.0f64; 2];

@@ -17,12 +17,11 @@ use std::path::Path;
 use std::sync::Arc;
 use tandem_core::policy::cascade::CascadeConfig;
 use tandem_core::policy::router::RouterConfig;
-use tandem_core::policy::FeedbackMode;
 use tandem_core::prior::Prior;
-use tandem_core::{BudgetLimits, Price};
-use tandem_eval::runner::{Models, PolicyKind};
+use tandem_core::Price;
+use tandem_eval::runner::Models;
 use tandem_eval::train::{train, TrainConfig, TrainSet};
-use tandem_eval::{evaluate, Dataset, EvalConfig, LoadOptions, PolicySpec};
+use tandem_eval::{evaluate, Dataset, EvalConfig, LoadOptions};
 
 /// The file's lines whose id hashes to `half` (0 or 1).
 fn half(text: &str, half: u64) -> String {
@@ -38,26 +37,8 @@ fn half(text: &str, half: u64) -> String {
 
 fn eval_cfg(seed: u64, prior: Option<Arc<Prior>>) -> EvalConfig {
     EvalConfig {
-        seed,
-        target_share: 0.3,
-        explore: 0.1,
-        grid: 11,
-        window: 1000,
-        budget: BudgetLimits::default(),
-        threads: 2,
-        limit: Some(1000),
-        policies: [FeedbackMode::Full, FeedbackMode::Partial]
-            .into_iter()
-            .map(|feedback| PolicySpec {
-                kind: PolicyKind::Router,
-                feedback,
-            })
-            .collect(),
-        router: RouterConfig::default(),
-        cascade: CascadeConfig::default(),
         prior,
-        cost_weight: 0.0,
-        embedder: None,
+        ..common::router_eval(seed, Some(1000))
     }
 }
 
