@@ -46,9 +46,17 @@ pub fn run(a: DemoArgs) -> Result<()> {
         plot: Some(a.dir.join("run.svg")),
         threads: None,
         pretrain: (a.pretrain > 0).then(|| "rest".to_string()),
-        pretrain_limit: Some(a.pretrain),
+        pretrain_limit: (a.pretrain > 0).then_some(a.pretrain),
     };
-    println!("tandem demo: {} movie-review snippets through hashed n-grams -> MiniLM head -> Qwen2.5-0.5B (local, no API key); the cheap tiers warm up on {} labelled snippets held out of the stream and learn each item's label after answering it; 35% of the items go to the LLM", a.limit, a.pretrain);
+    let warm = if a.pretrain > 0 {
+        format!(
+            "warm up on up to {} labelled snippets held out of the stream, then ",
+            a.pretrain
+        )
+    } else {
+        String::new()
+    };
+    println!("tandem demo: {} movie-review snippets through hashed n-grams -> MiniLM head -> Qwen2.5-0.5B (local, no API key); the cheap tiers {warm}learn each item's label after answering it; once they are past their warm-up, one threshold holds the LLM's share at 35%; the LLM's answers are replayed from {} where recorded", a.limit, store.home().join("recordings").display());
     let report = run_with(&args, cfg, DEMO)?;
     print!("{}", report.table());
     println!(

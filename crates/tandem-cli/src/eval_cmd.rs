@@ -289,6 +289,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let cascade =
         !a.tiers.is_empty() || (data.models.len() > 2 && a.weak.is_none() && a.strong.is_none());
     if cascade {
+        if a.embed || a.cost_weight > 0.0 {
+            bail!("--embed and --cost-weight apply to the learned router of two models (--weak and --strong); a cascade of {} models has none", data.models.len());
+        }
         return run_ladder(a, data, budget);
     }
     if !a.prices.is_empty() {
@@ -309,6 +312,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         None => None,
     };
     let data = Arc::new(data);
+    let routes = policies.iter().any(|p| p.kind == PolicyKind::Router);
+    if a.embed && !routes {
+        bail!("--embed: the sentence vectors are read by the learned router, and --policies runs none");
+    }
     let embedder = if a.embed {
         Some(embed_prompts(std::slice::from_ref(&data))?)
     } else {

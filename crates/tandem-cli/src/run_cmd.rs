@@ -71,6 +71,10 @@ fn digest(config_text: &str, a: &RunArgs) -> String {
     h.update(format!("\n{}\n{}", a.input, a.seed).as_bytes());
     if let Some(p) = &a.pretrain {
         h.update(format!("\npretrain {p} {:?}", a.pretrain_limit).as_bytes());
+        // `rest` learns the items past --limit: a resume going further would answer them.
+        if p == "rest" {
+            h.update(format!(" limit {:?}", a.limit).as_bytes());
+        }
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -106,11 +110,22 @@ pub fn run_with(a: &RunArgs, cfg: RunConfig, config_text: &str) -> Result<RunRep
         }
     }
     let mut tiers = tiers::build(&cfg, &store)?;
+    if a.pretrain_limit.is_some() && a.pretrain.is_none() {
+        bail!("--pretrain-limit applies to --pretrain");
+    }
+    if a.resume && a.pretrain.is_some() {
+        println!(
+            "--resume: the checkpoint holds what the pretraining taught; not pretraining again"
+        );
+    }
     // A resumed run's checkpoint holds what the pretraining taught.
     if let Some(src) = a.pretrain.as_ref().filter(|_| !a.resume) {
         let items = match src.as_str() {
             "rest" if rest.is_empty() => {
-                bail!("--pretrain rest: the input has no items past --limit to learn from")
+                bail!(
+                    "--pretrain rest: the input has {} items, none past --limit to learn from (lower the limit; tandem demo: or --pretrain 0)",
+                    s.items.len()
+                )
             }
             "rest" => std::mem::take(&mut rest),
             path => stream::open(path, &cfg, a.seed, &store)?.items,

@@ -270,6 +270,32 @@ fn bad_input_is_a_clear_error() {
         "e.jsonl: no records: the file is empty",
     );
     let g = good.to_str().unwrap();
+    // Flags that only the learned router reads, where no router runs.
+    fails_with(
+        &[
+            "eval",
+            "--data",
+            g,
+            "--embed",
+            "--policies",
+            "random,oracle",
+        ],
+        "--policies runs none",
+    );
+    fails_with(
+        &[
+            "eval",
+            "--data",
+            g,
+            "--tiers",
+            "small,big",
+            "--price",
+            "small=call:0.001,big=call:0.01",
+            "--cost-weight",
+            "0.5",
+        ],
+        "apply to the learned router of two models",
+    );
     fails_with(
         &["eval", "--data", g, "--weak", "gpt-9"],
         "model \"gpt-9\" is not in the file (it has: big, small)",

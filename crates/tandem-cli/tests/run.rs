@@ -319,7 +319,7 @@ fn pretraining_warms_the_cheap_tiers_before_the_stream() {
         "{out}"
     );
     for (args, needle) in [
-        (vec!["--pretrain", "rest"], "no items past --limit"),
+        (vec!["--pretrain", "rest"], "none past --limit"),
         (vec!["--pretrain", "missing.jsonl"], "missing.jsonl"),
     ] {
         let mut all = vec!["run", "--config", g, "--input", input.to_str().unwrap()];

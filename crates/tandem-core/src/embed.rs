@@ -361,7 +361,8 @@ pub struct NeighbourEvidence {
     pub stack: [Stacker; 2],
 }
 
-const EVIDENCE_MAGIC: &[u8; 8] = b"TNDKNN01";
+/// What a saved neighbour memory starts with.
+pub const EVIDENCE_MAGIC: &[u8; 8] = b"TNDKNN01";
 
 impl NeighbourEvidence {
     pub fn new(dim: usize, capacity: usize, k: usize) -> Result<Self, CoreError> {

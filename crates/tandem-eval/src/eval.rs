@@ -280,6 +280,17 @@ pub fn evaluate(
         grid: cfg.grid,
         max_strong_calls: cfg.budget.max_calls,
         max_usd: cfg.budget.max_micros.map(micros_to_usd),
+        router_metadata: cfg
+            .prior
+            .as_ref()
+            .and_then(|p| p.router.as_ref())
+            .map_or(cfg.router.use_metadata, |r| r.config().use_metadata),
+        router_vectors: cfg.embedder.as_ref().map(|e| e.name().to_string()),
+        prior_trained_on: cfg
+            .prior
+            .as_ref()
+            .map(|p| p.info.trained_on.iter().map(|t| t.file.clone()).collect()),
+        cost_weight: cfg.cost_weight,
         policies: rows,
     })
 }

@@ -50,6 +50,12 @@ pub struct EvalReport {
     pub grid: usize,
     pub max_strong_calls: Option<u64>,
     pub max_usd: Option<f64>,
+    /// What the learned router read and started from: the records' metadata, an encoder's
+    /// sentence vectors (its name), a prior (the files it was trained on); its weight on price.
+    pub router_metadata: bool,
+    pub router_vectors: Option<String>,
+    pub prior_trained_on: Option<Vec<String>>,
+    pub cost_weight: f32,
     pub policies: Vec<PolicyRow>,
 }
 
@@ -76,6 +82,29 @@ impl EvalReport {
         if self.skipped_lines > 0 {
             let _ = writeln!(s, "skipped {} bad lines (--skip-bad)", self.skipped_lines);
         }
+        let mut reads = vec!["n-grams"];
+        if self.router_metadata {
+            reads.push("metadata");
+        }
+        let vectors = self
+            .router_vectors
+            .as_deref()
+            .map(|v| format!("{v} vectors"));
+        if let Some(v) = &vectors {
+            reads.push(v);
+        }
+        let _ = writeln!(
+            s,
+            "router reads {}; starts from {}; cost weight {}",
+            reads.join(", "),
+            self.prior_trained_on
+                .as_ref()
+                .map_or("nothing".to_string(), |f| format!(
+                    "a prior trained on {}",
+                    f.join(", ")
+                )),
+            self.cost_weight
+        );
         if self.max_strong_calls.is_some() || self.max_usd.is_some() {
             let _ = writeln!(
                 s,

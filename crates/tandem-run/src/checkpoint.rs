@@ -107,7 +107,7 @@ pub fn load(
     })?;
     if state.config_digest != digest {
         return Err(RunError::Invalid(format!(
-            "{}: was written by a run with another configuration; start a new run (without --resume) or use the same config",
+            "{}: was written by a run with another configuration (the config file, --input, --seed, --pretrain and --pretrain-limit, and with --pretrain rest --limit, must be the same); start a new run (without --resume) or use the same settings",
             path.display()
         )));
     }

@@ -1344,6 +1344,25 @@ fn check_prior(
             "cascade scorer (train it on files that record the weak model's responses)",
         )
     };
+    let vectors = |c: &tandem_core::policy::router::RouterConfig| c.reads_embeddings();
+    if let (Some(m), true) = (prior.router.as_ref(), r.kind == RouteKind::RouteBefore) {
+        match (vectors(&m.config()), embedder) {
+            (true, None) => {
+                return Err(format!(
+                    "{}: its router reads sentence vectors ({}): add embeddings = \"minilm\" to the route, or train the prior without --embed",
+                    file.display(),
+                    prior.info.embedder.as_deref().unwrap_or("an encoder")
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(format!(
+                    "{}: its router was trained without sentence vectors and this route reads them: train it with `tandem train --embed`, or drop `embeddings`",
+                    file.display()
+                ))
+            }
+            _ => {}
+        }
+    }
     match have {
         None => Err(format!("{} holds no {what}", file.display())),
         Some(h) if h != want => Err(format!(

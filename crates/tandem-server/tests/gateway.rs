@@ -588,19 +588,53 @@ async fn a_route_before_router_reads_sentence_vectors() {
     );
     gw.stop().await;
 
-    // The same state under a route without vectors is refused, not misread: the route closes
-    // and /health names its state file.
+    // The route may stop reading vectors and keep what it learned (the neighbour memory is
+    // dropped; its n-gram weights serve), and start again (the memory starts empty, the
+    // vectors' weights in the linear models are still there): its state loads both ways.
     let plain = cfg.replace("embeddings = \"minilm\"\n", "");
-    let gw = start(&plain, dir.path()).await;
-    let health = reqwest::get(format!("{}/health", gw.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(health.contains("rb.state"), "{health}");
-    gw.stop().await;
+    for (text, sharp) in [(&plain, false), (&cfg, true)] {
+        let gw = start(text, dir.path()).await;
+        let health = reqwest::get(format!("{}/health", gw.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!health.contains("rb.state"), "{health}");
+        let (proof3, capital3) = route_round(&gw.url, 100, 10_000, false).await;
+        // Without the vectors the scores are flatter than the share the gate learned on them:
+        // it serves, and still sends proofs up more often, until its window recalibrates.
+        let ok = if sharp {
+            proof3 > 0.75 && capital3 < 0.25
+        } else {
+            proof3 > capital3
+        };
+        assert!(ok, "vectors {sharp}: proofs {proof3}, capitals {capital3}");
+        gw.stop().await;
+    }
+    // A prior trained without vectors, on a route that reads them: the fix is named.
+    let plain_prior = tandem_core::prior::Prior {
+        info: tandem_core::prior::PriorInfo {
+            version: tandem_core::prior::PRIOR_VERSION,
+            router: None,
+            cascade: None,
+            trained_on: vec![],
+            embedder: None,
+            epochs: 1,
+            seed: 0,
+        },
+        router: Some(
+            tandem_core::policy::router::GainRouter::new(tandem_server::route::router_config(None))
+                .unwrap(),
+        ),
+        cascade: None,
+    };
+    plain_prior.save(&dir.path().join("plain.prior")).unwrap();
     for (text, needles) in [
+        (
+            format!("{ups}[[route]]\nname = \"r\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 0.5\nembeddings = \"minilm\"\nprior = \"plain.prior\"\n"),
+            vec!["route[0].prior", "without sentence vectors", "tandem train --embed"],
+        ),
         (
             format!("{ups}[[route]]\nname = \"c\"\nkind = \"cascade\"\nsmall = \"small\"\nlarge = \"large\"\nthreshold = 0.5\nembeddings = \"minilm\"\n"),
             vec!["route[0].embeddings", "route_before"],

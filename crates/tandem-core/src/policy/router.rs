@@ -299,11 +299,20 @@ impl GainRouter {
         Ok(())
     }
 
-    pub fn load(cfg: RouterConfig, r: &mut impl std::io::Read) -> Result<Self, CoreError> {
+    /// Reads a checkpoint [`GainRouter::save`] wrote. The neighbour memory is optional both
+    /// ways, so a route may start or stop reading sentence vectors and keep what it learned: a
+    /// checkpoint without one loads with an empty memory into settings with kNN; one with a
+    /// memory loads into settings without kNN and the memory is dropped (the vectors' weights in
+    /// the linear models are then never read).
+    pub fn load(cfg: RouterConfig, r: &mut &[u8]) -> Result<Self, CoreError> {
         let mut g = GainRouter::new(cfg)?;
         g.weak = OnlineSoftmax::load(r)?;
         g.strong = OnlineSoftmax::load(r)?;
-        if g.evidence.is_some() {
+        if !r.starts_with(crate::embed::EVIDENCE_MAGIC) {
+            // Saved without vectors (or before them): the memory, if any, starts empty.
+        } else if g.evidence.is_none() {
+            NeighbourEvidence::load(r)?;
+        } else {
             let ev = NeighbourEvidence::load(r)?;
             if ev.memory[0].dim() != cfg.embedding_dim as usize {
                 return Err(CoreError::config(
@@ -514,19 +523,29 @@ mod tests {
         for (q, _) in items.iter().take(10) {
             assert_eq!(back.score_ref(q, &mut scratch), r.score(q));
         }
-        // Without its neighbour memory the checkpoint is refused.
+        // Without its neighbour memory (saved before vectors) the checkpoint loads with an empty
+        // one, and a memory is dropped by settings without kNN: the linear models carry over.
+        let plain = RouterConfig {
+            bits: 12,
+            ..RouterConfig::default()
+        };
         let plain_len = {
             let mut b = Vec::new();
-            GainRouter::new(RouterConfig {
-                bits: 12,
-                ..RouterConfig::default()
-            })
-            .unwrap()
-            .save(&mut b)
-            .unwrap();
+            GainRouter::new(plain).unwrap().save(&mut b).unwrap();
             b.len()
         };
-        assert!(GainRouter::load(cfg, &mut &buf[..plain_len]).is_err());
+        let mut head = &buf[..plain_len];
+        let fresh = GainRouter::load(cfg, &mut head).unwrap();
+        assert!(head.is_empty());
+        assert_eq!(fresh.evidence.as_ref().unwrap().memory[0].len(), 0);
+        let mut all = buf.as_slice();
+        let dropped = GainRouter::load(plain, &mut all).unwrap();
+        assert!(all.is_empty() && dropped.evidence.is_none());
+        let mut s = r.scratch().unwrap();
+        GainRouter::features_into(&plain, &mut s.featurizer, &items[0].0, None, &mut s.a);
+        assert_eq!(dropped.weak.prob1(&s.a), r.weak.prob1(&s.a));
+        // A damaged memory is refused.
+        assert!(GainRouter::load(cfg, &mut &buf[..buf.len() - 3]).is_err());
         // Settings that read vectors need their length.
         let bad = RouterConfig {
             knn: 8,
