@@ -298,7 +298,8 @@ pub fn evaluate(
 /// APGR over cost: the mean PGR over `grid` evenly spaced dollar amounts from the weak model's
 /// spend alone (`c_weak`) to the strong model's (`c_strong`), quality linear between the measured
 /// (cost, quality) points and flat beyond them. A router that buys its quality with cheaper
-/// escalations scores higher here than on APGR over share. `None` when the two spends are equal.
+/// escalations scores higher here than on APGR over share. `None` unless the strong model alone
+/// spends more than the weak one (there is no gap to buy back with dollars).
 pub fn apgr_over_cost(
     points: &[CostPoint],
     c_weak: f64,
@@ -308,7 +309,7 @@ pub fn apgr_over_cost(
     grid: usize,
 ) -> Option<f64> {
     let span = c_strong - c_weak;
-    if span.abs() < 1e-12 {
+    if span <= 1e-12 {
         return None;
     }
     Curve::new(
@@ -351,5 +352,7 @@ mod cost_tests {
         assert!(b > 0.85, "{b}");
         // Models that cost the same: no span to measure over.
         assert!(apgr_over_cost(&line, 2.0, 2.0, 0.6, 0.8, 11).is_none());
+        // A strong model cheaper than the weak one: no dollars to trade for quality.
+        assert!(apgr_over_cost(&line, 11.0, 1.0, 0.6, 0.8, 11).is_none());
     }
 }

@@ -1392,7 +1392,7 @@ fn encoder(
             }
             let store = tandem_models::assets::Store::default_home();
             let e = tandem_models::embedder::MiniLmEmbedder::load(&store, EMBEDDING_CACHE)
-                .map_err(|e| format!("{e} (install it with `tandem assets install minilm`)"))?;
+                .map_err(|e| e.to_string())?;
             let e: std::sync::Arc<dyn tandem_core::embed::Embedder> = std::sync::Arc::new(e);
             *loaded = Some(e.clone());
             Ok(e)
