@@ -96,6 +96,14 @@ pub struct CascadeArgs {
     /// Use only the first N items of each stream (the same items in every order).
     #[arg(long)]
     limit: Option<usize>,
+    /// Labelled items held out of each stream that the cheap tiers learn before every run: the
+    /// items after --limit, or without it the stream's last N (which then leave the stream).
+    #[arg(long, default_value_t = 0)]
+    pretrain: usize,
+    /// Who teaches the cheap tiers in every policy: the top tier's answers, or each item's gold
+    /// label (default: the configuration's `[policy] teach`).
+    #[arg(long, value_enum)]
+    teach: Option<TeachArg>,
     /// Stream orders (seeds), comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [0u64, 1, 2])]
     seeds: Vec<u64>,
@@ -297,6 +305,7 @@ fn plan(a: &CascadeArgs) -> Result<Plan> {
         s4l: !a.no_s4l && !a.quick,
         s4l_seeds: a.s4l_orders,
         threads: a.threads.max(1),
+        shuffle: true,
     })
 }
 
@@ -348,16 +357,90 @@ fn datasets(a: &CascadeArgs, store: &Store) -> Result<Vec<Dataset>> {
         if s.items.iter().all(|i| i.gold.is_none()) {
             bail!("{input}: no gold labels; the benchmark measures accuracy against them");
         }
-        if let Some(l) = limit {
-            s.items.truncate(l);
+        let pretrain = held_out(&mut s.items, limit, a.pretrain, &input)?;
+        if let Some(t) = a.teach {
+            cfg.policy.teach = t.into();
         }
         out.push(Dataset {
             name,
             cfg,
             stream: s,
+            pretrain,
         });
     }
     Ok(out)
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum TeachArg {
+    Top,
+    Gold,
+}
+
+impl From<TeachArg> for tandem_run::config::Teach {
+    fn from(t: TeachArg) -> Self {
+        match t {
+            TeachArg::Top => Self::Top,
+            TeachArg::Gold => Self::Gold,
+        }
+    }
+}
+
+/// Every policy of `plan` over `ds`, with progress: embedding its texts and recording the top
+/// tier's missing answers first (cached), then the runs.
+pub(crate) fn sweep(
+    ds: &Dataset,
+    plan: &Plan,
+    store: &Store,
+) -> Result<(Vec<bench::RunResult>, summary::DatasetSummary)> {
+    let embed = bar(0, &format!("{}: embedding", ds.name));
+    let record = bar(0, &format!("{}: top-tier answers", ds.name));
+    let prep = bench::prepare(ds, store, &mut |stage, done, n| {
+        let b = match stage {
+            Stage::Embedding => &embed,
+            Stage::Recording => &record,
+        };
+        b.set_total(n as u64);
+        b.set(done as u64);
+    })?;
+    embed.finish();
+    record.finish();
+    let n_runs = bench::jobs(&bench::variants(&ds.cfg, plan), plan).len();
+    let runs_bar = bar(n_runs as u64, &format!("{}: cascade runs", ds.name));
+    let runs = bench::run_all(ds, &prep, plan, store, &|k, _| runs_bar.set(k as u64))?;
+    runs_bar.finish();
+    let names: Vec<String> = ds.cfg.tiers.iter().map(|t| t.name.clone()).collect();
+    let s = summary::summarize(&ds.name, ds.stream.items.len(), &names, &runs, plan);
+    Ok((runs, s))
+}
+
+/// Splits `n` labelled items off the stream for pretraining: the items after the first `limit`
+/// (the rest of the same shuffle, as `tandem run --pretrain rest` takes them), or without a limit
+/// the last `n`; then keeps the first `limit` as the stream.
+pub(crate) fn held_out(
+    items: &mut Vec<tandem_run::stream::Item>,
+    limit: Option<usize>,
+    n: usize,
+    input: &str,
+) -> Result<Vec<tandem_run::stream::Item>> {
+    let keep = limit
+        .unwrap_or(items.len().saturating_sub(n))
+        .min(items.len());
+    if n > 0 && items.len() < keep + n {
+        bail!(
+            "--pretrain {n}: {input} has {} items, not enough for {keep} in the stream and {n} held out to pretrain on",
+            items.len()
+        );
+    }
+    if n > 0 && keep == 0 {
+        bail!("--pretrain {n}: would leave no items in the stream of {input}");
+    }
+    let mut rest = items.split_off(keep);
+    rest.truncate(n);
+    if rest.iter().any(|i| i.gold.is_none()) {
+        bail!("--pretrain {n}: some of the held-out items of {input} have no gold label");
+    }
+    Ok(rest)
 }
 
 fn bar(len: u64, what: &str) -> Progress {
@@ -371,25 +454,24 @@ fn cascade(a: CascadeArgs) -> Result<()> {
     let mut summaries = Vec::new();
     let mut all_runs = Vec::new();
     for ds in datasets(&a, &store)? {
-        let embed = bar(0, &format!("{}: embedding", ds.name));
-        let record = bar(0, &format!("{}: top-tier answers", ds.name));
-        let prep = bench::prepare(&ds, &store, &mut |stage, done, n| {
-            let b = match stage {
-                Stage::Embedding => &embed,
-                Stage::Recording => &record,
-            };
-            b.set_total(n as u64);
-            b.set(done as u64);
-        })?;
-        embed.finish();
-        record.finish();
-        let n_runs = bench::jobs(&bench::variants(&ds.cfg, &plan), &plan).len();
-        let runs_bar = bar(n_runs as u64, &format!("{}: cascade runs", ds.name));
         let t0 = std::time::Instant::now();
-        let runs = bench::run_all(&ds, &prep, &plan, &store, &|k, _| runs_bar.set(k as u64))?;
-        runs_bar.finish();
-        let names: Vec<String> = ds.cfg.tiers.iter().map(|t| t.name.clone()).collect();
-        let s = summary::summarize(&ds.name, ds.stream.items.len(), &names, &runs, &plan);
+        let (runs, s) = sweep(&ds, &plan, &store)?;
+        println!(
+            "{}: cheap tiers taught by {}{}",
+            ds.name,
+            match ds.cfg.policy.teach {
+                tandem_run::config::Teach::Gold => "each item's gold label",
+                tandem_run::config::Teach::Top => "the top tier's answers",
+            },
+            if ds.pretrain.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", after learning {} labelled items held out of the stream",
+                    ds.pretrain.len()
+                )
+            }
+        );
         print!("{}", s.table());
         let svg = a.out.join(format!("{}-frontier.svg", ds.name));
         plot::write_frontiers(&s, &svg)?;

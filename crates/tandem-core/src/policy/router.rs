@@ -129,6 +129,9 @@ pub struct GainRouter {
     /// Feature indices of the vector's components.
     dense: Vec<u32>,
     evidence: Option<NeighbourEvidence>,
+    /// The neighbours' estimates (weak, strong) for the query in `x`, so learning right after
+    /// scoring does not search the memory again.
+    knn_of_x: Option<[f32; 2]>,
     /// Prompts the router read without a vector although it was configured for them.
     pub missing_vectors: u64,
 }
@@ -162,6 +165,7 @@ impl GainRouter {
             v: None,
             dense,
             evidence,
+            knn_of_x: None,
             missing_vectors: 0,
         })
     }
@@ -192,6 +196,7 @@ impl GainRouter {
             return;
         }
         self.v = self.vector(q);
+        self.knn_of_x = None;
         Self::features_into(
             &self.cfg,
             &mut self.featurizer,
@@ -246,16 +251,29 @@ impl GainRouter {
         }
     }
 
-    /// The linear estimates mixed with the neighbours' (when the router has both).
-    fn mixed(&self, x: &FeatureVec, v: Option<&[f32]>) -> (f32, f32) {
-        let (pw, ps) = (self.weak.prob1(x), self.strong.prob1(x));
+    /// The neighbours' estimates (weak, strong) for vector `v`, when the router has a memory.
+    fn neighbours(&self, v: Option<&[f32]>) -> Option<[f32; 2]> {
         match (&self.evidence, v) {
-            (Some(ev), Some(v)) => (
-                ev.stack[0].mix(pw, ev.memory[0].estimate(v).0),
-                ev.stack[1].mix(ps, ev.memory[1].estimate(v).0),
-            ),
+            (Some(ev), Some(v)) => Some([ev.memory[0].estimate(v).0, ev.memory[1].estimate(v).0]),
+            _ => None,
+        }
+    }
+
+    /// The linear estimates mixed with the neighbours' (when the router has both).
+    fn mixed(&self, x: &FeatureVec, knn: Option<[f32; 2]>) -> (f32, f32) {
+        let (pw, ps) = (self.weak.prob1(x), self.strong.prob1(x));
+        match (&self.evidence, knn) {
+            (Some(ev), Some([kw, ks])) => (ev.stack[0].mix(pw, kw), ev.stack[1].mix(ps, ks)),
             _ => (pw, ps),
         }
+    }
+
+    /// The neighbours' estimates for the query in `x`, searched once per query.
+    fn neighbours_of_x(&mut self) -> Option<[f32; 2]> {
+        if self.knn_of_x.is_none() {
+            self.knn_of_x = self.neighbours(self.v.as_deref());
+        }
+        self.knn_of_x
     }
 
     /// Buffers for [`Self::score_ref`].
@@ -284,7 +302,7 @@ impl GainRouter {
             v.as_deref().map(|v| (v, self.dense.as_slice())),
             &mut s.a,
         );
-        let (pw, ps) = self.mixed(&s.a, v.as_deref());
+        let (pw, ps) = self.mixed(&s.a, self.neighbours(v.as_deref()));
         ps - pw
     }
 
@@ -336,7 +354,8 @@ impl GainRouter {
     /// Estimated probabilities that the weak and the strong model answer `q` well.
     pub fn probabilities(&mut self, q: &Query) -> (f32, f32) {
         self.featurize(q);
-        self.mixed(&self.x, self.v.as_deref())
+        let knn = self.neighbours_of_x();
+        self.mixed(&self.x, knn)
     }
 }
 
@@ -379,18 +398,21 @@ impl RouteScorer for GainRouter {
 
     fn learn(&mut self, q: &Query, observed: &Observation) {
         self.featurize(q);
-        // The stackers learn from the estimates as they stood before this outcome was learned.
-        if let (Some(ev), Some(v)) = (&mut self.evidence, self.v.as_deref()) {
+        // The stackers learn from the estimates as they stood before this outcome was learned
+        // (found when the query was scored, if it was just scored).
+        let knn = self.neighbours_of_x();
+        if let (Some(ev), Some(v), Some(knn)) = (&mut self.evidence, self.v.as_deref(), knn) {
             for (arm, y, model) in [
                 (0, observed.weak, &self.weak),
                 (1, observed.strong, &self.strong),
             ] {
                 if let Some(y) = y {
-                    let knn = ev.memory[arm].estimate(v).0;
-                    ev.stack[arm].learn(model.prob1(&self.x), knn, y);
+                    ev.stack[arm].learn(model.prob1(&self.x), knn[arm], y);
                     ev.memory[arm].add(v, y);
                 }
             }
+            // The memory has changed: a later score of the same query searches it again.
+            self.knn_of_x = None;
         }
         self.learn_linear(q, observed);
     }

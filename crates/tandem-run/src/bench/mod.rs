@@ -29,6 +29,9 @@ pub struct Dataset {
     pub name: String,
     pub cfg: RunConfig,
     pub stream: Stream,
+    /// Labelled items held out of the stream, which the cheap tiers learn before every run
+    /// (`tandem run --pretrain`); empty: they start from nothing.
+    pub pretrain: Vec<Item>,
 }
 
 /// What to run: seeds (stream orders) and the knobs each policy family is swept over.
@@ -48,6 +51,10 @@ pub struct Plan {
     /// ...over this many of the stream orders (the first ones).
     pub s4l_seeds: usize,
     pub threads: usize,
+    /// Shuffle the stream by each seed (a benchmark's stream orders); false: every run takes the
+    /// items in the dataset's order, as a live run of that stream did (the seed still drives the
+    /// policies' random choices).
+    pub shuffle: bool,
 }
 
 /// One cascade run's policy: a family (a curve on the plot), its knob, and how it is set.
@@ -89,7 +96,12 @@ pub const ALWAYS_TOP: &str = "always-top";
 
 pub fn variants(cfg: &RunConfig, plan: &Plan) -> Vec<Variant> {
     let cheap = cfg.tiers.len() - 1;
-    let base = PolicyConfig::default();
+    // Every policy's cheap tiers are taught as the configuration says (gold labels or the top
+    // tier's answers), so families differ only in their deferral.
+    let base = PolicyConfig {
+        teach: cfg.policy.teach,
+        ..PolicyConfig::default()
+    };
     let held = |family: &'static str, kind: PolicyKind, share: f64| Variant {
         family,
         knob: share,
@@ -178,7 +190,13 @@ pub fn prepare(
     store: &Store,
     progress: &mut dyn FnMut(Stage, usize, usize),
 ) -> Result<Prepared, RunError> {
-    let texts: Vec<&str> = ds.stream.items.iter().map(|i| i.text.as_str()).collect();
+    let texts: Vec<&str> = ds
+        .stream
+        .items
+        .iter()
+        .chain(&ds.pretrain)
+        .map(|i| i.text.as_str())
+        .collect();
     let mut embeddings = EmbeddingCache::new();
     for t in ds.cfg.tiers.iter().filter(|t| t.kind == TierKind::Minilm) {
         let max_tokens = t.max_tokens.unwrap_or(128);
@@ -257,16 +275,24 @@ fn tiers_for(
     Ok(tiers)
 }
 
-/// One cascade run of `v` over the stream in the order of `seed`.
+/// One cascade run of `v` over the stream in the order of `seed` (`shuffle`), or in its own.
 pub fn run_one(
     ds: &Dataset,
     prep: &Prepared,
     v: &Variant,
     seed: u64,
+    shuffle: bool,
     store: &Store,
 ) -> Result<RunResult, RunError> {
-    let stream = ordered(&ds.stream, seed);
+    let stream = if shuffle {
+        ordered(&ds.stream, seed)
+    } else {
+        ds.stream.clone()
+    };
     let mut tiers = tiers_for(ds, prep, v, store)?;
+    if !ds.pretrain.is_empty() {
+        live::pretrain(&mut tiers, &ds.pretrain, &mut |_| {})?;
+    }
     let mut cfg = ds.cfg.clone();
     cfg.policy = v.policy.clone();
     let mut cascade = live::cascade_for(&cfg, &tiers, seed)?;
@@ -366,7 +392,7 @@ pub fn run_all(
                 let Some((v, seed)) = jobs.get(k) else {
                     break;
                 };
-                let r = run_one(ds, prep, v, *seed, store);
+                let r = run_one(ds, prep, v, *seed, plan.shuffle, store);
                 if let Ok(mut all) = results.lock() {
                     all[k] = Some(r);
                 }

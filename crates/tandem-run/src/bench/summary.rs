@@ -274,6 +274,33 @@ fn knob_label(family: &str, knob: f64) -> String {
     }
 }
 
+/// The cheapest policy measured to reach `accuracy`: of every (family, knob) the runs swept but
+/// the top tier alone, the one with the smallest mean top-tier share whose mean accuracy (over
+/// stream orders) is at least `accuracy`. `base`, `top`: the best cheap tier's and the top
+/// tier's accuracy (for the row's PGR). `None` when nothing reaches it.
+pub fn cheapest_reaching(runs: &[RunResult], accuracy: f64, base: f64, top: f64) -> Option<Row> {
+    families(runs)
+        .into_iter()
+        .filter(|f| *f != ALWAYS_TOP)
+        .flat_map(|fam| {
+            knobs(runs, fam).into_iter().map(move |k| {
+                let g = group(runs, fam, k);
+                let label = if fam.ends_with(" alone") {
+                    fam.to_string()
+                } else {
+                    format!("{fam} ({})", knob_label(fam, k))
+                };
+                row(label, &g, base, top)
+            })
+        })
+        .filter(|r| r.accuracy >= accuracy)
+        .min_by(|a, b| {
+            a.top_share
+                .total_cmp(&b.top_share)
+                .then(b.accuracy.total_cmp(&a.accuracy))
+        })
+}
+
 impl DatasetSummary {
     /// The accuracy of `family` at `share` on its frontier, if it was swept.
     pub fn accuracy_at(&self, family: &str, share: f64) -> Option<f64> {
