@@ -20,7 +20,11 @@
 #   is kept first (in sorted order), then the two-object ones ("move X to Y", "use X on Y", ...)
 #   in the order of a hash of their text (an arbitrary but fixed sample, independent of the order
 #   ScienceWorld lists them in), until the cap; the result is sorted. admissible_total is the count
-#   before the cut.
+#   before the cut. Not reproducible word for word: ScienceWorld names each object in them by one
+#   of its names drawn at random on every call ("focus on paint in cup", "focus on red paint on
+#   wood cup"), and seeding its generator does not fix that across reloads (the draw follows the
+#   objects' hash order), nor is the order in which a room's objects are listed in an
+#   observation. Scores, moves, the observations' lines as a set and the number of actions replay.
 # - simplifications: null means ScienceWorld's "noElectricalAction" on every task that needs no
 #   wiring (it drops the hundreds of `connect X to Y` combinations that do nothing there) and none
 #   on the electrical tasks (power-component*, *conductivity*); a string is passed as given.
@@ -70,10 +74,22 @@ def main():
     out = sys.stdout
     # Anything ScienceWorld or py4j prints must not corrupt the reply stream.
     sys.stdout = sys.stderr
-    from scienceworld import ScienceWorldEnv
+    try:
+        import shutil
 
-    # The step limit is ours (see done above): ScienceWorld's own is set out of reach.
-    env = ScienceWorldEnv("", envStepLimit=10**9)
+        from scienceworld import ScienceWorldEnv
+
+        if shutil.which("java") is None:
+            raise RuntimeError("no `java` on PATH (ScienceWorld needs Java 17): run scripts/setup-scienceworld")
+        # The step limit is ours (see done above): ScienceWorld's own is set out of reach.
+        env = ScienceWorldEnv("", envStepLimit=10**9)
+    except Exception as e:
+        # Every request, the first ping included, is told why: the caller's error names it.
+        message = f"ScienceWorld could not start: {type(e).__name__}: {e}"
+        for _ in sys.stdin:
+            out.write(json.dumps({"ok": False, "error": message}) + "\n")
+            out.flush()
+        return
     tasks = list(env.get_task_names())
     # Leading words of each action template ("move", "pick up", ...) and their object count.
     templates = []
