@@ -1,5 +1,7 @@
-//! TextWorld games through the bridge: generate (offline, with TextWorld's own generator and
-//! Inform 7 compiler, both in its wheel), reset, step.
+//! Text games through the bridge. TextWorld here: generate (offline, with TextWorld's own
+//! generator and Inform 7 compiler, both in its wheel), reset, step. ScienceWorld
+//! ([`scienceworld`]) and BabyAI-Text ([`babyai`]) in their own modules, with the same
+//! [`GameState`] and the [`Environment`] trait over all three.
 
 use crate::bridge::{Bridge, BridgeCommand};
 use crate::error::AgentError;
@@ -7,6 +9,12 @@ use serde::Deserialize;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+pub mod babyai;
+pub mod scienceworld;
+
+pub use babyai::{BabyAiEpisode, BabyAiText};
+pub use scienceworld::{ScienceWorld, SwEpisode};
 
 /// The bridge script, embedded so the binary needs no file beside it.
 pub const TEXTWORLD_BRIDGE: &str = include_str!("../bridge/textworld_bridge.py");
@@ -25,6 +33,39 @@ pub struct GameState {
     pub done: bool,
     pub won: bool,
     pub lost: bool,
+}
+
+/// A text environment: one episode at a time, reset then stepped with one of the admissible
+/// actions (or any text, which the environment answers or refuses as it defines).
+pub trait Environment {
+    /// What picks an episode: a game file, a task and its variation, a level and its seed.
+    type Episode: ?Sized;
+    fn reset(&mut self, episode: &Self::Episode) -> Result<GameState, AgentError>;
+    fn step(&mut self, action: &str) -> Result<GameState, AgentError>;
+}
+
+/// Which part of an environment's episodes: the authors' training, development and test
+/// (held-out) sets where they define them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Dev,
+    Test,
+}
+
+/// How a bridge over Python packages installed in `site` starts: `python -u -c SCRIPT`.
+fn python_bridge(
+    site: &Path,
+    python: &Path,
+    script: &str,
+    start_timeout: Duration,
+) -> BridgeCommand {
+    BridgeCommand {
+        program: python.to_path_buf(),
+        args: vec!["-u".into(), "-c".into(), script.into()],
+        env: vec![("PYTHONPATH".into(), site.display().to_string())],
+        start_timeout,
+    }
 }
 
 /// A generated game: the generator's settings, of which the seed picks the world and quest.
@@ -61,12 +102,7 @@ impl TextWorld {
                 site.display()
             )));
         }
-        let cmd = BridgeCommand {
-            program: python.to_path_buf(),
-            args: vec!["-u".into(), "-c".into(), TEXTWORLD_BRIDGE.into()],
-            env: vec![("PYTHONPATH".into(), site.display().to_string())],
-            start_timeout: Duration::from_secs(60),
-        };
+        let cmd = python_bridge(site, python, TEXTWORLD_BRIDGE, Duration::from_secs(60));
         Ok(TextWorld {
             bridge: Bridge::start(&cmd, "textworld")?,
             step_timeout: Duration::from_secs(30),
@@ -114,7 +150,31 @@ impl TextWorld {
     }
 }
 
+impl Environment for TextWorld {
+    /// The game file ([`TextWorld::make`]).
+    type Episode = Path;
+    fn reset(&mut self, game: &Path) -> Result<GameState, AgentError> {
+        TextWorld::reset(self, game)
+    }
+    fn step(&mut self, action: &str) -> Result<GameState, AgentError> {
+        TextWorld::step(self, action)
+    }
+}
+
 fn parse_state(v: serde_json::Value) -> Result<GameState, AgentError> {
     serde_json::from_value(v)
         .map_err(|e| AgentError::Env(format!("a game state is malformed: {e}")))
+}
+
+/// One field of a bridge's reply.
+fn field<T: serde::de::DeserializeOwned>(
+    mut v: serde_json::Value,
+    name: &str,
+) -> Result<T, AgentError> {
+    let value = v
+        .get_mut(name)
+        .map(serde_json::Value::take)
+        .unwrap_or_default();
+    serde_json::from_value(value)
+        .map_err(|e| AgentError::Env(format!("the bridge's {name:?} is malformed: {e}")))
 }
