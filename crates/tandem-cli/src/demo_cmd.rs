@@ -98,7 +98,7 @@ fn frontier(a: &DemoArgs, cfg: RunConfig, store: &Store) -> Result<()> {
     };
     let plan = Plan {
         seeds: vec![a.seed],
-        shares: vec![0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8],
+        shares: vec![0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8],
         thresholds: vec![0.8, 0.9, 0.95, 0.98, 0.995],
         operating: 0.35,
         compare_at: vec![0.3, 0.4],
@@ -110,6 +110,7 @@ fn frontier(a: &DemoArgs, cfg: RunConfig, store: &Store) -> Result<()> {
     let (runs, summary) = sweep(&ds, &plan, store)?;
     let svg = a.dir.join("frontier.svg");
     plot::write_frontiers(&summary, &svg)?;
+    plot::write_frontiers(&summary, &svg.with_extension("png"))?;
     let top = summary.top_accuracy;
     let llm = runs
         .iter()

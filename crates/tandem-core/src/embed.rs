@@ -139,8 +139,8 @@ pub struct KnnMemory {
     capacity: usize,
     k: usize,
     vectors: Vec<f32>,
-    /// Each vector's sign code, [`CODE_WORDS`] words a row (derived: rebuilt on load).
-    codes: Vec<u64>,
+    /// Each vector's sign code (derived: rebuilt on load).
+    codes: Vec<[u64; CODE_WORDS]>,
     outcomes: Vec<f32>,
     next: usize,
     len: usize,
@@ -160,8 +160,9 @@ const PROJECTION_SEED: u64 = 0x7461_6e64_656d_6b6e;
 /// of a sum of about √dim coordinates with random signs.
 #[derive(Debug)]
 struct SignProjection {
-    /// Per bit, (coordinate, sign) pairs.
-    taps: Vec<Vec<(u32, bool)>>,
+    /// Per bit, `per_bit` (coordinate, ±1) pairs, bit after bit.
+    taps: Vec<(u32, f32)>,
+    per_bit: usize,
 }
 
 impl SignProjection {
@@ -176,33 +177,31 @@ impl SignProjection {
             z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
             z ^ (z >> 31)
         };
-        let taps = (0..CODE_WORDS * 64)
+        let taps = (0..CODE_WORDS * 64 * per_bit)
             .map(|_| {
-                (0..per_bit)
-                    .map(|_| {
-                        let r = next();
-                        ((r % dim as u64) as u32, r >> 63 == 1)
-                    })
-                    .collect()
+                let r = next();
+                let sign = if r >> 63 == 1 { -1.0 } else { 1.0 };
+                ((r % dim as u64) as u32, sign)
             })
             .collect();
-        SignProjection { taps }
+        SignProjection { taps, per_bit }
     }
 
+    /// `v`'s code; `v` has the memory's length (coordinates past its end read as 0).
     fn code(&self, v: &[f32]) -> [u64; CODE_WORDS] {
         let mut code = [0u64; CODE_WORDS];
-        for (bit, taps) in self.taps.iter().enumerate() {
-            let s: f32 = taps
-                .iter()
-                .map(|&(i, neg)| {
-                    let x = v.get(i as usize).copied().unwrap_or(0.0);
-                    if neg {
-                        -x
-                    } else {
-                        x
-                    }
-                })
-                .sum();
+        let at = |&(i, sign): &(u32, f32)| sign * v.get(i as usize).copied().unwrap_or(0.0);
+        for (bit, taps) in self.taps.chunks_exact(self.per_bit).enumerate() {
+            // Four running sums: one chain of dependent float adds per bit was most of the time.
+            let mut acc = [0.0f32; 4];
+            let quads = taps.chunks_exact(4);
+            let tail: f32 = quads.remainder().iter().map(at).sum();
+            for q in quads {
+                for (a, t) in acc.iter_mut().zip(q) {
+                    *a += at(t);
+                }
+            }
+            let s = acc[0] + acc[1] + acc[2] + acc[3] + tail;
             if s > 0.0 {
                 code[bit / 64] |= 1 << (bit % 64);
             }
@@ -271,14 +270,13 @@ impl KnnMemory {
         let code = self.projection.code(v);
         if self.len < self.capacity {
             self.vectors.extend_from_slice(v);
-            self.codes.extend_from_slice(&code);
+            self.codes.push(code);
             self.outcomes.push(y);
             self.len += 1;
         } else {
             let at = self.next * self.dim;
             self.vectors[at..at + self.dim].copy_from_slice(v);
-            let at = self.next * CODE_WORDS;
-            self.codes[at..at + CODE_WORDS].copy_from_slice(&code);
+            self.codes[self.next] = code;
             self.outcomes[self.next] = y;
         }
         self.next = (self.next + 1) % self.capacity;
@@ -292,7 +290,13 @@ impl KnnMemory {
         self.estimate_with(v, false)
     }
 
-    /// `exact`: scan every vector (what the code shortlist approximates).
+    /// [`Self::estimate`] by an exact scan of every vector (what the code shortlist
+    /// approximates), for checks and benchmarks.
+    pub fn estimate_exact(&self, v: &[f32]) -> (f32, f32) {
+        self.estimate_with(v, true)
+    }
+
+    /// `exact`: scan every vector.
     fn estimate_with(&self, v: &[f32], exact: bool) -> (f32, f32) {
         let prior = self.mean();
         if v.len() != self.dim || self.len == 0 {
@@ -331,23 +335,22 @@ impl KnnMemory {
 
     /// The `n` rows (at least; ties at the cut are kept) whose codes are nearest `v`'s.
     fn shortlist(&self, v: &[f32], n: usize) -> Vec<usize> {
-        let code = self.projection.code(v);
-        let distance: Vec<u16> = self
-            .codes
-            .chunks_exact(CODE_WORDS)
-            .map(|row| {
-                row.iter()
-                    .zip(&code)
-                    .map(|(a, b)| (a ^ b).count_ones() as u16)
-                    .sum()
-            })
-            .collect();
+        let c = self.projection.code(v);
         // Counting sort on the distances (0..=256): the cut is the smallest distance with n rows
         // at or below it.
         let mut histogram = [0usize; CODE_WORDS * 64 + 1];
-        for &d in &distance {
-            histogram[usize::from(d)] += 1;
-        }
+        let distance: Vec<u16> = self
+            .codes
+            .iter()
+            .map(|r| {
+                let d = (r[0] ^ c[0]).count_ones()
+                    + (r[1] ^ c[1]).count_ones()
+                    + (r[2] ^ c[2]).count_ones()
+                    + (r[3] ^ c[3]).count_ones();
+                histogram[d as usize] += 1;
+                d as u16
+            })
+            .collect();
         let mut cut = histogram.len() - 1;
         let mut below = 0;
         for (d, &count) in histogram.iter().enumerate() {
@@ -409,7 +412,7 @@ impl KnnMemory {
         m.codes = m
             .vectors
             .chunks_exact(dim)
-            .flat_map(|v| m.projection.code(v))
+            .map(|v| m.projection.code(v))
             .collect();
         m.len = len;
         m.next = next;

@@ -38,6 +38,15 @@ pub struct RunReport {
     pub truncated_inputs: usize,
 }
 
+/// A saving that prints as zero at `half_unit` (half the last printed digit) is 0, not "-0.0".
+fn tidy(x: f64, half_unit: f64) -> f64 {
+    if x.abs() < half_unit {
+        0.0
+    } else {
+        x
+    }
+}
+
 fn ratio(a: u64, b: u64) -> Option<f64> {
     (b > 0).then(|| a as f64 / b as f64)
 }
@@ -127,7 +136,7 @@ impl RunReport {
         let _ = writeln!(
             s,
             "cost ${:.4} vs ${:.4} top-tier only (saved ${:.4}); compute {:.1} s vs {:.1} s top-tier only (saved {:.1} s)",
-            self.cost_usd, self.top_only_cost_usd, self.saved_usd, self.compute_s, self.top_only_compute_s, self.saved_compute_s
+            self.cost_usd, self.top_only_cost_usd, tidy(self.saved_usd, 5e-5), self.compute_s, self.top_only_compute_s, tidy(self.saved_compute_s, 0.05)
         );
         if self.budget_refused > 0 {
             let _ = writeln!(
@@ -144,5 +153,24 @@ impl RunReport {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tidy;
+
+    #[test]
+    fn savings_that_print_as_zero_have_no_sign() {
+        for (x, half, want) in [
+            (-0.01, 0.05, "0.0"),
+            (-0.0, 0.05, "0.0"),
+            (-0.07, 0.05, "-0.1"),
+            (0.04, 0.05, "0.0"),
+            (12.34, 0.05, "12.3"),
+        ] {
+            assert_eq!(format!("{:.1}", tidy(x, half)), want, "{x}");
+        }
+        assert_eq!(format!("{:.4}", tidy(-0.00001, 5e-5)), "0.0000");
     }
 }

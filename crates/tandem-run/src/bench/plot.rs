@@ -83,10 +83,7 @@ where
         (s.top_accuracy, "top tier alone".to_string(), BLACK),
         (
             s.best_cheap_accuracy,
-            format!(
-                "{} alone (learning from every top label)",
-                s.best_cheap_tier
-            ),
+            format!("{} alone (learning from every item)", s.best_cheap_tier),
             RGBColor(120, 120, 120),
         ),
     ] {

@@ -61,7 +61,8 @@ pub struct DatasetSummary {
     pub items: usize,
     pub seeds: Vec<u64>,
     pub top_accuracy: f64,
-    /// The best cheap tier's accuracy when it predicts every item, learning from every top label.
+    /// The best cheap tier's accuracy when it predicts every item, learning from every item (from
+    /// its top-tier answer or its gold label, as the cheap tiers are taught).
     pub best_cheap_accuracy: f64,
     pub best_cheap_tier: String,
     pub operating_share: f64,

@@ -155,7 +155,23 @@ impl Gateway {
                     tracing::info!(route = r.name(), "restored learned state");
                     s.learned
                 }
-                None => Learned::for_route(&r.cfg)?,
+                None => {
+                    if let Some(p) = r.cfg.prior.as_deref() {
+                        let on: Vec<String> = p
+                            .info
+                            .trained_on
+                            .iter()
+                            .map(|t| format!("{} ({} items)", t.file, t.items))
+                            .collect();
+                        tracing::info!(
+                            route = r.name(),
+                            trained_on = %on.join(", "),
+                            encoder = p.info.embedder.as_deref().unwrap_or("none"),
+                            "no saved state: starting from the route's prior"
+                        );
+                    }
+                    Learned::for_route(&r.cfg)?
+                }
             };
             masters.push(m);
         }
