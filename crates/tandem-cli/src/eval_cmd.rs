@@ -10,7 +10,7 @@ use tandem_core::policy::FeedbackMode;
 use tandem_core::{BudgetLimits, Price};
 use tandem_eval::eval::{default_policies, total_work};
 use tandem_eval::ntier::{default_ladder_policies, ladder_work};
-use tandem_eval::plot::{write_ladder_plot, write_plot};
+use tandem_eval::plot::{cost_plot_path, write_cost_plot, write_ladder_plot, write_plot};
 use tandem_eval::runner::{Models, PolicyKind};
 use tandem_eval::{
     evaluate, evaluate_ladder, Dataset, EvalConfig, EvalError, Ladder, LadderConfig, LadderPolicy,
@@ -25,7 +25,8 @@ pub struct EvalArgs {
     /// Write the table as JSON here (and the plot beside it, unless --plot says otherwise).
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Write the quality/share plot here (.svg); a .png is written beside it.
+    /// Write the quality/share plot here (.svg); a .png is written beside it, and quality against
+    /// dollars as NAME-cost.svg and .png.
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Seeds the stream order and every random choice.
@@ -355,7 +356,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     cfg.validate()?;
     let report = with_progress(total_work(&cfg, items), |p| evaluate(&models, &cfg, p))?;
     print!("{}", report.table());
-    write_outputs(&a, &report, write_plot)
+    write_outputs(&a, &report, write_plot, Some(write_cost_plot))
 }
 
 /// A cascade of the file's models (or --tiers), ordered by cost, with each policy's frontier.
@@ -387,7 +388,8 @@ fn run_ladder(a: EvalArgs, data: Dataset, budget: BudgetLimits) -> Result<()> {
         evaluate_ladder(&ladder, &cfg, p)
     })?;
     print!("{}", report.table());
-    write_outputs(&a, &report, write_ladder_plot)
+    // The ladder's plot already has a dollar panel beside the share one.
+    write_outputs(&a, &report, write_ladder_plot, None)
 }
 
 /// Worker threads for the curve runs: --threads, or all cores.
@@ -407,11 +409,15 @@ fn with_progress<R>(
     Ok(report)
 }
 
-/// Writes the report as JSON (--json) and its plot as SVG and PNG (--plot, or beside the JSON).
+type PlotFn<R> = fn(&R, &Path) -> Result<(), EvalError>;
+
+/// Writes the report as JSON (--json) and its plot as SVG and PNG (--plot, or beside the JSON);
+/// `cost_plot`, when given, also writes quality against dollars as `NAME-cost.svg` and `.png`.
 fn write_outputs<R: serde::Serialize>(
     a: &EvalArgs,
     report: &R,
-    plot: fn(&R, &Path) -> Result<(), EvalError>,
+    plot: PlotFn<R>,
+    cost_plot: Option<PlotFn<R>>,
 ) -> Result<()> {
     if let Some(path) = &a.json {
         crate::run_cmd::write_json(path, report)?;
@@ -426,6 +432,13 @@ fn write_outputs<R: serde::Serialize>(
         let png = svg.with_extension("png");
         plot(report, &png)?;
         println!("wrote {} and {}", svg.display(), png.display());
+        if let Some(cost_plot) = cost_plot {
+            let svg = cost_plot_path(&svg);
+            let png = svg.with_extension("png");
+            cost_plot(report, &svg)?;
+            cost_plot(report, &png)?;
+            println!("wrote {} and {}", svg.display(), png.display());
+        }
     }
     Ok(())
 }

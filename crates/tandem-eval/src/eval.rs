@@ -291,6 +291,8 @@ pub fn evaluate(
             .as_ref()
             .map(|p| p.info.trained_on.iter().map(|t| t.file.clone()).collect()),
         cost_weight: cfg.cost_weight,
+        cost_weak_usd: cost_span.map(|c| c.0),
+        cost_strong_usd: cost_span.map(|c| c.1),
         policies: rows,
     })
 }
