@@ -278,7 +278,7 @@ fn bad_input_is_a_clear_error() {
         "e.jsonl: no records: the file is empty",
     );
     let g = good.to_str().unwrap();
-    // Flags that only the learned router reads, where no router runs.
+    // Flags that only the learned policies read, where none runs.
     fails_with(
         &[
             "eval",
@@ -288,7 +288,7 @@ fn bad_input_is_a_clear_error() {
             "--policies",
             "random,oracle",
         ],
-        "--policies runs none",
+        "--policies runs neither",
     );
     fails_with(
         &[
