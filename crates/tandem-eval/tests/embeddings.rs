@@ -138,7 +138,7 @@ fn answer_vectors(data: &Dataset, weak: usize) -> Arc<dyn Embedder> {
         p[2 + h % (dim - 2)] = 1.0;
         t.insert(r.query.routing_text(), &p).unwrap();
         let mut a = vec![0.0f32; dim];
-        if (h >> 16) % 2 == 0 {
+        if h & (1 << 16) == 0 {
             a[usize::from(r.quality[weak] < 0.5)] = 1.0;
         }
         a[2 + (h >> 24) % (dim - 2)] += 0.5;
