@@ -10,7 +10,7 @@ use tandem_core::policy::FeedbackMode;
 use tandem_core::{BudgetLimits, Price};
 use tandem_eval::eval::{default_policies, total_work};
 use tandem_eval::ntier::{default_ladder_policies, ladder_work};
-use tandem_eval::plot::{write_ladder_plot, write_plot};
+use tandem_eval::plot::{cost_plot_path, write_cost_plot, write_ladder_plot, write_plot};
 use tandem_eval::runner::{Models, PolicyKind};
 use tandem_eval::{
     evaluate, evaluate_ladder, Dataset, EvalConfig, EvalError, Ladder, LadderConfig, LadderPolicy,
@@ -25,7 +25,8 @@ pub struct EvalArgs {
     /// Write the table as JSON here (and the plot beside it, unless --plot says otherwise).
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Write the quality/share plot here (.svg); a .png is written beside it.
+    /// Write the quality/share plot here (.svg); a .png is written beside it, and quality against
+    /// dollars as NAME-cost.svg and .png.
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Seeds the stream order and every random choice.
@@ -96,8 +97,9 @@ pub struct EvalArgs {
     /// instead of from nothing; they keep learning online. Its feature settings are used.
     #[arg(long)]
     prior: Option<PathBuf>,
-    /// The learned router also reads MiniLM sentence vectors of the prompts (beside its n-grams,
-    /// and a nearest-neighbour estimate over past prompts). Needs the `minilm` asset
+    /// The learned router also reads MiniLM sentence vectors of the prompts, and the cascade
+    /// scorer those of the prompts and the weak answers (beside their n-grams, and a
+    /// nearest-neighbour estimate over past items). Needs the `minilm` asset
     /// (`scripts/setup minilm`); the vectors are computed once and cached under
     /// $TANDEM_HOME/embeddings.
     #[arg(long)]
@@ -233,29 +235,42 @@ pub(crate) fn pick_models(
     Ok((w, s))
 }
 
-/// MiniLM's vectors of every prompt of the files, from the cache (one per file, named after it)
-/// or computed, with progress on stderr.
-pub(crate) fn embed_prompts(
-    files: &[Arc<Dataset>],
+/// MiniLM's vectors of every prompt of the files, and of every recorded response of the model
+/// each names (the weak one, whose answers a cascade scorer reads; `None`: prompts only), from
+/// the cache (one per file, named after it) or computed, with progress on stderr.
+pub(crate) fn embed_texts(
+    files: &[(Arc<Dataset>, Option<usize>)],
 ) -> Result<Arc<dyn tandem_core::embed::Embedder>> {
     let store = tandem_models::assets::Store::default_home();
     crate::assets_cmd::ensure_installed(&store, &["minilm"])?;
     let mut all: Option<tandem_core::embed::EmbeddingTable> = None;
-    for data in files {
-        let texts: Vec<&str> = data.rows.iter().map(|r| r.query.routing_text()).collect();
+    for (data, responses_of) in files {
+        let mut texts: Vec<&str> = data.rows.iter().map(|r| r.query.routing_text()).collect();
+        if let Some(m) = *responses_of {
+            texts.extend(
+                data.rows
+                    .iter()
+                    .filter_map(|r| r.response.get(m).and_then(Option::as_deref)),
+            );
+        }
         let name = data
             .path
             .file_stem()
             .map_or_else(|| "data".to_string(), |s| s.to_string_lossy().into_owned());
+        let what = if responses_of.is_some() {
+            "prompts and responses"
+        } else {
+            "prompts"
+        };
         let bar = Progress::new(
-            &format!("prompts of {name} embedded (MiniLM, once; then cached)"),
+            &format!("{what} of {name} embedded (MiniLM, once; then cached)"),
             texts.len() as u64,
         );
         let table = tandem_models::embed_cache::minilm_table(&store, &name, &texts, &mut |d, n| {
             bar.set_total(n as u64);
             bar.set(d as u64);
         })
-        .with_context(|| format!("embedding the prompts of {}", data.path.display()))?;
+        .with_context(|| format!("embedding the {what} of {}", data.path.display()))?;
         bar.finish();
         match &mut all {
             None => all = Some(table),
@@ -312,12 +327,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
         None => None,
     };
     let data = Arc::new(data);
-    let routes = policies.iter().any(|p| p.kind == PolicyKind::Router);
-    if a.embed && !routes {
-        bail!("--embed: the sentence vectors are read by the learned router, and --policies runs none");
+    let learns = |k: PolicyKind| policies.iter().any(|p| p.kind == k);
+    if a.embed && !learns(PolicyKind::Router) && !learns(PolicyKind::Cascade) {
+        bail!("--embed: the sentence vectors are read by the learned router and cascade scorer, and --policies runs neither");
     }
     let embedder = if a.embed {
-        Some(embed_prompts(std::slice::from_ref(&data))?)
+        // The weak answers' vectors only where a cascade scorer reads them.
+        let responses_of = learns(PolicyKind::Cascade).then_some(weak);
+        Some(embed_texts(&[(data.clone(), responses_of)])?)
     } else {
         None
     };
@@ -355,7 +372,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     cfg.validate()?;
     let report = with_progress(total_work(&cfg, items), |p| evaluate(&models, &cfg, p))?;
     print!("{}", report.table());
-    write_outputs(&a, &report, write_plot)
+    write_outputs(&a, &report, write_plot, Some(write_cost_plot))
 }
 
 /// A cascade of the file's models (or --tiers), ordered by cost, with each policy's frontier.
@@ -387,7 +404,8 @@ fn run_ladder(a: EvalArgs, data: Dataset, budget: BudgetLimits) -> Result<()> {
         evaluate_ladder(&ladder, &cfg, p)
     })?;
     print!("{}", report.table());
-    write_outputs(&a, &report, write_ladder_plot)
+    // The ladder's plot already has a dollar panel beside the share one.
+    write_outputs(&a, &report, write_ladder_plot, None)
 }
 
 /// Worker threads for the curve runs: --threads, or all cores.
@@ -407,11 +425,15 @@ fn with_progress<R>(
     Ok(report)
 }
 
-/// Writes the report as JSON (--json) and its plot as SVG and PNG (--plot, or beside the JSON).
+type PlotFn<R> = fn(&R, &Path) -> Result<(), EvalError>;
+
+/// Writes the report as JSON (--json) and its plot as SVG and PNG (--plot, or beside the JSON);
+/// `cost_plot`, when given, also writes quality against dollars as `NAME-cost.svg` and `.png`.
 fn write_outputs<R: serde::Serialize>(
     a: &EvalArgs,
     report: &R,
-    plot: fn(&R, &Path) -> Result<(), EvalError>,
+    plot: PlotFn<R>,
+    cost_plot: Option<PlotFn<R>>,
 ) -> Result<()> {
     if let Some(path) = &a.json {
         crate::run_cmd::write_json(path, report)?;
@@ -426,6 +448,13 @@ fn write_outputs<R: serde::Serialize>(
         let png = svg.with_extension("png");
         plot(report, &png)?;
         println!("wrote {} and {}", svg.display(), png.display());
+        if let Some(cost_plot) = cost_plot {
+            let svg = cost_plot_path(&svg);
+            let png = svg.with_extension("png");
+            cost_plot(report, &svg)?;
+            cost_plot(report, &png)?;
+            println!("wrote {} and {}", svg.display(), png.display());
+        }
     }
     Ok(())
 }

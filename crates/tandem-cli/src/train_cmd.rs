@@ -41,8 +41,9 @@ pub struct TrainArgs {
     /// Skip malformed lines (and report how many) instead of stopping at the first.
     #[arg(long)]
     skip_bad: bool,
-    /// The router also reads MiniLM sentence vectors of the prompts (`tandem eval --embed`); a
-    /// front end using the prior must read them too.
+    /// The router also reads MiniLM sentence vectors of the prompts, and the cascade scorer those
+    /// of the prompts and the weak answers (`tandem eval --embed`); a front end using the prior
+    /// must read them too.
     #[arg(long)]
     embed: bool,
 }
@@ -74,8 +75,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
             ..CascadeConfig::default()
         },
         embedder: if a.embed {
-            Some(crate::eval_cmd::embed_prompts(
-                &sets.iter().map(|s| s.data.clone()).collect::<Vec<_>>(),
+            Some(crate::eval_cmd::embed_texts(
+                &sets
+                    .iter()
+                    .map(|s| {
+                        // The weak answers too, where the cascade scorer learns from them.
+                        let responses = s.data.has_responses(s.weak).then_some(s.weak);
+                        (s.data.clone(), responses)
+                    })
+                    .collect::<Vec<_>>(),
             )?)
         } else {
             None

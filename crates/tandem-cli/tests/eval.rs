@@ -48,7 +48,15 @@ fn eval_json(data: &Path, extra: &[&str]) -> Value {
         dir.path().join("r.svg").exists() && dir.path().join("r.png").exists(),
         "plot written beside the JSON"
     );
-    serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap()
+    let r: Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+    // Two models: quality against dollars beside it (a ladder's plot has its dollar panel).
+    if r.get("models").is_none() {
+        assert!(
+            dir.path().join("r-cost.svg").exists() && dir.path().join("r-cost.png").exists(),
+            "quality against dollars written beside the share plot"
+        );
+    }
+    r
 }
 
 fn row<'a>(r: &'a Value, name: &str, feedback: &str) -> &'a Value {
@@ -270,7 +278,7 @@ fn bad_input_is_a_clear_error() {
         "e.jsonl: no records: the file is empty",
     );
     let g = good.to_str().unwrap();
-    // Flags that only the learned router reads, where no router runs.
+    // Flags that only the learned policies read, where none runs.
     fails_with(
         &[
             "eval",
@@ -280,7 +288,7 @@ fn bad_input_is_a_clear_error() {
             "--policies",
             "random,oracle",
         ],
-        "--policies runs none",
+        "--policies runs neither",
     );
     fails_with(
         &[

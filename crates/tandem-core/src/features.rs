@@ -74,6 +74,8 @@ pub mod ns {
     pub const META: u64 = 0x6d65_7461;
     pub const NUMERIC: u64 = 0x6e75_6d65;
     pub const EMBEDDING: u64 = 0x656d_6265;
+    /// The weak answer's sentence vector (the cascade scorer's), apart from the prompt's.
+    pub const RESPONSE_EMBEDDING: u64 = 0x7265_6d62;
 }
 
 const CHAR_NS: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -44,8 +44,8 @@ pub struct PriorInfo {
     /// The cascade scorer's configuration, when the prior has one.
     pub cascade: Option<CascadeConfig>,
     pub trained_on: Vec<TrainedOn>,
-    /// The sentence encoder whose vectors the router reads (e.g. `all-MiniLM-L6-v2/128`); a
-    /// front end attaches the same one, or refuses the prior.
+    /// The sentence encoder whose vectors the router and the cascade scorer read (e.g.
+    /// `all-MiniLM-L6-v2/128`); a front end attaches the same one, or refuses the prior.
     #[serde(default)]
     pub embedder: Option<String>,
     /// Passes over the shuffled records, and the shuffle's seed.

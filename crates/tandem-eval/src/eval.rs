@@ -91,8 +91,9 @@ pub struct EvalConfig {
     pub prior: Option<std::sync::Arc<tandem_core::prior::Prior>>,
     /// The router's weight on price (0: quality gain alone, 1: gain per dollar).
     pub cost_weight: f32,
-    /// Sentence vectors of the prompts (e.g. MiniLM's, computed once by the caller): the
-    /// router reads them beside its n-grams and mixes in a kNN estimate.
+    /// Sentence vectors of the prompts and the weak answers (e.g. MiniLM's, computed once by
+    /// the caller): the router reads the prompts', the cascade scorer both, beside their
+    /// n-grams, and each mixes in a kNN estimate.
     pub embedder: Option<std::sync::Arc<dyn tandem_core::embed::Embedder>>,
 }
 
@@ -291,6 +292,8 @@ pub fn evaluate(
             .as_ref()
             .map(|p| p.info.trained_on.iter().map(|t| t.file.clone()).collect()),
         cost_weight: cfg.cost_weight,
+        cost_weak_usd: cost_span.map(|c| c.0),
+        cost_strong_usd: cost_span.map(|c| c.1),
         policies: rows,
     })
 }

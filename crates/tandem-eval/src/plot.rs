@@ -1,8 +1,8 @@
-//! Quality against strong-call share: every curve of the report, with the weak, strong, random and
-//! oracle references, as SVG (and PNG).
+//! Quality against strong-call share, and against dollars spent: every curve of the report, with
+//! the weak, strong, random and oracle references, as SVG (and PNG).
 
 use crate::error::EvalError;
-use crate::report::{EvalReport, LadderReport};
+use crate::report::{CostPoint, EvalReport, LadderReport, PolicyRow};
 use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -188,6 +188,127 @@ where
     Ok(())
 }
 
+/// Writes quality against dollars spent to `path` (`.svg` or `.png`): each policy's curve runs
+/// placed by what they spent, each model alone marked at its own spend.
+pub fn write_cost_plot(report: &EvalReport, path: &Path) -> Result<(), EvalError> {
+    write_chart(
+        path,
+        (900, 600),
+        |area| draw_cost(report, area),
+        |area| draw_cost(report, area),
+    )
+}
+
+/// Where [`write_plot`]'s twin on a dollar axis goes: `NAME-cost.EXT` beside `NAME.EXT`.
+pub fn cost_plot_path(share_plot: &Path) -> std::path::PathBuf {
+    let stem = share_plot
+        .file_stem()
+        .map_or_else(|| "plot".into(), |s| s.to_string_lossy().into_owned());
+    let ext = share_plot
+        .extension()
+        .map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
+    share_plot.with_file_name(format!("{stem}-cost{ext}"))
+}
+
+/// A curve's points by spend, cheapest first: the runs are measured in share order, and spend
+/// need not rise with share (the escalated prompts differ), so a line through them in that order
+/// could double back.
+pub fn cost_curve(points: &[CostPoint]) -> Vec<(f64, f64)> {
+    let mut pts: Vec<(f64, f64)> = points.iter().map(|c| (c.cost_usd, c.quality)).collect();
+    pts.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    pts
+}
+
+fn row_label(p: &PolicyRow) -> String {
+    if p.feedback == "none" {
+        p.name.clone()
+    } else {
+        format!("{} ({})", p.name, p.feedback)
+    }
+}
+
+fn draw_cost<DB: DrawingBackend>(
+    report: &EvalReport,
+    root: DrawingArea<DB, Shift>,
+) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let qualities = report
+        .policies
+        .iter()
+        .flat_map(|p| p.curve_cost.iter().map(|c| c.quality).chain([p.quality]))
+        .chain([report.q_weak, report.q_strong]);
+    let alone = [
+        (report.cost_weak_usd, report.q_weak, &report.weak),
+        (report.cost_strong_usd, report.q_strong, &report.strong),
+    ];
+    let max_cost = report
+        .policies
+        .iter()
+        .flat_map(|p| p.curve_cost.iter().map(|c| c.cost_usd).chain([p.cost_usd]))
+        .chain(alone.iter().filter_map(|a| a.0))
+        .fold(0.0f64, f64::max)
+        .max(1e-6)
+        * 1.05;
+    let title = format!("{} — quality vs dollars spent", file_name(&report.data));
+    let mut chart = chart_on(&root)
+        .caption(title, ("sans-serif", 22))
+        .build_cartesian_2d(0.0..max_cost, quality_axis(qualities))
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("cost of the run ($)")
+        .y_desc("quality (share correct)")
+        .x_label_formatter(&|x| format!("{x:.2}"))
+        .y_label_formatter(&|y| format!("{:.1}%", y * 100.0))
+        .draw()
+        .map_err(e)?;
+
+    // Each model alone: a marker at its spend, labelled with it; the strong model's label sits
+    // to the marker's left, inside the chart.
+    for (i, (cost, quality, name)) in alone.into_iter().enumerate() {
+        let Some(cost) = cost else { continue };
+        chart
+            .draw_series([EmptyElement::at((cost, quality))
+                + TriangleMarker::new((0, 0), 6, BLACK.filled())
+                + Text::new(
+                    format!("{} alone (${cost:.2})", name),
+                    (if i == 1 { -260 } else { 10 }, -20),
+                    ("sans-serif", 13).into_font(),
+                )])
+            .map_err(e)?;
+    }
+    for (i, p) in report
+        .policies
+        .iter()
+        .filter(|p| !p.curve_cost.is_empty())
+        .enumerate()
+    {
+        let color = COLORS[i % COLORS.len()];
+        draw_curve(
+            &mut chart,
+            cost_curve(&p.curve_cost),
+            color,
+            &p.name,
+            &p.feedback,
+        )?;
+    }
+    // Policies without a curve (always-weak, always-strong) at their operating point.
+    for p in report.policies.iter().filter(|p| p.curve_cost.is_empty()) {
+        chart
+            .draw_series([EmptyElement::at((p.cost_usd, p.quality))
+                + Cross::new((0, 0), 5, RED.stroke_width(2))
+                + Text::new(row_label(p), (6, 4), ("sans-serif", 13).into_font())])
+            .map_err(e)?;
+    }
+    draw_legend(&mut chart)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
+
 fn file_name(p: &str) -> &str {
     Path::new(p)
         .file_name()
@@ -311,4 +432,110 @@ where
     }
     root.present().map_err(e)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_core::metrics::CurvePoint;
+
+    fn row(name: &str, feedback: &str, curve: &[(f64, f64, f64)]) -> PolicyRow {
+        PolicyRow {
+            name: name.into(),
+            feedback: feedback.into(),
+            quality: 0.7,
+            strong_share: 0.3,
+            explore_share: 0.0,
+            cost_usd: curve.get(6).map_or(0.04, |c| c.1),
+            capped: 0,
+            apgr: None,
+            apgr_cost: None,
+            cpt50: None,
+            cpt80: None,
+            decision_us_p50: 1.0,
+            decision_us_p99: 2.0,
+            curve: curve
+                .iter()
+                .map(|&(share, _, quality)| CurvePoint { share, quality })
+                .collect(),
+            curve_cost: curve
+                .iter()
+                .map(|&(_, cost_usd, quality)| CostPoint { cost_usd, quality })
+                .collect(),
+        }
+    }
+
+    fn report() -> EvalReport {
+        // Shares in grid order; the dollars are not monotone in share (0.5 costs less than 0.4).
+        let curve: Vec<(f64, f64, f64)> = (0..11)
+            .map(|i| {
+                let share = i as f64 / 10.0;
+                let cost = if i == 5 { 2.0 } else { 0.05 + 5.0 * share };
+                (share, cost, 0.64 + 0.2 * share)
+            })
+            .collect();
+        EvalReport {
+            data: "x/gsm8k.jsonl".into(),
+            items: 100,
+            skipped_lines: 0,
+            weak: "mixtral".into(),
+            strong: "gpt-4".into(),
+            q_weak: 0.64,
+            q_strong: 0.86,
+            seed: 0,
+            target_share: 0.3,
+            explore: 0.1,
+            grid: 11,
+            max_strong_calls: None,
+            max_usd: None,
+            router_metadata: true,
+            router_vectors: None,
+            prior_trained_on: None,
+            cost_weight: 0.0,
+            cost_weak_usd: Some(0.04),
+            cost_strong_usd: Some(5.39),
+            policies: vec![
+                row("always-weak", "none", &[]),
+                row("random", "none", &curve),
+                row("cascade", "full", &curve),
+                row("router", "partial", &curve),
+            ],
+        }
+    }
+
+    #[test]
+    fn cost_curves_run_cheapest_first() {
+        let r = report();
+        let pts = cost_curve(&r.policies[1].curve_cost);
+        assert_eq!(pts.len(), 11);
+        assert!(pts.windows(2).all(|w| w[0].0 <= w[1].0), "{pts:?}");
+        // The cheap 50% run ($2.00) moved ahead of the 40% one ($2.05), its quality with it.
+        assert_eq!(pts[4], (2.0, 0.74));
+        assert!((pts[5].0 - 2.05).abs() < 1e-9 && (pts[5].1 - 0.72).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_cost_plot_is_written_beside_the_share_plot_and_names_every_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path().join("out/r.svg");
+        let cost = cost_plot_path(&share);
+        assert_eq!(cost, dir.path().join("out/r-cost.svg"));
+        let r = report();
+        write_plot(&r, &share).unwrap();
+        write_cost_plot(&r, &cost).unwrap();
+        write_cost_plot(&r, &cost.with_extension("png")).unwrap();
+        let svg = std::fs::read_to_string(&cost).unwrap();
+        for name in [
+            "always-weak",
+            "random",
+            "cascade (full)",
+            "router (partial)",
+            "mixtral alone ($0.04)",
+            "gpt-4 alone ($5.39)",
+            "quality vs dollars spent",
+        ] {
+            assert!(svg.contains(name), "{name} missing from the cost plot");
+        }
+        assert!(std::fs::metadata(cost.with_extension("png")).unwrap().len() > 1000);
+    }
 }

@@ -56,6 +56,10 @@ pub struct EvalReport {
     pub router_vectors: Option<String>,
     pub prior_trained_on: Option<Vec<String>>,
     pub cost_weight: f32,
+    /// What the weak and the strong model alone spend on the stream, uncapped: the ends of
+    /// APGR$'s dollar axis and the references of the cost plot (none without curves).
+    pub cost_weak_usd: Option<f64>,
+    pub cost_strong_usd: Option<f64>,
     pub policies: Vec<PolicyRow>,
 }
 

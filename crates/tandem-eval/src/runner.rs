@@ -61,7 +61,8 @@ pub struct RunConfig {
     /// The router's weight on the strong call's price: 0 the quality gain alone, 1 the gain
     /// per dollar ([`tandem_core::policy::cost`]).
     pub cost_weight: f32,
-    /// Sentence vectors of the prompts: the router reads them beside its n-grams.
+    /// Sentence vectors of the prompts (and the weak answers): the router and the cascade
+    /// scorer read them beside their n-grams.
     pub embedder: Option<Arc<dyn tandem_core::embed::Embedder>>,
     /// Record the time of every decision (for the operating point; off on curve runs).
     pub time_decisions: bool,
@@ -83,6 +84,31 @@ fn router_for(cfg: &RunConfig) -> Result<GainRouter, EvalError> {
             Ok(GainRouter::new(cfg.router.with_embeddings(e.dim()))?.with_embedder(e.clone())?)
         }
         (None, None) => Ok(GainRouter::new(cfg.router)?),
+    }
+}
+
+/// The run's cascade scorer: the prior's, else a new one; reading the prompts' and the weak
+/// answers' vectors when the run has them (and, for a prior, when it was trained on them).
+fn cascade_for(cfg: &RunConfig) -> Result<ResponseCascade, EvalError> {
+    match (
+        cfg.prior.as_ref().and_then(|p| p.cascade.clone()),
+        &cfg.embedder,
+    ) {
+        (Some(c), Some(e)) if c.config().reads_embeddings() => Ok(c.with_embedder(e.clone())?),
+        (Some(c), None) if c.config().reads_embeddings() => Err(EvalError::Invalid(
+            "the prior's cascade scorer reads sentence vectors, and this run has none".into(),
+        )),
+        (Some(c), _) => Ok(c),
+        (None, Some(e)) => {
+            // Vector settings the caller chose are kept (e.g. kNN alone); else the defaults.
+            let c = if cfg.cascade.reads_embeddings() {
+                cfg.cascade
+            } else {
+                cfg.cascade.with_embeddings(e.dim())
+            };
+            Ok(ResponseCascade::new(c)?.with_embedder(e.clone())?)
+        }
+        (None, None) => Ok(ResponseCascade::new(cfg.cascade)?),
     }
 }
 
@@ -332,10 +358,7 @@ pub fn run(
                     data.models[models.weak]
                 )));
             }
-            match cfg.prior.as_ref().and_then(|p| p.cascade.clone()) {
-                Some(c) => Scorer::Cascade(Box::new(c)),
-                None => Scorer::Cascade(Box::new(ResponseCascade::new(cfg.cascade)?)),
-            }
+            Scorer::Cascade(Box::new(cascade_for(cfg)?))
         }
     };
     // Two tiers, the strong one metered by the budget; the replayed tiers teach nobody.

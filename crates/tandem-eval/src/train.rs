@@ -30,8 +30,9 @@ pub struct TrainConfig {
     pub seed: u64,
     pub router: RouterConfig,
     pub cascade: CascadeConfig,
-    /// Sentence vectors of the prompts: the router reads them (its configuration is set for
-    /// them), and the prior names the encoder, so it is never fed another's.
+    /// Sentence vectors of the prompts (and the weak answers): the router and the cascade scorer
+    /// read them (their configurations are set for them), and the prior names the encoder, so
+    /// it is never fed another's.
     pub embedder: Option<Arc<dyn tandem_core::embed::Embedder>>,
 }
 
@@ -62,10 +63,12 @@ pub fn train(sets: &[TrainSet], cfg: &TrainConfig) -> Result<Prior, EvalError> {
         }
         None => GainRouter::new(cfg.router)?,
     };
-    let mut cascade = if responses.iter().any(|&r| r) {
-        Some(ResponseCascade::new(cfg.cascade)?)
-    } else {
-        None
+    let mut cascade = match (responses.iter().any(|&r| r), &cfg.embedder) {
+        (false, _) => None,
+        (true, Some(e)) => Some(
+            ResponseCascade::new(cfg.cascade.with_embeddings(e.dim()))?.with_embedder(e.clone())?,
+        ),
+        (true, None) => Some(ResponseCascade::new(cfg.cascade)?),
     };
     // Every (file, row) pair, shuffled anew each pass: files mix, and no pass sees one order.
     let mut order: Vec<(usize, usize)> = sets
@@ -107,7 +110,11 @@ pub fn train(sets: &[TrainSet], cfg: &TrainConfig) -> Result<Prior, EvalError> {
                     cost: 0,
                     compute: std::time::Duration::ZERO,
                 };
-                c.learn(&q, &weak, &o);
+                if epoch == 0 {
+                    c.learn(&q, &weak, &o);
+                } else {
+                    c.learn_linear(&q, &weak, &o);
+                }
             }
         }
     }

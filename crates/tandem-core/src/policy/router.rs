@@ -38,7 +38,7 @@ pub struct RouterConfig {
     pub knn_memory: u32,
 }
 
-fn default_knn_memory() -> u32 {
+pub(crate) fn default_knn_memory() -> u32 {
     4096
 }
 
@@ -61,36 +61,52 @@ impl RouterConfig {
     }
 
     fn validate(&self) -> Result<(), CoreError> {
-        if !(self.embedding >= 0.0 && self.embedding.is_finite()) {
-            return Err(CoreError::config(
-                "embedding",
-                self.embedding,
-                "must be zero or positive",
-            ));
-        }
-        if self.embedding_dim > 4096 {
-            return Err(CoreError::config(
-                "embedding_dim",
-                self.embedding_dim,
-                "must be at most 4096",
-            ));
-        }
-        if self.embedding_dim == 0 && (self.embedding > 0.0 || self.knn > 0) {
-            return Err(CoreError::config(
-                "embedding_dim",
-                0,
-                "embedding features or kNN need the vectors' length",
-            ));
-        }
-        if self.knn > self.knn_memory || self.knn_memory > 1 << 20 {
-            return Err(CoreError::config(
-                "knn",
-                format!("{} of {}", self.knn, self.knn_memory),
-                "k must be at most knn_memory, which must be at most 1,048,576",
-            ));
-        }
-        Ok(())
+        check_vector_settings(
+            self.embedding_dim,
+            self.embedding,
+            self.knn,
+            self.knn_memory,
+        )
     }
+}
+
+/// The vector settings a router and a cascade scorer share: the vectors' length, their weight
+/// among the linear features, the neighbours and the memory of the kNN estimate.
+pub(crate) fn check_vector_settings(
+    embedding_dim: u32,
+    embedding: f32,
+    knn: u32,
+    knn_memory: u32,
+) -> Result<(), CoreError> {
+    if !(embedding >= 0.0 && embedding.is_finite()) {
+        return Err(CoreError::config(
+            "embedding",
+            embedding,
+            "must be zero or positive",
+        ));
+    }
+    if embedding_dim > 4096 {
+        return Err(CoreError::config(
+            "embedding_dim",
+            embedding_dim,
+            "must be at most 4096",
+        ));
+    }
+    if embedding_dim == 0 && (embedding > 0.0 || knn > 0) {
+        return Err(CoreError::config(
+            "embedding_dim",
+            0,
+            "embedding features or kNN need the vectors' length",
+        ));
+    }
+    if knn > knn_memory || knn_memory > 1 << 20 {
+        return Err(CoreError::config(
+            "knn",
+            format!("{knn} of {knn_memory}"),
+            "k must be at most knn_memory, which must be at most 1,048,576",
+        ));
+    }
+    Ok(())
 }
 
 impl Default for RouterConfig {
