@@ -1363,6 +1363,14 @@ fn check_prior(
             _ => {}
         }
     }
+    if let (Some(m), false) = (prior.cascade.as_ref(), r.kind == RouteKind::RouteBefore) {
+        if m.config().reads_embeddings() {
+            return Err(format!(
+                "{}: its cascade scorer reads sentence vectors (trained with --embed), which a gateway cascade does not read: train the prior without --embed",
+                file.display()
+            ));
+        }
+    }
     match have {
         None => Err(format!("{} holds no {what}", file.display())),
         Some(h) if h != want => Err(format!(

@@ -1407,6 +1407,18 @@ async fn a_route_starts_from_its_prior() {
         ..cascade_only.clone()
     };
     wide.save(&dir.path().join("wide.prior")).unwrap();
+    // `tandem train --embed` on files with responses: a cascade scorer that reads vectors.
+    let vector_cascade = Prior {
+        router: None,
+        cascade: Some(
+            tandem_core::policy::cascade::ResponseCascade::new(
+                tandem_server::route::cascade_config().with_embeddings(384),
+            )
+            .unwrap(),
+        ),
+        ..cascade_only.clone()
+    };
+    vector_cascade.save(&dir.path().join("vc.prior")).unwrap();
     std::fs::write(
         dir.path().join("junk.prior"),
         "{\"not\": \"a prior at all\"}",
@@ -1441,6 +1453,18 @@ async fn a_route_starts_from_its_prior() {
                 "rb.prior",
             ),
             vec!["route[0].prior", "holds no cascade scorer"],
+        ),
+        (
+            route(
+                "cascade",
+                "threshold = 0.5\ngate = \"learned\"\n",
+                "vc.prior",
+            ),
+            vec![
+                "route[0].prior",
+                "reads sentence vectors",
+                "without --embed",
+            ],
         ),
         (
             route(
