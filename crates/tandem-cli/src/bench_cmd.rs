@@ -346,7 +346,7 @@ fn datasets(a: &CascadeArgs, store: &Store) -> Result<Vec<Dataset>> {
             let mut ids: Vec<&str> = vec![input.as_str()];
             for t in &cfg.tiers {
                 match t.kind {
-                    TierKind::Minilm => ids.push("minilm"),
+                    TierKind::Minilm | TierKind::Knn => ids.push("minilm"),
                     TierKind::Gguf => ids.extend(t.asset.as_deref()),
                     TierKind::Hashed => {}
                 }

@@ -84,7 +84,7 @@ fn digest(config_text: &str, a: &RunArgs) -> String {
 fn check_assets(cfg: &RunConfig, store: &Store) -> Result<()> {
     for t in &cfg.tiers {
         let id = match t.kind {
-            TierKind::Minilm => Some("minilm"),
+            TierKind::Minilm | TierKind::Knn => Some("minilm"),
             TierKind::Gguf => t.asset.as_deref(),
             TierKind::Hashed => None,
         };

@@ -263,9 +263,15 @@ impl KnnMemory {
 
     /// Remembers `v`'s outcome `y` (clamped to [0, 1]); a vector of another length is ignored.
     pub fn add(&mut self, v: &[f32], y: f32) {
+        self.push(v, y);
+    }
+
+    /// [`Self::add`], returning the row written (`None`: ignored).
+    fn push(&mut self, v: &[f32], y: f32) -> Option<usize> {
         if v.len() != self.dim || !y.is_finite() {
-            return;
+            return None;
         }
+        let row = self.next;
         let y = y.clamp(0.0, 1.0);
         let code = self.projection.code(v);
         if self.len < self.capacity {
@@ -282,6 +288,7 @@ impl KnnMemory {
         self.next = (self.next + 1) % self.capacity;
         self.sum += f64::from(y);
         self.seen += 1;
+        Some(row)
     }
 
     /// The estimate for `v`, and the summed weight of the neighbours behind it (0 when the memory
@@ -299,11 +306,25 @@ impl KnnMemory {
     /// `exact`: scan every vector.
     fn estimate_with(&self, v: &[f32], exact: bool) -> (f32, f32) {
         let prior = self.mean();
+        let best = self.nearest(v, exact);
+        let top = best.first().map_or(0.0, |b| b.0);
+        let (mut wy, mut w) = (0.0f32, 0.0f32);
+        for &(s, row) in &best {
+            let weight = neighbour_weight(s, top);
+            wy += weight * self.outcomes[row];
+            w += weight;
+        }
+        ((wy + KNN_SHRINK * prior) / (w + KNN_SHRINK), w)
+    }
+
+    /// The `k` remembered rows most similar to `v`, as (cosine, row), most similar first; none
+    /// when `v` has another length. `exact`: scan every vector rather than the code shortlist.
+    fn nearest(&self, v: &[f32], exact: bool) -> Vec<(f32, usize)> {
         if v.len() != self.dim || self.len == 0 {
-            return (prior, 0.0);
+            return Vec::new();
         }
         // The k best similarities, kept sorted descending in a small array.
-        let mut best: Vec<(f32, f32)> = Vec::with_capacity(self.k + 1);
+        let mut best: Vec<(f32, usize)> = Vec::with_capacity(self.k + 1);
         let mut consider = |row: usize| {
             let s = dot(&self.vectors[row * self.dim..(row + 1) * self.dim], v);
             if best.len() == self.k {
@@ -315,7 +336,7 @@ impl KnnMemory {
                 best.pop();
             }
             let at = best.partition_point(|&(b, _)| b >= s);
-            best.insert(at, (s, self.outcomes[row]));
+            best.insert(at, (s, row));
         };
         let shortlist = self.k.saturating_mul(SHORTLIST_PER_K);
         if exact || self.len <= shortlist {
@@ -323,14 +344,7 @@ impl KnnMemory {
         } else {
             self.shortlist(v, shortlist).into_iter().for_each(consider);
         }
-        let top = best.first().map_or(0.0, |b| b.0);
-        let (mut wy, mut w) = (0.0f32, 0.0f32);
-        for &(s, y) in &best {
-            let weight = ((s - top) / KNN_TEMPERATURE).exp() * s.max(0.0);
-            wy += weight * y;
-            w += weight;
-        }
-        ((wy + KNN_SHRINK * prior) / (w + KNN_SHRINK), w)
+        best
     }
 
     /// The `n` rows (at least; ties at the cut are kept) whose codes are nearest `v`'s.
@@ -419,6 +433,139 @@ impl KnnMemory {
         m.sum = sum;
         m.seen = seen;
         Ok(m)
+    }
+}
+
+/// A neighbour's weight: `e` times less per [`KNN_TEMPERATURE`] below the nearest one's cosine
+/// `top`, and none when it points away.
+fn neighbour_weight(s: f32, top: f32) -> f32 {
+    ((s - top) / KNN_TEMPERATURE).exp() * s.max(0.0)
+}
+
+/// A nearest-neighbour classifier over a ring of labelled vectors: the class probabilities are the
+/// similarity-weighted votes of the `k` nearest, smoothed towards uniform by one pseudo-vote, so
+/// that it is confident only where close neighbours agree. Search as [`KnnMemory`]'s.
+///
+/// Source: the kNN-LM-style memory of cascades over embeddings (answer where the labelled
+/// neighbours agree), e.g. the nearest-neighbour tier of issue 15's stream cascade.
+#[derive(Debug, Clone)]
+pub struct LabelMemory {
+    memory: KnnMemory,
+    labels: Vec<u32>,
+    classes: usize,
+}
+
+/// What a saved label memory starts with.
+pub const LABEL_MEMORY_MAGIC: &[u8; 8] = b"TNDLBL01";
+
+impl LabelMemory {
+    /// Errors: a size is 0, `k` exceeds the capacity, or fewer than two classes.
+    pub fn new(dim: usize, capacity: usize, k: usize, classes: usize) -> Result<Self, CoreError> {
+        if classes < 2 {
+            return Err(CoreError::config(
+                "classes",
+                classes,
+                "a classifier needs at least two",
+            ));
+        }
+        Ok(LabelMemory {
+            memory: KnnMemory::new(dim, capacity, k)?,
+            labels: Vec::new(),
+            classes,
+        })
+    }
+
+    /// Labelled vectors remembered.
+    pub fn len(&self) -> usize {
+        self.memory.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.memory.is_empty()
+    }
+
+    /// Remembers `v` with `label`; a vector of another length or a label out of range is ignored.
+    pub fn add(&mut self, v: &[f32], label: usize) {
+        if label >= self.classes {
+            return;
+        }
+        if let Some(row) = self.memory.push(v, 0.0) {
+            if row == self.labels.len() {
+                self.labels.push(label as u32);
+            } else if let Some(l) = self.labels.get_mut(row) {
+                *l = label as u32;
+            }
+        }
+    }
+
+    /// Class probabilities for `v` into `out` (length: the classes); returns the neighbours'
+    /// summed weight (0: no neighbours, uniform probabilities).
+    pub fn probabilities(&self, v: &[f32], out: &mut [f32]) -> f32 {
+        let uniform = 1.0 / self.classes as f32;
+        out.iter_mut().for_each(|p| *p = KNN_SHRINK * uniform);
+        let best = self.memory.nearest(v, false);
+        let top = best.first().map_or(0.0, |b| b.0);
+        let mut w = 0.0;
+        for &(s, row) in &best {
+            let weight = neighbour_weight(s, top);
+            if let Some(p) = self.labels.get(row).and_then(|&l| out.get_mut(l as usize)) {
+                *p += weight;
+                w += weight;
+            }
+        }
+        out.iter_mut().for_each(|p| *p /= w + KNN_SHRINK);
+        w
+    }
+
+    pub fn save(&self, w: &mut impl Write) -> std::io::Result<()> {
+        w.write_all(LABEL_MEMORY_MAGIC)?;
+        w.write_all(&(self.classes as u64).to_le_bytes())?;
+        self.memory.save(w)?;
+        for l in &self.labels {
+            w.write_all(&l.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Errors: not a label memory, damaged, or of another vector length or class count.
+    pub fn load(r: &mut impl Read, dim: usize, classes: usize) -> Result<Self, CoreError> {
+        let bad = |what: &str| CoreError::config("label memory", what, "damaged checkpoint");
+        let mut magic = [0u8; 8];
+        r.read_exact(&mut magic).map_err(|_| bad("truncated"))?;
+        if &magic != LABEL_MEMORY_MAGIC {
+            return Err(bad("wrong magic"));
+        }
+        r.read_exact(&mut magic).map_err(|_| bad("truncated"))?;
+        if u64::from_le_bytes(magic) != classes as u64 {
+            return Err(CoreError::config(
+                "label memory",
+                format!("{} classes, not {classes}", u64::from_le_bytes(magic)),
+                "saved for another number of classes",
+            ));
+        }
+        let memory = KnnMemory::load(r)?;
+        if memory.dim() != dim {
+            return Err(CoreError::config(
+                "label memory",
+                format!("vectors of {}, not {dim}", memory.dim()),
+                "saved for vectors of another length",
+            ));
+        }
+        let mut labels = Vec::with_capacity(memory.len());
+        let mut b = [0u8; 4];
+        for _ in 0..memory.len() {
+            r.read_exact(&mut b).map_err(|_| bad("truncated labels"))?;
+            let l = u32::from_le_bytes(b);
+            if l as usize >= classes {
+                return Err(bad("label out of range"));
+            }
+            labels.push(l);
+        }
+        Ok(LabelMemory {
+            memory,
+            labels,
+            classes,
+        })
     }
 }
 
@@ -664,6 +811,44 @@ mod tests {
         for q in &queries {
             assert_eq!(back.memory[0].estimate(q), e.memory[0].estimate(q));
         }
+    }
+
+    #[test]
+    fn a_label_memory_is_sure_only_where_close_neighbours_agree() {
+        let mut m = LabelMemory::new(2, 100, 8, 3).unwrap();
+        let mut p = [0.0f32; 3];
+        assert_eq!(m.probabilities(&[1.0, 0.0], &mut p), 0.0);
+        assert!(p.iter().all(|&x| (x - 1.0 / 3.0).abs() < 1e-6), "{p:?}");
+        // Class 2 near (1, 0); near (0, 1), classes 0 and 1 mixed half and half.
+        for i in 0..20 {
+            let e = (i as f32) * 0.005;
+            m.add(&unit(&[1.0, e]), 2);
+            m.add(&unit(&[e, 1.0]), i % 2);
+        }
+        m.add(&[1.0, 0.0], 7); // out of range: ignored
+        assert_eq!(m.len(), 40);
+        m.probabilities(&unit(&[1.0, 0.05]), &mut p);
+        assert!(p[2] > 0.85, "{p:?}");
+        m.probabilities(&unit(&[0.05, 1.0]), &mut p);
+        assert!(p[2] < 0.05 && p[0] < 0.7 && p[1] < 0.7, "{p:?}");
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        // Round trip, and refusals naming what differs.
+        let mut buf = Vec::new();
+        m.save(&mut buf).unwrap();
+        let back = LabelMemory::load(&mut buf.as_slice(), 2, 3).unwrap();
+        let mut q = [0.0f32; 3];
+        back.probabilities(&unit(&[0.05, 1.0]), &mut q);
+        assert_eq!(p, q);
+        let e = LabelMemory::load(&mut buf.as_slice(), 2, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("3 classes, not 4"), "{e}");
+        let e = LabelMemory::load(&mut buf.as_slice(), 5, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vectors of 2, not 5"), "{e}");
+        assert!(LabelMemory::load(&mut &buf[..buf.len() - 2], 2, 3).is_err());
+        assert!(LabelMemory::new(2, 10, 4, 1).is_err());
     }
 
     #[test]

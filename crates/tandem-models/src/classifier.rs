@@ -5,9 +5,11 @@
 use crate::gguf::{GgufError, GgufLm};
 use crate::minilm::{EncoderError, MiniLm};
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tandem_core::embed::LabelMemory;
 use tandem_core::features::{ns, FeatureVec, Featurizer, TextFeatures};
 use tandem_core::learner::{LearnerConfig, OnlineSoftmax};
 use tandem_core::{CoreError, Message};
@@ -195,14 +197,73 @@ pub type EmbeddingCache = HashMap<String, (Vec<f32>, Duration)>;
 
 /// MiniLM sentence embeddings with an online softmax head over the 384 dimensions.
 pub struct MiniLmHead {
+    vectors: Vectors,
+    head: OnlineSoftmax,
+    x: FeatureVec,
+    probs: Vec<f32>,
+}
+
+/// Where a MiniLM tier's sentence vectors come from: computed ahead in batches by its encoder,
+/// or looked up in a shared cache (a benchmark's), with the time each took.
+struct Vectors {
     encoder: Option<MiniLm>,
     shared: Option<Arc<EmbeddingCache>>,
-    head: OnlineSoftmax,
     /// Embeddings computed ahead in batches, by text.
     ready: HashMap<String, (Vec<f32>, Duration)>,
     batch: usize,
-    x: FeatureVec,
-    probs: Vec<f32>,
+}
+
+impl Vectors {
+    fn get(&mut self, text: &str) -> Result<(Vec<f32>, Duration), ModelError> {
+        if let Some(e) = self.ready.get(text) {
+            return Ok(e.clone());
+        }
+        if let Some(e) = self.shared.as_ref().and_then(|s| s.get(text)) {
+            return Ok(e.clone());
+        }
+        let Some(encoder) = self.encoder.as_mut() else {
+            return Err(ModelError::NoEmbedding(text.chars().take(60).collect()));
+        };
+        let t0 = Instant::now();
+        let e = encoder.embed(&[text])?.pop().unwrap_or_default();
+        let d = t0.elapsed();
+        self.ready.insert(text.to_string(), (e.clone(), d));
+        Ok((e, d))
+    }
+
+    fn prepare(&mut self, texts: &[&str]) -> Result<(), ModelError> {
+        let mut todo: Vec<&str> = texts
+            .iter()
+            .copied()
+            .filter(|t| {
+                !self.ready.contains_key(*t)
+                    && !self.shared.as_ref().is_some_and(|s| s.contains_key(*t))
+            })
+            .collect();
+        let Some(encoder) = self.encoder.as_mut() else {
+            return Ok(()); // predict names the first text it cannot embed
+        };
+        // Batches of similar length waste little on padding to the longest.
+        todo.sort_by_key(|t| t.len());
+        todo.dedup();
+        for chunk in todo.chunks(self.batch) {
+            let t0 = Instant::now();
+            let embs = encoder.embed(chunk)?;
+            let each = t0.elapsed() / chunk.len().max(1) as u32;
+            for (t, e) in chunk.iter().zip(embs) {
+                self.ready.insert((*t).to_string(), (e, each));
+            }
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self, text: &str) {
+        self.ready.remove(text);
+    }
+
+    fn truncated(&self) -> u64 {
+        self.encoder.as_ref().map_or(0, |e| e.truncated)
+    }
 }
 
 impl MiniLmHead {
@@ -238,35 +299,24 @@ impl MiniLmHead {
             l2: 0.0,
         };
         Ok(MiniLmHead {
-            encoder,
-            shared,
+            vectors: Vectors {
+                encoder,
+                shared,
+                ready: HashMap::new(),
+                batch: batch.max(1),
+            },
             head: OnlineSoftmax::new(cfg)?,
-            ready: HashMap::new(),
-            batch: batch.max(1),
             x: FeatureVec::default(),
             probs: vec![0.0; classes],
         })
     }
 
     pub fn truncated(&self) -> u64 {
-        self.encoder.as_ref().map_or(0, |e| e.truncated)
+        self.vectors.truncated()
     }
 
     fn embedding(&mut self, text: &str) -> Result<(Vec<f32>, Duration), ModelError> {
-        if let Some(e) = self.ready.get(text) {
-            return Ok(e.clone());
-        }
-        if let Some(e) = self.shared.as_ref().and_then(|s| s.get(text)) {
-            return Ok(e.clone());
-        }
-        let Some(encoder) = self.encoder.as_mut() else {
-            return Err(ModelError::NoEmbedding(text.chars().take(60).collect()));
-        };
-        let t0 = Instant::now();
-        let e = encoder.embed(&[text])?.pop().unwrap_or_default();
-        let d = t0.elapsed();
-        self.ready.insert(text.to_string(), (e.clone(), d));
-        Ok((e, d))
+        self.vectors.get(text)
     }
 
     fn features(&mut self, emb: &[f32]) {
@@ -282,29 +332,7 @@ impl MiniLmHead {
 
 impl Classifier for MiniLmHead {
     fn prepare(&mut self, texts: &[&str]) -> Result<(), ModelError> {
-        let mut todo: Vec<&str> = texts
-            .iter()
-            .copied()
-            .filter(|t| {
-                !self.ready.contains_key(*t)
-                    && !self.shared.as_ref().is_some_and(|s| s.contains_key(*t))
-            })
-            .collect();
-        let Some(encoder) = self.encoder.as_mut() else {
-            return Ok(()); // predict names the first text it cannot embed
-        };
-        // Batches of similar length waste little on padding to the longest.
-        todo.sort_by_key(|t| t.len());
-        todo.dedup();
-        for chunk in todo.chunks(self.batch) {
-            let t0 = Instant::now();
-            let embs = encoder.embed(chunk)?;
-            let each = t0.elapsed() / chunk.len().max(1) as u32;
-            for (t, e) in chunk.iter().zip(embs) {
-                self.ready.insert((*t).to_string(), (e, each));
-            }
-        }
-        Ok(())
+        self.vectors.prepare(texts)
     }
 
     fn predict(&mut self, text: &str) -> Result<Prediction, ModelError> {
@@ -327,7 +355,7 @@ impl Classifier for MiniLmHead {
         self.features(&emb);
         self.head.learn(&self.x, label, weight, &mut self.probs);
         // The embedding is not needed once the item has been learned.
-        self.ready.remove(text);
+        self.vectors.forget(text);
         Ok(())
     }
 
@@ -349,7 +377,137 @@ impl Classifier for MiniLmHead {
     }
 
     fn forget(&mut self, text: &str) {
-        self.ready.remove(text);
+        self.vectors.forget(text);
+    }
+}
+
+/// all-MiniLM-L6-v2's vector length (what a shared embedding cache holds).
+const MINILM_DIM: usize = 384;
+
+/// A nearest-neighbour tier over MiniLM vectors: it remembers the vectors of the items it learned
+/// (their gold labels, or the top tier's answers) and answers with the similarity-weighted vote of
+/// the `k` nearest, confident only where close neighbours agree (`tandem_core::embed::LabelMemory`).
+pub struct KnnTier {
+    dim: usize,
+    vectors: Vectors,
+    memory: LabelMemory,
+    classes: usize,
+    updates: u64,
+}
+
+impl KnnTier {
+    /// `memory`: labelled vectors remembered (the oldest are forgotten); `k`: neighbours voting.
+    pub fn new(
+        encoder: MiniLm,
+        classes: usize,
+        memory: usize,
+        k: usize,
+        batch: usize,
+    ) -> Result<Self, ModelError> {
+        Self::build(Some(encoder), None, classes, memory, k, batch)
+    }
+
+    /// A tier over precomputed embeddings only (no encoder): a text missing from `shared` is an
+    /// error.
+    pub fn over_embeddings(
+        shared: Arc<EmbeddingCache>,
+        classes: usize,
+        memory: usize,
+        k: usize,
+    ) -> Result<Self, ModelError> {
+        Self::build(None, Some(shared), classes, memory, k, 1)
+    }
+
+    fn build(
+        encoder: Option<MiniLm>,
+        shared: Option<Arc<EmbeddingCache>>,
+        classes: usize,
+        memory: usize,
+        k: usize,
+        batch: usize,
+    ) -> Result<Self, ModelError> {
+        let dim = encoder.as_ref().map_or(MINILM_DIM, |e| e.dim);
+        Ok(KnnTier {
+            dim,
+            vectors: Vectors {
+                encoder,
+                shared,
+                ready: HashMap::new(),
+                batch: batch.max(1),
+            },
+            memory: LabelMemory::new(dim, memory, k, classes)?,
+            classes,
+            updates: 0,
+        })
+    }
+}
+
+impl Classifier for KnnTier {
+    fn prepare(&mut self, texts: &[&str]) -> Result<(), ModelError> {
+        self.vectors.prepare(texts)
+    }
+
+    fn predict(&mut self, text: &str) -> Result<Prediction, ModelError> {
+        let (emb, compute) = self.vectors.get(text)?;
+        let t0 = Instant::now();
+        let mut probs = vec![0.0; self.classes];
+        self.memory.probabilities(&emb, &mut probs);
+        // Log-probabilities as logits, so energy-based deferral reads the votes too.
+        let logits = probs.iter().map(|p| p.max(1e-6).ln()).collect();
+        Ok(Prediction {
+            probs,
+            logits,
+            compute: compute + t0.elapsed(),
+        })
+    }
+
+    fn learn(&mut self, text: &str, label: usize, _weight: f32) -> Result<(), ModelError> {
+        let (emb, _) = self.vectors.get(text)?;
+        self.memory.add(&emb, label);
+        self.updates += 1;
+        self.vectors.forget(text);
+        Ok(())
+    }
+
+    fn learns(&self) -> bool {
+        true
+    }
+
+    fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    fn save(&self, path: &Path) -> Result<(), ModelError> {
+        let err = |e: std::io::Error| ModelError::Checkpoint {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let tmp = path.with_extension("tmp");
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(err)?);
+        f.write_all(&self.updates.to_le_bytes()).map_err(err)?;
+        self.memory.save(&mut f).map_err(err)?;
+        let f = f.into_inner().map_err(|e| err(e.into_error()))?;
+        f.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(err)
+    }
+
+    fn load(&mut self, path: &Path) -> Result<(), ModelError> {
+        let err = |m: String| ModelError::Checkpoint {
+            path: path.display().to_string(),
+            message: m,
+        };
+        let mut r =
+            std::io::BufReader::new(std::fs::File::open(path).map_err(|e| err(e.to_string()))?);
+        let mut n = [0u8; 8];
+        r.read_exact(&mut n).map_err(|e| err(e.to_string()))?;
+        self.memory =
+            LabelMemory::load(&mut r, self.dim, self.classes).map_err(|e| err(e.to_string()))?;
+        self.updates = u64::from_le_bytes(n);
+        Ok(())
+    }
+
+    fn forget(&mut self, text: &str) {
+        self.vectors.forget(text);
     }
 }
 
@@ -422,5 +580,61 @@ impl Classifier for LlmClassifier {
 
     fn updates(&self) -> u64 {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// Stand-in vectors: texts "a…" near one direction, "b…" near another, "m…" between them.
+    fn cache(n: usize) -> Arc<EmbeddingCache> {
+        let mut c = EmbeddingCache::new();
+        for i in 0..n {
+            let e = (i % 7) as f32 * 0.01;
+            for (prefix, x, y) in [("a", 1.0, e), ("b", e, 1.0), ("m", 0.7 + e, 0.7)] {
+                let mut v = vec![0.0f32; MINILM_DIM];
+                v[0] = x;
+                v[1] = y;
+                let n = (x * x + y * y).sqrt();
+                v.iter_mut().for_each(|c| *c /= n);
+                c.insert(format!("{prefix}{i}"), (v, Duration::from_micros(10)));
+            }
+        }
+        Arc::new(c)
+    }
+
+    #[test]
+    fn the_knn_tier_answers_where_its_neighbours_agree() {
+        let mut t = KnnTier::over_embeddings(cache(60), 2, 1000, 8).unwrap();
+        // Before learning anything it has no opinion.
+        let p = t.predict("a0").unwrap();
+        assert!((p.probs[0] - 0.5).abs() < 1e-6, "{:?}", p.probs);
+        for i in 0..40 {
+            t.learn(&format!("a{i}"), 0, 1.0).unwrap();
+            t.learn(&format!("b{i}"), 1, 1.0).unwrap();
+            // Between the two, the labels disagree.
+            t.learn(&format!("m{i}"), i % 2, 1.0).unwrap();
+        }
+        assert_eq!(t.updates(), 120);
+        let a = t.predict("a50").unwrap();
+        let b = t.predict("b50").unwrap();
+        let m = t.predict("m50").unwrap();
+        assert!(a.probs[0] > 0.85 && b.probs[1] > 0.85, "{a:?} {b:?}");
+        assert!(m.probs[0] < 0.75 && m.probs[1] < 0.75, "{m:?}");
+        assert!(t.predict("unseen").is_err());
+
+        // A checkpoint restores the memory; one of another class count is refused, named.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("knn.ckpt");
+        t.save(&path).unwrap();
+        let mut back = KnnTier::over_embeddings(cache(60), 2, 1000, 8).unwrap();
+        back.load(&path).unwrap();
+        assert_eq!(back.updates(), 120);
+        assert_eq!(back.predict("a50").unwrap().probs, a.probs);
+        let mut three = KnnTier::over_embeddings(cache(60), 3, 1000, 8).unwrap();
+        let e = three.load(&path).unwrap_err().to_string();
+        assert!(e.contains("knn.ckpt") && e.contains("classes"), "{e}");
     }
 }

@@ -31,6 +31,8 @@ pub struct RunConfig {
 pub enum TierKind {
     Hashed,
     Minilm,
+    /// Nearest neighbours over MiniLM vectors of the items learned (`k`, `memory`).
+    Knn,
     Gguf,
 }
 
@@ -51,6 +53,11 @@ pub struct TierConfig {
     // minilm
     pub batch: Option<usize>,
     pub max_tokens: Option<usize>,
+    // knn (with minilm's batch and max_tokens)
+    /// Neighbours that vote (default 16).
+    pub k: Option<usize>,
+    /// Labelled items remembered, the oldest forgotten first (default 20,000).
+    pub memory: Option<usize>,
     // gguf
     pub asset: Option<String>,
     pub path: Option<PathBuf>,
@@ -58,6 +65,18 @@ pub struct TierConfig {
     pub verbalizers: Option<Vec<String>>,
     /// Recorded answers of this tier: replayed when the model and prompt match, appended otherwise.
     pub recording: Option<PathBuf>,
+}
+
+impl TierConfig {
+    /// A `knn` tier's voting neighbours.
+    pub fn knn_k(&self) -> usize {
+        self.k.unwrap_or(16)
+    }
+
+    /// A `knn` tier's remembered items.
+    pub fn knn_memory(&self) -> usize {
+        self.memory.unwrap_or(20_000)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -250,6 +269,8 @@ impl RunConfig {
                         ("recording", t.recording.is_some()),
                         ("batch", t.batch.is_some()),
                         ("max_tokens", t.max_tokens.is_some()),
+                        ("k", t.k.is_some()),
+                        ("memory", t.memory.is_some()),
                     ] {
                         not_for(f, set, "hashed")?;
                     }
@@ -267,11 +288,38 @@ impl RunConfig {
                         ("verbalizers", t.verbalizers.is_some()),
                         ("recording", t.recording.is_some()),
                         ("bits", t.bits.is_some()),
+                        ("k", t.k.is_some()),
+                        ("memory", t.memory.is_some()),
                     ] {
                         not_for(f, set, "minilm")?;
                     }
                     if t.max_tokens.is_some_and(|m| !(8..=512).contains(&m)) {
                         return Err(format!("{at}: `max_tokens`: must be between 8 and 512"));
+                    }
+                }
+                TierKind::Knn => {
+                    for (f, set) in [
+                        ("asset", t.asset.is_some()),
+                        ("path", t.path.is_some()),
+                        ("instruction", t.instruction.is_some()),
+                        ("verbalizers", t.verbalizers.is_some()),
+                        ("recording", t.recording.is_some()),
+                        ("bits", t.bits.is_some()),
+                        ("learning_rate", t.learning_rate.is_some()),
+                    ] {
+                        not_for(f, set, "knn")?;
+                    }
+                    if t.max_tokens.is_some_and(|m| !(8..=512).contains(&m)) {
+                        return Err(format!("{at}: `max_tokens`: must be between 8 and 512"));
+                    }
+                    let (k, memory) = (t.knn_k(), t.knn_memory());
+                    if !(1..=1024).contains(&k) {
+                        return Err(format!("{at}: `k` {k}: must be between 1 and 1024"));
+                    }
+                    if !(k..=1 << 20).contains(&memory) {
+                        return Err(format!(
+                            "{at}: `memory` {memory}: must be at least `k` ({k}) and at most 1048576"
+                        ));
                     }
                 }
                 TierKind::Gguf => {
@@ -280,6 +328,8 @@ impl RunConfig {
                         ("learning_rate", t.learning_rate.is_some()),
                         ("batch", t.batch.is_some()),
                         ("max_tokens", t.max_tokens.is_some()),
+                        ("k", t.k.is_some()),
+                        ("memory", t.memory.is_some()),
                     ] {
                         not_for(f, set, "gguf")?;
                     }
@@ -471,5 +521,41 @@ max_top_calls = 10
         ))
         .contains("not the top tier"));
         assert!(err("not toml [").starts_with("c.toml: "));
+    }
+
+    #[test]
+    fn a_knn_tier_takes_its_settings_and_refuses_others() {
+        let knn = |extra: &str| {
+            GOOD.replace(
+                "kind = \"hashed\"\nthreshold = 0.9",
+                &format!("kind = \"knn\"\nthreshold = 0.9\n{extra}"),
+            )
+        };
+        let c = RunConfig::parse(Path::new("c.toml"), &knn("k = 8\nmemory = 500")).unwrap();
+        assert_eq!((c.tiers[0].knn_k(), c.tiers[0].knn_memory()), (8, 500));
+        let c = RunConfig::parse(Path::new("c.toml"), &knn("")).unwrap();
+        assert_eq!((c.tiers[0].knn_k(), c.tiers[0].knn_memory()), (16, 20_000));
+        for (extra, says) in [
+            ("k = 0", "`k` 0: must be between 1 and 1024"),
+            ("k = 5000", "`k` 5000"),
+            (
+                "k = 32\nmemory = 10",
+                "`memory` 10: must be at least `k` (32)",
+            ),
+            ("bits = 18", "`bits` does not apply to kind knn"),
+            (
+                "learning_rate = 0.1",
+                "`learning_rate` does not apply to kind knn",
+            ),
+            ("max_tokens = 4", "`max_tokens`: must be between 8 and 512"),
+        ] {
+            let e = err(&knn(extra));
+            assert!(e.contains(says), "{extra}: {e}");
+        }
+        // `k` and `memory` belong to knn tiers only.
+        assert!(
+            err(&GOOD.replace("threshold = 0.9", "threshold = 0.9\nk = 4"))
+                .contains("`k` does not apply to kind hashed")
+        );
     }
 }

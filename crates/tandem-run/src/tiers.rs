@@ -6,7 +6,7 @@ use crate::recording::RecordingLlm;
 use tandem_core::features::TextFeatures;
 use tandem_core::Price;
 use tandem_models::assets::{find, sha256_file, Store};
-use tandem_models::classifier::{Classifier, HashedClassifier, MiniLmHead};
+use tandem_models::classifier::{Classifier, HashedClassifier, KnnTier, MiniLmHead};
 use tandem_models::minilm::MiniLm;
 
 pub enum TierModel {
@@ -51,19 +51,29 @@ pub fn build_one(cfg: &RunConfig, t: &TierConfig, store: &Store) -> Result<TierS
                 t.learning_rate.unwrap_or(0.2),
             )?))
         }
-        TierKind::Minilm => {
+        TierKind::Minilm | TierKind::Knn => {
             let dir = store.path("minilm", "config.json")?;
             store.path("minilm", "model.safetensors")?;
             store.path("minilm", "tokenizer.json")?;
             let dir = dir.parent().map(|d| d.to_path_buf()).unwrap_or_default();
             let enc = MiniLm::load(&dir, t.max_tokens.unwrap_or(128))
                 .map_err(tandem_models::classifier::ModelError::from)?;
-            TierModel::Learner(Box::new(MiniLmHead::new(
-                enc,
-                classes,
-                t.learning_rate.unwrap_or(0.05),
-                t.batch.unwrap_or(32),
-            )?))
+            if t.kind == TierKind::Knn {
+                TierModel::Learner(Box::new(KnnTier::new(
+                    enc,
+                    classes,
+                    t.knn_memory(),
+                    t.knn_k(),
+                    t.batch.unwrap_or(32),
+                )?))
+            } else {
+                TierModel::Learner(Box::new(MiniLmHead::new(
+                    enc,
+                    classes,
+                    t.learning_rate.unwrap_or(0.05),
+                    t.batch.unwrap_or(32),
+                )?))
+            }
         }
         TierKind::Gguf => {
             let (path, sha) = match (&t.asset, &t.path) {

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tandem_models::assets::Store;
-use tandem_models::classifier::{EmbeddingCache, MiniLmHead, ModelError};
+use tandem_models::classifier::{EmbeddingCache, KnnTier, MiniLmHead, ModelError};
 use tandem_models::embed_cache;
 use tandem_models::minilm::MiniLm;
 
@@ -198,7 +198,13 @@ pub fn prepare(
         .map(|i| i.text.as_str())
         .collect();
     let mut embeddings = EmbeddingCache::new();
-    for t in ds.cfg.tiers.iter().filter(|t| t.kind == TierKind::Minilm) {
+    // Both MiniLM-based kinds read the same vectors (one cache per encoder setting).
+    for t in ds
+        .cfg
+        .tiers
+        .iter()
+        .filter(|t| matches!(t.kind, TierKind::Minilm | TierKind::Knn))
+    {
         let max_tokens = t.max_tokens.unwrap_or(128);
         let (path, dir) = embed_cache::minilm_cache(store, &ds.name, max_tokens)?;
         let mut load = || MiniLm::load(&dir, max_tokens).map_err(ModelError::from);
@@ -259,6 +265,19 @@ fn tiers_for(
                     prep.embeddings.clone(),
                     classes,
                     t.learning_rate.unwrap_or(0.05),
+                )?)),
+                price: t.price(),
+                threshold: t.threshold.unwrap_or(0.9),
+                warmup: t.warmup.unwrap_or(100),
+            }
+        } else if t.kind == TierKind::Knn {
+            TierSetup {
+                name: t.name.clone(),
+                model: TierModel::Learner(Box::new(KnnTier::over_embeddings(
+                    prep.embeddings.clone(),
+                    classes,
+                    t.knn_memory(),
+                    t.knn_k(),
                 )?)),
                 price: t.price(),
                 threshold: t.threshold.unwrap_or(0.9),
