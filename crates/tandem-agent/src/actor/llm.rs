@@ -289,11 +289,21 @@ impl LlmActor {
             let scores = match &e.actions {
                 None if e.scores.len() == ctx.admissible.len() => Some(e.scores.clone()),
                 None => None,
-                Some(actions) => ctx
-                    .admissible
-                    .iter()
-                    .map(|a| actions.iter().position(|r| r == a).map(|i| e.scores[i]))
-                    .collect::<Option<Vec<f32>>>(),
+                Some(actions) => {
+                    let found: Vec<Option<f32>> = ctx
+                        .admissible
+                        .iter()
+                        .map(|a| actions.iter().position(|r| r == a).map(|i| e.scores[i]))
+                        .collect();
+                    if found.iter().all(Option::is_some) || self.model.is_none() {
+                        // Without a model, a candidate worded differently this run (ScienceWorld
+                        // renames objects at random) gets the step's lowest recorded score.
+                        let floor = e.scores.iter().copied().fold(f32::INFINITY, f32::min);
+                        Some(found.into_iter().map(|s| s.unwrap_or(floor)).collect())
+                    } else {
+                        None
+                    }
+                }
             };
             if let Some(scores) = scores {
                 self.cost.replayed += 1;
