@@ -40,6 +40,8 @@ pub struct GameState {
 pub trait Environment {
     /// What picks an episode: a game file, a task and its variation, a level and its seed.
     type Episode: ?Sized;
+    /// A stable name of an episode, the same in every run (recordings are keyed by it).
+    fn name(episode: &Self::Episode) -> String;
     fn reset(&mut self, episode: &Self::Episode) -> Result<GameState, AgentError>;
     fn step(&mut self, action: &str) -> Result<GameState, AgentError>;
 }
@@ -153,6 +155,11 @@ impl TextWorld {
 impl Environment for TextWorld {
     /// The game file ([`TextWorld::make`]).
     type Episode = Path;
+    fn name(game: &Path) -> String {
+        game.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| game.display().to_string())
+    }
     fn reset(&mut self, game: &Path) -> Result<GameState, AgentError> {
         TextWorld::reset(self, game)
     }

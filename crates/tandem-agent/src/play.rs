@@ -1,12 +1,11 @@
 //! One episode of a game: at each step a switching rule picks the small or the large policy, the
 //! chosen one picks the action, and the large one's choices teach the small one (L4S).
 
-use crate::actor::{Context, LlmActor, NgramActor};
-use crate::env::TextWorld;
+use crate::actor::{shortlist, Choice, Context, LlmActor, NgramActor};
+use crate::env::Environment;
 use crate::error::AgentError;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use std::path::Path;
 use tandem_core::engine::{Cascade, Next};
 use tandem_core::londi::{Switch, SwitchConfig};
 use tandem_core::policy::switching::{StepMeta, SwitchHandle, Switching};
@@ -77,6 +76,8 @@ pub struct Outcome {
     pub score: f32,
     pub steps: u32,
     pub large_calls: u32,
+    /// Compute seconds of the large calls (as recorded, for replayed ones).
+    pub large_seconds: f64,
     /// Who acted at each step, and the action.
     pub trace: Vec<(Switch, String)>,
 }
@@ -86,6 +87,8 @@ pub struct Policies<'a> {
     pub large: &'a mut LlmActor,
     /// Train the small policy on the large one's choices.
     pub l4s: bool,
+    /// At most this many actions for the large policy to score ([`shortlist`]; 0: all).
+    pub shortlist: usize,
 }
 
 /// The controller's view of a step: where the agent is, what it carries, what just happened.
@@ -93,14 +96,17 @@ fn state_text(s: &crate::env::GameState) -> String {
     format!("{}\n{}\n{}", s.description, s.inventory, s.observation)
 }
 
-pub fn play_episode(
-    env: &mut TextWorld,
-    game: &Path,
+/// Plays `game` from its start. `episode` names this play (the controller's episode); recordings
+/// of the large policy are keyed by the environment's stable name of `game`.
+pub fn play_episode<E: Environment + ?Sized>(
+    env: &mut E,
+    game: &E::Episode,
     episode: &str,
     p: &mut Policies,
     switcher: &mut Switcher,
     max_steps: u32,
 ) -> Result<Outcome, AgentError> {
+    let name = E::name(game);
     let mut state = env.reset(game)?;
     let max_score = state.max_score.max(1) as f32;
     let mut history: Vec<String> = Vec::new();
@@ -108,6 +114,7 @@ pub fn play_episode(
     let result = (|| {
         while !state.done && out.steps < max_steps {
             let ctx = Context {
+                episode: &name,
                 objective: &state.objective,
                 observation: &state.observation,
                 description: &state.description,
@@ -148,7 +155,8 @@ pub fn play_episode(
             };
             let index = if choice == Switch::Large {
                 out.large_calls += 1;
-                let large = p.large.choose(&ctx)?;
+                let large = large_choice(p.large, &ctx, p.shortlist)?;
+                out.large_seconds += p.large.last_seconds();
                 if p.l4s {
                     p.small.learn(&ctx, large.index, large.confidence())?;
                 }
@@ -179,4 +187,26 @@ pub fn play_episode(
     out.won = state.won;
     out.score = (state.score.max(0) as f32 / max_score).min(1.0);
     Ok(out)
+}
+
+/// The large policy's choice among the admissible actions, scoring only a shortlist of them when
+/// there are more than `k` (the rest get probability 0).
+fn large_choice(large: &mut LlmActor, ctx: &Context, k: usize) -> Result<Choice, AgentError> {
+    let keep = shortlist(ctx, k);
+    if keep.len() == ctx.admissible.len() {
+        return large.choose(ctx);
+    }
+    let actions: Vec<String> = keep.iter().map(|&i| ctx.admissible[i].clone()).collect();
+    let sub = large.choose(&Context {
+        admissible: &actions,
+        ..*ctx
+    })?;
+    let mut probs = vec![0.0; ctx.admissible.len()];
+    for (j, &i) in keep.iter().enumerate() {
+        probs[i] = sub.probs[j];
+    }
+    Ok(Choice {
+        index: keep[sub.index],
+        probs,
+    })
 }

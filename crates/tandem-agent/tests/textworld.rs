@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use tandem_agent::actor::LlmActor;
-use tandem_agent::bench::{Bench, BenchConfig};
+use tandem_agent::bench::{Bench, BenchConfig, TextWorldGames};
 use tandem_agent::env::{GameSpec, TextWorld};
 use tandem_agent::AgentError;
 use tandem_models::assets::Store;
@@ -82,13 +82,18 @@ fn quick_bench_runs_keeps_budgets_and_replays_identically() {
     };
     let dir = tempfile::tempdir().unwrap();
     let recording = dir.path().join("recorded.jsonl");
-    let mut cfg = BenchConfig::quick(dir.path().join("games"));
+    let mut cfg = BenchConfig::quick();
     cfg.train_episodes = 20;
+    let games = TextWorldGames::quick(dir.path().join("games"));
+    let (train, test) = games.make(&mut env).unwrap();
     let run = |env: &mut TextWorld, large: &mut LlmActor| {
         let mut log = |l: &str| eprintln!("{l}");
         Bench {
             cfg: cfg.clone(),
             env,
+            train: train.clone(),
+            test: test.clone(),
+            games: games.describe(),
             large,
             large_name: "smollm2-135m".into(),
             log: &mut log,

@@ -1,26 +1,44 @@
-//! `tandem bench londi`: LONDI's switching controller on TextWorld games (see tandem_agent::bench).
+//! `tandem bench londi`: LONDI's switching controller on TextWorld games, BabyAI-Text levels or
+//! ScienceWorld tasks (see tandem_agent::bench).
 
 use crate::assets_cmd::ensure_installed;
 use crate::run_cmd::write_json;
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
-use tandem_agent::actor::LlmActor;
-use tandem_agent::bench::{plot_frontier, Bench, BenchConfig};
-use tandem_agent::env::TextWorld;
+use tandem_agent::actor::{LlmActor, RecordKey};
+use tandem_agent::bench::{plot_frontier, Bench, BenchConfig, Report, TextWorldGames};
+use tandem_agent::env::scienceworld::SwConfig;
+use tandem_agent::env::{
+    BabyAiEpisode, BabyAiText, Environment, ScienceWorld, Split, SwEpisode, TextWorld,
+};
 use tandem_models::assets::Store;
 use tandem_models::gguf::GgufLm;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EnvName {
+    /// TextWorld's generated games (scripts/setup-textworld).
+    Textworld,
+    /// BabyAI-Text: minigrid's GoToObj, GoToLocal and PickupLoc levels (scripts/setup-babyai).
+    Babyai,
+    /// ScienceWorld's short tasks: find-*, lifespan-* (scripts/setup-scienceworld).
+    Scienceworld,
+}
+
 #[derive(Args, Debug)]
 pub struct LondiArgs {
-    /// The tiny version run in CI: 2 training and 2 held-out small games, SmolLM2-135M as the
+    /// Which environment.
+    #[arg(long, value_enum, default_value = "textworld")]
+    env: EnvName,
+    /// The small version run in CI: a few training and held-out episodes, SmolLM2-135M as the
     /// large policy, one seed.
     #[arg(long)]
     quick: bool,
-    /// The large policy's model: an installed asset id.
+    /// The large policy's model: an installed asset id (smollm2-135m, qwen2.5-coder-0.5b,
+    /// qwen2.5-coder-1.5b).
     #[arg(long)]
     large: Option<String>,
-    /// Seeds of the runs (controller initialisation, exploration, game order).
+    /// Seeds of the runs (controller initialisation, exploration, episode order).
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,
     /// Switching costs c of the LONDI rows.
@@ -29,13 +47,16 @@ pub struct LondiArgs {
     /// Per-episode budgets of the LONDI-B rows.
     #[arg(long, value_delimiter = ',')]
     budgets: Option<Vec<u32>>,
+    /// Small-confidence thresholds of the threshold rows.
+    #[arg(long, value_delimiter = ',')]
+    thresholds: Option<Vec<f32>>,
     /// Training episodes per method and seed.
     #[arg(long)]
     train_episodes: Option<u32>,
     /// Run only the policies whose names start with one of these (e.g. always-large,LONDI).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Game generator settings (defaults: see `BenchConfig::full` / `quick`).
+    /// TextWorld's game generator settings (defaults: see `TextWorldGames::full` / `quick`).
     #[arg(long)]
     rooms: Option<u32>,
     #[arg(long)]
@@ -44,19 +65,28 @@ pub struct LondiArgs {
     quest_length: Option<u32>,
     #[arg(long)]
     max_steps: Option<u32>,
-    /// Numbers of training and held-out games (seeds 1.. and 1001..).
+    /// Numbers of training and held-out episodes: TextWorld games (seeds 1.. and 1001..), BabyAI
+    /// seeds per level, ScienceWorld variations per task (from its training and test splits).
     #[arg(long)]
     train_games: Option<u64>,
     #[arg(long)]
     test_games: Option<u64>,
+    /// BabyAI levels or ScienceWorld tasks (comma-separated) instead of the defaults.
+    #[arg(long, value_delimiter = ',')]
+    tasks: Option<Vec<String>>,
+    /// At most this many admissible actions scored by the large policy a step (0: all; default:
+    /// 24 on ScienceWorld, all elsewhere).
+    #[arg(long)]
+    shortlist: Option<usize>,
     /// Replay recorded large-model scores only; fail on a state that was never recorded.
     #[arg(long)]
     replay_only: bool,
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Where games, recordings and the plot go.
-    #[arg(long, default_value = "out/bench-londi")]
-    out: PathBuf,
+    /// Where games, recordings and the plot go (default out/bench-londi, with the environment's
+    /// name appended for BabyAI and ScienceWorld).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Log every held-out episode's actions (s: small, l: large).
     #[arg(long)]
     trace: bool,
@@ -69,8 +99,62 @@ fn model_of(id: &str) -> Result<&'static str> {
     Ok(match id {
         "smollm2-135m" => "SmolLM2-135M-Instruct.Q4_1.gguf",
         "qwen2.5-coder-0.5b" => "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        other => bail!("--large {other}: not a GGUF asset (smollm2-135m or qwen2.5-coder-0.5b)"),
+        "qwen2.5-coder-1.5b" => "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        other => bail!(
+            "--large {other}: not a GGUF asset (smollm2-135m, qwen2.5-coder-0.5b or qwen2.5-coder-1.5b)"
+        ),
     })
+}
+
+/// BabyAI-Text's levels of the bench: the sanity level and two of the paper's.
+const BABYAI_LEVELS: [&str; 3] = [
+    "BabyAI-GoToObj-v0",
+    "BabyAI-GoToLocal-v0",
+    "BabyAI-PickupLoc-v0",
+];
+/// What BabyAI-Text's actions do, as the large policy is told (BabyAI-Text's own prompt only lists
+/// them; Qwen2.5-0.5B without this turned right at nearly every step).
+const BABYAI_SYSTEM: &str = "You control an agent in a grid world, one action at a time. \
+    Positions are given from where you face: \"2 steps left and 1 step forward\". \
+    \"turn left\" and \"turn right\" turn you in place by a quarter turn; \"go forward\" moves \
+    you one step forward; \"pick up\" picks up the object 1 step forward; \"drop\" drops what \
+    you carry; \"toggle\" opens the door 1 step forward. You are next to an object when it is \
+    1 step forward.";
+
+/// ScienceWorld's short tasks (gold paths of 5–10 steps).
+const SW_TASKS: [&str; 4] = [
+    "find-living-thing",
+    "find-animal",
+    "lifespan-longest-lived",
+    "lifespan-shortest-lived",
+];
+
+/// The bench's settings for an environment, before the flags.
+fn defaults(env: EnvName, quick: bool) -> BenchConfig {
+    let mut cfg = if quick {
+        BenchConfig::quick()
+    } else {
+        BenchConfig::full()
+    };
+    match env {
+        EnvName::Textworld => {}
+        EnvName::Babyai => {
+            cfg.max_steps = if quick { 10 } else { 20 };
+            cfg.train_episodes = if quick { 20 } else { 150 };
+            cfg.budgets = if quick { vec![3] } else { vec![3, 6] };
+            cfg.goal_line = true;
+        }
+        EnvName::Scienceworld => {
+            cfg.max_steps = if quick { 10 } else { 20 };
+            cfg.train_episodes = if quick { 12 } else { 100 };
+            // Fewer candidates in CI: a shorter prompt for each large step.
+            cfg.shortlist = if quick { 12 } else { 24 };
+            // ~100-256 actions: the small policy's confidence in its choice is rarely above 0.5.
+            cfg.thresholds = if quick { vec![0.1] } else { vec![0.05, 0.2] };
+            cfg.budgets = if quick { vec![2] } else { vec![2, 4] };
+        }
+    }
+    cfg
 }
 
 pub fn run(a: LondiArgs) -> Result<()> {
@@ -84,44 +168,44 @@ pub fn run(a: LondiArgs) -> Result<()> {
         }
     });
     let file = model_of(&large_id)?;
-    let games_dir = a.out.join("games");
-    let mut cfg = if a.quick {
-        BenchConfig::quick(games_dir)
-    } else {
-        BenchConfig::full(games_dir)
-    };
-    if let Some(s) = a.seeds {
-        cfg.run_seeds = s;
+    let out = a.out.clone().unwrap_or_else(|| match a.env {
+        EnvName::Textworld => PathBuf::from("out/bench-londi"),
+        EnvName::Babyai => PathBuf::from("out/bench-londi-babyai"),
+        EnvName::Scienceworld => PathBuf::from("out/bench-londi-scienceworld"),
+    });
+    let mut cfg = defaults(a.env, a.quick);
+    if let Some(s) = &a.seeds {
+        cfg.run_seeds = s.clone();
     }
-    if let Some(c) = a.costs {
+    if let Some(c) = &a.costs {
         if c.iter().any(|c| !(c.is_finite() && *c >= 0.0)) {
             bail!("--costs {c:?}: each must be zero or positive");
         }
-        cfg.costs = c;
+        cfg.costs = c.clone();
     }
-    if let Some(b) = a.budgets {
-        cfg.budgets = b;
+    if let Some(b) = &a.budgets {
+        cfg.budgets = b.clone();
+    }
+    if let Some(t) = &a.thresholds {
+        cfg.thresholds = t.clone();
     }
     if let Some(e) = a.train_episodes {
         cfg.train_episodes = e;
     }
+    if let Some(k) = a.shortlist {
+        cfg.shortlist = k;
+    }
     cfg.trace = a.trace;
-    cfg.only = a.only;
-    cfg.rooms = a.rooms.unwrap_or(cfg.rooms);
-    cfg.objects = a.objects.unwrap_or(cfg.objects);
-    cfg.quest_length = a.quest_length.unwrap_or(cfg.quest_length);
+    cfg.only = a.only.clone();
     cfg.max_steps = a.max_steps.unwrap_or(cfg.max_steps);
-    if let Some(n) = a.train_games {
-        cfg.train_seeds = (1..=n).collect();
-    }
-    if let Some(n) = a.test_games {
-        cfg.test_seeds = (1001..1001 + n).collect();
-    }
-    if cfg.rooms == 0 || cfg.quest_length == 0 || cfg.max_steps == 0 || cfg.test_seeds.is_empty() {
-        bail!("--rooms, --quest-length, --max-steps and --test-games must be positive");
+    if cfg.max_steps == 0 {
+        bail!("--max-steps must be positive");
     }
     if cfg.run_seeds.is_empty() {
         bail!("--seeds: at least one");
+    }
+    if a.test_games == Some(0) {
+        bail!("--test-games must be positive");
     }
     let model = if a.replay_only {
         None
@@ -130,52 +214,18 @@ pub fn run(a: LondiArgs) -> Result<()> {
         let path = store.path(&large_id, &format!("{large_id}/{file}"))?;
         Some(GgufLm::load(&path).with_context(|| format!("loading {}", path.display()))?)
     };
-    let recording = a.out.join(format!("recorded-{large_id}.jsonl"));
-    let mut large = LlmActor::new(model, &large_id, Some(&recording))?;
-    let site = store.home().join("py/textworld");
-    let mut env = TextWorld::start(&site, Path::new("python3"))
-        .context("starting TextWorld (scripts/setup-textworld installs it)")?;
-    let mut log = |l: &str| eprintln!("tandem: {l}");
-    let report = Bench {
-        cfg,
-        env: &mut env,
-        large: &mut large,
-        large_name: large_id.clone(),
-        log: &mut log,
-    }
-    .run()?;
-    println!(
-        "LONDI on held-out TextWorld games ({}; large = {}, {} training episodes, seeds {:?})",
-        report.games, report.large_model, report.train_episodes, report.run_seeds
-    );
-    println!(
-        "{:<24} {:>14} {:>7} {:>12} {:>14} {:>10}",
-        "policy", "success", "score", "large share", "large/episode", "max large"
-    );
-    for r in &report.rows {
-        println!(
-            "{:<24} {:>7.1}% ±{:>4.1} {:>7.2} {:>11.1}% {:>14.2} {:>10}",
-            r.name,
-            r.success * 100.0,
-            r.success_sd * 100.0,
-            r.score,
-            r.large_share * 100.0,
-            r.large_calls_per_episode,
-            r.max_large_calls
-        );
-    }
-    let c = report.large_cost;
-    println!(
-        "large policy: {} steps asked, {} replayed from {}, {:.1} s of model compute",
-        c.calls,
-        c.replayed,
-        recording.display(),
-        c.seconds
-    );
-    let plot = a.out.join("londi-frontier.svg");
+    let recording = out.join(format!("recorded-{large_id}.jsonl"));
+    let large = LlmActor::new(model, &large_id, Some(&recording))?;
+    let (report, title) = match a.env {
+        EnvName::Textworld => textworld(&a, cfg, &store, &out, large, &large_id)?,
+        EnvName::Babyai => babyai(&a, cfg, &store, large, &large_id)?,
+        EnvName::Scienceworld => scienceworld(&a, cfg, &store, large, &large_id)?,
+    };
+    print_report(&report, &title, &recording);
+    let plot = out.join("londi-frontier.svg");
     plot_frontier(
         &report.rows,
-        &format!("LONDI on held-out TextWorld games (large = {large_id})"),
+        &format!("{title} (large = {large_id})"),
         &plot,
     )?;
     println!("plot: {}", plot.display());
@@ -183,4 +233,199 @@ pub fn run(a: LondiArgs) -> Result<()> {
         write_json(p, &report)?;
     }
     Ok(())
+}
+
+fn bench<E: Environment + ?Sized, G: std::borrow::Borrow<E::Episode>>(
+    cfg: BenchConfig,
+    env: &mut E,
+    train: Vec<G>,
+    test: Vec<G>,
+    games: String,
+    large: &mut LlmActor,
+    large_id: &str,
+) -> Result<Report> {
+    let mut log = |l: &str| eprintln!("tandem: {l}");
+    Ok(Bench {
+        cfg,
+        env,
+        train,
+        test,
+        games,
+        large,
+        large_name: large_id.to_string(),
+        log: &mut log,
+    }
+    .run()?)
+}
+
+fn textworld(
+    a: &LondiArgs,
+    cfg: BenchConfig,
+    store: &Store,
+    out: &Path,
+    mut large: LlmActor,
+    large_id: &str,
+) -> Result<(Report, String)> {
+    let dir = out.join("games");
+    let mut games = if a.quick {
+        TextWorldGames::quick(dir)
+    } else {
+        TextWorldGames::full(dir)
+    };
+    games.rooms = a.rooms.unwrap_or(games.rooms);
+    games.objects = a.objects.unwrap_or(games.objects);
+    games.quest_length = a.quest_length.unwrap_or(games.quest_length);
+    if let Some(n) = a.train_games {
+        games.train_seeds = (1..=n).collect();
+    }
+    if let Some(n) = a.test_games {
+        games.test_seeds = (1001..1001 + n).collect();
+    }
+    if games.rooms == 0 || games.quest_length == 0 {
+        bail!("--rooms and --quest-length must be positive");
+    }
+    let site = store.home().join("py/textworld");
+    let mut env = TextWorld::start(&site, Path::new("python3"))
+        .context("starting TextWorld (scripts/setup-textworld installs it)")?;
+    let (train, test) = games.make(&mut env)?;
+    eprintln!("tandem: games in {}", games.dir.display());
+    let report = bench(
+        cfg,
+        &mut env,
+        train,
+        test,
+        games.describe(),
+        &mut large,
+        large_id,
+    )?;
+    Ok((report, "LONDI on held-out TextWorld games".into()))
+}
+
+fn babyai(
+    a: &LondiArgs,
+    cfg: BenchConfig,
+    store: &Store,
+    large: LlmActor,
+    large_id: &str,
+) -> Result<(Report, String)> {
+    let levels: Vec<String> = match &a.tasks {
+        Some(t) => t.clone(),
+        None => BABYAI_LEVELS.iter().map(|s| s.to_string()).collect(),
+    };
+    let (n_train, n_test) = if a.quick { (2, 2) } else { (4, 8) };
+    let n_train = a.train_games.unwrap_or(n_train);
+    let n_test = a.test_games.unwrap_or(n_test);
+    let episodes = |split: Split, n: u64| -> Vec<BabyAiEpisode> {
+        levels
+            .iter()
+            .flat_map(|l| {
+                BabyAiText::seeds(split, n)
+                    .into_iter()
+                    .map(|s| BabyAiEpisode::new(l, s))
+            })
+            .collect()
+    };
+    let site = store.home().join("py/babyai");
+    let mut env = BabyAiText::start(&site, Path::new("python3"), cfg.max_steps)
+        .context("starting BabyAI-Text (scripts/setup-babyai installs it)")?;
+    let mut large = large
+        .system(BABYAI_SYSTEM)
+        .room_is_observation(true)
+        .answer_by_letter(true);
+    let games = format!(
+        "BabyAI-Text levels {}: {n_train} training seeds (from 0) and {n_test} held-out seeds (from 2,000,000) each",
+        levels.join(", ")
+    );
+    let report = bench(
+        cfg,
+        &mut env,
+        episodes(Split::Train, n_train),
+        episodes(Split::Test, n_test),
+        games,
+        &mut large,
+        large_id,
+    )?;
+    Ok((report, "LONDI on held-out BabyAI-Text episodes".into()))
+}
+
+fn scienceworld(
+    a: &LondiArgs,
+    cfg: BenchConfig,
+    store: &Store,
+    large: LlmActor,
+    large_id: &str,
+) -> Result<(Report, String)> {
+    let tasks: Vec<String> = match &a.tasks {
+        Some(t) => t.clone(),
+        None => SW_TASKS.iter().map(|s| s.to_string()).collect(),
+    };
+    let (n_train, n_test) = if a.quick { (1, 1) } else { (3, 5) };
+    let n_train = a.train_games.unwrap_or(n_train) as usize;
+    let n_test = a.test_games.unwrap_or(n_test) as usize;
+    let site = store.home().join("py/scienceworld");
+    let mut env = ScienceWorld::start(
+        &site,
+        Path::new("python3"),
+        SwConfig {
+            step_limit: cfg.max_steps,
+            ..SwConfig::default()
+        },
+    )
+    .context("starting ScienceWorld (scripts/setup-scienceworld installs it)")?;
+    let mut train = Vec::new();
+    let mut test = Vec::new();
+    for t in &tasks {
+        let v = env.variations(t)?;
+        // The first variations of each split: a fixed, documented choice.
+        train.extend(v.train.iter().take(n_train).map(|&i| SwEpisode::new(t, i)));
+        test.extend(v.test.iter().take(n_test).map(|&i| SwEpisode::new(t, i)));
+    }
+    // ScienceWorld words a state differently from run to run: recordings keyed by history.
+    let mut large = large
+        .system("You are an agent in a simulated world doing an elementary science task.")
+        .key_by(RecordKey::History)
+        .answer_by_letter(true);
+    let games = format!(
+        "ScienceWorld tasks {}: the first {n_train} training and {n_test} test variations each, \
+         at most {} actions scored by the large policy a step",
+        tasks.join(", "),
+        cfg.shortlist
+    );
+    let report = bench(cfg, &mut env, train, test, games, &mut large, large_id)?;
+    Ok((report, "LONDI on held-out ScienceWorld variations".into()))
+}
+
+fn print_report(report: &Report, title: &str, recording: &Path) {
+    println!(
+        "{title} ({}; large = {}, {} training episodes, seeds {:?})",
+        report.games, report.large_model, report.train_episodes, report.run_seeds
+    );
+    println!(
+        "{:<24} {:>14} {:>13} {:>12} {:>15} {:>14} {:>10}",
+        "policy", "success", "score", "large share", "large s", "large/episode", "max large"
+    );
+    for r in &report.rows {
+        println!(
+            "{:<24} {:>7.1}% ±{:>4.1} {:>6.2} ±{:>4.2} {:>11.1}% {:>8.1} ±{:>5.1} {:>14.2} {:>10}",
+            r.name,
+            r.success * 100.0,
+            r.success_sd * 100.0,
+            r.score,
+            r.score_sd,
+            r.large_share * 100.0,
+            r.large_seconds,
+            r.large_seconds_sd,
+            r.large_calls_per_episode,
+            r.max_large_calls
+        );
+    }
+    let c = report.large_cost;
+    println!(
+        "large policy: {} steps asked, {} replayed from {}, {:.1} s of model compute in this run; \
+         large s: compute seconds over one seed's held-out episodes (replayed steps as recorded)",
+        c.calls,
+        c.replayed,
+        recording.display(),
+        c.seconds
+    );
 }

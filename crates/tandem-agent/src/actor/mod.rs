@@ -4,12 +4,14 @@
 mod llm;
 mod ngram;
 
-pub use llm::{LlmActor, LlmCost};
+pub use llm::{LlmActor, LlmCost, RecordKey};
 pub use ngram::NgramActor;
 
 /// What a policy sees at a step.
 #[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
+    /// The episode's stable name ([`crate::env::Environment::name`]).
+    pub episode: &'a str,
     pub objective: &'a str,
     /// The game's reply to the last action.
     pub observation: &'a str,
@@ -58,6 +60,56 @@ impl Choice {
         top - second
     }
 }
+
+/// Indices of at most `k` admissible actions worth showing the large policy when there are too
+/// many to score them all (ScienceWorld's run to 256). A function of the state alone, not of the
+/// small policy, so that the large policy's candidates (and its recorded scores) are the same
+/// whichever method called it. Ranked by how many of the action's words after the verb appear in
+/// the goal (twice) and in the last reply and the room (once each), plus a prior for the verbs
+/// that move the agent or act on the task ("go", "open", "focus", "pick", "move", "look around");
+/// ties in text order. In the admissible order.
+pub fn shortlist(ctx: &Context, k: usize) -> Vec<usize> {
+    let n = ctx.admissible.len();
+    if k == 0 || n <= k {
+        return (0..n).collect();
+    }
+    let set = |t: &str| words(t).collect::<std::collections::HashSet<String>>();
+    let goal = set(ctx.objective);
+    let seen = set(&format!("{}\n{}", ctx.observation, ctx.description));
+    let prior = |verb: &str| match verb {
+        "go" | "open" => 1.5,
+        "focus" | "pick" => 1.0,
+        "move" | "look" => 0.5,
+        _ => 0.0,
+    };
+    let mut ranked: Vec<(f32, usize)> = ctx
+        .admissible
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let ws: Vec<String> = words(a).collect();
+            let verb = ws.first().map(String::as_str).unwrap_or("");
+            let rest: Vec<&String> = ws
+                .iter()
+                .skip(1)
+                .filter(|w| !STOP.contains(&w.as_str()))
+                .collect();
+            let g = rest.iter().filter(|w| goal.contains(w.as_str())).count() as f32;
+            let o = rest.iter().filter(|w| seen.contains(w.as_str())).count() as f32;
+            let look_around = if a == "look around" { 1.0 } else { 0.0 };
+            (2.0 * g + o.min(2.0) + prior(verb) + look_around, i)
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut keep: Vec<usize> = ranked.into_iter().take(k).map(|(_, i)| i).collect();
+    keep.sort_unstable();
+    keep
+}
+
+/// Words that say nothing about which object an action is about.
+pub(crate) const STOP: &[&str] = &[
+    "the", "a", "an", "to", "from", "into", "on", "in", "with", "of", "at", "up",
+];
 
 /// Lower-cased words of a text, punctuation dropped.
 pub(crate) fn words(text: &str) -> impl Iterator<Item = String> + '_ {

@@ -3,7 +3,7 @@
 //! last reply and the recent commands — with a softmax over the admissible actions. It learns only
 //! by imitation of the large policy, each time that one is called (L4S).
 
-use super::{words, Choice, Context};
+use super::{words, Choice, Context, STOP};
 use crate::error::AgentError;
 use std::collections::HashSet;
 use tandem_core::features::{ns, FeatureVec, Featurizer};
@@ -15,11 +15,8 @@ pub struct NgramActor {
     learning_rate: f32,
     updates: u64,
     rows: Vec<FeatureVec>,
+    goal_line: bool,
 }
-
-const STOP: &[&str] = &[
-    "the", "a", "an", "to", "from", "into", "on", "in", "with", "of", "at", "up",
-];
 
 impl NgramActor {
     pub fn new(bits: u32, learning_rate: f32) -> Result<Self, AgentError> {
@@ -29,7 +26,17 @@ impl NgramActor {
             learning_rate,
             updates: 0,
             rows: Vec::new(),
+            goal_line: false,
         })
+    }
+
+    /// Also crosses each action with the words of the reply's line that names the goal's object
+    /// ("You see a grey ball 2 steps left" for "go to the grey ball"), so that where the goal lies
+    /// can decide the action. BabyAI's actions never name an object: without this its small
+    /// policy could only learn a fixed preference over the six.
+    pub fn with_goal_line(mut self, yes: bool) -> Self {
+        self.goal_line = yes;
+        self
     }
 
     pub fn updates(&self) -> u64 {
@@ -43,6 +50,32 @@ impl NgramActor {
         let inv = set(ctx.inventory);
         let obs = set(ctx.observation);
         let last = ctx.history.last();
+        // The reply's line sharing most content words with the goal (none without a match).
+        let goal_line: Vec<String> = if self.goal_line {
+            let content = |t: &str| -> Vec<String> {
+                words(t)
+                    .filter(|w| !STOP.contains(&w.as_str()) && !goal_verbs().contains(&w.as_str()))
+                    .collect()
+            };
+            let goal_words = content(ctx.objective);
+            ctx.observation
+                .lines()
+                .map(|l| {
+                    let ws: Vec<String> = words(l).collect();
+                    let hits = ws.iter().filter(|w| goal_words.contains(w)).count();
+                    (hits, ws)
+                })
+                .filter(|(hits, _)| *hits > 0)
+                .max_by_key(|(hits, _)| *hits)
+                .map(|(_, ws)| {
+                    ws.into_iter()
+                        .filter(|w| !goal_words.contains(w) && !STOP.contains(&w.as_str()))
+                        .collect()
+                })
+                .unwrap_or_else(|| vec!["<none>".to_string()])
+        } else {
+            Vec::new()
+        };
         self.rows
             .resize_with(ctx.admissible.len(), FeatureVec::default);
         for (row, action) in self.rows.iter_mut().zip(ctx.admissible) {
@@ -82,6 +115,9 @@ impl NgramActor {
             }
             if last == Some(action) {
                 f.add_token(ns::META, &format!("last:{verb}"), 1.0, row);
+            }
+            for w in &goal_line {
+                f.add_token(ns::META, &format!("goal_line:{action}:{w}"), 1.0, row);
             }
         }
     }
@@ -125,4 +161,9 @@ impl NgramActor {
         self.updates += 1;
         Ok(())
     }
+}
+
+/// Words of a goal that say what to do, not to what ("go to the grey ball": "go").
+fn goal_verbs() -> &'static [&'static str] {
+    &["go", "pick", "put", "open", "you", "see", "next"]
 }

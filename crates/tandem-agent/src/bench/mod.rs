@@ -1,9 +1,10 @@
 //! `tandem bench londi`: success and normalised score against large-call share on held-out
-//! TextWorld games, for always-small, always-large, random switching, a small-confidence threshold,
-//! LONDI at several switching costs and LONDI-B at several budgets; mean and spread over seeds.
+//! episodes of any [`Environment`] (TextWorld games, BabyAI-Text levels, ScienceWorld tasks), for
+//! always-small, always-large, random switching, a small-confidence threshold, LONDI at several
+//! switching costs and LONDI-B at several budgets; mean and spread over seeds.
 //!
 //! Protocol, per seed: the small policy is warmed up by imitating the large one on one pass over
-//! the training games (the same for every method). Each method then plays `train_episodes`
+//! the training episodes (the same for every method). Each method then plays `train_episodes`
 //! episodes on the training games (the controller explores and learns; the small policy keeps
 //! learning from every large call), then one episode per held-out game, greedily, still learning
 //! online. Large-model scores are recorded, so reruns replay them.
@@ -11,30 +12,30 @@
 mod plot;
 
 use crate::actor::{LlmActor, LlmCost, NgramActor};
-use crate::env::{GameSpec, TextWorld};
+use crate::env::{Environment, GameSpec, TextWorld};
 use crate::error::AgentError;
 use crate::play::{play_episode, Londi, Outcome, Policies, Switcher};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::borrow::Borrow;
+use std::path::PathBuf;
 use tandem_core::londi::SwitchConfig;
 
+/// How every environment's bench runs: steps, training, seeds and the methods' settings.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
-    pub train_seeds: Vec<u64>,
-    pub test_seeds: Vec<u64>,
-    pub rooms: u32,
-    pub objects: u32,
-    pub quest_length: u32,
     pub max_steps: u32,
     pub train_episodes: u32,
     pub run_seeds: Vec<u64>,
     pub costs: Vec<f32>,
     pub budgets: Vec<u32>,
     pub thresholds: Vec<f32>,
-    pub games_dir: PathBuf,
+    /// At most this many admissible actions scored by the large policy a step (0: all).
+    pub shortlist: usize,
+    /// The small policy also reads the reply's line about the goal ([`NgramActor::with_goal_line`]).
+    pub goal_line: bool,
     /// Log every held-out episode's actions.
     pub trace: bool,
     /// Run only the methods whose names start with one of these (all when empty).
@@ -42,41 +43,67 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
-    pub fn full(games_dir: PathBuf) -> Self {
+    /// TextWorld's full bench.
+    pub fn full() -> Self {
         BenchConfig {
-            train_seeds: (1..=8).collect(),
-            test_seeds: (1001..=1016).collect(),
-            rooms: 3,
-            objects: 4,
-            quest_length: 2,
             max_steps: 12,
             train_episodes: 200,
             run_seeds: vec![1, 2, 3],
             costs: vec![0.02, 0.1],
             budgets: vec![2, 4],
             thresholds: vec![0.5, 0.8],
-            games_dir,
+            shortlist: 0,
+            goal_line: false,
             trace: false,
             only: Vec::new(),
         }
     }
 
-    pub fn quick(games_dir: PathBuf) -> Self {
+    /// TextWorld's CI bench.
+    pub fn quick() -> Self {
         BenchConfig {
-            train_seeds: vec![1, 2],
-            test_seeds: vec![1001, 1002],
-            rooms: 3,
-            objects: 4,
-            quest_length: 2,
             max_steps: 10,
             train_episodes: 60,
             run_seeds: vec![1],
             costs: vec![0.05],
             budgets: vec![2],
             thresholds: vec![0.6],
-            games_dir,
+            shortlist: 0,
+            goal_line: false,
             trace: false,
             only: Vec::new(),
+        }
+    }
+}
+
+/// TextWorld's generated games: training and held-out seeds of the generator.
+#[derive(Debug, Clone)]
+pub struct TextWorldGames {
+    pub train_seeds: Vec<u64>,
+    pub test_seeds: Vec<u64>,
+    pub rooms: u32,
+    pub objects: u32,
+    pub quest_length: u32,
+    pub dir: PathBuf,
+}
+
+impl TextWorldGames {
+    pub fn full(dir: PathBuf) -> Self {
+        TextWorldGames {
+            train_seeds: (1..=8).collect(),
+            test_seeds: (1001..=1016).collect(),
+            rooms: 3,
+            objects: 4,
+            quest_length: 2,
+            dir,
+        }
+    }
+
+    pub fn quick(dir: PathBuf) -> Self {
+        TextWorldGames {
+            train_seeds: vec![1, 2],
+            test_seeds: vec![1001, 1002],
+            ..TextWorldGames::full(dir)
         }
     }
 
@@ -88,6 +115,24 @@ impl BenchConfig {
             quest_length: self.quest_length,
         }
     }
+
+    /// The training and held-out game files, generated where missing.
+    pub fn make(&self, env: &mut TextWorld) -> Result<(Vec<PathBuf>, Vec<PathBuf>), AgentError> {
+        let mut make = |seeds: &[u64]| -> Result<Vec<PathBuf>, AgentError> {
+            seeds
+                .iter()
+                .map(|&s| env.make(self.spec(s), &self.dir))
+                .collect()
+        };
+        Ok((make(&self.train_seeds)?, make(&self.test_seeds)?))
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "TextWorld custom games: {} rooms, {} objects, quest length {}",
+            self.rooms, self.objects, self.quest_length
+        )
+    }
 }
 
 /// One method's figures on the held-out games, over seeds.
@@ -97,8 +142,13 @@ pub struct Row {
     /// Share of held-out episodes won (mean over seeds) and its spread (sample sd over seeds).
     pub success: f64,
     pub success_sd: f64,
-    /// Mean normalised score.
+    /// Mean normalised score, and its sd over seeds.
     pub score: f64,
+    pub score_sd: f64,
+    /// Large-model compute seconds over the held-out episodes of one seed (mean, sd over seeds;
+    /// replayed calls count the seconds they took when recorded).
+    pub large_seconds: f64,
+    pub large_seconds_sd: f64,
     /// Large calls over steps.
     pub large_share: f64,
     pub large_calls_per_episode: f64,
@@ -111,8 +161,9 @@ pub struct Row {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub games: String,
-    pub train_seeds: Vec<u64>,
-    pub test_seeds: Vec<u64>,
+    /// The training and held-out episodes by name.
+    pub train: Vec<String>,
+    pub test: Vec<String>,
     pub run_seeds: Vec<u64>,
     pub train_episodes: u32,
     pub max_steps: u32,
@@ -147,9 +198,13 @@ impl Method {
     }
 }
 
-pub struct Bench<'a> {
+pub struct Bench<'a, E: Environment + ?Sized, G: Borrow<E::Episode>> {
     pub cfg: BenchConfig,
-    pub env: &'a mut TextWorld,
+    pub env: &'a mut E,
+    pub train: Vec<G>,
+    pub test: Vec<G>,
+    /// What the episodes are, for the report.
+    pub games: String,
     pub large: &'a mut LlmActor,
     pub large_name: String,
     pub log: &'a mut dyn FnMut(&str),
@@ -160,35 +215,38 @@ struct Tally {
     outcomes: Vec<Outcome>,
 }
 
-impl Bench<'_> {
-    fn games(&mut self, seeds: &[u64]) -> Result<Vec<PathBuf>, AgentError> {
-        let dir = self.cfg.games_dir.clone();
-        seeds
-            .iter()
-            .map(|&s| self.env.make(self.cfg.spec(s), &dir))
-            .collect()
+impl<E: Environment + ?Sized, G: Borrow<E::Episode>> Bench<'_, E, G> {
+    pub fn run(&mut self) -> Result<Report, AgentError> {
+        let train = std::mem::take(&mut self.train);
+        let test = std::mem::take(&mut self.test);
+        let result = self.run_on(&train, &test);
+        self.train = train;
+        self.test = test;
+        result
     }
 
-    pub fn run(&mut self) -> Result<Report, AgentError> {
-        let train = self.games(&self.cfg.train_seeds.clone())?;
-        let test = self.games(&self.cfg.test_seeds.clone())?;
+    fn run_on(&mut self, train: &[G], test: &[G]) -> Result<Report, AgentError> {
+        if test.is_empty() {
+            return Err(AgentError::Env("no held-out episode to play".into()));
+        }
         (self.log)(&format!(
-            "{} training and {} held-out games in {}",
+            "{}: {} training and {} held-out episodes",
+            self.games,
             train.len(),
             test.len(),
-            self.cfg.games_dir.display()
         ));
-        // Warm-up: the small policy imitates the large one on a pass over the training games.
-        let mut warm = NgramActor::new(16, 0.5)?;
+        // Warm-up: the small policy imitates the large one on a pass over the training episodes.
+        let mut warm = NgramActor::new(16, 0.5)?.with_goal_line(self.cfg.goal_line);
         for (i, g) in train.iter().enumerate() {
             let mut p = Policies {
                 small: &mut warm,
                 large: self.large,
                 l4s: true,
+                shortlist: self.cfg.shortlist,
             };
             play_episode(
                 self.env,
-                g,
+                g.borrow(),
                 &format!("warmup-{i}"),
                 &mut p,
                 &mut Switcher::AlwaysLarge,
@@ -212,7 +270,7 @@ impl Bench<'_> {
         methods.retain(|m| keep(&m.name()));
         let mut rows = Vec::new();
         for m in &methods {
-            let runs = self.run_method(m, &warm, &train, &test)?;
+            let runs = self.run_method(m, &warm, train, test)?;
             rows.push(summarise(&m.name(), &runs, method_budget(m)));
             self.log_row(rows.last());
         }
@@ -230,17 +288,15 @@ impl Bench<'_> {
             if !keep(&m.name()) {
                 continue;
             }
-            let runs = self.run_method(&m, &warm, &train, &test)?;
+            let runs = self.run_method(&m, &warm, train, test)?;
             rows.push(summarise(&m.name(), &runs, None));
             self.log_row(rows.last());
         }
+        let names = |gs: &[G]| gs.iter().map(|g| E::name(g.borrow())).collect();
         Ok(Report {
-            games: format!(
-                "TextWorld custom games: {} rooms, {} objects, quest length {}",
-                self.cfg.rooms, self.cfg.objects, self.cfg.quest_length
-            ),
-            train_seeds: self.cfg.train_seeds.clone(),
-            test_seeds: self.cfg.test_seeds.clone(),
+            games: self.games.clone(),
+            train: names(train),
+            test: names(test),
             run_seeds: self.cfg.run_seeds.clone(),
             train_episodes: self.cfg.train_episodes,
             max_steps: self.cfg.max_steps,
@@ -253,12 +309,13 @@ impl Bench<'_> {
     fn log_row(&mut self, row: Option<&Row>) {
         if let Some(r) = row {
             (self.log)(&format!(
-                "{:<22} success {:5.1}% ±{:4.1}  score {:.2}  large share {:5.1}%  max large/episode {}",
+                "{:<22} success {:5.1}% ±{:4.1}  score {:.2}  large share {:5.1}%  large {:.1} s  max large/episode {}",
                 r.name,
                 r.success * 100.0,
                 r.success_sd * 100.0,
                 r.score,
                 r.large_share * 100.0,
+                r.large_seconds,
                 r.max_large_calls
             ));
         }
@@ -269,8 +326,8 @@ impl Bench<'_> {
         &mut self,
         m: &Method,
         warm: &NgramActor,
-        train: &[PathBuf],
-        test: &[PathBuf],
+        train: &[G],
+        test: &[G],
     ) -> Result<Vec<Tally>, AgentError> {
         let mut out = Vec::new();
         for seed in self.cfg.run_seeds.clone() {
@@ -294,9 +351,9 @@ impl Bench<'_> {
             };
             let trains = matches!(m, Method::Londi { .. });
             if trains {
-                let mut order: Vec<&PathBuf> = Vec::new();
-                while order.len() < self.cfg.train_episodes as usize {
-                    let mut pass: Vec<&PathBuf> = train.iter().collect();
+                let mut order: Vec<&G> = Vec::new();
+                while !train.is_empty() && order.len() < self.cfg.train_episodes as usize {
+                    let mut pass: Vec<&G> = train.iter().collect();
                     pass.shuffle(&mut rng);
                     order.extend(pass);
                 }
@@ -307,7 +364,7 @@ impl Bench<'_> {
                         &mut small,
                         controller.as_mut(),
                         &mut rng,
-                        g,
+                        g.borrow(),
                         &format!("train-{seed}-{i}"),
                         true,
                     )?;
@@ -320,7 +377,7 @@ impl Bench<'_> {
                     &mut small,
                     controller.as_mut(),
                     &mut rng,
-                    g,
+                    g.borrow(),
                     &format!("test-{seed}-{i}"),
                     false,
                 )?;
@@ -352,7 +409,7 @@ impl Bench<'_> {
         small: &mut NgramActor,
         controller: Option<&mut Londi>,
         rng: &mut ChaCha8Rng,
-        game: &Path,
+        game: &E::Episode,
         id: &str,
         explore: bool,
     ) -> Result<Outcome, AgentError> {
@@ -370,6 +427,7 @@ impl Bench<'_> {
             small,
             large: self.large,
             l4s: true,
+            shortlist: self.cfg.shortlist,
         };
         play_episode(
             self.env,
@@ -389,29 +447,45 @@ fn method_budget(m: &Method) -> Option<u32> {
     }
 }
 
+/// Mean and sample sd of per-seed figures (sd 0 for one seed).
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let mean = xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+    let sd = if xs.len() > 1 {
+        (xs.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (xs.len() - 1) as f64).sqrt()
+    } else {
+        0.0
+    };
+    (mean, sd)
+}
+
 fn summarise(name: &str, runs: &[Tally], budget: Option<u32>) -> Row {
-    let per_seed: Vec<f64> = runs
-        .iter()
-        .map(|t| {
-            t.outcomes.iter().filter(|o| o.won).count() as f64 / t.outcomes.len().max(1) as f64
-        })
-        .collect();
+    let per_seed = |f: &dyn Fn(&Outcome) -> f64, average: bool| -> Vec<f64> {
+        runs.iter()
+            .map(|t| {
+                let sum: f64 = t.outcomes.iter().map(f).sum();
+                if average {
+                    sum / t.outcomes.len().max(1) as f64
+                } else {
+                    sum
+                }
+            })
+            .collect()
+    };
+    let (success, success_sd) = mean_sd(&per_seed(&|o| f64::from(u8::from(o.won)), true));
+    let (score, score_sd) = mean_sd(&per_seed(&|o| f64::from(o.score), true));
+    let (large_seconds, large_seconds_sd) = mean_sd(&per_seed(&|o| o.large_seconds, false));
     let all: Vec<&Outcome> = runs.iter().flat_map(|t| &t.outcomes).collect();
     let n = all.len().max(1) as f64;
     let steps: u64 = all.iter().map(|o| o.steps as u64).sum();
     let large: u64 = all.iter().map(|o| o.large_calls as u64).sum();
-    let mean = per_seed.iter().sum::<f64>() / per_seed.len().max(1) as f64;
-    let sd = if per_seed.len() > 1 {
-        (per_seed.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (per_seed.len() - 1) as f64)
-            .sqrt()
-    } else {
-        0.0
-    };
     Row {
         name: name.to_string(),
-        success: mean,
-        success_sd: sd,
-        score: all.iter().map(|o| o.score as f64).sum::<f64>() / n,
+        success,
+        success_sd,
+        score,
+        score_sd,
+        large_seconds,
+        large_seconds_sd,
         large_share: large as f64 / steps.max(1) as f64,
         large_calls_per_episode: large as f64 / n,
         max_large_calls: all.iter().map(|o| o.large_calls).max().unwrap_or(0),

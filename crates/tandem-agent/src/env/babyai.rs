@@ -107,6 +107,9 @@ impl BabyAiText {
 
 impl Environment for BabyAiText {
     type Episode = BabyAiEpisode;
+    fn name(episode: &BabyAiEpisode) -> String {
+        format!("{}/{}", episode.level, episode.seed)
+    }
     fn reset(&mut self, episode: &BabyAiEpisode) -> Result<GameState, AgentError> {
         BabyAiText::reset(self, episode)
     }

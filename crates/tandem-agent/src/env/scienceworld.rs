@@ -156,6 +156,9 @@ impl ScienceWorld {
 
 impl Environment for ScienceWorld {
     type Episode = SwEpisode;
+    fn name(episode: &SwEpisode) -> String {
+        format!("{}/{}", episode.task, episode.variation)
+    }
     fn reset(&mut self, episode: &SwEpisode) -> Result<GameState, AgentError> {
         ScienceWorld::reset(self, episode)
     }
