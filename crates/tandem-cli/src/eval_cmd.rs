@@ -238,18 +238,23 @@ pub(crate) fn pick_models(
 /// MiniLM's vectors of every prompt of the files, and of every recorded response of the model
 /// each names (the weak one, whose answers a cascade scorer reads; `None`: prompts only), from
 /// the cache (one per file, named after it) or computed, with progress on stderr.
+/// `files`: each dataset, the model whose responses are encoded too (if any), and the rows the
+/// run replays (`None`: all of them), so that `--limit` encodes only what it reads.
 pub(crate) fn embed_texts(
-    files: &[(Arc<Dataset>, Option<usize>)],
+    files: &[(Arc<Dataset>, Option<usize>, Option<Vec<usize>>)],
 ) -> Result<Arc<dyn tandem_core::embed::Embedder>> {
     let store = tandem_models::assets::Store::default_home();
     crate::assets_cmd::ensure_installed(&store, &["minilm"])?;
     let mut all: Option<tandem_core::embed::EmbeddingTable> = None;
-    for (data, responses_of) in files {
-        let mut texts: Vec<&str> = data.rows.iter().map(|r| r.query.routing_text()).collect();
+    for (data, responses_of, subset) in files {
+        let rows: Vec<&tandem_eval::data::Row> = match subset {
+            Some(ix) => ix.iter().filter_map(|&i| data.rows.get(i)).collect(),
+            None => data.rows.iter().collect(),
+        };
+        let mut texts: Vec<&str> = rows.iter().map(|r| r.query.routing_text()).collect();
         if let Some(m) = *responses_of {
             texts.extend(
-                data.rows
-                    .iter()
+                rows.iter()
                     .filter_map(|r| r.response.get(m).and_then(Option::as_deref)),
             );
         }
@@ -334,7 +339,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let embedder = if a.embed {
         // The weak answers' vectors only where a cascade scorer reads them.
         let responses_of = learns(PolicyKind::Cascade).then_some(weak);
-        Some(embed_texts(&[(data.clone(), responses_of)])?)
+        // Only the rows this run replays (`--limit`), in any order: vectors are looked up by text.
+        let rows = a
+            .limit
+            .map(|l| tandem_eval::stream_order(data.rows.len(), a.seed, Some(l)));
+        Some(embed_texts(&[(data.clone(), responses_of, rows)])?)
     } else {
         None
     };

@@ -81,7 +81,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     .map(|s| {
                         // The weak answers too, where the cascade scorer learns from them.
                         let responses = s.data.has_responses(s.weak).then_some(s.weak);
-                        (s.data.clone(), responses)
+                        (s.data.clone(), responses, None)
                     })
                     .collect::<Vec<_>>(),
             )?)

@@ -150,6 +150,75 @@ fn a_prior_on_sentence_vectors_needs_them_again() {
     }
 }
 
+/// `eval --embed --limit N` encodes only the N prompts it replays, not the whole file; a longer
+/// rerun encodes only the prompts it has not seen (the rest come from the cache).
+#[test]
+fn a_limited_eval_embeds_only_the_rows_it_replays() {
+    use tandem_models::assets::{find, Store};
+    if !find("minilm").is_ok_and(|a| Store::default_home().is_installed(a)) {
+        assert!(
+            std::env::var("TANDEM_REQUIRE_ASSETS").map_or(true, |v| v != "1"),
+            "minilm is not installed; run scripts/setup minilm"
+        );
+        eprintln!("skipping: minilm is not installed (scripts/setup minilm)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Texts no other run has cached: the cache is per file name and keyed by text.
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let mut s = String::new();
+    for i in 0..400 {
+        s.push_str(&format!(
+            "{{\"id\":\"q{i}\",\"prompt\":\"question {i} of run {nonce}\",\"correct\":{{\"cheap\":{},\"dear\":true}}}}\n",
+            i % 3 != 0
+        ));
+    }
+    let data = dir.path().join(format!("limited-{nonce}.jsonl"));
+    std::fs::write(&data, s).unwrap();
+    let eval = |limit: &str| {
+        let out = tandem(&[
+            "eval",
+            "--data",
+            data.to_str().unwrap(),
+            "--policies",
+            "router:full",
+            "--grid",
+            "5",
+            "--embed",
+            "--limit",
+            limit,
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // The stream of a seed cut shorter is a prefix of the longer one: 45 rows are all cached.
+    for (limit, encoded) in [
+        ("30", Some("30/30 prompts of")),
+        ("50", Some("20/20 prompts of")),
+        ("45", None),
+    ] {
+        let err = eval(limit);
+        match encoded {
+            Some(e) => assert!(err.contains(e), "--limit {limit}: {e:?} not in {err}"),
+            None => assert!(
+                !err.contains("prompts of limited"),
+                "--limit {limit}: {err}"
+            ),
+        }
+        assert!(
+            !err.contains("/400 prompts"),
+            "--limit {limit} encoded the whole file: {err}"
+        );
+    }
+}
+
 #[test]
 fn bad_training_inputs_are_named() {
     let dir = tempfile::tempdir().unwrap();

@@ -18,3 +18,4 @@ pub use error::EvalError;
 pub use eval::{evaluate, EvalConfig, PolicySpec};
 pub use ntier::{evaluate_ladder, Ladder, LadderConfig, LadderPolicy, LadderSpec};
 pub use report::{EvalReport, LadderReport, PolicyRow};
+pub use sweep::stream_order;

@@ -68,7 +68,7 @@ pub(crate) fn run_seed(seed: u64, point: usize) -> u64 {
 
 /// The stream every run of an eval replays: the row indices shuffled by `seed`, cut to `limit`
 /// (for a seed, the same stream whatever the number of models).
-pub(crate) fn stream_order(rows: usize, seed: u64, limit: Option<usize>) -> Vec<usize> {
+pub fn stream_order(rows: usize, seed: u64, limit: Option<usize>) -> Vec<usize> {
     let mut order: Vec<usize> = (0..rows).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
     if let Some(limit) = limit {
