@@ -7,7 +7,7 @@
 #   {"op":"step","action":A}                    -> {"ok":true, ...state}
 # state: observation (what the agent sees, one sentence a line), description (the same),
 # inventory, objective (the mission), admissible (the six actions), score, max_score, moves,
-# done, won, lost, reward, level, seed. Errors: {"ok":false,"error":"..."}; the process keeps
+# done, won, lost, reward, level, seed, expert. Errors: {"ok":false,"error":"..."}; the process keeps
 # serving after them (an action outside the six is one).
 #
 # The rendering follows BabyAI-Text's: from the agent's 7x7 egocentric view (walls hide what is
@@ -16,6 +16,11 @@
 # in view "You see a red ball 2 steps left and 1 step forward" ("... 3 steps forward" straight
 # ahead, "... 1 step right" level with the agent); doors with their state ("a closed red door",
 # "an open red door", "a locked red door").
+#
+# expert: the action BabyAI's own bot (minigrid.utils.baby_ai_bot, which solves these levels from
+# the full grid) suggests in this state, told after every step which action was actually taken
+# (its advising mode); null once it has none (it says "done", or fails on a state it cannot plan
+# from). A stand-in large policy that knows what to do, for studying the switching controller.
 #
 # score: 100 times minigrid's reward for the episode (1 - 0.9 * steps / the level's max_steps on
 # success, 0 otherwise), rounded; won: the mission was achieved; lost: the level ended it as failed.
@@ -91,6 +96,8 @@ def main():
     import gymnasium as gym
     import minigrid  # noqa: F401  (registers the BabyAI levels)
 
+    from minigrid.utils.baby_ai_bot import BabyAIBot
+
     all_levels = sorted(k for k in gym.registry if k.startswith("BabyAI-"))
     envs = {}
     episode = {}
@@ -118,7 +125,22 @@ def main():
             "reward": float(reward),
             "level": episode["level"],
             "seed": episode["seed"],
+            "expert": episode.get("expert"),
         }
+
+    def advise(taken):
+        # The bot replans after every step, whoever acted; once it fails it stays silent.
+        bot = episode.get("bot")
+        episode["expert"] = None
+        if bot is None:
+            return
+        try:
+            a = bot.replan(taken)
+        except Exception:  # the bot's own asserts on states it cannot plan from
+            episode["bot"] = None
+            return
+        a = int(a)
+        episode["expert"] = ACTIONS[a] if 0 <= a < len(ACTIONS) else None
 
     for line in sys.stdin:
         line = line.strip()
@@ -151,6 +173,11 @@ def main():
                 env.reset(seed=seed)
                 episode.clear()
                 episode.update(env=env, level=level, seed=seed, step_limit=step_limit)
+                try:
+                    episode["bot"] = BabyAIBot(env)
+                except Exception:  # a level whose instructions the bot does not parse
+                    episode["bot"] = None
+                advise(None)
                 reply = state(0.0, False, False)
             elif op == "step":
                 if not episode:
@@ -158,7 +185,11 @@ def main():
                 action = str(req["action"])
                 if action not in ACTIONS:
                     raise ValueError(f"unknown action {action!r}; BabyAI's are: {', '.join(ACTIONS)}")
-                _, reward, terminated, truncated, _ = episode["env"].step(ACTIONS.index(action))
+                index = ACTIONS.index(action)
+                _, reward, terminated, truncated, _ = episode["env"].step(index)
+                if terminated or truncated:
+                    episode["bot"] = None
+                advise(index)
                 reply = state(float(reward), terminated, truncated)
             else:
                 raise ValueError(f"unknown op {op!r}")

@@ -33,6 +33,9 @@ pub struct GameState {
     pub done: bool,
     pub won: bool,
     pub lost: bool,
+    /// The environment's own expert's action in this state (BabyAI's bot), when it has one.
+    #[serde(default)]
+    pub expert: Option<String>,
 }
 
 /// A text environment: one episode at a time, reset then stepped with one of the admissible

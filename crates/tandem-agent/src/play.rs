@@ -1,7 +1,7 @@
 //! One episode of a game: at each step a switching rule picks the small or the large policy, the
 //! chosen one picks the action, and the large one's choices teach the small one (L4S).
 
-use crate::actor::{shortlist, Choice, Context, LlmActor, NgramActor};
+use crate::actor::{shortlist, Choice, Context, LargePolicy, NgramActor};
 use crate::env::Environment;
 use crate::error::AgentError;
 use rand::Rng;
@@ -84,7 +84,7 @@ pub struct Outcome {
 
 pub struct Policies<'a> {
     pub small: &'a mut NgramActor,
-    pub large: &'a mut LlmActor,
+    pub large: &'a mut dyn LargePolicy,
     /// Train the small policy on the large one's choices.
     pub l4s: bool,
     /// At most this many actions for the large policy to score ([`shortlist`]; 0: all).
@@ -121,6 +121,7 @@ pub fn play_episode<E: Environment + ?Sized>(
                 inventory: &state.inventory,
                 history: &history,
                 admissible: &state.admissible,
+                expert: state.expert.as_deref(),
             };
             let small = p.small.choose(&ctx)?;
             let choice = match switcher {
@@ -191,7 +192,11 @@ pub fn play_episode<E: Environment + ?Sized>(
 
 /// The large policy's choice among the admissible actions, scoring only a shortlist of them when
 /// there are more than `k` (the rest get probability 0).
-fn large_choice(large: &mut LlmActor, ctx: &Context, k: usize) -> Result<Choice, AgentError> {
+fn large_choice(
+    large: &mut dyn LargePolicy,
+    ctx: &Context,
+    k: usize,
+) -> Result<Choice, AgentError> {
     let keep = shortlist(ctx, k);
     if keep.len() == ctx.admissible.len() {
         return large.choose(ctx);

@@ -235,18 +235,28 @@ pub(crate) fn pick_models(
     Ok((w, s))
 }
 
+/// One file's texts to encode: its prompts, the responses of `responses_of` (the model a cascade
+/// scorer reads the answers of), only at `rows` (the rows the run replays; `None`: all of them),
+/// so that `--limit` encodes only what it reads.
+pub(crate) struct ToEmbed {
+    pub data: Arc<Dataset>,
+    pub responses_of: Option<usize>,
+    pub rows: Option<Vec<usize>>,
+}
+
 /// MiniLM's vectors of every prompt of the files, and of every recorded response of the model
 /// each names (the weak one, whose answers a cascade scorer reads; `None`: prompts only), from
 /// the cache (one per file, named after it) or computed, with progress on stderr.
-/// `files`: each dataset, the model whose responses are encoded too (if any), and the rows the
-/// run replays (`None`: all of them), so that `--limit` encodes only what it reads.
-pub(crate) fn embed_texts(
-    files: &[(Arc<Dataset>, Option<usize>, Option<Vec<usize>>)],
-) -> Result<Arc<dyn tandem_core::embed::Embedder>> {
+pub(crate) fn embed_texts(files: &[ToEmbed]) -> Result<Arc<dyn tandem_core::embed::Embedder>> {
     let store = tandem_models::assets::Store::default_home();
     crate::assets_cmd::ensure_installed(&store, &["minilm"])?;
     let mut all: Option<tandem_core::embed::EmbeddingTable> = None;
-    for (data, responses_of, subset) in files {
+    for ToEmbed {
+        data,
+        responses_of,
+        rows: subset,
+    } in files
+    {
         let rows: Vec<&tandem_eval::data::Row> = match subset {
             Some(ix) => ix.iter().filter_map(|&i| data.rows.get(i)).collect(),
             None => data.rows.iter().collect(),
@@ -343,7 +353,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let rows = a
             .limit
             .map(|l| tandem_eval::stream_order(data.rows.len(), a.seed, Some(l)));
-        Some(embed_texts(&[(data.clone(), responses_of, rows)])?)
+        Some(embed_texts(&[ToEmbed {
+            data: data.clone(),
+            responses_of,
+            rows,
+        }])?)
     } else {
         None
     };

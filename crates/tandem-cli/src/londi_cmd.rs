@@ -6,7 +6,7 @@ use crate::run_cmd::write_json;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
-use tandem_agent::actor::{LlmActor, RecordKey};
+use tandem_agent::actor::{Expert, LargePolicy, LlmActor, RecordKey};
 use tandem_agent::bench::{plot_frontier, Bench, BenchConfig, Report, TextWorldGames};
 use tandem_agent::env::scienceworld::SwConfig;
 use tandem_agent::env::{
@@ -25,6 +25,17 @@ pub enum EnvName {
     Scienceworld,
 }
 
+impl EnvName {
+    /// As `--env` spells it.
+    fn flag(self) -> &'static str {
+        match self {
+            EnvName::Textworld => "textworld",
+            EnvName::Babyai => "babyai",
+            EnvName::Scienceworld => "scienceworld",
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct LondiArgs {
     /// Which environment.
@@ -35,7 +46,9 @@ pub struct LondiArgs {
     #[arg(long)]
     quick: bool,
     /// The large policy's model: an installed asset id (smollm2-135m, qwen2.5-coder-0.5b,
-    /// qwen2.5-coder-1.5b).
+    /// qwen2.5-coder-1.5b), or `bot` on BabyAI: BabyAI's own planning bot, which solves its
+    /// levels — not a language model, a large policy that knows what to do, for measuring the
+    /// switching controller apart from what a local model can play.
     #[arg(long)]
     large: Option<String>,
     /// Seeds of the runs (controller initialisation, exploration, episode order).
@@ -101,10 +114,14 @@ fn model_of(id: &str) -> Result<&'static str> {
         "qwen2.5-coder-0.5b" => "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         "qwen2.5-coder-1.5b" => "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         other => bail!(
-            "--large {other}: not a GGUF asset (smollm2-135m, qwen2.5-coder-0.5b or qwen2.5-coder-1.5b)"
+            "--large {other}: not a GGUF asset (smollm2-135m, qwen2.5-coder-0.5b or qwen2.5-coder-1.5b) \
+             nor `{BOT}` (BabyAI's bot, with --env babyai)"
         ),
     })
 }
+
+/// `--large bot`: BabyAI's planning bot as the large policy.
+const BOT: &str = "bot";
 
 /// BabyAI-Text's levels of the bench: the sanity level and two of the paper's.
 const BABYAI_LEVELS: [&str; 3] = [
@@ -167,7 +184,15 @@ pub fn run(a: LondiArgs) -> Result<()> {
             "qwen2.5-coder-0.5b".into()
         }
     });
-    let file = model_of(&large_id)?;
+    let bot = large_id == BOT;
+    if bot && !matches!(a.env, EnvName::Babyai) {
+        bail!(
+            "--large {BOT}: only BabyAI has an expert to stand in for the large model (its bot); \
+             with --env {} the large policy is a GGUF asset (smollm2-135m, qwen2.5-coder-0.5b, \
+             qwen2.5-coder-1.5b)",
+            a.env.flag()
+        );
+    }
     let out = a.out.clone().unwrap_or_else(|| match a.env {
         EnvName::Textworld => PathBuf::from("out/bench-londi"),
         EnvName::Babyai => PathBuf::from("out/bench-londi-babyai"),
@@ -207,21 +232,28 @@ pub fn run(a: LondiArgs) -> Result<()> {
     if a.test_games == Some(0) {
         bail!("--test-games must be positive");
     }
-    let model = if a.replay_only {
+    let recording = out.join(format!("recorded-{large_id}.jsonl"));
+    // The bot needs no model and no recording: it plans in the environment at every step.
+    let large = if bot {
         None
     } else {
-        ensure_installed(&store, &[&large_id])?;
-        let path = store.path(&large_id, &format!("{large_id}/{file}"))?;
-        Some(GgufLm::load(&path).with_context(|| format!("loading {}", path.display()))?)
+        let file = model_of(&large_id)?;
+        let model = if a.replay_only {
+            None
+        } else {
+            ensure_installed(&store, &[&large_id])?;
+            let path = store.path(&large_id, &format!("{large_id}/{file}"))?;
+            Some(GgufLm::load(&path).with_context(|| format!("loading {}", path.display()))?)
+        };
+        Some(LlmActor::new(model, &large_id, Some(&recording))?)
     };
-    let recording = out.join(format!("recorded-{large_id}.jsonl"));
-    let large = LlmActor::new(model, &large_id, Some(&recording))?;
-    let (report, title) = match a.env {
-        EnvName::Textworld => textworld(&a, cfg, &store, &out, large, &large_id)?,
-        EnvName::Babyai => babyai(&a, cfg, &store, large, &large_id)?,
-        EnvName::Scienceworld => scienceworld(&a, cfg, &store, large, &large_id)?,
+    let (report, title) = match (a.env, large) {
+        (EnvName::Babyai, large) => babyai(&a, cfg, &store, large, &large_id)?,
+        (EnvName::Textworld, Some(large)) => textworld(&a, cfg, &store, &out, large, &large_id)?,
+        (EnvName::Scienceworld, Some(large)) => scienceworld(&a, cfg, &store, large, &large_id)?,
+        (env, None) => bail!("--env {} needs a GGUF large policy", env.flag()),
     };
-    print_report(&report, &title, &recording);
+    print_report(&report, &title, (!bot).then_some(recording.as_path()));
     let plot = out.join("londi-frontier.svg");
     plot_frontier(
         &report.rows,
@@ -241,7 +273,7 @@ fn bench<E: Environment + ?Sized, G: std::borrow::Borrow<E::Episode>>(
     train: Vec<G>,
     test: Vec<G>,
     games: String,
-    large: &mut LlmActor,
+    large: &mut dyn LargePolicy,
     large_id: &str,
 ) -> Result<Report> {
     let mut log = |l: &str| eprintln!("tandem: {l}");
@@ -305,7 +337,7 @@ fn babyai(
     a: &LondiArgs,
     cfg: BenchConfig,
     store: &Store,
-    large: LlmActor,
+    large: Option<LlmActor>,
     large_id: &str,
 ) -> Result<(Report, String)> {
     let levels: Vec<String> = match &a.tasks {
@@ -328,10 +360,18 @@ fn babyai(
     let site = store.home().join("py/babyai");
     let mut env = BabyAiText::start(&site, Path::new("python3"), cfg.max_steps)
         .context("starting BabyAI-Text (scripts/setup-babyai installs it)")?;
-    let mut large = large
-        .system(BABYAI_SYSTEM)
-        .room_is_observation(true)
-        .answer_by_letter(true);
+    let mut expert = Expert::new();
+    let mut model;
+    let large: &mut dyn LargePolicy = match large {
+        Some(l) => {
+            model = l
+                .system(BABYAI_SYSTEM)
+                .room_is_observation(true)
+                .answer_by_letter(true);
+            &mut model
+        }
+        None => &mut expert,
+    };
     let games = format!(
         "BabyAI-Text levels {}: {n_train} training seeds (from 0) and {n_test} held-out seeds (from 2,000,000) each",
         levels.join(", ")
@@ -342,7 +382,7 @@ fn babyai(
         episodes(Split::Train, n_train),
         episodes(Split::Test, n_test),
         games,
-        &mut large,
+        large,
         large_id,
     )?;
     Ok((report, "LONDI on held-out BabyAI-Text episodes".into()))
@@ -395,7 +435,8 @@ fn scienceworld(
     Ok((report, "LONDI on held-out ScienceWorld variations".into()))
 }
 
-fn print_report(report: &Report, title: &str, recording: &Path) {
+/// `recording`: where the large model's scores are kept (None: the large policy is BabyAI's bot).
+fn print_report(report: &Report, title: &str, recording: Option<&Path>) {
     println!(
         "{title} ({}; large = {}, {} training episodes, seeds {:?})",
         report.games, report.large_model, report.train_episodes, report.run_seeds
@@ -420,12 +461,20 @@ fn print_report(report: &Report, title: &str, recording: &Path) {
         );
     }
     let c = report.large_cost;
-    println!(
-        "large policy: {} steps asked, {} replayed from {}, {:.1} s of model compute in this run; \
-         large s: compute seconds over one seed's held-out episodes (replayed steps as recorded)",
-        c.calls,
-        c.replayed,
-        recording.display(),
-        c.seconds
-    );
+    match recording {
+        Some(recording) => println!(
+            "large policy: {} steps asked, {} replayed from {}, {:.1} s of model compute in this run; \
+             large s: compute seconds over one seed's held-out episodes (replayed steps as recorded)",
+            c.calls,
+            c.replayed,
+            recording.display(),
+            c.seconds
+        ),
+        None => println!(
+            "large policy: BabyAI's bot (plans on the full grid; not a language model), {} steps \
+             asked, {} without an answer (the first action taken instead); its compute is the \
+             environment's, so compare large share and large calls, not seconds",
+            c.calls, c.unanswered
+        ),
+    }
 }

@@ -81,7 +81,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     .map(|s| {
                         // The weak answers too, where the cascade scorer learns from them.
                         let responses = s.data.has_responses(s.weak).then_some(s.weak);
-                        (s.data.clone(), responses, None)
+                        crate::eval_cmd::ToEmbed {
+                            data: s.data.clone(),
+                            responses_of: responses,
+                            rows: None,
+                        }
                     })
                     .collect::<Vec<_>>(),
             )?)

@@ -28,6 +28,8 @@ pub struct LlmCost {
     pub action_tokens: u64,
     /// Compute seconds of the calls that ran the model.
     pub seconds: f64,
+    /// Steps it had no answer for (an expert silent in that state), answered by a fallback.
+    pub unanswered: u64,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -1,11 +1,36 @@
 //! Policies that choose one of the admissible actions: the large one (a GGUF LLM scoring each
 //! action) and the small one (a hashed n-gram scorer trained online on the large one's choices).
 
+mod expert;
 mod llm;
 mod ngram;
 
+pub use expert::Expert;
 pub use llm::{LlmActor, LlmCost, RecordKey};
 pub use ngram::NgramActor;
+
+/// The large policy of a switching bench: a GGUF model ([`LlmActor`]) or the environment's own
+/// expert ([`Expert`]).
+pub trait LargePolicy {
+    /// Its choice among `ctx.admissible`.
+    fn choose(&mut self, ctx: &Context) -> Result<Choice, crate::AgentError>;
+    /// Compute seconds of the last step asked (as recorded, for a replayed one).
+    fn last_seconds(&self) -> f64;
+    /// What it has cost so far.
+    fn cost(&self) -> LlmCost;
+}
+
+impl LargePolicy for LlmActor {
+    fn choose(&mut self, ctx: &Context) -> Result<Choice, crate::AgentError> {
+        LlmActor::choose(self, ctx)
+    }
+    fn last_seconds(&self) -> f64 {
+        LlmActor::last_seconds(self)
+    }
+    fn cost(&self) -> LlmCost {
+        LlmActor::cost(self)
+    }
+}
 
 /// What a policy sees at a step.
 #[derive(Debug, Clone, Copy)]
@@ -20,6 +45,9 @@ pub struct Context<'a> {
     /// Actions taken so far in the episode, oldest first.
     pub history: &'a [String],
     pub admissible: &'a [String],
+    /// The environment's expert's action here, when it has one (BabyAI's bot). Only
+    /// [`Expert`] reads it: the small policy must learn without it.
+    pub expert: Option<&'a str>,
 }
 
 /// A policy's distribution over the admissible actions.

@@ -11,7 +11,7 @@
 
 mod plot;
 
-use crate::actor::{LlmActor, LlmCost, NgramActor};
+use crate::actor::{LargePolicy, LlmCost, NgramActor};
 use crate::env::{Environment, GameSpec, TextWorld};
 use crate::error::AgentError;
 use crate::play::{play_episode, Londi, Outcome, Policies, Switcher};
@@ -205,7 +205,7 @@ pub struct Bench<'a, E: Environment + ?Sized, G: Borrow<E::Episode>> {
     pub test: Vec<G>,
     /// What the episodes are, for the report.
     pub games: String,
-    pub large: &'a mut LlmActor,
+    pub large: &'a mut dyn LargePolicy,
     pub large_name: String,
     pub log: &'a mut dyn FnMut(&str),
 }
