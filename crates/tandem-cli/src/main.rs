@@ -51,7 +51,31 @@ enum Command {
     Demo(demo_cmd::DemoArgs),
 }
 
+/// Exit status of a command whose reader closed its stdout (`tandem … | head`): the shell's own
+/// for a process ended by SIGPIPE (128 + 13).
+const BROKEN_PIPE_EXIT: i32 = 141;
+
+/// Makes a write to a closed stdout end the process quietly instead of panicking with a
+/// backtrace. SIGPIPE stays ignored (Rust's default), because the LONDI bridge writes to a
+/// child's stdin and must see a dead child as an error there, not die silently; `println!`
+/// turns the resulting EPIPE into a panic, which this hook recognises and ends.
+fn exit_quietly_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if info.payload_as_str().is_some_and(is_closed_stdout) {
+            std::process::exit(BROKEN_PIPE_EXIT);
+        }
+        default(info)
+    }));
+}
+
+/// Whether a panic message is std's for printing to a stdout whose reader has gone (EPIPE).
+fn is_closed_stdout(message: &str) -> bool {
+    message.starts_with("failed printing to stdout") && message.contains("(os error 32)")
+}
+
 fn main() -> ExitCode {
+    exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(args) => eval_cmd::run(*args),
@@ -69,5 +93,24 @@ fn main() -> ExitCode {
             eprintln!("tandem: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_closed_stdout;
+
+    #[test]
+    fn only_a_closed_stdout_is_recognised() {
+        assert!(is_closed_stdout(
+            "failed printing to stdout: Broken pipe (os error 32)"
+        ));
+        assert!(!is_closed_stdout(
+            "failed printing to stderr: Broken pipe (os error 32)"
+        ));
+        assert!(!is_closed_stdout(
+            "failed printing to stdout: No space left on device (os error 28)"
+        ));
+        assert!(!is_closed_stdout("index out of bounds"));
     }
 }
