@@ -22,22 +22,30 @@ pub struct Row {
     pub seeds: usize,
 }
 
+/// A family's accuracy at one top-tier share; `None` (null) where some stream order's runs never
+/// came within [`REACH_TOLERANCE`] of that share (e.g. below what a warm-up leaves to defer).
 #[derive(Debug, Clone, Serialize)]
 pub struct AtShare {
     pub family: String,
     pub share: f64,
-    pub accuracy: f64,
-    pub accuracy_sd: f64,
+    pub accuracy: Option<f64>,
+    pub accuracy_sd: Option<f64>,
     pub pgr: Option<f64>,
 }
+
+/// How far outside a family's measured share range a comparison share may lie and still be
+/// read off its curve: shares are held to about a point, so a run at 29.6% stands for 30%.
+pub const REACH_TOLERANCE: f64 = 0.01;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct S4lEffect {
     pub name: String,
     /// Items the top tier answered with S4L's help, summed over seeds.
     pub items: u64,
-    pub top_accuracy_with: f64,
-    pub top_accuracy_without: f64,
+    /// The top tier's accuracy on those items with and without the hint; `None` (null) when
+    /// there were none.
+    pub top_accuracy_with: Option<f64>,
+    pub top_accuracy_without: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -186,11 +194,13 @@ pub fn summarize(
             });
             for &s in &plan.compare_at {
                 // Per stream order: that order's own curve at the share; then mean and spread.
-                let per_seed: Vec<f64> = plan
+                // Only where every order measured the share: beyond its runs a curve is flat,
+                // which would report an accuracy at a share no run held.
+                let per_seed: Option<Vec<f64>> = plan
                     .seeds
                     .iter()
-                    .filter_map(|&seed| {
-                        let pts = runs
+                    .map(|&seed| {
+                        let pts: Vec<CurvePoint> = runs
                             .iter()
                             .filter(|r| r.family == fam && r.seed == seed)
                             .map(|r| CurvePoint {
@@ -198,16 +208,25 @@ pub fn summarize(
                                 quality: r.accuracy,
                             })
                             .collect();
+                        if !reached(&pts, s) {
+                            return None;
+                        }
                         Curve::new(pts).quality_at(s)
                     })
                     .collect();
-                let (a, sd) = mean(per_seed.into_iter());
+                let (a, sd) = match per_seed {
+                    Some(v) if !v.is_empty() => {
+                        let (a, sd) = mean(v.into_iter());
+                        (Some(a), Some(sd))
+                    }
+                    _ => (None, None),
+                };
                 at_share.push(AtShare {
                     family: fam.to_string(),
                     share: s,
                     accuracy: a,
                     accuracy_sd: sd,
-                    pgr: pgr(a, base, top),
+                    pgr: a.and_then(|a| pgr(a, base, top)),
                 });
             }
             let Some(near) = points.iter().min_by(|a, b| {
@@ -235,13 +254,7 @@ pub fn summarize(
             if fam.contains("S4L") {
                 let with: u64 = g.iter().map(|r| r.s4l_right_with).sum();
                 let without: u64 = g.iter().map(|r| r.s4l_right_without).sum();
-                let pct = |x: u64| {
-                    if items == 0 {
-                        f64::NAN
-                    } else {
-                        x as f64 / items as f64
-                    }
-                };
+                let pct = |x: u64| (items > 0).then(|| x as f64 / items as f64);
                 s4l.push(S4lEffect {
                     name: label.clone(),
                     items,
@@ -265,6 +278,16 @@ pub fn summarize(
         s4l,
         frontiers,
     }
+}
+
+/// Whether runs at `points` came within [`REACH_TOLERANCE`] of `share` on both sides.
+fn reached(points: &[CurvePoint], share: f64) -> bool {
+    let lo = points.iter().map(|p| p.share).fold(f64::INFINITY, f64::min);
+    let hi = points
+        .iter()
+        .map(|p| p.share)
+        .fold(f64::NEG_INFINITY, f64::max);
+    lo - REACH_TOLERANCE <= share && share <= hi + REACH_TOLERANCE
 }
 
 fn knob_label(family: &str, knob: f64) -> String {
@@ -303,12 +326,12 @@ pub fn cheapest_reaching(runs: &[RunResult], accuracy: f64, base: f64, top: f64)
 }
 
 impl DatasetSummary {
-    /// The accuracy of `family` at `share` on its frontier, if it was swept.
+    /// The accuracy of `family` at `share` on its frontier, if it was swept and reached it.
     pub fn accuracy_at(&self, family: &str, share: f64) -> Option<f64> {
         self.at_share
             .iter()
             .find(|a| a.family == family && (a.share - share).abs() < 1e-9)
-            .map(|a| a.accuracy)
+            .and_then(|a| a.accuracy)
     }
 
     pub fn table(&self) -> String {
@@ -367,13 +390,14 @@ impl DatasetSummary {
                     .at_share
                     .iter()
                     .find(|a| a.family == f.family && (a.share - sh).abs() < 1e-9)
-                    .map_or("-".into(), |a| {
-                        format!(
+                    .map_or("-".into(), |a| match (a.accuracy, a.accuracy_sd) {
+                        (Some(acc), Some(sd)) => format!(
                             "{} ± {:.1} {}",
-                            pct(a.accuracy),
-                            100.0 * a.accuracy_sd,
+                            pct(acc),
+                            100.0 * sd,
                             a.pgr.map_or("-".into(), |p| format!("{p:.2}"))
-                        )
+                        ),
+                        _ => "not reached".into(),
                     });
                 s += &format!(" {cell:>22}");
             }
@@ -382,15 +406,173 @@ impl DatasetSummary {
                 f.share_for_top_accuracy.map_or("not reached".into(), pct)
             );
         }
+        if self.at_share.iter().any(|a| a.accuracy.is_none()) {
+            s += "(not reached: some stream order's runs of that policy never held that share)\n";
+        }
         for e in &self.s4l {
-            s += &format!(
-                "{}: on the {} items the top tier answered with S4L, its accuracy {} with vs {} without\n",
-                e.name,
-                e.items,
-                pct(e.top_accuracy_with),
-                pct(e.top_accuracy_without)
-            );
+            s += &match (e.top_accuracy_with, e.top_accuracy_without) {
+                (Some(with), Some(without)) => format!(
+                    "{}: on the {} items the top tier answered with S4L, its accuracy {} with vs {} without\n",
+                    e.name,
+                    e.items,
+                    pct(with),
+                    pct(without)
+                ),
+                _ => format!(
+                    "{}: the top tier answered no item with S4L's hint, so there is no effect to measure\n",
+                    e.name
+                ),
+            };
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(family: &'static str, knob: f64, seed: u64, share: f64, acc: f64) -> RunResult {
+        RunResult {
+            family,
+            knob,
+            seed,
+            items: 100,
+            accuracy: acc,
+            agreement: acc,
+            top_share: share,
+            cost_usd: share,
+            compute_s: 0.0,
+            tier_accuracy: vec![0.6],
+            tier_answered: vec![1.0 - share],
+            s4l_items: 0,
+            s4l_right_with: 0,
+            s4l_right_without: 0,
+        }
+    }
+
+    fn plan(seeds: Vec<u64>) -> Plan {
+        Plan {
+            seeds,
+            shares: vec![0.2, 0.5, 0.8],
+            thresholds: vec![],
+            operating: 0.5,
+            compare_at: vec![0.2, 0.3, 0.5, 0.9],
+            s4l: false,
+            s4l_seeds: 0,
+            threads: 1,
+            shuffle: true,
+        }
+    }
+
+    /// Runs of a family whose shares, per seed, span `lo..=hi` (a warm-up that keeps the top
+    /// tier busy raises `lo` above every target).
+    fn family(name: &'static str, seeds: &[u64], lo: f64, hi: f64) -> Vec<RunResult> {
+        let mut v = Vec::new();
+        for &seed in seeds {
+            for (i, knob) in [0.2, 0.5, 0.8].into_iter().enumerate() {
+                let share = lo + (hi - lo) * i as f64 / 2.0;
+                v.push(run(name, knob, seed, share, 0.6 + 0.3 * share));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn shares_no_run_held_are_not_reached() {
+        let seeds = [0, 1];
+        let mut runs = vec![
+            run(ALWAYS_TOP, 1.0, 0, 1.0, 0.9),
+            run(ALWAYS_TOP, 1.0, 1, 1.0, 0.9),
+        ];
+        // Held every share; held only 59%–85% (a warm-up); one order held 20%, the other not.
+        runs.extend(family("wide", &seeds, 0.2, 0.8));
+        runs.extend(family("warm", &seeds, 0.59, 0.85));
+        runs.extend(family("mixed", &[0], 0.2, 0.8));
+        runs.extend(family("mixed", &[1], 0.45, 0.8));
+        let s = summarize(
+            "d",
+            100,
+            &["a".into(), "b".into()],
+            &runs,
+            &plan(seeds.to_vec()),
+        );
+        let cases = [
+            ("wide", 0.2, true),
+            ("wide", 0.3, true),
+            ("wide", 0.5, true),
+            ("wide", 0.9, false),
+            ("warm", 0.2, false),
+            ("warm", 0.3, false),
+            ("warm", 0.5, false),
+            ("mixed", 0.2, false),
+            ("mixed", 0.5, true),
+        ];
+        for (fam, share, reach) in cases {
+            assert_eq!(
+                s.accuracy_at(fam, share).is_some(),
+                reach,
+                "{fam} at {share}"
+            );
+        }
+        // Within the tolerance of the lowest run's share counts as reached.
+        let near = family("near", &[0, 1], 0.305, 0.8);
+        let s2 = summarize(
+            "d",
+            100,
+            &["a".into(), "b".into()],
+            &[runs.clone(), near].concat(),
+            &plan(seeds.to_vec()),
+        );
+        assert!(s2.accuracy_at("near", 0.3).is_some());
+        let table = s.table();
+        // The equal-share table's line (the rows table above has one too).
+        let warm = table
+            .lines()
+            .filter(|l| l.starts_with("warm "))
+            .next_back()
+            .unwrap_or_default();
+        assert_eq!(warm.matches("not reached").count(), 5, "{warm}");
+        assert!(table.contains("(not reached: some stream order"), "{table}");
+        let json = serde_json::to_value(&s).unwrap_or_default();
+        let cell = json["at_share"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|a| a["family"] == "warm" && a["share"] == 0.3)
+            })
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            cell["accuracy"].is_null() && cell["pgr"].is_null(),
+            "{cell}"
+        );
+    }
+
+    #[test]
+    fn s4l_without_items_says_so() {
+        let mut runs = vec![run(ALWAYS_TOP, 1.0, 0, 1.0, 0.9)];
+        let mut none = run("DS+ shunt + S4L hard", 0.3, 0, 0.3, 0.7);
+        runs.push(none.clone());
+        none.family = "OCL + S4L soft";
+        none.s4l_items = 4;
+        none.s4l_right_with = 3;
+        none.s4l_right_without = 1;
+        runs.push(none);
+        let s = summarize("d", 100, &["a".into(), "b".into()], &runs, &plan(vec![0]));
+        let table = s.table();
+        assert!(!table.contains("NaN"), "{table}");
+        assert!(
+            table.contains(
+                "DS+ shunt + S4L hard (target 30%): the top tier answered no item with S4L's hint"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("on the 4 items the top tier answered with S4L, its accuracy 75.0% with vs 25.0% without"),
+            "{table}"
+        );
+        assert_eq!(s.s4l[0].top_accuracy_with, None);
+        assert_eq!(s.s4l[1].top_accuracy_with, Some(0.75));
     }
 }
