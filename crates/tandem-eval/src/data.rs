@@ -70,9 +70,9 @@ pub struct Dataset {
 
 impl Dataset {
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, EvalError> {
-        let bytes = std::fs::read(path).map_err(|source| EvalError::Io {
+        let bytes = std::fs::read(path).map_err(|error| EvalError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::parse(path, &bytes, opts)
     }

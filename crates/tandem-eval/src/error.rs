@@ -4,11 +4,12 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum EvalError {
-    #[error("{path}: cannot read: {source}")]
+    // The cause is in the message and not chained as a source: a chain printer (anyhow's
+    // `{:#}`) would repeat it.
+    #[error("{path}: cannot read: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}:{line}: {message}")]
     BadLine {
@@ -24,4 +25,44 @@ pub enum EvalError {
     Core(#[from] CoreError),
     #[error("cannot write {path}: {message}")]
     Write { path: PathBuf, message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The message as anyhow's `{:#}` prints it: the error and each source after it.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut next = e.source();
+        while let Some(c) = next {
+            s = format!("{s}: {c}");
+            next = c.source();
+        }
+        s
+    }
+
+    fn os_errors() -> Vec<std::io::Error> {
+        vec![
+            std::io::Error::from_raw_os_error(2),
+            std::io::Error::from_raw_os_error(13),
+            std::io::Error::from_raw_os_error(21),
+            std::io::Error::other("disk on fire"),
+        ]
+    }
+
+    /// An I/O error's cause shows once, with the path, however the error is printed.
+    #[test]
+    fn io_cause_is_printed_once() {
+        for error in os_errors() {
+            let cause = error.to_string();
+            let e = EvalError::Io {
+                path: "d/x.jsonl".into(),
+                error,
+            };
+            let text = chain(&e);
+            assert_eq!(text.matches(&cause).count(), 1, "{text}");
+            assert!(text.starts_with("d/x.jsonl: cannot read: "), "{text}");
+        }
+    }
 }

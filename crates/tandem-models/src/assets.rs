@@ -25,18 +25,19 @@ pub enum AssetError {
     Unknown(String, String),
     #[error("pip install {package} failed: {message}")]
     Pip { package: String, message: String },
-    #[error("{path}: {source}")]
+    // The cause is in the message and not chained as a source: a chain printer (anyhow's
+    // `{:#}`) would repeat it.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AssetError + '_ {
-    move |source| AssetError::Io {
+    move |error| AssetError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -452,6 +453,37 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The message as anyhow's `{:#}` prints it: the error and each source after it.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut next = e.source();
+        while let Some(c) = next {
+            s = format!("{s}: {c}");
+            next = c.source();
+        }
+        s
+    }
+
+    fn os_errors() -> Vec<std::io::Error> {
+        vec![
+            std::io::Error::from_raw_os_error(2),
+            std::io::Error::from_raw_os_error(13),
+            std::io::Error::from_raw_os_error(21),
+            std::io::Error::other("disk on fire"),
+        ]
+    }
+
+    /// An I/O error's cause shows once, with the path, however the error is printed.
+    #[test]
+    fn io_cause_is_printed_once() {
+        for error in os_errors() {
+            let cause = error.to_string();
+            let text = chain(&io(Path::new("a/b"))(error));
+            assert_eq!(text.matches(&cause).count(), 1, "{text}");
+            assert!(text.starts_with("a/b: "), "{text}");
+        }
+    }
 
     #[test]
     fn missing_and_corrupt_files_are_named() {

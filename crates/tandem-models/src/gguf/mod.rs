@@ -15,8 +15,10 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum GgufError {
+    // The cause is in the message and not chained as a source: a chain printer (anyhow's
+    // `{:#}`) would repeat it.
     #[error("{0}: {1}")]
-    Io(PathBuf, #[source] std::io::Error),
+    Io(PathBuf, std::io::Error),
     #[error("{path}: not a readable GGUF file ({message}); is it truncated? reinstall it with `tandem assets install`")]
     Format { path: PathBuf, message: String },
     #[error("unsupported model: {0}")]
@@ -30,7 +32,14 @@ pub enum GgufError {
     #[error("chat template: {0}")]
     Template(String),
     #[error("model computation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+// By hand rather than `#[from]`, which would also chain the error as a source (see `Io`).
+impl From<candle_core::Error> for GgufError {
+    fn from(e: candle_core::Error) -> Self {
+        GgufError::Candle(e)
+    }
 }
 
 /// A label's score under the prompt.
@@ -399,6 +408,37 @@ fn top_k_into(row: &[f32], k: usize, top: &mut Vec<(f32, u32)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The message as anyhow's `{:#}` prints it: the error and each source after it.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut next = e.source();
+        while let Some(c) = next {
+            s = format!("{s}: {c}");
+            next = c.source();
+        }
+        s
+    }
+
+    fn os_errors() -> Vec<std::io::Error> {
+        vec![
+            std::io::Error::from_raw_os_error(2),
+            std::io::Error::from_raw_os_error(13),
+            std::io::Error::from_raw_os_error(21),
+            std::io::Error::other("disk on fire"),
+        ]
+    }
+
+    /// An I/O error's cause shows once, with the path, however the error is printed.
+    #[test]
+    fn io_cause_is_printed_once() {
+        for error in os_errors() {
+            let cause = error.to_string();
+            let text = chain(&GgufError::Io(PathBuf::from("a/b"), error));
+            assert_eq!(text.matches(&cause).count(), 1, "{text}");
+            assert!(text.starts_with("a/b: "), "{text}");
+        }
+    }
 
     #[test]
     fn top_k_matches_a_full_sort() {

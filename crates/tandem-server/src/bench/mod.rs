@@ -25,16 +25,15 @@ use thiserror::Error;
 pub enum BenchError {
     #[error("{0}")]
     Setup(String),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    // The cause is in the message and not chained as a source: a chain printer (anyhow's
+    // `{:#}`) would repeat it.
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
     let what = what.into();
-    move |source| BenchError::Io { what, source }
+    move |error| BenchError::Io { what, error }
 }
 
 pub struct Options {
