@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use tandem_core::money::usd_to_micros;
 use tandem_core::{Micros, Query};
 
+/// The largest magnitude a graded score may have: the largest f32, in which scores are kept.
+const MAX_SCORE: f64 = f32::MAX as f64;
+
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Skip malformed lines and count them, instead of failing on the first one.
@@ -116,8 +119,12 @@ impl Dataset {
                 }
             }
         }
-        if ds.scored {
-            ds.normalise_scores();
+        if ds.scored && !ds.rows.is_empty() {
+            ds.normalise_scores()
+                .map_err(|message| EvalError::BadFile {
+                    path: path.to_path_buf(),
+                    message,
+                })?;
         }
         if ds.rows.is_empty() {
             let why = if ds.skipped.is_empty() {
@@ -191,18 +198,25 @@ impl Dataset {
         let mut row_quality = Vec::with_capacity(models.len());
         for m in &models {
             // Raw scores for now: normalised once the whole file is read.
-            let score =
-                match scores {
-                    None => None,
-                    Some(o) => {
-                        let v = o.get(m).ok_or_else(|| {
-                            format!("missing field `score.{m}` (the first record has it)")
-                        })?;
-                        Some(v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
-                            format!("field `score.{m}`: expected a number, got {v}")
-                        })?)
+            let score = match scores {
+                None => None,
+                Some(o) => {
+                    let v = o.get(m).ok_or_else(|| {
+                        format!("missing field `score.{m}` (the first record has it)")
+                    })?;
+                    let x = v
+                        .as_f64()
+                        .ok_or_else(|| format!("field `score.{m}`: expected a number, got {v}"))?;
+                    // Scores are kept as f32: a larger one would become infinite, and the
+                    // file's normalisation NaN.
+                    if !(x.is_finite() && x.abs() <= MAX_SCORE) {
+                        return Err(format!(
+                                "field `score.{m}`: {v} is out of range (scores are finite numbers between -3.4e38 and 3.4e38)"
+                            ));
                     }
-                };
+                    Some(x)
+                }
+            };
             let right = match correct {
                 None => None,
                 Some(o) => {
@@ -221,8 +235,14 @@ impl Dataset {
             });
         }
         if models.len() < 2 {
+            // The field the model set was read from.
+            let field = if correct.is_some() {
+                "correct"
+            } else {
+                "score"
+            };
             return Err(format!(
-                "field `correct`: only one model ({}); a cascade needs at least two",
+                "field `{field}`: only one model ({}); a cascade needs at least two",
                 models.join(", ")
             ));
         }
@@ -334,9 +354,11 @@ impl Dataset {
     }
 
     /// Maps every raw score to [0, 1] by the file's lowest and highest; right/wrong follows (at
-    /// least one half) where the file gives no `correct`. A file whose scores are all equal
-    /// scores every answer 1.
-    fn normalise_scores(&mut self) {
+    /// least one half) where the file gives no `correct`.
+    ///
+    /// Errors: every score is the same (nothing tells a better answer from a worse one, and
+    /// both models would score 100%), or the range does not normalise to finite numbers.
+    fn normalise_scores(&mut self) -> Result<(), String> {
         let (lo, hi) = self
             .rows
             .iter()
@@ -344,23 +366,27 @@ impl Dataset {
             .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
                 (lo.min(f64::from(x)), hi.max(f64::from(x)))
             });
-        if !lo.is_finite() {
-            return;
+        let span = hi - lo;
+        if !span.is_finite() {
+            return Err(format!(
+                "field `score`: the scores run from {lo:e} to {hi:e}, a range too wide to normalise"
+            ));
+        }
+        if span <= 0.0 {
+            return Err(format!(
+                "field `score`: every score in the file is {lo}, so no answer is better than another; record differing scores, or `correct` alone"
+            ));
         }
         self.graded = Some((lo, hi));
-        let span = hi - lo;
         for r in &mut self.rows {
             for (q, c) in r.quality.iter_mut().zip(r.correct.iter_mut()) {
-                *q = if span > 0.0 {
-                    ((f64::from(*q) - lo) / span) as f32
-                } else {
-                    1.0
-                };
+                *q = ((f64::from(*q) - lo) / span) as f32;
                 if !self.judged {
                     *c = *q >= 0.5;
                 }
             }
         }
+        Ok(())
     }
 
     pub fn row_of(&self, id: &str) -> Option<&Row> {
@@ -480,10 +506,67 @@ mod tests {
                 "{\"id\":\"a\",\"prompt\":\"p\"}",
                 "t.jsonl:1: missing field `correct` (or `score`)",
             ),
+            // Scores beyond f32's range, which would normalise to NaN.
+            (
+                "{\"id\":\"a\",\"prompt\":\"p\",\"score\":{\"small\":1e308,\"big\":2}}",
+                "t.jsonl:1: field `score.small`: 1e+308 is out of range",
+            ),
+            (
+                "{\"id\":\"a\",\"prompt\":\"p\",\"score\":{\"w\":1,\"s\":2}}\n{\"id\":\"b\",\"prompt\":\"q\",\"score\":{\"w\":1,\"s\":-3.5e38}}",
+                "t.jsonl:2: field `score.s`: -3.5e+38 is out of range",
+            ),
+            (
+                "{\"id\":\"a\",\"prompt\":\"p\",\"score\":{\"w\":1,\"s\":2}}\n{\"id\":\"b\",\"prompt\":\"q\",\"score\":{\"w\":1e39,\"s\":2}}",
+                "t.jsonl:2: field `score.w`: 1e+39 is out of range",
+            ),
+            // One model: the field the file names its models in.
+            (
+                "{\"id\":\"a\",\"prompt\":\"p\",\"score\":{\"w\":1}}",
+                "t.jsonl:1: field `score`: only one model (w)",
+            ),
+            (
+                "{\"id\":\"a\",\"prompt\":\"p\",\"correct\":{\"w\":true}}",
+                "t.jsonl:1: field `correct`: only one model (w)",
+            ),
+            // No spread: nothing to normalise by.
+            (
+                "{\"id\":\"a\",\"prompt\":\"p\",\"score\":{\"w\":5,\"s\":5}}\n{\"id\":\"b\",\"prompt\":\"q\",\"score\":{\"w\":5,\"s\":5}}",
+                "t.jsonl: field `score`: every score in the file is 5,",
+            ),
+            (
+                "{\"id\":\"a\",\"prompt\":\"p\",\"correct\":{\"w\":true,\"s\":false},\"score\":{\"w\":0,\"s\":0}}",
+                "t.jsonl: field `score`: every score in the file is 0,",
+            ),
         ] {
             let e = parse(text, false).err().unwrap().to_string();
             assert!(e.contains(needle), "{needle}: {e}");
         }
+        // The widest range f32 holds normalises to finite qualities.
+        let ds = parse(
+            "{\"id\":\"a\",\"prompt\":\"p\",\"score\":{\"w\":-3.4e38,\"s\":3.4e38}}\n{\"id\":\"b\",\"prompt\":\"q\",\"score\":{\"w\":0,\"s\":1}}",
+            false,
+        )
+        .unwrap();
+        assert!(ds
+            .rows
+            .iter()
+            .flat_map(|r| &r.quality)
+            .all(|q| q.is_finite() && (0.0..=1.0).contains(q)));
+        // --skip-bad skips an out-of-range line and evaluates the rest.
+        let ds = parse(
+            "{\"id\":\"a\",\"prompt\":\"p\",\"score\":{\"w\":1e308,\"s\":2}}\n{\"id\":\"b\",\"prompt\":\"q\",\"score\":{\"w\":1,\"s\":2}}\n{\"id\":\"c\",\"prompt\":\"r\",\"score\":{\"w\":3,\"s\":9}}",
+            true,
+        )
+        .unwrap();
+        assert_eq!(ds.rows.len(), 2);
+        assert_eq!(ds.skipped.len(), 1);
+        assert_eq!(ds.skipped[0].line, 1);
+        assert!(
+            ds.skipped[0].message.contains("score.w"),
+            "{}",
+            ds.skipped[0].message
+        );
+        assert_eq!(ds.graded, Some((1.0, 9.0)));
     }
 
     const GOOD: &str =
