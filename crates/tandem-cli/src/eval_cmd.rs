@@ -10,7 +10,9 @@ use tandem_core::policy::FeedbackMode;
 use tandem_core::{BudgetLimits, Price};
 use tandem_eval::eval::{default_policies, total_work};
 use tandem_eval::ntier::{default_ladder_policies, ladder_work};
-use tandem_eval::plot::{cost_plot_path, write_cost_plot, write_ladder_plot, write_plot};
+use tandem_eval::plot::{
+    cost_plot_path, svg_and_png, write_cost_plot, write_ladder_plot, write_plot,
+};
 use tandem_eval::runner::{Models, PolicyKind};
 use tandem_eval::{
     evaluate, evaluate_ladder, Dataset, EvalConfig, EvalError, Ladder, LadderConfig, LadderPolicy,
@@ -25,8 +27,8 @@ pub struct EvalArgs {
     /// Write the table as JSON here (and the plot beside it, unless --plot says otherwise).
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Write the quality/share plot here (.svg); a .png is written beside it, and quality against
-    /// dollars as NAME-cost.svg and .png.
+    /// Write the quality/share plot as NAME.svg and NAME.png (give either, or NAME), and quality
+    /// against dollars as NAME-cost.svg and .png.
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Seeds the stream order and every random choice.
@@ -38,7 +40,8 @@ pub struct EvalArgs {
     /// Exploration rate of partial-feedback policies (queries on which both models are called).
     #[arg(long, default_value_t = 0.1)]
     explore: f64,
-    /// Number of strong-call shares in [0, 1] each curve is measured at (APGR averages over them).
+    /// Number of strong-call shares in [0, 1] each curve is measured at (APGR averages over
+    /// them), from 3 to 201.
     #[arg(long, default_value_t = 21)]
     grid: usize,
     /// How many recent scores the online threshold is taken from.
@@ -299,6 +302,10 @@ pub(crate) fn embed_texts(files: &[ToEmbed]) -> Result<Arc<dyn tandem_core::embe
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    // A plot name that cannot be written fails now, not after the runs.
+    if let Some(p) = &a.plot {
+        svg_and_png(p)?;
+    }
     let budget = BudgetLimits {
         max_calls: a.max_strong_calls,
         max_micros: match a.max_usd {
@@ -346,6 +353,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.embed && !learns(PolicyKind::Router) && !learns(PolicyKind::Cascade) {
         bail!("--embed: the sentence vectors are read by the learned router and cascade scorer, and --policies runs neither");
     }
+    // Before encoding: a prior that cannot take these vectors (or needs some) fails at once.
+    if let Some(p) = &prior {
+        let name = a.embed.then(tandem_models::embed_cache::minilm_table_name);
+        check_prior_encoder(p, name.as_deref())?;
+    }
     let embedder = if a.embed {
         // The weak answers' vectors only where a cascade scorer reads them.
         let responses_of = learns(PolicyKind::Cascade).then_some(weak);
@@ -361,9 +373,6 @@ pub fn run(a: EvalArgs) -> Result<()> {
     } else {
         None
     };
-    if let Some(p) = &prior {
-        check_prior_encoder(p, embedder.as_deref())?;
-    }
     let items = data.rows.len();
     let models = Models {
         data,
@@ -466,9 +475,9 @@ fn write_outputs<R: serde::Serialize>(
         .plot
         .clone()
         .or_else(|| a.json.as_ref().map(|j| j.with_extension("svg")));
-    if let Some(svg) = svg_path {
+    if let Some(given) = svg_path {
+        let (svg, png) = svg_and_png(&given)?;
         plot(report, &svg)?;
-        let png = svg.with_extension("png");
         plot(report, &png)?;
         println!("wrote {} and {}", svg.display(), png.display());
         if let Some(cost_plot) = cost_plot {
@@ -482,17 +491,16 @@ fn write_outputs<R: serde::Serialize>(
     Ok(())
 }
 
-/// One line on what a prior holds and what it was trained on.
 /// A prior whose router read sentence vectors needs the same encoder here, and one that did not
 /// cannot be given vectors it never learned.
+/// `embedder` is the name of the encoder whose vectors this run reads, if any.
 pub(crate) fn check_prior_encoder(
     p: &tandem_core::prior::Prior,
-    embedder: Option<&dyn tandem_core::embed::Embedder>,
+    embedder: Option<&str>,
 ) -> Result<()> {
     match (p.info.embedder.as_deref(), embedder) {
-        (Some(want), Some(e)) if want != e.name() => bail!(
-            "--prior: its router read {want}'s vectors, not {}'s",
-            e.name()
+        (Some(want), Some(e)) if want != e => bail!(
+            "--prior: its router read {want}'s vectors, not {e}'s"
         ),
         (Some(want), None) => bail!("--prior: its router reads {want} sentence vectors: add --embed"),
         (None, Some(_)) => bail!("--prior: its router was trained without sentence vectors: drop --embed, or train it with --embed"),
@@ -500,6 +508,7 @@ pub(crate) fn check_prior_encoder(
     }
 }
 
+/// One line on what a prior holds and what it was trained on.
 pub(crate) fn describe_prior(path: &std::path::Path, p: &tandem_core::prior::Prior) -> String {
     let files: Vec<String> = p
         .info

@@ -40,7 +40,8 @@ pub struct RunArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Plot per-tier share and rolling accuracy over the stream (.svg; a .png is written beside it).
+    /// Plot per-tier share and rolling accuracy over the stream as NAME.svg and NAME.png (give
+    /// either, or NAME).
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Threads for the model tiers (default: all cores).
@@ -99,6 +100,10 @@ fn check_assets(cfg: &RunConfig, store: &Store) -> Result<()> {
 }
 
 pub fn run_with(a: &RunArgs, cfg: RunConfig, config_text: &str) -> Result<RunReport> {
+    // A plot name that cannot be written fails now, not after the stream.
+    if let Some(p) = &a.plot {
+        tandem_eval::plot::svg_and_png(p)?;
+    }
     set_threads(a.threads);
     let store = Store::default_home();
     check_assets(&cfg, &store)?;
@@ -203,9 +208,10 @@ pub fn run_with(a: &RunArgs, cfg: RunConfig, config_text: &str) -> Result<RunRep
     if let Some(p) = &a.json {
         write_json(p, &report)?;
     }
-    if let Some(svg) = &a.plot {
-        write_plot(&state, svg, 200)?;
-        write_plot(&state, &svg.with_extension("png"), 200)?;
+    if let Some(given) = &a.plot {
+        let (svg, png) = tandem_eval::plot::svg_and_png(given)?;
+        write_plot(&state, &svg, 200)?;
+        write_plot(&state, &png, 200)?;
     }
     Ok(report)
 }

@@ -4,7 +4,7 @@
 //! machine, to time its decisions.
 
 use crate::error::EvalError;
-use crate::report::{CostPoint, EvalReport, PolicyRow};
+use crate::report::{off_target, CostPoint, EvalReport, PolicyRow};
 use crate::runner::{run, Models, PolicyKind, RunConfig};
 use crate::sweep::{decision_us, in_parallel, run_seed, share_grid, stream_order, Sweep};
 use tandem_core::metrics::{Curve, CurvePoint};
@@ -262,6 +262,7 @@ pub fn evaluate(
             cpt80: curve.as_ref().and_then(|c| c.cpt(0.8, q_weak, q_strong)),
             decision_us_p50: p50,
             decision_us_p99: p99,
+            off_target: spec.has_curve() && off_target(r.strong_share(), cfg.target_share),
             curve: curve.map(|c| c.points().to_vec()).unwrap_or_default(),
             curve_cost: by_cost,
         });

@@ -11,7 +11,7 @@
 use crate::data::Dataset;
 use crate::error::EvalError;
 use crate::replay::ReplayTier;
-use crate::report::{FrontierPoint, LadderModel, LadderReport, LadderRow};
+use crate::report::{off_target, FrontierPoint, LadderModel, LadderReport, LadderRow};
 use crate::runner::{outcome, Pass, Replayed, Tally};
 use crate::sweep::{decision_us, in_parallel, run_seed, share_grid, stream_order, Sweep};
 use std::sync::Arc;
@@ -471,6 +471,7 @@ pub fn evaluate_ladder(
                 .flatten(),
             decision_us_p50: p50,
             decision_us_p99: p99,
+            off_target: !frontier.is_empty() && off_target(r.top_share(), cfg.target_share),
             frontier,
         });
     }

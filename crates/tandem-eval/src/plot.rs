@@ -200,6 +200,27 @@ pub fn write_cost_plot(report: &EvalReport, path: &Path) -> Result<(), EvalError
 }
 
 /// Where [`write_plot`]'s twin on a dollar axis goes: `NAME-cost.EXT` beside `NAME.EXT`.
+/// The SVG and PNG files a plot named `path` is written to: `path` with `.svg` and `.png`,
+/// whichever of the two (or none) it ends in, so that naming either gives both.
+///
+/// Errors: another extension (`p.pdf`), which would otherwise be replaced silently.
+pub fn svg_and_png(path: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf), EvalError> {
+    match path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+    {
+        None => {}
+        Some(e) if e == "svg" || e == "png" => {}
+        Some(e) => {
+            return Err(EvalError::Invalid(format!(
+            "plot {}: .{e} is not a plot format; name it NAME.svg or NAME.png (both are written)",
+            path.display()
+        )))
+        }
+    }
+    Ok((path.with_extension("svg"), path.with_extension("png")))
+}
+
 pub fn cost_plot_path(share_plot: &Path) -> std::path::PathBuf {
     let stem = share_plot
         .file_stem()
@@ -296,12 +317,31 @@ where
             &p.feedback,
         )?;
     }
-    // Policies without a curve (always-weak, always-strong) at their operating point.
-    for p in report.policies.iter().filter(|p| p.curve_cost.is_empty()) {
+    // Policies without a curve (always-weak, always-strong) at their operating point, unless a
+    // model-alone marker already labels that point (uncapped, they are the same run).
+    let marked = |p: &PolicyRow| {
+        alone.iter().any(|(cost, quality, _)| {
+            cost.is_some_and(|c| (c - p.cost_usd).abs() <= 1e-9 * c.max(1.0))
+                && (quality - p.quality).abs() < 1e-9
+        })
+    };
+    for p in report
+        .policies
+        .iter()
+        .filter(|p| p.curve_cost.is_empty() && !marked(p))
+    {
+        let label = row_label(p);
+        // In the right part of the chart the label goes to the cross's left, inside it
+        // (about 7 px a character at this size).
+        let dx = if p.cost_usd > 0.6 * max_cost {
+            -(7 * label.chars().count() as i32) - 6
+        } else {
+            6
+        };
         chart
             .draw_series([EmptyElement::at((p.cost_usd, p.quality))
                 + Cross::new((0, 0), 5, RED.stroke_width(2))
-                + Text::new(row_label(p), (6, 4), ("sans-serif", 13).into_font())])
+                + Text::new(label, (dx, 4), ("sans-serif", 13).into_font())])
             .map_err(e)?;
     }
     draw_legend(&mut chart)?;
@@ -439,6 +479,19 @@ mod tests {
     use super::*;
     use tandem_core::metrics::CurvePoint;
 
+    #[test]
+    fn either_extension_names_both_plots() {
+        for given in ["out/p.png", "out/p.svg", "out/p", "out/p.SVG", "out/p.PNG"] {
+            let (svg, png) = svg_and_png(Path::new(given)).unwrap();
+            assert_eq!(svg, Path::new("out/p.svg"), "{given}");
+            assert_eq!(png, Path::new("out/p.png"), "{given}");
+        }
+        for bad in ["out/p.pdf", "out/p.jpeg", "out/run.v2"] {
+            let e = svg_and_png(Path::new(bad)).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("NAME.svg or NAME.png"), "{e}");
+        }
+    }
+
     fn row(name: &str, feedback: &str, curve: &[(f64, f64, f64)]) -> PolicyRow {
         PolicyRow {
             name: name.into(),
@@ -454,6 +507,7 @@ mod tests {
             cpt80: None,
             decision_us_p50: 1.0,
             decision_us_p99: 2.0,
+            off_target: false,
             curve: curve
                 .iter()
                 .map(|&(share, _, quality)| CurvePoint { share, quality })
@@ -537,5 +591,50 @@ mod tests {
             assert!(svg.contains(name), "{name} missing from the cost plot");
         }
         assert!(std::fs::metadata(cost.with_extension("png")).unwrap().len() > 1000);
+    }
+
+    /// The x of every SVG text element whose content contains `label`.
+    fn text_x(svg: &str, label: &str) -> Vec<f64> {
+        svg.split("<text")
+            .filter(|t| t.split('>').nth(1).is_some_and(|c| c.contains(label)))
+            .filter_map(|t| t.split("x=\"").nth(1)?.split('"').next()?.parse().ok())
+            .collect()
+    }
+
+    /// Each model's point is labelled once (the always-X row at the same point is not labelled
+    /// again); a point near the right edge has its label inside the chart.
+    #[test]
+    fn the_cost_plot_labels_each_point_once_and_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.svg");
+        let mut r = report();
+        let (weak_cost, strong_cost) = (r.cost_weak_usd.unwrap(), r.cost_strong_usd.unwrap());
+        let at = |name: &str, cost: f64, quality: f64| {
+            let mut p = row(name, "none", &[]);
+            p.cost_usd = cost;
+            p.quality = quality;
+            p
+        };
+        // Uncapped: the always-X rows are the models alone.
+        r.policies[0] = at("always-weak", weak_cost, r.q_weak);
+        r.policies
+            .push(at("always-strong", strong_cost, r.q_strong));
+        write_cost_plot(&r, &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text_x(&svg, "always-weak").len(), 0, "labelled twice");
+        assert_eq!(text_x(&svg, "always-strong").len(), 0, "labelled twice");
+        assert_eq!(text_x(&svg, "gpt-4 alone").len(), 1);
+        assert_eq!(text_x(&svg, "mixtral alone").len(), 1);
+        // Capped: always-strong spent less than the strong model alone, near the right edge.
+        for share in [0.9, 0.97, 1.0] {
+            let last = r.policies.len() - 1;
+            r.policies[last] = at("always-strong", share * strong_cost, 0.8);
+            write_cost_plot(&r, &path).unwrap();
+            let svg = std::fs::read_to_string(&path).unwrap();
+            let xs = text_x(&svg, "always-strong");
+            assert_eq!(xs.len(), 1, "{share}");
+            // 13 characters of about 7 px must end before the 900 px wide image's edge.
+            assert!(xs[0] + 13.0 * 7.0 < 900.0, "{share}: label at x {}", xs[0]);
+        }
     }
 }

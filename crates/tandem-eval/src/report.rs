@@ -23,6 +23,9 @@ pub struct PolicyRow {
     pub cpt80: Option<f64>,
     pub decision_us_p50: f64,
     pub decision_us_p99: f64,
+    /// The run holds a share and its `strong_share` is more than [`SHARE_TOLERANCE`] from the
+    /// target: its quality and cost are not those of the target share.
+    pub off_target: bool,
     pub curve: Vec<CurvePoint>,
     /// The same runs as `curve`, by what they spent.
     pub curve_cost: Vec<CostPoint>,
@@ -61,6 +64,29 @@ pub struct EvalReport {
     pub cost_weak_usd: Option<f64>,
     pub cost_strong_usd: Option<f64>,
     pub policies: Vec<PolicyRow>,
+}
+
+/// How far a run's realised strong (top-tier) share may be from its target before the table
+/// flags it: the share controller settles within a point or two on a long stream.
+pub const SHARE_TOLERANCE: f64 = 0.05;
+
+/// Whether a share-holding run held `held` too far from `target` to stand for it.
+pub fn off_target(held: f64, target: f64) -> bool {
+    (held - target).abs() > SHARE_TOLERANCE
+}
+
+/// The footnote for a run that missed its share: why, as far as the run tells.
+fn off_target_note(label: &str, held: f64, target: f64, capped: u64, items: usize) -> String {
+    let why = if capped > 0 && held < target {
+        format!("the hard cap refused {capped} escalations")
+    } else {
+        format!("the stream ({items} items) is too short for the share controller to settle")
+    };
+    format!(
+        "* {label} held {:.1}% against a target of {:.0}%: {why}",
+        100.0 * held,
+        100.0 * target
+    )
 }
 
 fn pct(v: Option<f64>) -> String {
@@ -119,7 +145,7 @@ impl EvalReport {
         }
         let _ = writeln!(
             s,
-            "{:<14} {:<8} {:>8} {:>8} {:>10} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9}",
+            "{:<14} {:<8} {:>8} {:>9} {:>10} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9}",
             "policy",
             "feedback",
             "quality",
@@ -135,11 +161,12 @@ impl EvalReport {
         for r in &self.policies {
             let _ = writeln!(
                 s,
-                "{:<14} {:<8} {:>7.2}% {:>7.1}% {:>10.4} {:>7} {:>7} {:>7} {:>7} {:>7.2}us {:>7.2}us",
+                "{:<14} {:<8} {:>7.2}% {:>7.1}%{} {:>10.4} {:>7} {:>7} {:>7} {:>7} {:>7.2}us {:>7.2}us",
                 r.name,
                 r.feedback,
                 100.0 * r.quality,
                 100.0 * r.strong_share,
+                if r.off_target { "*" } else { " " },
                 r.cost_usd,
                 r.apgr
                     .map_or_else(|| "-".to_string(), |a| format!("{a:.3}")),
@@ -150,6 +177,17 @@ impl EvalReport {
                 r.decision_us_p50,
                 r.decision_us_p99,
             );
+        }
+        for r in self.policies.iter().filter(|r| r.off_target) {
+            let label = format!("{} ({})", r.name, r.feedback);
+            let note = off_target_note(
+                &label,
+                r.strong_share,
+                self.target_share,
+                r.capped,
+                self.items,
+            );
+            let _ = writeln!(s, "{note}");
         }
         let capped: u64 = self.policies.iter().map(|r| r.capped).sum();
         if capped > 0 {
@@ -197,6 +235,9 @@ pub struct LadderRow {
     pub apgr: Option<f64>,
     pub decision_us_p50: f64,
     pub decision_us_p99: f64,
+    /// The run holds a share and its `top_share` is more than [`SHARE_TOLERANCE`] from the
+    /// target.
+    pub off_target: bool,
     pub frontier: Vec<FrontierPoint>,
 }
 
@@ -276,16 +317,17 @@ impl LadderReport {
         }
         let _ = writeln!(
             s,
-            "{:<16} {:>8} {:>7} {:>12} {:>10} {:>7} {:>9} {:>9}",
+            "{:<16} {:>8} {:>8} {:>12} {:>10} {:>7} {:>9} {:>9}",
             "policy", "quality", "top", "answered %", "cost $", "APGR", "dec p50", "dec p99"
         );
         for r in &self.policies {
             let _ = writeln!(
                 s,
-                "{:<16} {:>7.2}% {:>6.1}% {:>12} {:>10.4} {:>7} {:>7.2}us {:>7.2}us",
+                "{:<16} {:>7.2}% {:>6.1}%{} {:>12} {:>10.4} {:>7} {:>7.2}us {:>7.2}us",
                 Self::label(r),
                 100.0 * r.quality,
                 100.0 * r.top_share,
+                if r.off_target { "*" } else { " " },
                 Self::answered(&r.answered),
                 r.cost_usd,
                 r.apgr
@@ -293,6 +335,16 @@ impl LadderReport {
                 r.decision_us_p50,
                 r.decision_us_p99,
             );
+        }
+        for r in self.policies.iter().filter(|r| r.off_target) {
+            let note = off_target_note(
+                &Self::label(r),
+                r.top_share,
+                self.target_share,
+                r.capped,
+                self.items,
+            );
+            let _ = writeln!(s, "{note}");
         }
         let _ = writeln!(
             s,
@@ -330,5 +382,79 @@ impl LadderReport {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, share: f64, capped: u64, holds: bool) -> PolicyRow {
+        PolicyRow {
+            name: name.into(),
+            feedback: "full".into(),
+            quality: 0.7,
+            strong_share: share,
+            explore_share: 0.0,
+            cost_usd: 1.0,
+            capped,
+            apgr: None,
+            apgr_cost: None,
+            cpt50: None,
+            cpt80: None,
+            decision_us_p50: 1.0,
+            decision_us_p99: 2.0,
+            off_target: holds && off_target(share, 0.3),
+            curve: Vec::new(),
+            curve_cost: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_share_off_its_target_is_flagged_with_why() {
+        assert!(!off_target(0.3, 0.3) && !off_target(0.34, 0.3) && !off_target(0.26, 0.3));
+        assert!(off_target(0.542, 0.3) && off_target(0.2, 0.3) && off_target(0.36, 0.3));
+        let report = EvalReport {
+            data: "d.jsonl".into(),
+            items: 120,
+            skipped_lines: 0,
+            weak: "w".into(),
+            strong: "s".into(),
+            q_weak: 0.6,
+            q_strong: 0.8,
+            seed: 0,
+            target_share: 0.3,
+            explore: 0.1,
+            grid: 5,
+            max_strong_calls: None,
+            max_usd: None,
+            router_metadata: true,
+            router_vectors: None,
+            prior_trained_on: None,
+            cost_weight: 0.0,
+            cost_weak_usd: None,
+            cost_strong_usd: None,
+            policies: vec![
+                row("always-strong", 1.0, 0, false),
+                row("random", 0.31, 0, true),
+                row("router", 0.542, 0, true),
+                row("cascade", 0.12, 9, true),
+            ],
+        };
+        let t = report.table();
+        let line = |name: &str| {
+            t.lines()
+                .find(|l| l.starts_with(name) && l.contains(" full "))
+                .unwrap_or_default()
+        };
+        assert!(!line("always-strong").contains('*'), "{t}");
+        assert!(!line("random").contains('*'), "{t}");
+        assert!(line("router").contains("54.2%*"), "{t}");
+        assert!(line("cascade").contains("12.0%*"), "{t}");
+        assert!(t.contains("* router (full) held 54.2% against a target of 30%: the stream (120 items) is too short for the share controller to settle"), "{t}");
+        assert!(t.contains("* cascade (full) held 12.0% against a target of 30%: the hard cap refused 9 escalations"), "{t}");
+        let json = serde_json::to_value(&report).unwrap_or_default();
+        assert_eq!(json["policies"][2]["off_target"], true);
+        assert_eq!(json["policies"][1]["off_target"], false);
     }
 }

@@ -11,6 +11,10 @@ use std::sync::Mutex;
 use tandem_core::stats::percentile;
 use tandem_core::BudgetLimits;
 
+/// The fewest and most shares a curve is measured at (`--grid`).
+pub const MIN_GRID: usize = 3;
+pub const MAX_GRID: usize = 201;
+
 /// The settings both evals hold, as their configs give them.
 pub(crate) struct Sweep {
     pub(crate) target_share: f64,
@@ -38,8 +42,13 @@ impl Sweep {
                 self.explore, self.explore_max
             ));
         }
-        if !(2..=201).contains(&self.grid) {
-            return bad(format!("--grid {}: must be between 2 and 201", self.grid));
+        // Two points are 0% and 100% alone: every curve joins the models' own qualities and
+        // every policy scores APGR 0.5, so a curve needs a share in between.
+        if !(MIN_GRID..=MAX_GRID).contains(&self.grid) {
+            return bad(format!(
+                "--grid {}: must be between {MIN_GRID} and {MAX_GRID} (a curve needs a share between 0% and 100%)",
+                self.grid
+            ));
         }
         if self.limit == Some(0) {
             return bad("--limit 0: nothing to evaluate".into());
@@ -77,7 +86,7 @@ pub fn stream_order(rows: usize, seed: u64, limit: Option<usize>) -> Vec<usize> 
     order
 }
 
-/// `n` (at least 2) shares evenly spaced from 0 to 1.
+/// `n` (at least [`MIN_GRID`]) shares evenly spaced from 0 to 1.
 pub(crate) fn share_grid(n: usize) -> Vec<f64> {
     (0..n).map(|i| i as f64 / (n - 1) as f64).collect()
 }
@@ -122,4 +131,37 @@ pub(crate) fn decision_us(ns: &[u64]) -> (f64, f64) {
         percentile(&mut us, 50.0).unwrap_or(0.0),
         percentile(&mut us, 99.0).unwrap_or(0.0),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sweep(grid: usize) -> Sweep {
+        Sweep {
+            target_share: 0.3,
+            explore: 0.1,
+            explore_max: 1.0,
+            grid,
+            limit: None,
+            policies: 1,
+            budget: BudgetLimits::default(),
+        }
+    }
+
+    #[test]
+    fn a_grid_needs_a_share_between_the_ends() {
+        for grid in [0, 1, 2, 202, 1000] {
+            let e = sweep(grid).validate().err().map(|e| e.to_string());
+            let e = e.unwrap_or_default();
+            assert!(
+                e.contains(&format!("--grid {grid}: must be between 3 and 201")),
+                "{grid}: {e:?}"
+            );
+        }
+        for grid in [3, 5, 21, 201] {
+            assert!(sweep(grid).validate().is_ok(), "{grid}");
+            assert_eq!(share_grid(grid).len(), grid);
+        }
+    }
 }

@@ -169,6 +169,15 @@ pub fn minilm_name(max_tokens: usize) -> String {
     }
 }
 
+/// The tokens [`minilm_table`] encodes of each text.
+pub const TABLE_MAX_TOKENS: usize = 128;
+
+/// The name of [`minilm_table`]'s vectors, known before any is computed (so a front end can
+/// check a prior against it first).
+pub fn minilm_table_name() -> String {
+    minilm_name(TABLE_MAX_TOKENS)
+}
+
 /// MiniLM's vectors of `texts` as a lookup table for the router (`tandem eval --embed`), computed
 /// once and cached under `name` ([`minilm_cache`]). `progress(done, todo)` follows the encoding.
 pub fn minilm_table(
@@ -177,7 +186,7 @@ pub fn minilm_table(
     texts: &[&str],
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EmbeddingTable, ModelError> {
-    const MAX_TOKENS: usize = 128;
+    const MAX_TOKENS: usize = TABLE_MAX_TOKENS;
     let (path, dir) = minilm_cache(store, name, MAX_TOKENS)?;
     let mut load = || MiniLm::load(&dir, MAX_TOKENS).map_err(ModelError::from);
     let cache = load_or_build(&path, &mut load, texts, 32, progress)?;
