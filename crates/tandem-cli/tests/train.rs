@@ -276,3 +276,116 @@ fn bad_training_inputs_are_named() {
     }
     assert!(!prior.exists(), "no prior is written from bad input");
 }
+
+/// `eval --prior P --embed` checks the prior against the encoder before anything is encoded (or
+/// an encoder installed): with an empty `$TANDEM_HOME`, each mismatch is named at once.
+#[test]
+fn a_prior_is_checked_against_the_vectors_before_encoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let data = labelled(dir.path(), 60);
+    let d = data.to_str().unwrap();
+    let plain = dir.path().join("plain.prior");
+    let out = tandem(&["train", "--data", d, "--out", plain.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Priors whose router read vectors: another encoder's, and MiniLM's as `--embed` reads them.
+    let with_encoder = |name: &str, file: &str| {
+        let mut p = tandem_core::prior::Prior::load(&plain).unwrap();
+        p.info.embedder = Some(name.into());
+        let path = dir.path().join(file);
+        p.save(&path).unwrap();
+        path
+    };
+    let other = with_encoder("other-encoder/64", "other.prior");
+    let minilm = with_encoder("all-MiniLM-L6-v2/128", "minilm.prior");
+    for (prior, embed, needle) in [
+        (
+            &plain,
+            true,
+            "trained without sentence vectors: drop --embed",
+        ),
+        (
+            &other,
+            true,
+            "read other-encoder/64's vectors, not all-MiniLM-L6-v2/128's",
+        ),
+        (
+            &minilm,
+            false,
+            "reads all-MiniLM-L6-v2/128 sentence vectors: add --embed",
+        ),
+    ] {
+        let mut args = vec![
+            "eval",
+            "--data",
+            d,
+            "--prior",
+            prior.to_str().unwrap(),
+            "--limit",
+            "50",
+        ];
+        if embed {
+            args.push("--embed");
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(&args)
+            .env("TANDEM_HOME", &home)
+            .env_remove("TANDEM_ENCODER")
+            .output()
+            .unwrap();
+        let said = text(&out);
+        assert!(!out.status.success(), "{said}");
+        assert!(said.contains(needle), "{needle:?} not in {said}");
+        assert!(
+            !said.contains("embedded") && !said.contains("installing"),
+            "encoded before checking: {said}"
+        );
+    }
+}
+
+/// A prior changed after `tandem train` wrote it — one byte deep in its weights, a run of NaN
+/// floats, a cut — is refused by `eval --prior`, naming the file and why.
+#[test]
+fn a_damaged_prior_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = labelled(dir.path(), 60);
+    let d = data.to_str().unwrap();
+    let prior = dir.path().join("p.prior");
+    let p = prior.to_str().unwrap();
+    let out = tandem(&["train", "--data", d, "--out", p, "--bits", "10"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let good = std::fs::read(&prior).unwrap();
+    let n = good.len();
+    let nan: Vec<u8> = std::iter::repeat_n(f32::NAN.to_le_bytes(), 16)
+        .flatten()
+        .collect();
+    let damaged: Vec<(&str, Vec<u8>)> = vec![
+        ("a flipped byte mid-file", {
+            let mut b = good.clone();
+            b[n / 2] ^= 0x10;
+            b
+        }),
+        ("a flipped byte near the end", {
+            let mut b = good.clone();
+            b[n - 100] ^= 0x01;
+            b
+        }),
+        ("NaN floats", {
+            let mut b = good.clone();
+            b[n / 3..n / 3 + nan.len()].copy_from_slice(&nan);
+            b
+        }),
+        ("a cut", good[..n - 10].to_vec()),
+    ];
+    for (what, bytes) in damaged {
+        std::fs::write(&prior, &bytes).unwrap();
+        let out = tandem(&["eval", "--data", d, "--prior", p, "--grid", "3"]);
+        let said = text(&out);
+        assert!(!out.status.success(), "{what}: accepted");
+        assert!(
+            said.contains("p.prior") && said.contains("checksum does not match"),
+            "{what}: {said}"
+        );
+    }
+}

@@ -423,6 +423,10 @@ impl KnnMemory {
         };
         read_f32s(len * dim, &mut m.vectors)?;
         read_f32s(len, &mut m.outcomes)?;
+        // A NaN would spread through every estimate it is a neighbour in.
+        if !(m.vectors.iter().chain(&m.outcomes).all(|x| x.is_finite()) && sum.is_finite()) {
+            return Err(bad("a value that is not a finite number"));
+        }
         m.codes = m
             .vectors
             .chunks_exact(dim)
@@ -683,6 +687,9 @@ impl NeighbourEvidence {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
+            if !f.iter().all(|x| x.is_finite()) {
+                return Err(bad("a stacker weight that is not a finite number"));
+            }
             s.w.copy_from_slice(&f[..3]);
             s.acc.copy_from_slice(&f[3..]);
         }
@@ -881,5 +888,29 @@ mod tests {
         );
         assert!(NeighbourEvidence::load(&mut &buf[..buf.len() - 1]).is_err());
         assert!(NeighbourEvidence::load(&mut &b"TNDKNN00"[..]).is_err());
+        // Non-finite values: a stacker weight and accumulator, the second memory's sum, its
+        // vector and its outcome (magic 8, stackers 48, an empty memory 56, then 56 of header).
+        let mem1 = 8 + 48 + 56;
+        for (at, width) in [
+            (8, 4),
+            (8 + 20, 4),
+            (mem1 + 40, 8),
+            (mem1 + 56, 4),
+            (mem1 + 64, 4),
+        ] {
+            for bad in [f64::NAN, f64::INFINITY] {
+                let mut b = buf.clone();
+                if width == 8 {
+                    b[at..at + 8].copy_from_slice(&bad.to_le_bytes());
+                } else {
+                    b[at..at + 4].copy_from_slice(&(bad as f32).to_le_bytes());
+                }
+                let e = NeighbourEvidence::load(&mut b.as_slice()).err();
+                assert!(
+                    e.is_some_and(|e| e.to_string().contains("not a finite number")),
+                    "byte {at}: {bad}"
+                );
+            }
+        }
     }
 }

@@ -4,19 +4,24 @@
 //!
 //! File layout (little-endian): the magic `TNDMPRI1`; a u64 length and that many bytes of JSON
 //! header ([`PriorInfo`]: format version, each model's configuration, what it was trained on);
-//! then the router's weights if it has one, then the cascade scorer's. Nothing may follow.
-//! A file of another format version is refused with a message naming both versions.
+//! then the router's weights if it has one, then the cascade scorer's; then the SHA-256 of every
+//! byte before it (since version 2). Nothing may follow. A file of another format version is
+//! refused with a message naming both versions; one whose checksum does not match, or whose
+//! weights are not finite, as damaged.
 
 use crate::error::CoreError;
 use crate::policy::cascade::{CascadeConfig, ResponseCascade};
 use crate::policy::router::{GainRouter, RouterConfig};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::Path;
 
 const MAGIC: &[u8; 8] = b"TNDMPRI1";
-/// The header's format version this build writes and reads.
-pub const PRIOR_VERSION: u32 = 1;
+/// The header's format version this build writes and reads (2: a SHA-256 trailer).
+pub const PRIOR_VERSION: u32 = 2;
+/// Bytes of the trailing checksum.
+const CHECKSUM_LEN: usize = 32;
 /// A header larger than this is not a prior's (a corrupt or foreign file).
 const MAX_HEADER: u64 = 1 << 20;
 
@@ -95,6 +100,7 @@ impl Prior {
         if let Some(c) = &self.cascade {
             c.save(&mut buf).map_err(|e| err(e.to_string()))?;
         }
+        seal(&mut buf);
         let tmp = path.with_extension("tmp");
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
@@ -108,7 +114,8 @@ impl Prior {
     /// Reads a prior written by [`Prior::save`].
     ///
     /// Errors: the file cannot be read; it is not a prior (magic); it is another format version;
-    /// its header or weights are damaged, or bytes follow them.
+    /// its checksum does not match (a changed, cut or padded file); its header or weights do not
+    /// load, or a weight is not finite.
     pub fn load(path: &Path) -> Result<Prior, CoreError> {
         let err = |reason: String| CoreError::Prior {
             path: path.display().to_string(),
@@ -133,19 +140,36 @@ impl Prior {
                 "its header claims {len} bytes, more than the file holds"
             )));
         }
-        let (head, mut rest) = r.split_at(len as usize);
-        // The version first, so a newer file is refused by version, not by an unknown field.
+        let (head, _) = r.split_at(len as usize);
+        // The version first, so a newer (or older) file is refused by version, not as damaged
+        // by a checksum it does not have or an unknown field.
         let version = serde_json::from_slice::<serde_json::Value>(head)
             .ok()
-            .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64))
-            .ok_or_else(|| err("its header is not valid".into()))?;
-        if version != u64::from(PRIOR_VERSION) {
-            return Err(err(format!(
-                "format version {version}; this build reads version {PRIOR_VERSION}"
-            )));
+            .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64));
+        match version {
+            Some(v) if v < u64::from(PRIOR_VERSION) => {
+                return Err(err(format!(
+                    "format version {v}, written before priors carried a checksum; this build reads version {PRIOR_VERSION}: train it again with `tandem train`"
+                )))
+            }
+            Some(v) if v != u64::from(PRIOR_VERSION) => {
+                return Err(err(format!(
+                    "format version {v}; this build reads version {PRIOR_VERSION}"
+                )))
+            }
+            _ => {}
+        }
+        let body = unseal(&bytes).ok_or_else(|| {
+            err("its checksum does not match its contents: the file is damaged (changed, cut short or padded); train it again or restore a copy".into())
+        })?;
+        if version.is_none() {
+            return Err(err("its header is not valid".into()));
         }
         let info: PriorInfo = serde_json::from_slice(head)
             .map_err(|e| err(format!("its header is not valid: {e}")))?;
+        let mut rest = body
+            .get(MAGIC.len() + 8 + head.len()..)
+            .ok_or_else(|| err("its header runs into its checksum".into()))?;
         let router = match info.router {
             Some(cfg) => Some(
                 GainRouter::load(cfg, &mut rest)
@@ -172,6 +196,135 @@ impl Prior {
             cascade,
         })
     }
+}
+
+/// Appends the SHA-256 of `buf` to it.
+fn seal(buf: &mut Vec<u8>) {
+    let sum = Sha256::digest(buf.as_slice());
+    buf.extend_from_slice(&sum);
+}
+
+/// `bytes` less its trailing SHA-256, if that matches the rest.
+fn unseal(bytes: &[u8]) -> Option<&[u8]> {
+    let cut = bytes.len().checked_sub(CHECKSUM_LEN)?;
+    let (body, sum) = bytes.split_at(cut);
+    (Sha256::digest(body).as_slice() == sum).then_some(body)
+}
+
+/// The settings on which a prior's router (`have`) differs from the one a front end would start
+/// from it (`want`), each in `tandem train`'s terms with the change to its command that matches;
+/// empty when they agree.
+pub fn router_differences(have: &RouterConfig, want: &RouterConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    bits_difference(have.bits, want.bits, &mut out);
+    match (have.use_metadata, want.use_metadata) {
+        (false, true) => out.push(
+            "it was trained with `--no-metadata` and this one reads metadata: train it without `--no-metadata`".into(),
+        ),
+        (true, false) => out.push(
+            "it reads metadata and this one does not: train it with `--no-metadata`".into(),
+        ),
+        _ => {}
+    }
+    vectors_difference(
+        (
+            have.embedding_dim,
+            have.embedding,
+            have.knn,
+            have.knn_memory,
+        ),
+        (
+            want.embedding_dim,
+            want.embedding,
+            want.knn,
+            want.knn_memory,
+        ),
+        &mut out,
+    );
+    if have.text != want.text || have.learning_rate != want.learning_rate {
+        out.push(format!(
+            "its text features or learning rate ({}, rate {}) are not this build's ({}, rate {}): train it again with this build's `tandem train`",
+            text_terms(&have.text),
+            have.learning_rate,
+            text_terms(&want.text),
+            want.learning_rate
+        ));
+    }
+    out
+}
+
+/// As [`router_differences`], for a cascade scorer.
+pub fn cascade_differences(have: &CascadeConfig, want: &CascadeConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    bits_difference(have.bits, want.bits, &mut out);
+    vectors_difference(
+        (
+            have.embedding_dim,
+            have.embedding,
+            have.knn,
+            have.knn_memory,
+        ),
+        (
+            want.embedding_dim,
+            want.embedding,
+            want.knn,
+            want.knn_memory,
+        ),
+        &mut out,
+    );
+    if have.prompt_text != want.prompt_text
+        || have.response_text != want.response_text
+        || have.learning_rate != want.learning_rate
+    {
+        out.push(format!(
+            "its text features or learning rate (prompt {}, answer {}, rate {}) are not this build's (prompt {}, answer {}, rate {}): train it again with this build's `tandem train`",
+            text_terms(&have.prompt_text),
+            text_terms(&have.response_text),
+            have.learning_rate,
+            text_terms(&want.prompt_text),
+            text_terms(&want.response_text),
+            want.learning_rate
+        ));
+    }
+    out
+}
+
+fn bits_difference(have: u32, want: u32, out: &mut Vec<String>) {
+    if have != want {
+        out.push(format!(
+            "it was trained with `--bits {have}` and this one has {want}: train it with `--bits {want}`"
+        ));
+    }
+}
+
+/// Sentence-vector settings: (length, weight, neighbours, memory).
+fn vectors_difference(
+    have: (u32, f32, u32, u32),
+    want: (u32, f32, u32, u32),
+    out: &mut Vec<String>,
+) {
+    match (have.0 > 0, want.0 > 0) {
+        (true, false) => out.push(
+            "it reads sentence vectors (`--embed`) and this one does not: train it without `--embed`".into(),
+        ),
+        (false, true) => out.push(
+            "it reads no sentence vectors and this one does: train it with `--embed`".into(),
+        ),
+        (true, true) if have != want => out.push(format!(
+            "its sentence-vector settings (length {}, {} neighbours) are not this one's (length {}, {} neighbours): train it again with this build's `tandem train --embed`",
+            have.0, have.2, want.0, want.2
+        )),
+        _ => {}
+    }
+}
+
+fn text_terms(t: &crate::features::TextFeatures) -> String {
+    let chars = if t.char_max > 0 {
+        format!(", character {}-{}-grams", t.char_min, t.char_max)
+    } else {
+        String::new()
+    };
+    format!("word n-grams up to {}{chars}", t.word_ngrams)
 }
 
 #[cfg(test)]
@@ -236,8 +389,11 @@ mod tests {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (b"hello world, not a prior".to_vec(), "not a prior file"),
             (good[..5].to_vec(), "too short"),
-            (good[..good.len() - 3].to_vec(), "router does not load"),
-            ([good.clone(), vec![0, 1]].concat(), "bytes follow"),
+            (good[..good.len() - 3].to_vec(), "checksum does not match"),
+            (
+                [good.clone(), vec![0, 1]].concat(),
+                "checksum does not match",
+            ),
             (
                 {
                     // Same length: only the version's digit changes.
@@ -254,6 +410,7 @@ mod tests {
             let e = Prior::load(&path).err().unwrap().to_string();
             assert!(e.contains(needle) && e.contains("p.prior"), "{needle}: {e}");
         }
+        std::fs::write(&path, &good).unwrap();
         assert!(Prior::load(&dir.path().join("missing"))
             .err()
             .unwrap()
@@ -293,6 +450,163 @@ mod tests {
         assert_eq!(
             back.cascade.as_mut().unwrap().score(&q, &weak),
             c.score(&q, &weak)
+        );
+    }
+
+    /// Bytes of `good` (a sealed prior) from its body's start: past the magic, length and header.
+    fn body_start(good: &[u8]) -> usize {
+        let len = u64::from_le_bytes(good[8..16].try_into().unwrap()) as usize;
+        16 + len
+    }
+
+    /// Any changed byte, header or weights, is refused as damage, naming the file.
+    #[test]
+    fn a_changed_byte_anywhere_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.prior");
+        trained().save(&path).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let body = body_start(&good);
+        // In the header's digits, the first weight, deep in the weights, the checksum itself.
+        let items = good.windows(8).position(|w| w == b"\"items\":").unwrap() + 8;
+        for at in [
+            items,
+            body + 40,
+            body + (good.len() - body) / 2,
+            good.len() - 40,
+            good.len() - 1,
+        ] {
+            for flip in [0x01u8, 0x80] {
+                let mut bytes = good.clone();
+                bytes[at] ^= flip;
+                std::fs::write(&path, &bytes).unwrap();
+                let e = Prior::load(&path)
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                assert!(
+                    e.contains("p.prior") && e.contains("checksum does not match"),
+                    "byte {at} ^ {flip:#x}: {e:?}"
+                );
+            }
+        }
+    }
+
+    /// Non-finite weights are refused even under a matching checksum (a writer that saved a
+    /// diverged model), and a version-1 file (no checksum) is refused by its version.
+    #[test]
+    fn non_finite_weights_and_old_versions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.prior");
+        trained().save(&path).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let unsealed = &good[..good.len() - CHECKSUM_LEN];
+        let body = body_start(&good);
+        // The weak learner: 32 bytes of its own header, then its weights, then accumulators.
+        let classes = u32::from_le_bytes(good[body + 12..body + 16].try_into().unwrap()) as usize;
+        let n = (1usize << 12) * classes;
+        let weight = |i: usize| body + 32 + 4 * i;
+        for (at, value, needle) in [
+            (weight(5), f32::NAN, "weight 5 is NaN"),
+            (weight(n - 1), f32::INFINITY, "is inf"),
+            (weight(0), f32::NEG_INFINITY, "weight 0 is -inf"),
+            (weight(n + 3), f32::NAN, "accumulator 3 is NaN"),
+        ] {
+            let mut bytes = unsealed.to_vec();
+            bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            seal(&mut bytes);
+            std::fs::write(&path, &bytes).unwrap();
+            let e = Prior::load(&path)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                e.contains("p.prior") && e.contains(needle),
+                "{needle}: {e:?}"
+            );
+        }
+        // What version 1 wrote: the same layout with version 1 and no checksum.
+        let mut old = unsealed.to_vec();
+        let v = old.windows(10).position(|w| w == b"\"version\":").unwrap();
+        old[v + 10] = b'1';
+        std::fs::write(&path, &old).unwrap();
+        let e = Prior::load(&path)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("format version 1") && e.contains("train it again"),
+            "{e:?}"
+        );
+    }
+
+    /// Each differing setting is named once, in `tandem train`'s terms, with the matching fix.
+    #[test]
+    fn differences_name_settings_and_fixes() {
+        let want = RouterConfig {
+            bits: 18,
+            ..RouterConfig::default()
+        };
+        assert!(router_differences(&want, &want).is_empty());
+        let cases: Vec<(RouterConfig, Vec<&str>)> = vec![
+            (
+                RouterConfig {
+                    use_metadata: false,
+                    ..want
+                },
+                vec!["train it without `--no-metadata`"],
+            ),
+            (
+                RouterConfig { bits: 20, ..want },
+                vec!["trained with `--bits 20` and this one has 18: train it with `--bits 18`"],
+            ),
+            (
+                RouterConfig {
+                    bits: 12,
+                    use_metadata: false,
+                    ..want
+                },
+                vec!["`--bits 18`", "without `--no-metadata`"],
+            ),
+            (
+                want.with_embeddings(384),
+                vec!["train it without `--embed`"],
+            ),
+            (
+                RouterConfig {
+                    learning_rate: 0.1,
+                    ..want
+                },
+                vec!["rate 0.1) are not this build's (word n-grams up to 2, rate 0.05): train it again with this build's `tandem train`"],
+            ),
+        ];
+        for (have, needles) in cases {
+            let d = router_differences(&have, &want);
+            assert_eq!(d.len(), needles.len(), "{d:?}");
+            let text = d.join("; ");
+            for n in needles {
+                assert!(text.contains(n), "{n:?} not in {text}");
+            }
+            assert!(!text.contains("RouterConfig"), "{text}");
+        }
+        // The other way round: the front end reads metadata or vectors the prior lacks.
+        let no_meta = RouterConfig {
+            use_metadata: false,
+            ..want
+        };
+        assert!(router_differences(&want, &no_meta)[0].contains("train it with `--no-metadata`"));
+        assert!(router_differences(&want, &want.with_embeddings(384))[0]
+            .contains("train it with `--embed`"));
+        let c = CascadeConfig {
+            bits: 18,
+            ..CascadeConfig::default()
+        };
+        assert!(cascade_differences(&c, &c).is_empty());
+        let d = cascade_differences(&CascadeConfig::default(), &c);
+        assert_eq!(d.len(), 1);
+        assert!(
+            d[0].contains("`--bits 20`") && d[0].contains("`--bits 18`"),
+            "{d:?}"
         );
     }
 }
