@@ -1331,16 +1331,26 @@ fn check_prior(
         );
     }
     let prior = tandem_core::prior::Prior::load(file).map_err(|e| e.to_string())?;
-    let (have, want, what) = if r.kind == RouteKind::RouteBefore {
+    // What differs between the prior's model and the route's, in `tandem train`'s terms; None
+    // when the prior has no such model.
+    let (differences, what) = if r.kind == RouteKind::RouteBefore {
         (
-            prior.router.as_ref().map(|m| format!("{:?}", m.config())),
-            format!("{:?}", crate::route::router_config(embedder)),
+            prior.router.as_ref().map(|m| {
+                tandem_core::prior::router_differences(
+                    &m.config(),
+                    &crate::route::router_config(embedder),
+                )
+            }),
             "router",
         )
     } else {
         (
-            prior.cascade.as_ref().map(|m| format!("{:?}", m.config())),
-            format!("{:?}", crate::route::cascade_config()),
+            prior.cascade.as_ref().map(|m| {
+                tandem_core::prior::cascade_differences(
+                    &m.config(),
+                    &crate::route::cascade_config(),
+                )
+            }),
             "cascade scorer (train it on files that record the weak model's responses)",
         )
     };
@@ -1371,12 +1381,12 @@ fn check_prior(
             ));
         }
     }
-    match have {
+    match differences {
         None => Err(format!("{} holds no {what}", file.display())),
-        Some(h) if h != want => Err(format!(
-            "{}: its {what} was trained with {h}; the gateway's is {want} (train it with `tandem train --bits {}`)",
+        Some(d) if !d.is_empty() => Err(format!(
+            "{}: its {what} does not match the gateway's: {}",
             file.display(),
-            crate::route::LEARNER_BITS
+            d.join("; ")
         )),
         Some(_) => match (prior.info.embedder.as_deref(), embedder.map(|e| e.name())) {
             (Some(a), Some(b)) if a != b => Err(format!(

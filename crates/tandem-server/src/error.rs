@@ -14,6 +14,12 @@ use thiserror::Error;
 pub enum GatewayError {
     #[error("{0}")]
     BadRequest(String),
+    /// A bad value in one field of the request, which OpenAI's `error.param` names.
+    #[error("{message}")]
+    InvalidParam {
+        param: &'static str,
+        message: String,
+    },
     #[error("invalid JSON body: {0}")]
     BadJson(String),
     #[error("request body is over the limit of {0} bytes")]
@@ -128,6 +134,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::BadRequest(_)
+            | GatewayError::InvalidParam { .. }
             | GatewayError::BadJson(_)
             | GatewayError::OverBudget { .. } => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -160,6 +167,7 @@ impl GatewayError {
     pub fn kind(&self) -> &str {
         match self {
             GatewayError::BadRequest(_)
+            | GatewayError::InvalidParam { .. }
             | GatewayError::BadJson(_)
             | GatewayError::OverBudget { .. }
             | GatewayError::BodyTooLarge(_)
@@ -212,10 +220,13 @@ impl GatewayError {
         }
     }
 
-    /// OpenAI's `error.param`: the request field at fault, when the upstream named one.
+    /// OpenAI's `error.param`: the request field at fault, when one is (or the upstream named
+    /// one).
     pub fn param(&self) -> Option<&str> {
         match self {
             GatewayError::UpstreamRejected(r) => r.param.as_deref(),
+            GatewayError::InvalidParam { param, .. } => Some(*param),
+            GatewayError::UnknownResponse(_) => Some("response_id"),
             _ => None,
         }
     }

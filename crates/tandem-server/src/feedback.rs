@@ -105,17 +105,19 @@ pub fn observation(fb: &Feedback, p: &Pending) -> Result<Observation, GatewayErr
     let y = match (fb.score, fb.correct, &fb.reference) {
         (Some(s), _, _) => {
             if !(0.0..=1.0).contains(&s) {
-                return Err(GatewayError::BadRequest(format!(
-                    "`score` must be between 0 and 1, got {s}"
-                )));
+                return Err(GatewayError::InvalidParam {
+                    param: "score",
+                    message: format!("`score` must be between 0 and 1, got {s}"),
+                });
             }
             s as f32
         }
         (_, Some(c), _) => f32::from(u8::from(c)),
         (_, _, Some(r)) if r.trim().is_empty() => {
-            return Err(GatewayError::BadRequest(
-                "`reference` must not be empty: give the answer to grade against".into(),
-            ))
+            return Err(GatewayError::InvalidParam {
+                param: "reference",
+                message: "`reference` must not be empty: give the answer to grade against".into(),
+            })
         }
         (_, _, Some(r)) => agreement(&p.served_text, r),
         _ => 0.0,

@@ -1407,6 +1407,38 @@ async fn a_route_starts_from_its_prior() {
         ..cascade_only.clone()
     };
     wide.save(&dir.path().join("wide.prior")).unwrap();
+    // `tandem train --no-metadata`, alone and with other bits; a cascade scorer of other bits.
+    let router_with = |bits: u32, use_metadata: bool| Prior {
+        router: Some(
+            GainRouter::new(tandem_core::policy::router::RouterConfig {
+                bits,
+                use_metadata,
+                ..tandem_server::route::router_config(None)
+            })
+            .unwrap(),
+        ),
+        ..cascade_only.clone()
+    };
+    router_with(18, false)
+        .save(&dir.path().join("nometa.prior"))
+        .unwrap();
+    router_with(12, false)
+        .save(&dir.path().join("both.prior"))
+        .unwrap();
+    let wide_cascade = Prior {
+        router: None,
+        cascade: Some(
+            tandem_core::policy::cascade::ResponseCascade::new(
+                tandem_core::policy::cascade::CascadeConfig {
+                    bits: 12,
+                    ..tandem_server::route::cascade_config()
+                },
+            )
+            .unwrap(),
+        ),
+        ..cascade_only.clone()
+    };
+    wide_cascade.save(&dir.path().join("wc.prior")).unwrap();
     // `tandem train --embed` on files with responses: a cascade scorer that reads vectors.
     let vector_cascade = Prior {
         router: None,
@@ -1444,7 +1476,33 @@ async fn a_route_starts_from_its_prior() {
         ),
         (
             route("route_before", "target_share = 0.5\n", "wide.prior"),
-            vec!["route[0].prior", "tandem train --bits 18"],
+            vec![
+                "route[0].prior",
+                "trained with `--bits 12` and this one has 18: train it with `--bits 18`",
+            ],
+        ),
+        (
+            route("route_before", "target_share = 0.5\n", "nometa.prior"),
+            vec![
+                "route[0].prior",
+                "nometa.prior: its router does not match the gateway's: it was trained with `--no-metadata`",
+                "train it without `--no-metadata`",
+            ],
+        ),
+        (
+            route("route_before", "target_share = 0.5\n", "both.prior"),
+            vec![
+                "route[0].prior",
+                "train it with `--bits 18`; it was trained with `--no-metadata`",
+            ],
+        ),
+        (
+            route(
+                "cascade",
+                "threshold = 0.5\ngate = \"learned\"\n",
+                "wc.prior",
+            ),
+            vec!["route[0].prior", "its cascade scorer", "train it with `--bits 18`"],
         ),
         (
             route(
@@ -1484,6 +1542,7 @@ async fn a_route_starts_from_its_prior() {
         for n in needles {
             assert!(e.contains(n), "expected {n:?} in: {e}");
         }
+        assert!(!e.contains("Config {"), "a Rust struct in: {e}");
     }
 }
 
@@ -1688,4 +1747,93 @@ async fn a_cost_weighted_router_sends_the_cheap_prompts_up() {
             "{e}"
         );
     }
+}
+
+/// Feedback with a bad field answers 400 naming that field in `error.param` (and the response
+/// keeps waiting for good feedback); an unknown response names `response_id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_feedback_names_its_field() {
+    setup_env();
+    let (_s, s_url) = mock(small_reply()).await;
+    let (_l, l_url) = mock(large_reply()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}[[route]]\nname = \"rb\"\nkind = \"route_before\"\nsmall = \"small\"\nlarge = \"large\"\ntarget_share = 0.5\n",
+        upstreams(&s_url, &l_url, "token:10:30")
+    );
+    let gw = start(&cfg, dir.path()).await;
+    let v: Value = post_chat(&gw.url, &chat_body("rb", "hi"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = v["id"].as_str().unwrap();
+    let cases = [
+        (
+            json!({"response_id": id, "score": 7}),
+            400,
+            "score",
+            "got 7",
+        ),
+        (
+            json!({"response_id": id, "score": -0.5}),
+            400,
+            "score",
+            "got -0.5",
+        ),
+        (
+            json!({"response_id": id, "reference": "  "}),
+            400,
+            "reference",
+            "must not be empty",
+        ),
+        (
+            json!({"response_id": id, "correct": true, "reward": 1.0}),
+            400,
+            "reward",
+            "go with `episode_id`",
+        ),
+        (
+            json!({"response_id": id, "correct": true, "done": true}),
+            400,
+            "done",
+            "go with `episode_id`",
+        ),
+        (
+            json!({"episode_id": "e1", "score": 0.5}),
+            400,
+            "score",
+            "episode feedback takes",
+        ),
+        (
+            json!({"response_id": "chatcmpl-nope", "correct": true}),
+            404,
+            "response_id",
+            "is unknown",
+        ),
+    ];
+    let c = reqwest::Client::new();
+    for (body, status, param, needle) in cases {
+        let r = c
+            .post(format!("{}/v1/feedback", gw.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{body}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["param"], param, "{body}: {e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(needle),
+            "{body}: {e}"
+        );
+    }
+    let r = c
+        .post(format!("{}/v1/feedback", gw.url))
+        .json(&json!({"response_id": id, "score": 0.5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "bad feedback did not consume the response");
+    gw.stop().await;
 }

@@ -651,7 +651,10 @@ impl Gateway {
             })?;
         if let Some(r) = fb.reward {
             c.reward(episode, r as f32)
-                .map_err(|e| GatewayError::BadRequest(format!("`reward`: {e}")))?;
+                .map_err(|e| GatewayError::InvalidParam {
+                    param: "reward",
+                    message: format!("`reward`: {e}"),
+                })?;
         }
         if fb.done {
             c.end_episode(episode);
@@ -668,10 +671,16 @@ impl Gateway {
     pub async fn feedback(&self, fb: &Feedback) -> Result<(), GatewayError> {
         let response_id = match (&fb.response_id, &fb.episode_id) {
             (None, Some(ep)) => {
-                if fb.score.is_some() || fb.correct.is_some() || fb.reference.is_some() {
-                    return Err(GatewayError::BadRequest(
-                        "episode feedback takes `reward` and `done`, not `score`, `correct` or `reference`".into(),
-                    ));
+                let given = [
+                    ("score", fb.score.is_some()),
+                    ("correct", fb.correct.is_some()),
+                    ("reference", fb.reference.is_some()),
+                ];
+                if let Some((param, _)) = given.into_iter().find(|(_, g)| *g) {
+                    return Err(GatewayError::InvalidParam {
+                        param,
+                        message: "episode feedback takes `reward` and `done`, not `score`, `correct` or `reference`".into(),
+                    });
                 }
                 if fb.reward.is_none() && !fb.done {
                     return Err(GatewayError::BadRequest(
@@ -682,9 +691,14 @@ impl Gateway {
             }
             (Some(id), None) => {
                 if fb.reward.is_some() || fb.done {
-                    return Err(GatewayError::BadRequest(
-                        "`reward` and `done` go with `episode_id`".into(),
-                    ));
+                    return Err(GatewayError::InvalidParam {
+                        param: if fb.reward.is_some() {
+                            "reward"
+                        } else {
+                            "done"
+                        },
+                        message: "`reward` and `done` go with `episode_id`".into(),
+                    });
                 }
                 id
             }
