@@ -332,3 +332,35 @@ fn pretraining_warms_the_cheap_tiers_before_the_stream() {
         );
     }
 }
+
+/// An I/O error names its OS cause once (it was printed twice: in the message and again as the
+/// chained source).
+#[test]
+fn io_errors_print_their_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &dir.path().join("r.jsonl"));
+    let nowhere = dir.path().join("nowhere");
+    let nowhere = nowhere.to_str().unwrap();
+    let mut cases: Vec<Vec<&str>> = vec![
+        vec!["eval", "--data", "/nonexistent/x.jsonl"],
+        vec![
+            "train",
+            "--data",
+            "/nonexistent/x.jsonl",
+            "--out",
+            "x.prior",
+        ],
+    ];
+    if have_assets() {
+        cases.push(vec![
+            "run", "--config", &cfg, "--input", "snippets", "--state", nowhere, "--resume",
+            "--limit", "5",
+        ]);
+    }
+    for args in cases {
+        let out = tandem(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(err.matches("(os error 2)").count(), 1, "{args:?}: {err}");
+    }
+}
