@@ -529,8 +529,7 @@ mod tests {
         // The equal-share table's line (the rows table above has one too).
         let warm = table
             .lines()
-            .filter(|l| l.starts_with("warm "))
-            .next_back()
+            .rfind(|l| l.starts_with("warm "))
             .unwrap_or_default();
         assert_eq!(warm.matches("not reached").count(), 5, "{warm}");
         assert!(table.contains("(not reached: some stream order"), "{table}");
