@@ -103,6 +103,14 @@ pub struct LondiArgs {
     /// Log every held-out episode's actions (s: small, l: large).
     #[arg(long)]
     trace: bool,
+    /// The controller does not learn from steps where the large model chose the small one's
+    /// action that choosing small would have done the same (an ablation).
+    #[arg(long)]
+    no_counterfactual: bool,
+    /// The controller reads the small policy's confidence and margin only, not its entropy and
+    /// the episode's revisits of a state (an ablation).
+    #[arg(long)]
+    no_loop_state: bool,
     /// CPU threads for the model.
     #[arg(long)]
     threads: Option<usize>,
@@ -221,6 +229,8 @@ pub fn run(a: LondiArgs) -> Result<()> {
         cfg.shortlist = k;
     }
     cfg.trace = a.trace;
+    cfg.counterfactual = !a.no_counterfactual;
+    cfg.loop_state = !a.no_loop_state;
     cfg.only = a.only.clone();
     cfg.max_steps = a.max_steps.unwrap_or(cfg.max_steps);
     if cfg.max_steps == 0 {
