@@ -107,10 +107,11 @@ pub struct LondiArgs {
     /// action that choosing small would have done the same (an ablation).
     #[arg(long)]
     no_counterfactual: bool,
-    /// The controller reads the small policy's confidence and margin only, not its entropy and
-    /// the episode's revisits of a state (an ablation).
+    /// The controller also reads the small policy's entropy and the episode's revisits of a state
+    /// (loops), beside its confidence and margin. Off by default: on BabyAI with the bot it
+    /// measured no gain (README).
     #[arg(long)]
-    no_loop_state: bool,
+    loop_state: bool,
     /// CPU threads for the model.
     #[arg(long)]
     threads: Option<usize>,
@@ -230,7 +231,7 @@ pub fn run(a: LondiArgs) -> Result<()> {
     }
     cfg.trace = a.trace;
     cfg.counterfactual = !a.no_counterfactual;
-    cfg.loop_state = !a.no_loop_state;
+    cfg.loop_state = a.loop_state;
     cfg.only = a.only.clone();
     cfg.max_steps = a.max_steps.unwrap_or(cfg.max_steps);
     if cfg.max_steps == 0 {

@@ -63,7 +63,7 @@ impl BenchConfig {
             trace: false,
             only: Vec::new(),
             counterfactual: true,
-            loop_state: true,
+            loop_state: false,
         }
     }
 
@@ -81,7 +81,7 @@ impl BenchConfig {
             trace: false,
             only: Vec::new(),
             counterfactual: true,
-            loop_state: true,
+            loop_state: false,
         }
     }
 }
