@@ -103,6 +103,15 @@ pub struct LondiArgs {
     /// Log every held-out episode's actions (s: small, l: large).
     #[arg(long)]
     trace: bool,
+    /// The controller does not learn from steps where the large model chose the small one's
+    /// action that choosing small would have done the same (an ablation).
+    #[arg(long)]
+    no_counterfactual: bool,
+    /// The controller also reads the small policy's entropy and the episode's revisits of a state
+    /// (loops), beside its confidence and margin. Off by default: on BabyAI with the bot it
+    /// measured no gain (README).
+    #[arg(long)]
+    loop_state: bool,
     /// CPU threads for the model.
     #[arg(long)]
     threads: Option<usize>,
@@ -221,6 +230,8 @@ pub fn run(a: LondiArgs) -> Result<()> {
         cfg.shortlist = k;
     }
     cfg.trace = a.trace;
+    cfg.counterfactual = !a.no_counterfactual;
+    cfg.loop_state = a.loop_state;
     cfg.only = a.only.clone();
     cfg.max_steps = a.max_steps.unwrap_or(cfg.max_steps);
     if cfg.max_steps == 0 {

@@ -131,3 +131,74 @@ fn quick_scienceworld_bench_runs_and_replays() {
     let report = check("scienceworld", dir.path(), false);
     assert_eq!(report["test"].as_array().unwrap().len(), 4);
 }
+
+/// `--large bot`: BabyAI's planning bot as the large policy solves the held-out episodes, and the
+/// learned controller keeps most of its success with far fewer large calls. Only BabyAI has it.
+#[test]
+fn babyai_bot_as_the_large_policy() {
+    if !have("babyai", "setup-babyai") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let run = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["bench", "londi", "--env", "babyai", "--large", "bot"])
+        .args([
+            "--seeds",
+            "1",
+            "--test-games",
+            "12",
+            "--train-episodes",
+            "120",
+        ])
+        .args(["--costs", "0.05", "--budgets", "4", "--thresholds", "0.8"])
+        .arg("--json")
+        .arg(&json)
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    eprintln!("{stdout}");
+    assert!(stdout.contains("BabyAI's bot"), "{stdout}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let success = |name: &str| row(&report, name)["success"].as_f64().unwrap();
+    let share = |name: &str| row(&report, name)["large_share"].as_f64().unwrap();
+    assert!(success("always-large") >= 0.95, "{stdout}");
+    assert!(
+        success("always-small") < success("always-large"),
+        "{stdout}"
+    );
+    // Measured (seed 1, 36 held-out episodes): always-small 58.3%, LONDI c=0.05 83.3% at 19.5%.
+    assert!(success("LONDI c=0.05") >= 0.7, "{stdout}");
+    assert!(
+        success("LONDI c=0.05") > success("always-small") + 0.1,
+        "{stdout}"
+    );
+    assert!(share("LONDI c=0.05") <= 0.75, "{stdout}");
+    assert!(
+        row(&report, "LONDI-B b=4")["max_large_calls"]
+            .as_u64()
+            .unwrap()
+            <= 4
+    );
+    assert_eq!(report["large_cost"]["unanswered"], 0, "{stdout}");
+
+    for env in ["textworld", "scienceworld"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["bench", "londi", "--env", env, "--large", "bot", "--quick"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--large bot") && err.contains(&format!("--env {env}")),
+            "{err}"
+        );
+    }
+}

@@ -296,3 +296,81 @@ fn rewards_for_unknown_episodes_and_bad_values_are_errors() {
     })
     .is_err());
 }
+
+/// Where the large model chose what the small one proposed, the step also teaches Q(small) the
+/// same outcome without the cost (exact: the environment saw the same action). Started optimistic
+/// (near always-large, as the bench starts it), a controller told so learns in far fewer episodes
+/// that only the hard room needs the large model.
+#[test]
+fn agreement_teaches_where_the_large_model_changes_nothing() {
+    let corridor = Corridor {
+        len: 6,
+        hard: vec![3],
+        bonus: vec![],
+    };
+    let play = |c: &mut SwitchController, id: &str, explore: bool, tell: bool| {
+        let mut large_at = Vec::new();
+        for room in 0..corridor.len {
+            let text = Corridor::text(room);
+            let d = c.decide(
+                id,
+                &SwitchState {
+                    text: &text,
+                    step: room,
+                    ..Default::default()
+                },
+                explore,
+            );
+            if d.choice == Switch::Large {
+                large_at.push(room);
+                // The large model takes the small one's action everywhere but the hard room.
+                if tell && !corridor.hard.contains(&room) {
+                    c.agreed(id).unwrap();
+                }
+            } else if corridor.hard.contains(&room) {
+                break;
+            }
+            if room + 1 == corridor.len {
+                c.reward(id, 1.0).unwrap();
+            }
+        }
+        c.end_episode(id).unwrap();
+        large_at
+    };
+    let mut exact = 0;
+    let mut exact_without = 0;
+    for seed in 0..6 {
+        for counterfactual in [true, false] {
+            let cfg = SwitchConfig {
+                cost: 0.1,
+                optimism: 1.0,
+                epsilon_start: 0.1,
+                epsilon_end: 0.02,
+                epsilon_decay_episodes: 30,
+                hash_bits: 12,
+                seed,
+                counterfactual,
+                ..Default::default()
+            };
+            let mut c = SwitchController::new(cfg).unwrap();
+            for e in 0..40 {
+                play(&mut c, &format!("train-{e}"), true, true);
+            }
+            let large_at = play(&mut c, "test", false, true);
+            eprintln!("seed {seed} counterfactual {counterfactual}: large at {large_at:?}");
+            if large_at == vec![3] {
+                if counterfactual {
+                    exact += 1;
+                } else {
+                    exact_without += 1;
+                }
+            }
+        }
+    }
+    eprintln!("exact with {exact}/6, without {exact_without}/6");
+    assert!(
+        exact >= 5,
+        "with agreement: {exact}/6 seeds call large only in room 3"
+    );
+    assert!(exact > exact_without, "{exact} vs {exact_without}");
+}

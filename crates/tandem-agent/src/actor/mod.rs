@@ -75,6 +75,22 @@ impl Choice {
         self.probs.get(self.index).copied().unwrap_or(0.0)
     }
 
+    /// Entropy of the distribution over its maximum (the log of the number of actions): 0 when
+    /// sure, 1 when uniform; 0 with fewer than two actions.
+    pub fn entropy(&self) -> f32 {
+        let n = self.probs.len();
+        if n < 2 {
+            return 0.0;
+        }
+        let h: f32 = self
+            .probs
+            .iter()
+            .filter(|p| **p > 0.0)
+            .map(|p| -p * p.ln())
+            .sum();
+        (h / (n as f32).ln()).clamp(0.0, 1.0)
+    }
+
     /// Probability of the choice minus that of the runner-up.
     pub fn margin(&self) -> f32 {
         let top = self.confidence();

@@ -40,6 +40,12 @@ pub struct BenchConfig {
     pub trace: bool,
     /// Run only the methods whose names start with one of these (all when empty).
     pub only: Vec<String>,
+    /// The controller also learns, where the large model chose the small one's action, that
+    /// choosing small there would have done the same ([`SwitchConfig::counterfactual`]).
+    pub counterfactual: bool,
+    /// The controller's state includes the small policy's entropy and the episode's revisits of
+    /// the state (loops), beside its confidence and margin.
+    pub loop_state: bool,
 }
 
 impl BenchConfig {
@@ -56,6 +62,8 @@ impl BenchConfig {
             goal_line: false,
             trace: false,
             only: Vec::new(),
+            counterfactual: true,
+            loop_state: false,
         }
     }
 
@@ -72,6 +80,8 @@ impl BenchConfig {
             goal_line: false,
             trace: false,
             only: Vec::new(),
+            counterfactual: true,
+            loop_state: false,
         }
     }
 }
@@ -334,19 +344,23 @@ impl<E: Environment + ?Sized, G: Borrow<E::Episode>> Bench<'_, E, G> {
             let mut small = warm.clone();
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             let mut controller = match m {
-                Method::Londi { cost, budget } => Some(Londi::new(SwitchConfig {
-                    cost: *cost,
-                    budget: *budget,
-                    optimism: 1.0,
-                    // Episodes are short: returns to the end of the episode carry its reward
-                    // straight back to every step.
-                    n_step: self.cfg.max_steps,
-                    learning_rate: 0.05,
-                    epsilon_decay_episodes: self.cfg.train_episodes.max(1),
-                    horizon: self.cfg.max_steps,
-                    seed,
-                    ..Default::default()
-                })?),
+                Method::Londi { cost, budget } => Some(
+                    Londi::new(SwitchConfig {
+                        cost: *cost,
+                        budget: *budget,
+                        optimism: 1.0,
+                        // Episodes are short: returns to the end of the episode carry its reward
+                        // straight back to every step.
+                        n_step: self.cfg.max_steps,
+                        learning_rate: 0.05,
+                        epsilon_decay_episodes: self.cfg.train_episodes.max(1),
+                        horizon: self.cfg.max_steps,
+                        seed,
+                        counterfactual: self.cfg.counterfactual,
+                        ..Default::default()
+                    })?
+                    .loop_state(self.cfg.loop_state),
+                ),
                 _ => None,
             };
             let trains = matches!(m, Method::Londi { .. });

@@ -41,6 +41,11 @@ pub struct SwitchConfig {
     /// Open episodes kept; beyond this the least recently used one is ended as it stands.
     pub max_open_episodes: usize,
     pub seed: u64,
+    /// Where the front end says the large model chose the very action the small one proposed
+    /// ([`super::SwitchController::agreed`]), the step is also learned as a choice of the small
+    /// model with the same outcome and no switching cost: the environment saw the same action,
+    /// so that counterfactual is exact, and it teaches Q where a large call changes nothing.
+    pub counterfactual: bool,
 }
 
 impl Default for SwitchConfig {
@@ -63,6 +68,7 @@ impl Default for SwitchConfig {
             horizon: 40,
             max_open_episodes: 10_000,
             seed: 0,
+            counterfactual: true,
         }
     }
 }

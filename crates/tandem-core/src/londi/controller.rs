@@ -40,6 +40,8 @@ struct StepRecord {
     /// Large was allowed in this state (the mask for bootstrapping into it).
     large_allowed: bool,
     task_reward: f32,
+    /// The large model acted and chose what the small one proposed.
+    agreed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -194,6 +196,7 @@ impl SwitchController {
             action: choice,
             large_allowed,
             task_reward: 0.0,
+            agreed: false,
         });
         Decision {
             choice,
@@ -204,6 +207,21 @@ impl SwitchController {
             large_calls: ep.large_calls,
             budget_left: self.cfg.budget.map(|b| b.saturating_sub(ep.large_calls)),
         }
+    }
+
+    /// Says that at the last step of an open episode the large model, which acted, chose the
+    /// action the small one had proposed: with [`SwitchConfig::counterfactual`] the step also
+    /// teaches Q(small) its outcome, without the switching cost. Ignored at a small step.
+    pub fn agreed(&mut self, episode: &str) -> Result<(), CoreError> {
+        let step = self
+            .open
+            .get_mut(episode)
+            .and_then(|e| e.steps.last_mut())
+            .ok_or_else(|| CoreError::config("episode", episode, "no step of it is open"))?;
+        if step.action == Switch::Large {
+            step.agreed = true;
+        }
+        Ok(())
     }
 
     /// Adds a task reward to the last step of an open episode.
@@ -266,10 +284,17 @@ impl SwitchController {
             }
             // Bootstrap from the state n steps on; an episode that ended first has no value after.
             let next = steps.get(end).map(|s| (s.x.clone(), s.large_allowed, disc));
-            if self.replay.len() >= self.cfg.replay_capacity {
-                self.replay.pop_front();
+            if self.cfg.counterfactual && steps[t].agreed {
+                // Small would have taken the same action: the same return, without this step's
+                // switching cost (the later steps' choices stand as they were).
+                self.remember(Transition {
+                    x: steps[t].x.clone(),
+                    action: Switch::Small.index(),
+                    ret: ret + cost,
+                    next: next.clone(),
+                });
             }
-            self.replay.push_back(Transition {
+            self.remember(Transition {
                 x: steps[t].x.clone(),
                 action: steps[t].action.index(),
                 ret,
@@ -286,6 +311,13 @@ impl SwitchController {
             large_calls: ep.large_calls,
             task_reward: steps.iter().map(|s| s.task_reward).sum(),
         }
+    }
+
+    fn remember(&mut self, t: Transition) {
+        if self.replay.len() >= self.cfg.replay_capacity {
+            self.replay.pop_front();
+        }
+        self.replay.push_back(t);
     }
 
     fn update_batch(&mut self) {

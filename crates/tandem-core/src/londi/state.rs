@@ -18,6 +18,11 @@ pub struct SwitchState<'a> {
     pub small_confidence: Option<f32>,
     /// Its margin over the runner-up, in [0, 1].
     pub small_margin: Option<f32>,
+    /// The entropy of its distribution over the admissible actions, over the log of their number:
+    /// 0 sure, 1 uniform.
+    pub small_entropy: Option<f32>,
+    /// How many earlier steps of the episode were in this same state (a loop when above 0).
+    pub revisits: Option<u32>,
 }
 
 const CONF_BUCKETS: usize = 8;
@@ -67,6 +72,15 @@ impl StateFeatures {
         }
         if let Some(m) = s.small_margin {
             f.add_numeric("small_margin", m.clamp(0.0, 1.0), out);
+        }
+        if let Some(h) = s.small_entropy {
+            let h = h.clamp(0.0, 1.0);
+            f.add_numeric("small_entropy", h, out);
+            let bucket = ((h * CONF_BUCKETS as f32) as usize).min(CONF_BUCKETS - 1);
+            f.add_token(ns::META, &format!("entropy={bucket}"), 1.0, out);
+        }
+        if let Some(r) = s.revisits {
+            f.add_token(ns::META, &format!("revisits={}", r.min(3)), 1.0, out);
         }
         if let Some((left, total)) = budget {
             f.add_numeric("budget_left", left as f32 / total.max(1) as f32, out);

@@ -15,6 +15,8 @@
 //! | [`STEP`] | 0-based step index | the steps the controller has seen of the episode |
 //! | [`ADMISSIBLE`] | number of admissible actions | not a feature |
 //! | [`SMALL_CONFIDENCE`], [`SMALL_MARGIN`] | the small policy's confidence and margin in [0, 1] | not features |
+//! | [`SMALL_ENTROPY`] | the entropy of the small policy's distribution over the actions, over its maximum, in [0, 1] | not a feature |
+//! | [`REVISITS`] | earlier steps of the episode in this same state (a loop) | not a feature |
 //! | [`GREEDY`] | `true`: no ε-exploration at this step | explores |
 //! | [`NO_LEARN`] | `true`: the episode counts against its budget but teaches nothing | learns |
 //! | [`TOOLS`] | the tools offered, space-separated (the gateway sets it for every route) | none |
@@ -46,6 +48,10 @@ pub const ADMISSIBLE: &str = "londi.admissible";
 pub const SMALL_CONFIDENCE: &str = "londi.small_confidence";
 /// The small policy's margin over its runner-up.
 pub const SMALL_MARGIN: &str = "londi.small_margin";
+/// The small policy's normalised entropy over the admissible actions.
+pub const SMALL_ENTROPY: &str = "londi.small_entropy";
+/// How many earlier steps of the episode were in the same state.
+pub const REVISITS: &str = "londi.revisits";
 /// `true`: choose greedily (held-out episodes, requests that ask not to be learned from).
 pub const GREEDY: &str = "londi.greedy";
 /// `true`: the episode teaches the controller nothing when it ends.
@@ -61,6 +67,8 @@ pub struct StepMeta {
     pub admissible: Option<usize>,
     pub small_confidence: Option<f32>,
     pub small_margin: Option<f32>,
+    pub small_entropy: Option<f32>,
+    pub revisits: Option<u32>,
     pub greedy: bool,
     pub no_learn: bool,
 }
@@ -82,6 +90,8 @@ impl StepMeta {
             self.small_confidence.map(|v| v.to_string()),
         );
         put(SMALL_MARGIN, self.small_margin.map(|v| v.to_string()));
+        put(SMALL_ENTROPY, self.small_entropy.map(|v| v.to_string()));
+        put(REVISITS, self.revisits.map(|v| v.to_string()));
         put(GREEDY, self.greedy.then(|| "true".into()));
         put(NO_LEARN, self.no_learn.then(|| "true".into()));
     }
@@ -99,6 +109,8 @@ impl StepMeta {
             admissible: m.get(ADMISSIBLE).and_then(|v| v.parse().ok()),
             small_confidence: num(SMALL_CONFIDENCE),
             small_margin: num(SMALL_MARGIN),
+            small_entropy: num(SMALL_ENTROPY),
+            revisits: m.get(REVISITS).and_then(|v| v.parse().ok()),
             greedy: yes(GREEDY),
             no_learn: yes(NO_LEARN),
         })
@@ -212,6 +224,8 @@ impl Deferral for Switching {
             admissible: meta.admissible,
             small_confidence: meta.small_confidence,
             small_margin: meta.small_margin,
+            small_entropy: meta.small_entropy,
+            revisits: meta.revisits,
         };
         let d = c.decide(&meta.episode, &state, !meta.greedy);
         if meta.no_learn {
@@ -296,6 +310,8 @@ mod tests {
             admissible: Some(7),
             small_confidence: Some(0.1 + 0.2),
             small_margin: Some(1.0 / 3.0),
+            small_entropy: Some(0.7),
+            revisits: Some(2),
             greedy: true,
             no_learn: false,
         };
