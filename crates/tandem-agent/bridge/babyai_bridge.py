@@ -129,16 +129,23 @@ def main():
         }
 
     def advise(taken):
-        # The bot replans after every step, whoever acted; once it fails it stays silent.
+        # The bot replans after every step, whoever acted. Where its plan cannot continue (its own
+        # asserts, e.g. after another policy's detour), a fresh bot plans from the current state;
+        # only if that fails too is it silent for the rest of the episode.
         bot = episode.get("bot")
         episode["expert"] = None
         if bot is None:
             return
         try:
             a = bot.replan(taken)
-        except Exception:  # the bot's own asserts on states it cannot plan from
-            episode["bot"] = None
-            return
+        except Exception:
+            try:
+                bot = BabyAIBot(episode["env"])
+                episode["bot"] = bot
+                a = bot.replan()
+            except Exception:
+                episode["bot"] = None
+                return
         a = int(a)
         episode["expert"] = ACTIONS[a] if 0 <= a < len(ACTIONS) else None
 

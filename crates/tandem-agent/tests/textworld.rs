@@ -83,7 +83,9 @@ fn quick_bench_runs_keeps_budgets_and_replays_identically() {
     let dir = tempfile::tempdir().unwrap();
     let recording = dir.path().join("recorded.jsonl");
     let mut cfg = BenchConfig::quick();
-    cfg.train_episodes = 20;
+    // Few episodes: this checks the bench's structure, budgets and replay, not what LONDI learns
+    // (tandem-core's tests and the README's tables do), and every large step is a SmolLM2 call.
+    cfg.train_episodes = 6;
     let games = TextWorldGames::quick(dir.path().join("games"));
     let (train, test) = games.make(&mut env).unwrap();
     let run = |env: &mut TextWorld, large: &mut LlmActor| {

@@ -72,7 +72,7 @@ pub struct GatewayArgs {
     /// Worker threads of each tandem gateway (TOKIO_WORKER_THREADS); default: one per core, as
     /// `tandem serve` runs. On a small machine `--gateway-threads 1` leaves the load generator
     /// and mock a core of their own (and matches LiteLLM's single worker).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::at_least_one())]
     gateway_threads: Option<usize>,
     /// Where configs and the servers' logs go.
     #[arg(long, default_value = "out/bench-gateway")]
@@ -117,7 +117,7 @@ pub struct CascadeArgs {
     #[arg(long, default_value_t = 1)]
     s4l_orders: usize,
     /// Parallel runs.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, value_parser = crate::at_least_one(), default_value_t = 2)]
     threads: usize,
     /// Write every dataset's summary (rows, equal-share comparisons, frontiers) as JSON.
     #[arg(long)]
@@ -394,7 +394,8 @@ pub(crate) fn sweep(
     store: &Store,
 ) -> Result<(Vec<bench::RunResult>, summary::DatasetSummary)> {
     let embed = bar(0, &format!("{}: embedding", ds.name));
-    let record = bar(0, &format!("{}: top-tier answers", ds.name));
+    let top = ds.cfg.tiers.last().map_or("top", |t| t.name.as_str());
+    let record = bar(0, &format!("{}: answers of the top tier ({top})", ds.name));
     let prep = bench::prepare(ds, store, &mut |stage, done, n| {
         let b = match stage {
             Stage::Embedding => &embed,

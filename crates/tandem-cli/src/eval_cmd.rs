@@ -83,7 +83,7 @@ pub struct EvalArgs {
     #[arg(long)]
     limit: Option<usize>,
     /// Worker threads for the curve runs (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::at_least_one())]
     threads: Option<usize>,
     /// Comma-separated policies, e.g. `random,oracle,router:full,cascade:partial` (default: all that apply);
     /// for a cascade of N models: `random,oracle,ocl:full,ocl:partial`.

@@ -113,7 +113,7 @@ pub struct LondiArgs {
     #[arg(long)]
     loop_state: bool,
     /// CPU threads for the model.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::at_least_one())]
     threads: Option<usize>,
 }
 

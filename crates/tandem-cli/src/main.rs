@@ -74,6 +74,12 @@ fn is_closed_stdout(message: &str) -> bool {
     message.starts_with("failed printing to stdout") && message.contains("(os error 32)")
 }
 
+/// Parser for counts that must be positive (`--threads`): 0 is refused naming the flag, rather
+/// than quietly run as 1.
+pub(crate) fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
 fn main() -> ExitCode {
     exit_quietly_on_closed_stdout();
     let cli = Cli::parse();

@@ -24,7 +24,7 @@ pub struct RecordArgs {
     /// The recording to write (appended to; entries already there are kept and not recomputed).
     #[arg(long)]
     out: PathBuf,
-    #[arg(long)]
+    #[arg(long, value_parser = crate::at_least_one())]
     threads: Option<usize>,
 }
 
@@ -63,7 +63,10 @@ pub fn run(a: RecordArgs) -> Result<()> {
         bail!("tier {:?} is not an LLM tier", a.tier)
     };
     let llm: &mut RecordingLlm = llm;
-    let bar = crate::progress::Progress::new("items recorded", s.items.len() as u64);
+    let bar = crate::progress::Progress::new(
+        &format!("items recorded by tier {}", a.tier),
+        s.items.len() as u64,
+    );
     for item in &s.items {
         tandem_models::classifier::Classifier::predict(llm, &item.text)?;
         bar.inc(1);

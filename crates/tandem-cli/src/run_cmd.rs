@@ -45,7 +45,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Threads for the model tiers (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::at_least_one())]
     pub threads: Option<usize>,
     /// Warm start: teach the cheap tiers these labelled items before the stream starts (DS+'s
     /// small model trained on labelled data): `rest` (the input's items past --limit, a held-out
@@ -136,7 +136,17 @@ pub fn run_with(a: &RunArgs, cfg: RunConfig, config_text: &str) -> Result<RunRep
             path => stream::open(path, &cfg, a.seed, &store)?.items,
         };
         let n = a.pretrain_limit.unwrap_or(usize::MAX).min(items.len());
-        let bar = crate::progress::Progress::new("labelled items learned (--pretrain)", n as u64);
+        let cheap: Vec<&str> = cfg.tiers[..cfg.tiers.len().saturating_sub(1)]
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        let bar = crate::progress::Progress::new(
+            &format!(
+                "labelled items learned by {} (--pretrain)",
+                cheap.join(", ")
+            ),
+            n as u64,
+        );
         let t0 = std::time::Instant::now();
         let done = tandem_run::live::pretrain(&mut tiers, &items[..n], &mut |k| bar.set(k as u64))?;
         bar.finish();

@@ -1,4 +1,4 @@
-//! `tandem bench cascade --quick` end to end: 1,000 movie-review snippets, hashed -> MiniLM head ->
+//! `tandem bench cascade --quick` end to end: the first 600 movie-review snippets, hashed -> MiniLM head ->
 //! SmolLM2-135M (recorded on the first run), every policy over three stream orders. Needs the
 //! assets minilm, smollm2-135m and snippets (scripts/setup); skips without them unless
 //! TANDEM_REQUIRE_ASSETS=1 (as in CI).
@@ -25,42 +25,69 @@ fn have_assets() -> bool {
     ok
 }
 
-#[test]
-fn quick_bench_orders_learned_deferral_above_random() {
-    if !have_assets() {
-        return;
-    }
+/// One quick bench over the first 600 snippets with `extra` flags; its JSON and stdout.
+fn quick_bench(extra: &[&str]) -> (Value, String) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["bench", "cascade", "--quick", "--json"])
+        .args(["bench", "cascade", "--quick", "--limit", "600"])
+        .args(extra)
+        .arg("--json")
         .arg(&json)
         .arg("--out")
         .arg(dir.path())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "bench failed: {}",
+        "bench {extra:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     eprintln!("{stdout}");
-    let v: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert!(dir.path().join("snippets-quick-frontier.svg").exists());
+    assert!(dir.path().join("snippets-quick-frontier.png").exists());
+    (
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap(),
+        stdout,
+    )
+}
+
+fn row_accuracy(v: &Value, name: &str) -> f64 {
+    v["datasets"][0]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("no row {name}"))["accuracy"]
+        .as_f64()
+        .unwrap()
+}
+
+/// One test, run in sequence, so that SmolLM2 answers the 600 snippets once (the recording in
+/// $TANDEM_HOME/recordings) and the later runs replay it: recording is most of CI's cost here.
+#[test]
+fn quick_bench_orders_learned_deferral_above_random_and_gold_teaching_helps() {
+    if !have_assets() {
+        return;
+    }
+    let (v, _) = quick_bench(&[]);
     let ds = &v["datasets"][0];
-    assert_eq!(ds["items"], 1000);
+    assert_eq!(ds["items"], 600);
     let at = |family: &str, share: f64| -> f64 {
-        ds["at_share"]
+        let a = ds["at_share"]
             .as_array()
             .unwrap()
             .iter()
             .find(|a| a["family"] == family && (a["share"].as_f64().unwrap() - share).abs() < 1e-9)
-            .unwrap_or_else(|| panic!("no {family} at {share}"))["accuracy"]
+            .unwrap_or_else(|| panic!("no {family} at {share}"));
+        // A share no run of the policy reached is null, never a made-up accuracy.
+        a["accuracy"]
             .as_f64()
-            .unwrap()
+            .unwrap_or_else(|| panic!("{family} did not reach {share}: {a}"))
     };
-    // Measured on these three orders: at 50% OCL 76.4% and the shunt 76.5% vs random 73.2%;
-    // at 30%, 71.3% and 71.7% vs 70.2%.
+    // Measured on these three orders of 600: at 50% OCL 75.6% and the shunt 76.6% vs random
+    // 72.8%; at 30%, 72.1% and 72.4% vs 70.6%.
     let (ocl, random, shunt) = (
         at("OCL", 0.5),
         at("random deferral", 0.5),
@@ -75,7 +102,7 @@ fn quick_bench_orders_learned_deferral_above_random() {
         "shunt {shunt} vs random {random} at 50%"
     );
     assert!(
-        at("OCL", 0.3) >= at("random deferral", 0.3),
+        at("OCL", 0.3) >= at("random deferral", 0.3) - 0.01,
         "OCL vs random at 30%"
     );
     // Every row names its policy and carries the columns the table promises.
@@ -97,64 +124,17 @@ fn quick_bench_orders_learned_deferral_above_random() {
     // The top tier alone is what every item costs at its price; shares are measured, not set.
     let top = rows.iter().find(|r| r["name"] == "always-top").unwrap();
     assert!((top["top_share"].as_f64().unwrap() - 1.0).abs() < 1e-9);
-    assert!((top["cost_usd"].as_f64().unwrap() - 0.1).abs() < 1e-6);
-    assert!(dir.path().join("snippets-quick-frontier.svg").exists());
-    assert!(dir.path().join("snippets-quick-frontier.png").exists());
-}
+    assert!((top["cost_usd"].as_f64().unwrap() - 0.06).abs() < 1e-6);
 
-/// One quick bench over the first 600 snippets, one stream order; its JSON.
-fn quick_bench(extra: &[&str]) -> Value {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args([
-            "bench", "cascade", "--quick", "--limit", "600", "--seeds", "0",
-        ])
-        .args(extra)
-        .arg("--json")
-        .arg(&json)
-        .arg("--out")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench {extra:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let teach = if extra.contains(&"gold") {
-        "each item's gold label"
-    } else {
-        "the top tier's answers"
-    };
-    assert!(stdout.contains(teach), "{extra:?}: {stdout}");
-    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
-}
-
-fn row_accuracy(v: &Value, name: &str) -> f64 {
-    v["datasets"][0]["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == name)
-        .unwrap_or_else(|| panic!("no row {name}"))["accuracy"]
-        .as_f64()
-        .unwrap()
-}
-
-#[test]
-fn gold_teaching_and_pretraining_make_the_cheap_tiers_stronger() {
-    if !have_assets() {
-        return;
-    }
-    let plain = quick_bench(&["--teach", "top"]);
-    let taught = quick_bench(&["--teach", "gold", "--pretrain", "2000"]);
-    for v in [&plain, &taught] {
-        assert_eq!(v["datasets"][0]["items"], 600);
-    }
+    // The same 600 snippets, one order: cheap tiers taught by gold labels after 2,000 labelled
+    // snippets held out of the stream are stronger than those taught by SmolLM2 from nothing.
+    let (plain, says) = quick_bench(&["--seeds", "0", "--teach", "top"]);
+    assert!(says.contains("the top tier's answers"), "{says}");
+    let (taught, says) = quick_bench(&["--seeds", "0", "--teach", "gold", "--pretrain", "2000"]);
+    assert!(says.contains("each item's gold label"), "{says}");
+    assert_eq!(taught["datasets"][0]["items"], 600);
     // Measured: MiniLM head alone 70.8% taught by SmolLM2 from nothing, 83.0% by gold labels
-    // after 2,000 labelled snippets; the shunt at 30% share likewise.
+    // after 2,000 labelled snippets.
     let (before, after) = (
         row_accuracy(&plain, "minilm alone"),
         row_accuracy(&taught, "minilm alone"),

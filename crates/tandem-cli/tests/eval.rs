@@ -81,6 +81,8 @@ fn mmlu_router_beats_routellm_floors() {
     };
     // No flag but --json: every policy, both feedback modes.
     let r = eval_json(&data, &[]);
+    // MMLU's records carry their subject: the router reads it, and the report says so.
+    assert_eq!(r["router_metadata"], true);
     for p in r["policies"].as_array().unwrap() {
         for key in [
             "name",
@@ -133,6 +135,8 @@ fn gsm8k_cascade_beats_routellm_best_router() {
         return;
     };
     let r = eval_json(&data, &["--policies", "cascade,router:full"]);
+    // GSM8K's records carry no metadata: the report does not claim the router reads any.
+    assert_eq!(r["router_metadata"], false);
     let full = row(&r, "cascade", "full");
     let partial = row(&r, "cascade", "partial");
     // RouteLLM's best published GSM8K router: APGR 0.622, CPT(50%) 33.6%. Measured 0.727–0.733.
@@ -278,6 +282,18 @@ fn bad_input_is_a_clear_error() {
         "e.jsonl: no records: the file is empty",
     );
     let g = good.to_str().unwrap();
+    // A thread count of 0 is refused naming the flag, in every command that takes one.
+    for cmd in [
+        &["eval", "--data", g][..],
+        &["run", "--config", g, "--input", g],
+        &["bench", "cascade", "--quick"],
+        &["bench", "londi", "--quick"],
+        &["record", "--config", g, "--tier", "t", "--out", g],
+    ] {
+        let mut args = cmd.to_vec();
+        args.extend(["--threads", "0"]);
+        fails_with(&args, "invalid value '0' for '--threads");
+    }
     // Flags that only the learned policies read, where none runs.
     fails_with(
         &[

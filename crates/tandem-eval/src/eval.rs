@@ -282,11 +282,13 @@ pub fn evaluate(
         grid: cfg.grid,
         max_strong_calls: cfg.budget.max_calls,
         max_usd: cfg.budget.max_micros.map(micros_to_usd),
+        // Said only where the file carries metadata for it to read (GSM8K's records have none).
         router_metadata: cfg
             .prior
             .as_ref()
             .and_then(|p| p.router.as_ref())
-            .map_or(cfg.router.use_metadata, |r| r.config().use_metadata),
+            .map_or(cfg.router.use_metadata, |r| r.config().use_metadata)
+            && data.rows.iter().any(|r| !r.query.metadata.is_empty()),
         router_vectors: cfg.embedder.as_ref().map(|e| e.name().to_string()),
         prior_trained_on: cfg
             .prior
