@@ -202,6 +202,7 @@ pub fn run(a: LondiArgs) -> Result<()> {
             a.env.flag()
         );
     }
+    check_flags(&a, bot)?;
     let out = a.out.clone().unwrap_or_else(|| match a.env {
         EnvName::Textworld => PathBuf::from("out/bench-londi"),
         EnvName::Babyai => PathBuf::from("out/bench-londi-babyai"),
@@ -243,6 +244,18 @@ pub fn run(a: LondiArgs) -> Result<()> {
     if a.test_games == Some(0) {
         bail!("--test-games must be positive");
     }
+    // Where the results go is checked before the run, not after it.
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("--out {}: cannot create the directory", out.display()))?;
+    if let Some(p) = &a.json {
+        if p.is_dir() {
+            bail!("--json {}: is a directory; give a file name", p.display());
+        }
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("--json {}: cannot create its directory", p.display()))?;
+        }
+    }
     let recording = out.join(format!("recorded-{large_id}.jsonl"));
     // The bot needs no model and no recording: it plans in the environment at every step.
     let large = if bot {
@@ -274,6 +287,120 @@ pub fn run(a: LondiArgs) -> Result<()> {
     println!("plot: {}", plot.display());
     if let Some(p) = &a.json {
         write_json(p, &report)?;
+    }
+    Ok(())
+}
+
+/// The row families `--only` can select (a row's name starts with one of them).
+const FAMILIES: [&str; 5] = [
+    "always-small",
+    "always-large",
+    "small-confidence",
+    "LONDI",
+    "random",
+];
+
+/// The most training or held-out games/episodes a flag may ask for.
+const MAX_GAMES: u64 = 100_000;
+
+/// Refuses, before anything runs, flag values that would give a silent wrong run: duplicates
+/// (a fake ± 0.0 over the same seed twice), out-of-range numbers, flags the chosen environment
+/// or large policy does not read.
+fn check_flags(a: &LondiArgs, bot: bool) -> Result<()> {
+    fn no_duplicates<T: PartialEq + std::fmt::Debug>(flag: &str, v: &[T]) -> Result<()> {
+        for (i, x) in v.iter().enumerate() {
+            if v[..i].contains(x) {
+                bail!("{flag}: {x:?} is given twice; each value runs once");
+            }
+        }
+        Ok(())
+    }
+    if let Some(s) = &a.seeds {
+        no_duplicates("--seeds", s)?;
+    }
+    if let Some(c) = &a.costs {
+        no_duplicates("--costs", c)?;
+    }
+    if let Some(b) = &a.budgets {
+        no_duplicates("--budgets", b)?;
+        if b.contains(&0) {
+            bail!("--budgets 0: a budget is at least one large call per episode (always-small is its own row)");
+        }
+    }
+    if let Some(t) = &a.thresholds {
+        no_duplicates("--thresholds", t)?;
+        if let Some(x) = t
+            .iter()
+            .find(|x| !(x.is_finite() && (0.0..=1.0).contains(*x)))
+        {
+            bail!("--thresholds {x}: a confidence threshold is between 0 and 1");
+        }
+    }
+    if let Some(t) = &a.tasks {
+        no_duplicates("--tasks", t)?;
+    }
+    for (flag, n) in [
+        ("--train-games", a.train_games),
+        ("--test-games", a.test_games),
+    ] {
+        match n {
+            Some(0) => bail!("{flag} 0: must be positive"),
+            Some(n) if n > MAX_GAMES => bail!("{flag} {n}: at most {MAX_GAMES}"),
+            _ => {}
+        }
+    }
+    if a.train_episodes == Some(0) {
+        bail!("--train-episodes 0: LONDI learns from its training episodes; give at least one");
+    }
+    if let Some(m) = a.max_steps {
+        if !(1..=1000).contains(&m) {
+            bail!("--max-steps {m}: must be 1 to 1000");
+        }
+    }
+    for p in &a.only {
+        if !FAMILIES
+            .iter()
+            .any(|f| f.starts_with(p.as_str()) || p.starts_with(f))
+        {
+            bail!(
+                "--only {p:?}: matches no policy; rows start with {}",
+                FAMILIES.join(", ")
+            );
+        }
+    }
+    let selects = |f: &str| {
+        a.only.is_empty()
+            || a.only
+                .iter()
+                .any(|p| f.starts_with(p.as_str()) || p.starts_with(f))
+    };
+    if selects("random") && !a.only.is_empty() && !selects("LONDI") {
+        bail!("--only {}: random switching runs at the shares the LONDI rows reach; select LONDI rows too", a.only.join(","));
+    }
+    if bot && a.shortlist.is_some() {
+        bail!(
+            "--shortlist with --large bot: the bot names one action, which a shortlist could drop"
+        );
+    }
+    if bot && a.replay_only {
+        bail!("--replay-only with --large bot: the bot plans in the environment and records nothing to replay");
+    }
+    let textworld = matches!(a.env, EnvName::Textworld);
+    if !textworld {
+        for (flag, set) in [
+            ("--rooms", a.rooms.is_some()),
+            ("--objects", a.objects.is_some()),
+            ("--quest-length", a.quest_length.is_some()),
+        ] {
+            if set {
+                bail!(
+                    "{flag}: only TextWorld's game generator reads it, not --env {}",
+                    a.env.flag()
+                );
+            }
+        }
+    } else if a.tasks.is_some() {
+        bail!("--tasks: BabyAI levels or ScienceWorld tasks; TextWorld's games are set by --rooms, --objects, --quest-length");
     }
     Ok(())
 }
@@ -384,7 +511,7 @@ fn babyai(
         None => &mut expert,
     };
     let games = format!(
-        "BabyAI-Text levels {}: {n_train} training seeds (from 0) and {n_test} held-out seeds (from 2,000,000) each",
+        "BabyAI-Text levels {}: {n_train} training and {n_test} held-out seeds each (from 0 and from 2,000,000)",
         levels.join(", ")
     );
     let report = bench(

@@ -202,3 +202,83 @@ fn babyai_bot_as_the_large_policy() {
         );
     }
 }
+
+/// Flag values that would give a silent wrong run are refused before anything runs, naming the
+/// flag and the value; none needs an environment or a model installed.
+#[test]
+fn bad_flags_are_refused_before_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let f = file.to_str().unwrap();
+    let bot = ["--env", "babyai", "--large", "bot"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--seeds", "1,1"], "--seeds: 1 is given twice"),
+        (vec!["--seeds", "3,2,3"], "--seeds: 3 is given twice"),
+        (vec!["--costs", "0.02,0.02"], "--costs: 0.02 is given twice"),
+        (vec!["--budgets", "2,4,2"], "--budgets: 2 is given twice"),
+        (vec!["--budgets", "0"], "--budgets 0"),
+        (vec!["--budgets", "3,0"], "--budgets 0"),
+        (vec!["--thresholds", "NaN"], "--thresholds NaN"),
+        (vec!["--thresholds=-1"], "--thresholds -1"),
+        (vec!["--thresholds", "0.5,5"], "--thresholds 5"),
+        (
+            vec!["--thresholds", "0.5,0.5"],
+            "--thresholds: 0.5 is given twice",
+        ),
+        (vec!["--train-games", "0"], "--train-games 0"),
+        (
+            vec!["--test-games", "18446744073709551615"],
+            "--test-games 18446744073709551615: at most",
+        ),
+        (vec!["--train-episodes", "0"], "--train-episodes 0"),
+        (
+            vec!["--max-steps", "1001"],
+            "--max-steps 1001: must be 1 to 1000",
+        ),
+        (vec!["--max-steps", "0"], "--max-steps 0"),
+        (
+            vec!["--only", "nothing"],
+            "--only \"nothing\": matches no policy",
+        ),
+        (vec!["--only", "always-small,LOND1"], "--only \"LOND1\""),
+        (vec!["--only", "random"], "select LONDI rows too"),
+        (vec!["--shortlist", "2"], "--shortlist with --large bot"),
+        (vec!["--replay-only"], "--replay-only with --large bot"),
+        (vec!["--rooms", "0"], "--rooms: only TextWorld"),
+        (
+            vec!["--quest-length", "3"],
+            "--quest-length: only TextWorld",
+        ),
+        (
+            vec!["--tasks", "BabyAI-GoToObj-v0,BabyAI-GoToObj-v0"],
+            "--tasks: \"BabyAI-GoToObj-v0\" is given twice",
+        ),
+        (vec!["--out", f], "--out"),
+        (
+            vec!["--json", dir.path().to_str().unwrap()],
+            "is a directory",
+        ),
+    ];
+    for (extra, says) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["bench", "londi"])
+            .args(bot)
+            .args(&extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(err.contains(says), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{extra:?}: {err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["bench", "londi", "--env", "textworld", "--tasks", "x"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--tasks: BabyAI levels"),
+        "{err}"
+    );
+}
