@@ -211,6 +211,7 @@ fn bad_flags_are_refused_before_the_run() {
     let file = dir.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
     let f = file.to_str().unwrap();
+    let out_dir = dir.path().join("out").to_str().unwrap().to_string();
     let bot = ["--env", "babyai", "--large", "bot"];
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--seeds", "1,1"], "--seeds: 1 is given twice"),
@@ -256,7 +257,7 @@ fn bad_flags_are_refused_before_the_run() {
         ),
         (vec!["--out", f], "--out"),
         (
-            vec!["--json", dir.path().to_str().unwrap()],
+            vec!["--out", &out_dir, "--json", dir.path().to_str().unwrap()],
             "is a directory",
         ),
     ];
