@@ -103,10 +103,19 @@ impl Bridge {
             "(no stderr)".into()
         } else {
             let start = t.len().saturating_sub(600);
-            let start = (start..t.len())
+            if start == 0 {
+                return t.to_string();
+            }
+            // The last 600 bytes, from the start of a line (else of a word) so nothing is cut.
+            let cut = &t[(start..t.len())
                 .find(|&i| t.is_char_boundary(i))
-                .unwrap_or(0);
-            t[start..].to_string()
+                .unwrap_or(0)..];
+            let from = cut
+                .char_indices()
+                .find(|&(_, c)| c == '\n')
+                .or_else(|| cut.char_indices().find(|&(_, c)| c.is_whitespace()))
+                .map_or(0, |(i, c)| i + c.len_utf8());
+            format!("…{}", &cut[from..])
         }
     }
 

@@ -36,7 +36,8 @@ enum BenchCommand {
     /// both failing 10%; requests served, lost and failed, and spend billed against counted.
     Faults(FaultsArgs),
     /// LONDI's switching controller against always-small, always-large, random switching and a
-    /// confidence threshold, on held-out TextWorld games (scripts/setup-textworld installs them).
+    /// confidence threshold, on held-out episodes of TextWorld games, BabyAI-Text levels or
+    /// ScienceWorld tasks (--env; scripts/setup-textworld, -babyai, -scienceworld install them).
     Londi(crate::londi_cmd::LondiArgs),
 }
 

@@ -54,14 +54,14 @@ pub struct LondiArgs {
     /// Seeds of the runs (controller initialisation, exploration, episode order).
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,
-    /// Switching costs c of the LONDI rows.
-    #[arg(long, value_delimiter = ',')]
+    /// Switching costs c of the LONDI rows (LONDI-B rows run at the first).
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     costs: Option<Vec<f32>>,
-    /// Per-episode budgets of the LONDI-B rows.
-    #[arg(long, value_delimiter = ',')]
+    /// Per-episode budgets of the LONDI-B rows (large calls, at least 1).
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     budgets: Option<Vec<u32>>,
-    /// Small-confidence thresholds of the threshold rows.
-    #[arg(long, value_delimiter = ',')]
+    /// Small-confidence thresholds of the threshold rows (0 to 1): call large below it.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     thresholds: Option<Vec<f32>>,
     /// Training episodes per method and seed.
     #[arg(long)]
@@ -69,19 +69,23 @@ pub struct LondiArgs {
     /// Run only the policies whose names start with one of these (e.g. always-large,LONDI).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// TextWorld's game generator settings (defaults: see `TextWorldGames::full` / `quick`).
+    /// TextWorld's game generator: rooms per game (default 3; TextWorld only).
     #[arg(long)]
     rooms: Option<u32>,
+    /// TextWorld's game generator: objects per game (default 4; TextWorld only).
     #[arg(long)]
     objects: Option<u32>,
+    /// TextWorld's game generator: length of the quest (default 2; TextWorld only).
     #[arg(long)]
     quest_length: Option<u32>,
+    /// Steps an episode may take before it ends unsolved (1 to 1000).
     #[arg(long)]
     max_steps: Option<u32>,
     /// Numbers of training and held-out episodes: TextWorld games (seeds 1.. and 1001..), BabyAI
     /// seeds per level, ScienceWorld variations per task (from its training and test splits).
     #[arg(long)]
     train_games: Option<u64>,
+    /// Held-out episodes (see --train-games; at most 100,000).
     #[arg(long)]
     test_games: Option<u64>,
     /// BabyAI levels or ScienceWorld tasks (comma-separated) instead of the defaults.
@@ -94,6 +98,7 @@ pub struct LondiArgs {
     /// Replay recorded large-model scores only; fail on a state that was never recorded.
     #[arg(long)]
     replay_only: bool,
+    /// Write the report (every row, the settings, the large policy's cost) as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
     /// Where games, recordings and the plot go (default out/bench-londi, with the environment's

@@ -219,6 +219,12 @@ fn bad_flags_are_refused_before_the_run() {
         (vec!["--costs", "0.02,0.02"], "--costs: 0.02 is given twice"),
         (vec!["--budgets", "2,4,2"], "--budgets: 2 is given twice"),
         (vec!["--budgets", "0"], "--budgets 0"),
+        (
+            vec!["--costs", "-1"],
+            "--costs [-1.0]: each must be zero or positive",
+        ),
+        (vec!["--budgets", "-1"], "invalid value '-1' for '--budgets"),
+        (vec!["--thresholds", "-0.5"], "--thresholds -0.5"),
         (vec!["--budgets", "3,0"], "--budgets 0"),
         (vec!["--thresholds", "NaN"], "--thresholds NaN"),
         (vec!["--thresholds=-1"], "--thresholds -1"),

@@ -314,8 +314,16 @@ impl LlmActor {
             }
         }
         let Some(model) = &self.model else {
+            let file = self
+                .log
+                .as_ref()
+                .map_or("(none)".to_string(), |(p, _)| p.display().to_string());
             return Err(AgentError::Missing(format!(
-                "a state is not in the recording of {} and no model is loaded to score it",
+                "episode {}, step {}: a state is not in the recording {file} of {} and no model \
+                 is loaded to score it (run without --replay-only: the model scores it and the \
+                 recording keeps it)",
+                ctx.episode,
+                ctx.history.len(),
                 self.name
             )));
         };
