@@ -7,11 +7,13 @@ use tandem_core::londi::{Switch, SwitchConfig, SwitchController, SwitchState};
 
 /// A corridor of rooms. In `hard` rooms the small policy fails (the episode ends with nothing); the
 /// large one gets through. In `bonus` rooms the large one earns `bonus` extra, the small one
-/// nothing. Reaching the end pays 1.
+/// nothing. Reaching the end pays 1. With `agree`, a large call outside the hard rooms reports
+/// that the large model took the small one's action (counterfactual agreement).
 struct Corridor {
     len: u32,
     hard: Vec<u32>,
     bonus: Vec<(u32, f32)>,
+    agree: bool,
 }
 
 impl Corridor {
@@ -38,6 +40,9 @@ impl Corridor {
                 large_at.push(room);
                 if let Some((_, b)) = self.bonus.iter().find(|(r, _)| *r == room) {
                     c.reward(id, *b).unwrap();
+                }
+                if self.agree && !self.hard.contains(&room) {
+                    c.agreed(id).unwrap();
                 }
             } else if self.hard.contains(&room) {
                 break;
@@ -66,6 +71,7 @@ fn learns_to_call_the_large_model_exactly_where_it_is_needed() {
         len: 6,
         hard: vec![3],
         bonus: vec![],
+        agree: false,
     };
     for seed in 0..5 {
         let cfg = SwitchConfig {
@@ -200,6 +206,7 @@ fn under_a_budget_it_saves_the_call_for_the_state_that_needs_it() {
         len: 6,
         hard: vec![4],
         bonus: vec![(1, 0.2)],
+        agree: false,
     };
     let base = SwitchConfig {
         cost: 0.08,
@@ -250,6 +257,7 @@ fn a_checkpoint_resumes_the_same_decisions() {
         len: 5,
         hard: vec![2],
         bonus: vec![],
+        agree: false,
     };
     let mut c = train(
         &corridor,
@@ -307,35 +315,7 @@ fn agreement_teaches_where_the_large_model_changes_nothing() {
         len: 6,
         hard: vec![3],
         bonus: vec![],
-    };
-    let play = |c: &mut SwitchController, id: &str, explore: bool, tell: bool| {
-        let mut large_at = Vec::new();
-        for room in 0..corridor.len {
-            let text = Corridor::text(room);
-            let d = c.decide(
-                id,
-                &SwitchState {
-                    text: &text,
-                    step: room,
-                    ..Default::default()
-                },
-                explore,
-            );
-            if d.choice == Switch::Large {
-                large_at.push(room);
-                // The large model takes the small one's action everywhere but the hard room.
-                if tell && !corridor.hard.contains(&room) {
-                    c.agreed(id).unwrap();
-                }
-            } else if corridor.hard.contains(&room) {
-                break;
-            }
-            if room + 1 == corridor.len {
-                c.reward(id, 1.0).unwrap();
-            }
-        }
-        c.end_episode(id).unwrap();
-        large_at
+        agree: true,
     };
     let mut exact = 0;
     let mut exact_without = 0;
@@ -354,9 +334,9 @@ fn agreement_teaches_where_the_large_model_changes_nothing() {
             };
             let mut c = SwitchController::new(cfg).unwrap();
             for e in 0..40 {
-                play(&mut c, &format!("train-{e}"), true, true);
+                corridor.play(&mut c, &format!("train-{e}"), true);
             }
-            let large_at = play(&mut c, "test", false, true);
+            let (_, large_at) = corridor.play(&mut c, "test", false);
             eprintln!("seed {seed} counterfactual {counterfactual}: large at {large_at:?}");
             if large_at == vec![3] {
                 if counterfactual {
