@@ -98,25 +98,7 @@ impl Bridge {
             .lock()
             .map(|t| t.clone())
             .unwrap_or_default();
-        let t = t.trim();
-        if t.is_empty() {
-            "(no stderr)".into()
-        } else {
-            let start = t.len().saturating_sub(600);
-            if start == 0 {
-                return t.to_string();
-            }
-            // The last 600 bytes, from the start of a line (else of a word) so nothing is cut.
-            let cut = &t[(start..t.len())
-                .find(|&i| t.is_char_boundary(i))
-                .unwrap_or(0)..];
-            let from = cut
-                .char_indices()
-                .find(|&(_, c)| c == '\n')
-                .or_else(|| cut.char_indices().find(|&(_, c)| c.is_whitespace()))
-                .map_or(0, |(i, c)| i + c.len_utf8());
-            format!("…{}", &cut[from..])
-        }
+        tail_of(&t, 600)
     }
 
     fn fail(&mut self, message: String) -> AgentError {
@@ -176,6 +158,28 @@ impl Bridge {
     }
 }
 
+/// The last `keep` bytes or so of a process's stderr, starting at a line (else at a word) so that
+/// nothing is cut mid-word, with "…" where the start was dropped; "(no stderr)" when blank.
+fn tail_of(t: &str, keep: usize) -> String {
+    let t = t.trim();
+    if t.is_empty() {
+        return "(no stderr)".into();
+    }
+    let start = t.len().saturating_sub(keep);
+    if start == 0 {
+        return t.to_string();
+    }
+    let cut = &t[(start..t.len())
+        .find(|&i| t.is_char_boundary(i))
+        .unwrap_or(0)..];
+    let from = cut
+        .char_indices()
+        .find(|&(_, c)| c == '\n')
+        .or_else(|| cut.char_indices().find(|&(_, c)| c.is_whitespace()))
+        .map_or(0, |(i, c)| i + c.len_utf8());
+    format!("…{}", &cut[from..])
+}
+
 fn short(s: &str) -> String {
     let s = s.trim();
     match s.char_indices().nth(200) {
@@ -188,5 +192,57 @@ impl Drop for Bridge {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tail_of;
+
+    #[test]
+    fn a_short_or_blank_stderr_is_kept_whole() {
+        assert_eq!(tail_of("", 600), "(no stderr)");
+        assert_eq!(tail_of(" \n\t\n", 600), "(no stderr)");
+        assert_eq!(tail_of("Traceback\n  boom\n", 600), "Traceback\n  boom");
+    }
+
+    #[test]
+    fn a_long_stderr_is_cut_at_a_line_start() {
+        let lines: Vec<String> = (0..200).map(|i| format!("line {i} of the log")).collect();
+        let t = tail_of(&lines.join("\n"), 100);
+        assert!(t.starts_with('…'), "{t}");
+        let first = t.trim_start_matches('…').lines().next().unwrap();
+        assert!(
+            first.starts_with("line ") && first.ends_with("of the log"),
+            "{t}"
+        );
+        assert!(t.ends_with("line 199 of the log"), "{t}");
+        assert!(t.len() <= 100 + '…'.len_utf8());
+    }
+
+    #[test]
+    fn one_long_line_is_cut_at_a_word() {
+        let words = "java.lang.OutOfMemoryError Java heap space ".repeat(40);
+        let t = tail_of(&words, 120);
+        let body = t.trim_start_matches('…');
+        assert!(
+            ["java.lang.OutOfMemoryError", "Java", "heap", "space"]
+                .iter()
+                .any(|w| body.starts_with(w)),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn multibyte_text_near_the_cut_is_not_split() {
+        // é and 🙂 are 2 and 4 bytes: any cut point inside them must move to a boundary.
+        for keep in 1..40 {
+            let s = "é🙂é🙂 ".repeat(30) + "ñandú 🙂🙂🙂";
+            let t = tail_of(&s, keep);
+            assert!(t.ends_with("🙂🙂🙂") || t.ends_with('🙂'), "{keep}: {t}");
+        }
+        // No whitespace at all: the last bytes, from a character boundary.
+        let t = tail_of(&"ü".repeat(500), 101);
+        assert!(t.trim_start_matches('…').chars().all(|c| c == 'ü'));
     }
 }

@@ -11,6 +11,9 @@ pub enum AgentError {
     Env(String),
     #[error("{0}")]
     Missing(String),
+    /// A bench setting that selects or means nothing (which flag, which value, what there is).
+    #[error("{0}")]
+    Config(String),
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
     #[error("{path}:{line}: {message}")]

@@ -95,6 +95,7 @@ fn quick_bench_runs_keeps_budgets_and_replays_identically() {
             env,
             train: train.clone(),
             test: test.clone(),
+            env_name: "textworld".into(),
             games: games.describe(),
             large,
             large_name: "smollm2-135m".into(),

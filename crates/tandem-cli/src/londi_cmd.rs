@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 use tandem_agent::actor::{Expert, LargePolicy, LlmActor, RecordKey};
-use tandem_agent::bench::{plot_frontier, Bench, BenchConfig, Report, TextWorldGames};
+use tandem_agent::bench::{plot_frontier, pm, Bench, BenchConfig, Report, TextWorldGames};
 use tandem_agent::env::scienceworld::SwConfig;
 use tandem_agent::env::{
     BabyAiEpisode, BabyAiText, Environment, ScienceWorld, Split, SwEpisode, TextWorld,
@@ -46,54 +46,68 @@ pub struct LondiArgs {
     #[arg(long)]
     quick: bool,
     /// The large policy's model: an installed asset id (smollm2-135m, qwen2.5-coder-0.5b,
-    /// qwen2.5-coder-1.5b), or `bot` on BabyAI: BabyAI's own planning bot, which solves its
+    /// qwen2.5-coder-1.5b) [default: qwen2.5-coder-0.5b; --quick: smollm2-135m], or `bot` on BabyAI: BabyAI's own planning bot, which solves its
     /// levels — not a language model, a large policy that knows what to do, for measuring the
     /// switching controller apart from what a local model can play.
     #[arg(long)]
     large: Option<String>,
-    /// Seeds of the runs (controller initialisation, exploration, episode order).
-    #[arg(long, value_delimiter = ',')]
+    /// Seeds of the runs (controller initialisation, exploration, episode order) [default:
+    /// 1,2,3; --quick: 1].
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     seeds: Option<Vec<u64>>,
-    /// Switching costs c of the LONDI rows (LONDI-B rows run at the first).
-    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    /// Switching costs c of the LONDI rows, 0 to 1 in reward units per large call (an episode's
+    /// whole reward is 1) [default: 0.02,0.1; --quick: 0.05].
+    #[arg(long, value_delimiter = ',', value_parser = cost, allow_negative_numbers = true)]
     costs: Option<Vec<f32>>,
-    /// Per-episode budgets of the LONDI-B rows (large calls, at least 1).
-    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    /// The switching cost c of the LONDI-B rows, 0 to 1 [default: the first of --costs]. A higher
+    /// c keeps LONDI-B from spending its budget on the first steps.
+    #[arg(long, value_parser = cost, allow_negative_numbers = true)]
+    budget_cost: Option<f32>,
+    /// Per-episode budgets of the LONDI-B rows (large calls, at least 1) [default: 2,4; BabyAI
+    /// 3,6; --quick: 2, BabyAI 3].
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u32).range(1..))]
     budgets: Option<Vec<u32>>,
-    /// Small-confidence thresholds of the threshold rows (0 to 1): call large below it.
-    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    /// Small-confidence thresholds of the threshold rows (0 to 1): call large below it [default:
+    /// 0.5,0.8; ScienceWorld 0.05,0.2; --quick: 0.6, ScienceWorld 0.1].
+    #[arg(long, value_delimiter = ',', value_parser = threshold, allow_negative_numbers = true)]
     thresholds: Option<Vec<f32>>,
-    /// Training episodes per method and seed.
-    #[arg(long)]
+    /// Training episodes per method and seed [default: 200; BabyAI 150; ScienceWorld 100;
+    /// --quick: 60, BabyAI 20, ScienceWorld 12].
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
     train_episodes: Option<u32>,
     /// Run only the policies whose names start with one of these (e.g. always-large,LONDI).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// TextWorld's game generator: rooms per game (default 3; TextWorld only).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     rooms: Option<u32>,
     /// TextWorld's game generator: objects per game (default 4; TextWorld only).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     objects: Option<u32>,
     /// TextWorld's game generator: length of the quest (default 2; TextWorld only).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     quest_length: Option<u32>,
-    /// Steps an episode may take before it ends unsolved (1 to 1000).
-    #[arg(long)]
+    /// Steps an episode may take before it ends unsolved (1 to 1000) [default: 12; BabyAI and
+    /// ScienceWorld 20; --quick: 10].
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..=1000))]
     max_steps: Option<u32>,
-    /// Numbers of training and held-out episodes: TextWorld games (seeds 1.. and 1001..), BabyAI
-    /// seeds per level, ScienceWorld variations per task (from its training and test splits).
-    #[arg(long)]
+    /// Training episodes: TextWorld games (seeds 1..), BabyAI seeds per level, ScienceWorld
+    /// variations per task (from its training split) [default: 8; BabyAI 4; ScienceWorld 3;
+    /// --quick: 2, ScienceWorld 1].
+    #[arg(long, allow_negative_numbers = true)]
     train_games: Option<u64>,
-    /// Held-out episodes (see --train-games; at most 100,000).
-    #[arg(long)]
+    /// Held-out episodes: TextWorld games (seeds 1001..), BabyAI seeds per level (from
+    /// 2,000,000), ScienceWorld variations per task (its test split); at most 100,000 [default:
+    /// 16; BabyAI 8; ScienceWorld 5; --quick: 2, ScienceWorld 1].
+    #[arg(long, allow_negative_numbers = true)]
     test_games: Option<u64>,
     /// BabyAI levels or ScienceWorld tasks (comma-separated) instead of the defaults.
     #[arg(long, value_delimiter = ',')]
     tasks: Option<Vec<String>>,
-    /// At most this many admissible actions scored by the large policy a step (0: all; default:
-    /// 24 on ScienceWorld, all elsewhere).
-    #[arg(long)]
+    /// At most this many admissible actions scored by the large policy a step (0: all) [default:
+    /// 24 on ScienceWorld (--quick: 12), all elsewhere].
+    #[arg(long, allow_negative_numbers = true)]
     shortlist: Option<usize>,
     /// Replay recorded large-model scores only; fail on a state that was never recorded.
     #[arg(long)]
@@ -117,9 +131,29 @@ pub struct LondiArgs {
     /// measured no gain (README).
     #[arg(long)]
     loop_state: bool,
-    /// CPU threads for the model.
+    /// CPU threads for the model (not with --large bot, which runs no model) [default: all cores].
     #[arg(long, value_parser = crate::at_least_one())]
     threads: Option<usize>,
+}
+
+/// `--costs`, `--budget-cost`: a finite c from 0 to 1, refused naming the value as typed.
+fn cost(s: &str) -> std::result::Result<f32, String> {
+    unit_interval(s, "a switching cost is a number from 0 to 1 (an episode's whole reward is 1: above it no large call can pay)")
+}
+
+/// `--thresholds`: a confidence from 0 to 1.
+fn threshold(s: &str) -> std::result::Result<f32, String> {
+    unit_interval(s, "a confidence threshold is a number from 0 to 1")
+}
+
+fn unit_interval(s: &str, what: &str) -> std::result::Result<f32, String> {
+    match s.trim().parse::<f64>() {
+        // A value f32 cannot tell from 0 (1e-50) would run as 0 under another name.
+        Ok(x) if x != 0.0 && (x as f32) == 0.0 => Err(format!("{what}; {s} is too small to hold")),
+        // -0 is 0 (and is named so).
+        Ok(x) if x.is_finite() && (0.0..=1.0).contains(&x) => Ok(x as f32 + 0.0),
+        _ => Err(what.to_string()),
+    }
 }
 
 fn model_of(id: &str) -> Result<&'static str> {
@@ -218,14 +252,12 @@ pub fn run(a: LondiArgs) -> Result<()> {
         cfg.run_seeds = s.clone();
     }
     if let Some(c) = &a.costs {
-        if c.iter().any(|c| !(c.is_finite() && *c >= 0.0)) {
-            bail!("--costs {c:?}: each must be zero or positive");
-        }
         cfg.costs = c.clone();
     }
     if let Some(b) = &a.budgets {
         cfg.budgets = b.clone();
     }
+    cfg.budget_cost = a.budget_cost;
     if let Some(t) = &a.thresholds {
         cfg.thresholds = t.clone();
     }
@@ -259,6 +291,31 @@ pub fn run(a: LondiArgs) -> Result<()> {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("--json {}: cannot create its directory", p.display()))?;
+        }
+        // The report must not land on what the bench writes or keeps in --out, however the path
+        // is spelled (.., symlinks): the plot, or any model's recording (hours to remake).
+        let target =
+            resolve(p).with_context(|| format!("--json {}: not a file path", p.display()))?;
+        let out_dir = out
+            .canonicalize()
+            .with_context(|| format!("--out {}", out.display()))?;
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if target.parent() == Some(out_dir.as_path()) {
+            if name == "londi-frontier.svg" {
+                bail!(
+                    "--json {}: is where the frontier plot goes; give another file",
+                    p.display()
+                );
+            }
+            if name.starts_with("recorded-") && name.ends_with(".jsonl") {
+                bail!(
+                    "--json {}: is a large model's recording of scores; give another file",
+                    p.display()
+                );
+            }
         }
     }
     let recording = out.join(format!("recorded-{large_id}.jsonl"));
@@ -294,6 +351,28 @@ pub fn run(a: LondiArgs) -> Result<()> {
         write_json(p, &report)?;
     }
     Ok(())
+}
+
+/// Where a file path leads: through a symlink if it is one, else its (existing) directory's
+/// real path joined with its name; `None` without a file name.
+fn resolve(p: &Path) -> Option<PathBuf> {
+    let mut p = p.to_path_buf();
+    // A symlink to a file not yet written (a dangling one) leads where the write would go.
+    for _ in 0..16 {
+        if let Ok(real) = p.canonicalize() {
+            return Some(real);
+        }
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        match std::fs::read_link(&p) {
+            Ok(to) => p = dir.join(to),
+            Err(_) => return Some(dir.canonicalize().ok()?.join(p.file_name()?)),
+        }
+    }
+    None
 }
 
 /// The row families `--only` can select (a row's name starts with one of them).
@@ -334,15 +413,15 @@ fn check_flags(a: &LondiArgs, bot: bool) -> Result<()> {
     }
     if let Some(t) = &a.thresholds {
         no_duplicates("--thresholds", t)?;
-        if let Some(x) = t
-            .iter()
-            .find(|x| !(x.is_finite() && (0.0..=1.0).contains(*x)))
-        {
-            bail!("--thresholds {x}: a confidence threshold is between 0 and 1");
-        }
     }
     if let Some(t) = &a.tasks {
         no_duplicates("--tasks", t)?;
+        if let Some(x) = t
+            .iter()
+            .find(|x| x.trim().is_empty() || x.trim() != x.as_str())
+        {
+            bail!("--tasks {x:?}: a level or task name, without spaces around it (an empty name comes from a stray comma)");
+        }
     }
     for (flag, n) in [
         ("--train-games", a.train_games),
@@ -362,7 +441,11 @@ fn check_flags(a: &LondiArgs, bot: bool) -> Result<()> {
             bail!("--max-steps {m}: must be 1 to 1000");
         }
     }
+    no_duplicates("--only", &a.only)?;
     for p in &a.only {
+        if p.trim().is_empty() {
+            bail!("--only {p:?}: an empty name (from a stray comma?) would select every row");
+        }
         if !FAMILIES
             .iter()
             .any(|f| f.starts_with(p.as_str()) || p.starts_with(f))
@@ -381,6 +464,55 @@ fn check_flags(a: &LondiArgs, bot: bool) -> Result<()> {
     };
     if selects("random") && !a.only.is_empty() && !selects("LONDI") {
         bail!("--only {}: random switching runs at the shares the LONDI rows reach; select LONDI rows too", a.only.join(","));
+    }
+    // Settings of rows that --only leaves out would be reported without shaping any row.
+    // --costs sets the LONDI rows' c, and LONDI-B's unless --budget-cost does.
+    let costs_used = selects("LONDI c=") || (selects("LONDI-B") && a.budget_cost.is_none());
+    for (flag, set, used, rows) in [
+        (
+            "--costs",
+            a.costs.is_some(),
+            costs_used,
+            "LONDI c= (nor, without --budget-cost, LONDI-B)",
+        ),
+        (
+            "--budgets",
+            a.budgets.is_some(),
+            selects("LONDI-B"),
+            "LONDI-B",
+        ),
+        (
+            "--budget-cost",
+            a.budget_cost.is_some(),
+            selects("LONDI-B"),
+            "LONDI-B",
+        ),
+        (
+            "--thresholds",
+            a.thresholds.is_some(),
+            selects("small-confidence"),
+            "threshold",
+        ),
+        (
+            "--no-counterfactual",
+            a.no_counterfactual,
+            selects("LONDI"),
+            "LONDI",
+        ),
+        ("--loop-state", a.loop_state, selects("LONDI"), "LONDI"),
+    ] {
+        if set && !used {
+            bail!(
+                "{flag}: --only {} runs no {rows} row, so it would set nothing",
+                a.only.join(",")
+            );
+        }
+    }
+    if bot && a.threads.is_some() {
+        bail!("--threads with --large bot: the bot runs no model; the bench's own work is single-threaded");
+    }
+    if a.replay_only && a.threads.is_some() {
+        bail!("--threads with --replay-only: no model is loaded; the bench's own work is single-threaded");
     }
     if bot && a.shortlist.is_some() {
         bail!(
@@ -410,7 +542,9 @@ fn check_flags(a: &LondiArgs, bot: bool) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench<E: Environment + ?Sized, G: std::borrow::Borrow<E::Episode>>(
+    env_name: EnvName,
     cfg: BenchConfig,
     env: &mut E,
     train: Vec<G>,
@@ -425,6 +559,7 @@ fn bench<E: Environment + ?Sized, G: std::borrow::Borrow<E::Episode>>(
         env,
         train,
         test,
+        env_name: env_name.flag().to_string(),
         games,
         large,
         large_name: large_id.to_string(),
@@ -465,6 +600,7 @@ fn textworld(
     let (train, test) = games.make(&mut env)?;
     eprintln!("tandem: games in {}", games.dir.display());
     let report = bench(
+        EnvName::Textworld,
         cfg,
         &mut env,
         train,
@@ -503,6 +639,9 @@ fn babyai(
     let site = store.home().join("py/babyai");
     let mut env = BabyAiText::start(&site, Path::new("python3"), cfg.max_steps)
         .context("starting BabyAI-Text (scripts/setup-babyai installs it)")?;
+    if a.tasks.is_some() {
+        known("BabyAI level", &levels, &env.all_levels()?)?;
+    }
     let mut expert = Expert::new();
     let mut model;
     let large: &mut dyn LargePolicy = match large {
@@ -520,6 +659,7 @@ fn babyai(
         levels.join(", ")
     );
     let report = bench(
+        EnvName::Babyai,
         cfg,
         &mut env,
         episodes(Split::Train, n_train),
@@ -555,13 +695,33 @@ fn scienceworld(
         },
     )
     .context("starting ScienceWorld (scripts/setup-scienceworld installs it)")?;
+    if a.tasks.is_some() {
+        known("ScienceWorld task", &tasks, &env.tasks()?)?;
+    }
     let mut train = Vec::new();
     let mut test = Vec::new();
+    let mut short = Vec::new();
     for t in &tasks {
         let v = env.variations(t)?;
+        // Asked for more variations than a split holds: refused below, not silently fewer.
+        for (flag, n, split, have) in [
+            ("--train-games", n_train, "training", v.train.len()),
+            ("--test-games", n_test, "test", v.test.len()),
+        ] {
+            if have < n {
+                short.push(format!("{flag} {n}: {t} has {have} {split} variations"));
+            }
+        }
         // The first variations of each split: a fixed, documented choice.
         train.extend(v.train.iter().take(n_train).map(|&i| SwEpisode::new(t, i)));
         test.extend(v.test.iter().take(n_test).map(|&i| SwEpisode::new(t, i)));
+    }
+    if !short.is_empty() {
+        bail!(
+            "ScienceWorld has fewer variations than asked for; ask for at most as many as every \
+             task has, or choose --tasks:\n  {}",
+            short.join("\n  ")
+        );
     }
     // ScienceWorld words a state differently from run to run: recordings keyed by history.
     let mut large = large
@@ -574,33 +734,106 @@ fn scienceworld(
         tasks.join(", "),
         cfg.shortlist
     );
-    let report = bench(cfg, &mut env, train, test, games, &mut large, large_id)?;
+    let report = bench(
+        EnvName::Scienceworld,
+        cfg,
+        &mut env,
+        train,
+        test,
+        games,
+        &mut large,
+        large_id,
+    )?;
     Ok((report, "LONDI on held-out ScienceWorld variations".into()))
+}
+
+/// Refuses `--tasks` names the environment does not have, listing those it has.
+fn known(what: &str, asked: &[String], have: &[String]) -> Result<()> {
+    let unknown: Vec<&str> = asked
+        .iter()
+        .filter(|t| !have.contains(t))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        bail!(
+            "--tasks {}: not a {what} (names are case-sensitive); there are: {}",
+            unknown.join(","),
+            have.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// `recording`: where the large model's scores are kept (None: the large policy is BabyAI's bot).
 fn print_report(report: &Report, title: &str, recording: Option<&Path>) {
+    let st = &report.settings;
+    let on = |b: bool| if b { "on" } else { "off" };
     println!(
-        "{title} ({}; large = {}, {} training episodes, seeds {:?})",
-        report.games, report.large_model, report.train_episodes, report.run_seeds
+        "{title} ({}; large = {}, {} training episodes, seeds {:?}; controller: counterfactual {}, loop state {}{})",
+        report.games,
+        report.large_model,
+        report.train_episodes,
+        report.run_seeds,
+        on(st.counterfactual),
+        on(st.loop_state),
+        st.budget_cost
+            .map_or(String::new(), |c| format!("; LONDI-B at c={c}"))
     );
     println!(
-        "{:<24} {:>14} {:>13} {:>12} {:>15} {:>14} {:>10}",
-        "policy", "success", "score", "large share", "large s", "large/episode", "max large"
+        "{:<24} {:>14} {:>13} {:>15} {:>15} {:>14} {:>9} {:>10}",
+        "policy",
+        "success",
+        "score",
+        "large share",
+        "large s",
+        "large/episode",
+        "max large",
+        "vs random"
     );
     for r in &report.rows {
+        let vs = r
+            .vs_random
+            .map_or(String::new(), |d| format!("{:+.1} pt", d * 100.0));
         println!(
-            "{:<24} {:>7.1}% ±{:>4.1} {:>6.2} ±{:>4.2} {:>11.1}% {:>8.1} ±{:>5.1} {:>14.2} {:>10}",
+            "{:<24} {:>7.1}% {:>6} {:>6.2} {:>6} {:>7.1}% {:>7} {:>7.1} {:>7} {:>6.2} {:>7} {:>9} {:>10}",
             r.name,
             r.success * 100.0,
-            r.success_sd * 100.0,
+            pm(r.success_sd, 100.0, 1),
             r.score,
-            r.score_sd,
+            pm(r.score_sd, 1.0, 2),
             r.large_share * 100.0,
+            pm(r.large_share_sd, 100.0, 1),
             r.large_seconds,
-            r.large_seconds_sd,
+            pm(r.large_seconds_sd, 1.0, 1),
             r.large_calls_per_episode,
-            r.max_large_calls
+            pm(r.large_calls_per_episode_sd, 1.0, 2),
+            r.max_large_calls,
+            vs
+        );
+    }
+    if report.run_seeds.len() < 2 {
+        println!("± n/a: one seed gives no spread; give several with --seeds");
+    } else {
+        println!(
+            "±: sample sd over the {} seeds of each seed's figure",
+            report.run_seeds.len()
+        );
+    }
+    let randoms: Vec<_> = report.rows.iter().filter(|r| r.kind == "random").collect();
+    if !randoms.is_empty() {
+        println!(
+            "random switching calls the large model with probability = the share a LONDI row reached (to the percent):"
+        );
+        for r in randoms {
+            println!("  {:<12} at the share of {}", r.name, r.matches.join(", "));
+        }
+    }
+    if let Some(m) = report.vs_random_mean {
+        println!(
+            "vs random: success minus random switching's at the row's own share, read off the line through \
+             the random rows' (share, success) and always-small/always-large at 0%/100%; mean over {} LONDI rows {:+.1} points",
+            report.vs_random_rows,
+            m * 100.0
         );
     }
     let c = report.large_cost;
@@ -619,5 +852,27 @@ fn print_report(report: &Report, title: &str, recording: Option<&Path>) {
              environment's, so compare large share and large calls, not seconds",
             c.calls, c.unanswered
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{cost, threshold};
+
+    #[test]
+    fn costs_and_thresholds_are_numbers_from_0_to_1_as_typed() {
+        for ok in ["0", "0.02", "1", " 0.5 ", "1e-3"] {
+            assert!(cost(ok).is_ok(), "{ok}");
+            assert!(threshold(ok).is_ok(), "{ok}");
+        }
+        // -0 runs (and is named) as 0.
+        let z = cost("-0").unwrap();
+        assert!(z == 0.0 && z.is_sign_positive());
+        for bad in ["-1", "1.5", "1e39", "inf", "NaN", "", "x", "0.1,0.2"] {
+            assert!(cost(bad).is_err(), "{bad}");
+            assert!(threshold(bad).is_err(), "{bad}");
+        }
+        // Too small for an f32: it would run as 0 under another name.
+        assert!(cost("1e-50").unwrap_err().contains("1e-50 is too small"));
     }
 }

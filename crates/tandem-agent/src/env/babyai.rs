@@ -77,6 +77,14 @@ impl BabyAiText {
         field(v, "levels")
     }
 
+    /// Every BabyAI level minigrid registers (what `--tasks` may name).
+    pub fn all_levels(&mut self) -> Result<Vec<String>, AgentError> {
+        let v = self
+            .bridge
+            .request(&json!({"op": "levels"}), self.step_timeout)?;
+        field(v, "all")
+    }
+
     /// The `count` first seeds of a split.
     pub fn seeds(split: Split, count: u64) -> Vec<u64> {
         let first = match split {
