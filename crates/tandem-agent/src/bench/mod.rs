@@ -885,11 +885,36 @@ mod tests {
         assert!((l.random_at_share.unwrap() - 0.6875).abs() < 1e-12, "{l:?}");
         assert!((l.vs_random.unwrap() - 0.0625).abs() < 1e-12);
         assert_eq!(rows[3].vs_random, None);
-        // Without random rows nothing is compared.
-        let mut alone = vec![rows[0].clone(), rows[2].clone()];
-        alone[1].vs_random = None;
-        alone[1].random_at_share = None;
-        compare_with_random(&mut alone);
-        assert_eq!(alone[1].vs_random, None);
+        // Without random rows (left out by --only, so the LONDI row names none) nothing is
+        // compared, even with always-small and always-large present.
+        for ends in [vec![0], vec![0, 1], vec![1]] {
+            let mut alone: Vec<Row> = ends.iter().map(|&i| rows[i].clone()).collect();
+            let mut l = rows[2].clone();
+            l.random_row = None;
+            l.vs_random = None;
+            l.random_at_share = None;
+            alone.push(l);
+            compare_with_random(&mut alone);
+            let l = alone.last().unwrap();
+            assert_eq!((l.vs_random, l.random_at_share), (None, None), "{ends:?}");
+        }
+        // A LONDI row at 0% share is compared with always-small, its random switching.
+        let mut at_zero = vec![rows[0].clone(), rows[1].clone()];
+        let mut l = row(
+            Method::Londi {
+                cost: 0.4,
+                budget: None,
+            },
+            &[true, false, true, true],
+            0,
+        );
+        l.random_row = Some("always-small".into());
+        at_zero.push(l);
+        compare_with_random(&mut at_zero);
+        assert!(
+            (at_zero[2].vs_random.unwrap() - 0.25).abs() < 1e-12,
+            "{:?}",
+            at_zero[2]
+        );
     }
 }
