@@ -166,3 +166,42 @@ fn a_corrupt_recording_names_its_line() {
         .to_string();
     assert!(e.contains("rec.jsonl:2") && e.contains("zz"), "{e}");
 }
+
+#[test]
+fn a_last_line_cut_by_an_interrupted_run_is_dropped_and_cut_from_the_file() {
+    let whole = "{\"key\":\"00000000000000ff\",\"scores\":[-1.0,-2.0]}\n";
+    let second = "{\"key\":\"00000000000000fe\",\"scores\":[-0.5]}";
+    // Cut at several places of the last entry: mid-number, mid-key, after its opening brace.
+    for cut in [second.len() - 5, 10, 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rec.jsonl");
+        std::fs::write(&p, format!("{whole}{}", &second[..cut])).unwrap();
+        let a = LlmActor::new(None, "m", Some(&p)).unwrap();
+        assert_eq!(a.torn_line(), Some(2), "cut {cut}");
+        assert_eq!(a.recorded(), 1, "cut {cut}");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), whole, "cut {cut}");
+        // Loading again finds nothing torn.
+        let b = LlmActor::new(None, "m", Some(&p)).unwrap();
+        assert_eq!((b.torn_line(), b.recorded()), (None, 1));
+    }
+    // A whole last entry without its newline is kept, and gets its newline.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("rec.jsonl");
+    std::fs::write(&p, format!("{whole}{second}")).unwrap();
+    let a = LlmActor::new(None, "m", Some(&p)).unwrap();
+    assert_eq!((a.torn_line(), a.recorded()), (None, 2));
+    assert_eq!(
+        std::fs::read_to_string(&p).unwrap(),
+        format!("{whole}{second}\n")
+    );
+    // A damaged line that is not the last one is still an error, naming its line and the fix.
+    std::fs::write(&p, format!("{whole}{{\"key\":\n{second}\n")).unwrap();
+    let e = LlmActor::new(None, "m", Some(&p))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("rec.jsonl:2") && e.contains("delete this line"),
+        "{e}"
+    );
+}

@@ -7,7 +7,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 use tandem_agent::actor::{Expert, LargePolicy, LlmActor, RecordKey};
-use tandem_agent::bench::{plot_frontier, pm, Bench, BenchConfig, Report, TextWorldGames};
+use tandem_agent::bench::{
+    londi_name, only_selects, plot_frontier, pm, threshold_name, Bench, BenchConfig, Report,
+    TextWorldGames,
+};
 use tandem_agent::env::scienceworld::SwConfig;
 use tandem_agent::env::{
     BabyAiEpisode, BabyAiText, Environment, ScienceWorld, Split, SwEpisode, TextWorld,
@@ -79,13 +82,13 @@ pub struct LondiArgs {
     /// Run only the policies whose names start with one of these (e.g. always-large,LONDI).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// TextWorld's game generator: rooms per game (default 3; TextWorld only).
+    /// TextWorld's game generator: rooms per game, 1 to 20 (default 3; TextWorld only).
     #[arg(long, allow_negative_numbers = true)]
     rooms: Option<u32>,
-    /// TextWorld's game generator: objects per game (default 4; TextWorld only).
+    /// TextWorld's game generator: objects per game, 1 to 50 (default 4; TextWorld only).
     #[arg(long, allow_negative_numbers = true)]
     objects: Option<u32>,
-    /// TextWorld's game generator: length of the quest (default 2; TextWorld only).
+    /// TextWorld's game generator: length of the quest, 1 to 20 (default 2; TextWorld only).
     #[arg(long, allow_negative_numbers = true)]
     quest_length: Option<u32>,
     /// Steps an episode may take before it ends unsolved (1 to 1000) [default: 12; BabyAI and
@@ -285,6 +288,9 @@ pub fn run(a: LondiArgs) -> Result<()> {
     std::fs::create_dir_all(&out)
         .with_context(|| format!("--out {}: cannot create the directory", out.display()))?;
     if let Some(p) = &a.json {
+        if p.as_os_str() == "-" {
+            bail!("--json -: the table goes to stdout; give the report a file name");
+        }
         if p.is_dir() {
             bail!("--json {}: is a directory; give a file name", p.display());
         }
@@ -317,6 +323,7 @@ pub fn run(a: LondiArgs) -> Result<()> {
                 );
             }
         }
+        writable(p).with_context(|| format!("--json {}: cannot be written", p.display()))?;
     }
     let recording = out.join(format!("recorded-{large_id}.jsonl"));
     // The bot needs no model and no recording: it plans in the environment at every step.
@@ -331,7 +338,15 @@ pub fn run(a: LondiArgs) -> Result<()> {
             let path = store.path(&large_id, &format!("{large_id}/{file}"))?;
             Some(GgufLm::load(&path).with_context(|| format!("loading {}", path.display()))?)
         };
-        Some(LlmActor::new(model, &large_id, Some(&recording))?)
+        let actor = LlmActor::new(model, &large_id, Some(&recording))?;
+        if let Some(line) = actor.torn_line() {
+            eprintln!(
+                "tandem: {}: line {line} was left unfinished by an interrupted run and is \
+                 dropped; the model scores its state again when needed",
+                recording.display()
+            );
+        }
+        Some(actor)
     };
     let (report, title) = match (a.env, large) {
         (EnvName::Babyai, large) => babyai(&a, cfg, &store, large, &large_id)?,
@@ -351,6 +366,20 @@ pub fn run(a: LondiArgs) -> Result<()> {
         write_json(p, &report)?;
     }
     Ok(())
+}
+
+/// Whether `p` can be written, without changing it: an existing file is opened for appending;
+/// a new one is created and removed again.
+fn writable(p: &Path) -> std::io::Result<()> {
+    if p.exists() {
+        std::fs::OpenOptions::new().append(true).open(p).map(drop)
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(p)?;
+        std::fs::remove_file(p)
+    }
 }
 
 /// Where a file path leads: through a symlink if it is one, else its (existing) directory's
@@ -441,11 +470,11 @@ fn check_flags(a: &LondiArgs, bot: bool) -> Result<()> {
             bail!("--max-steps {m}: must be 1 to 1000");
         }
     }
+    if let Some(p) = a.only.iter().find(|p| p.trim().is_empty()) {
+        bail!("--only {p:?}: an empty name (from a stray comma?) would select every row");
+    }
     no_duplicates("--only", &a.only)?;
     for p in &a.only {
-        if p.trim().is_empty() {
-            bail!("--only {p:?}: an empty name (from a stray comma?) would select every row");
-        }
         if !FAMILIES
             .iter()
             .any(|f| f.starts_with(p.as_str()) || p.starts_with(f))
@@ -508,11 +537,14 @@ fn check_flags(a: &LondiArgs, bot: bool) -> Result<()> {
             );
         }
     }
-    if bot && a.threads.is_some() {
-        bail!("--threads with --large bot: the bot runs no model; the bench's own work is single-threaded");
+    if !a.only.is_empty() {
+        per_value_only(a)?;
     }
-    if a.replay_only && a.threads.is_some() {
-        bail!("--threads with --replay-only: no model is loaded; the bench's own work is single-threaded");
+    if let (true, Some(n)) = (bot, a.threads) {
+        bail!("--threads {n} with --large bot: the bot runs no model; the bench's own work is single-threaded");
+    }
+    if let (true, Some(n)) = (a.replay_only, a.threads) {
+        bail!("--threads {n} with --replay-only: no model is loaded; the bench's own work is single-threaded");
     }
     if bot && a.shortlist.is_some() {
         bail!(
@@ -538,6 +570,64 @@ fn check_flags(a: &LondiArgs, bot: bool) -> Result<()> {
         }
     } else if a.tasks.is_some() {
         bail!("--tasks: BabyAI levels or ScienceWorld tasks; TextWorld's games are set by --rooms, --objects, --quest-length");
+    }
+    // TextWorld's generator runs for minutes and gigabytes on a huge world, then times out.
+    for (flag, value, range) in [
+        ("--rooms", a.rooms, 1..=MAX_ROOMS),
+        ("--objects", a.objects, 1..=MAX_OBJECTS),
+        ("--quest-length", a.quest_length, 1..=MAX_QUEST),
+    ] {
+        if let Some(v) = value.filter(|v| !range.contains(v)) {
+            bail!(
+                "{flag} {v}: must be {} to {} (TextWorld's generator)",
+                range.start(),
+                range.end()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// TextWorld's generator bounds: rooms, objects and quest length per game.
+const MAX_ROOMS: u32 = 20;
+const MAX_OBJECTS: u32 = 50;
+const MAX_QUEST: u32 = 20;
+
+/// With `--only`, each value given to `--costs`, `--budgets` and `--thresholds` must shape a
+/// selected row; a value whose row `--only` leaves out would be reported without running.
+fn per_value_only(a: &LondiArgs) -> Result<()> {
+    let d = defaults(a.env, a.quick);
+    let budgets = a.budgets.clone().unwrap_or(d.budgets);
+    let costs = a.costs.clone().unwrap_or(d.costs);
+    let budget_cost = a.budget_cost.or(costs.first().copied()).unwrap_or(0.02);
+    let selected = |name: &str| only_selects(&a.only, name);
+    let only = a.only.join(",");
+    for &c in a.costs.iter().flatten() {
+        let as_londi_b = a.budget_cost.is_none()
+            && c == budget_cost
+            && budgets.iter().any(|&b| selected(&londi_name(c, Some(b))));
+        if !selected(&londi_name(c, None)) && !as_londi_b {
+            bail!(
+                "--costs {c}: --only {only} runs no {} row, so it would set nothing",
+                londi_name(c, None)
+            );
+        }
+    }
+    for &b in a.budgets.iter().flatten() {
+        if !selected(&londi_name(budget_cost, Some(b))) {
+            bail!(
+                "--budgets {b}: --only {only} runs no {} row, so it would set nothing",
+                londi_name(budget_cost, Some(b))
+            );
+        }
+    }
+    for &t in a.thresholds.iter().flatten() {
+        if !selected(&threshold_name(t)) {
+            bail!(
+                "--thresholds {t}: --only {only} runs no {} row, so it would set nothing",
+                threshold_name(t)
+            );
+        }
     }
     Ok(())
 }
@@ -591,13 +681,16 @@ fn textworld(
     if let Some(n) = a.test_games {
         games.test_seeds = (1001..1001 + n).collect();
     }
-    if games.rooms == 0 || games.quest_length == 0 {
-        bail!("--rooms and --quest-length must be positive");
-    }
     let site = store.home().join("py/textworld");
     let mut env = TextWorld::start(&site, Path::new("python3"))
         .context("starting TextWorld (scripts/setup-textworld installs it)")?;
-    let (train, test) = games.make(&mut env)?;
+    let (train, test) = games.make(&mut env).with_context(|| {
+        format!(
+            "TextWorld could not make the games with --rooms {} --objects {} --quest-length {} \
+             (a longer quest needs more rooms and objects)",
+            games.rooms, games.objects, games.quest_length
+        )
+    })?;
     eprintln!("tandem: games in {}", games.dir.display());
     let report = bench(
         EnvName::Textworld,
@@ -730,9 +823,12 @@ fn scienceworld(
         .answer_by_letter(true);
     let games = format!(
         "ScienceWorld tasks {}: the first {n_train} training and {n_test} test variations each, \
-         at most {} actions scored by the large policy a step",
+         {} scored by the large policy a step",
         tasks.join(", "),
-        cfg.shortlist
+        match cfg.shortlist {
+            0 => "every admissible action".to_string(),
+            k => format!("at most {k} actions"),
+        }
     );
     let report = bench(
         EnvName::Scienceworld,

@@ -55,23 +55,26 @@ enum Command {
 /// for a process ended by SIGPIPE (128 + 13).
 const BROKEN_PIPE_EXIT: i32 = 141;
 
-/// Makes a write to a closed stdout end the process quietly instead of panicking with a
-/// backtrace. SIGPIPE stays ignored (Rust's default), because the LONDI bridge writes to a
+/// Makes a write to a closed stdout or stderr (`tandem … 2>&1 | head`) end the process quietly
+/// instead of panicking with a backtrace. SIGPIPE stays ignored (Rust's default), because the LONDI bridge writes to a
 /// child's stdin and must see a dead child as an error there, not die silently; `println!`
 /// turns the resulting EPIPE into a panic, which this hook recognises and ends.
 fn exit_quietly_on_closed_stdout() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if info.payload_as_str().is_some_and(is_closed_stdout) {
+        if info.payload_as_str().is_some_and(is_closed_output) {
             std::process::exit(BROKEN_PIPE_EXIT);
         }
         default(info)
     }));
 }
 
-/// Whether a panic message is std's for printing to a stdout whose reader has gone (EPIPE).
-fn is_closed_stdout(message: &str) -> bool {
-    message.starts_with("failed printing to stdout") && message.contains("(os error 32)")
+/// Whether a panic message is std's for printing to a stdout or stderr whose reader has gone
+/// (EPIPE).
+fn is_closed_output(message: &str) -> bool {
+    (message.starts_with("failed printing to stdout")
+        || message.starts_with("failed printing to stderr"))
+        && message.contains("(os error 32)")
 }
 
 /// Parser for counts that must be positive (`--threads`): 0 is refused naming the flag, rather
@@ -104,19 +107,22 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::is_closed_stdout;
+    use super::is_closed_output;
 
     #[test]
-    fn only_a_closed_stdout_is_recognised() {
-        assert!(is_closed_stdout(
+    fn only_a_closed_stdout_or_stderr_is_recognised() {
+        assert!(is_closed_output(
             "failed printing to stdout: Broken pipe (os error 32)"
         ));
-        assert!(!is_closed_stdout(
+        assert!(is_closed_output(
             "failed printing to stderr: Broken pipe (os error 32)"
         ));
-        assert!(!is_closed_stdout(
+        assert!(!is_closed_output(
             "failed printing to stdout: No space left on device (os error 28)"
         ));
-        assert!(!is_closed_stdout("index out of bounds"));
+        assert!(!is_closed_output(
+            "failed printing to stderr: No space left on device (os error 28)"
+        ));
+        assert!(!is_closed_output("index out of bounds"));
     }
 }

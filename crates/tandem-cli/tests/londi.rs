@@ -431,7 +431,7 @@ fn bad_flags_are_refused_before_the_run() {
             vec!["--train-episodes", "-3"],
             "invalid value '-3' for '--train-episodes",
         ),
-        (vec!["--threads", "2"], "--threads with --large bot"),
+        (vec!["--threads", "2"], "--threads 2 with --large bot"),
         (vec!["--only", ""], "--only \"\": an empty name"),
         (vec!["--only", "LONDI,"], "--only \"\": an empty name"),
         (
@@ -508,6 +508,46 @@ fn bad_flags_are_refused_before_the_run() {
         ),
         (vec!["--only", "always-small,LOND1"], "--only \"LOND1\""),
         (vec!["--only", "random"], "select LONDI rows too"),
+        (vec!["--only", ","], "an empty name"),
+        (vec!["--only", "LONDI c,"], "an empty name"),
+        // A value whose row --only leaves out (a name selects whole numbers only: c=0.1 is
+        // not c=0.15).
+        (
+            vec!["--only", "LONDI c=0.1", "--costs", "0.1,0.15"],
+            "--costs 0.15: --only LONDI c=0.1 runs no LONDI c=0.15 row",
+        ),
+        (
+            vec![
+                "--only",
+                "LONDI c=0.1,LONDI c=0.15",
+                "--costs",
+                "0.1,0.15,0.2",
+            ],
+            "--costs 0.2:",
+        ),
+        // LONDI-B runs at the first cost only.
+        (
+            vec!["--only", "LONDI-B", "--costs", "0.02,0.1"],
+            "--costs 0.1:",
+        ),
+        (
+            vec!["--only", "LONDI-B b=2", "--budgets", "2,20"],
+            "--budgets 20: --only LONDI-B b=2 runs no LONDI-B b=20 c=0.02 row",
+        ),
+        (
+            vec![
+                "--only",
+                "small-confidence < 0.9",
+                "--thresholds",
+                "0.9,0.95",
+            ],
+            "--thresholds 0.95:",
+        ),
+        (vec!["--json", "-"], "--json -:"),
+        (
+            vec!["--json", "/proc/tandem-report.json"],
+            "cannot be written",
+        ),
         (vec!["--shortlist", "2"], "--shortlist with --large bot"),
         (vec!["--replay-only"], "--replay-only with --large bot"),
         (vec!["--rooms", "0"], "--rooms: only TextWorld"),
@@ -572,9 +612,32 @@ fn bad_flags_are_refused_before_the_run() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("--threads with --replay-only"),
+        !out.status.success() && err.contains("--threads 2 with --replay-only"),
         "{err}"
     );
+    // TextWorld's generator flags out of range (a million rooms ran the generator for minutes).
+    for (flag, value, says) in [
+        ("--rooms", "0", "--rooms 0: must be 1 to 20"),
+        ("--rooms", "1000000", "--rooms 1000000: must be 1 to 20"),
+        ("--objects", "0", "--objects 0: must be 1 to 50"),
+        ("--objects", "51", "--objects 51: must be 1 to 50"),
+        ("--quest-length", "0", "--quest-length 0: must be 1 to 20"),
+        (
+            "--quest-length",
+            "100",
+            "--quest-length 100: must be 1 to 20",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["bench", "londi", "--env", "textworld", flag, value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{flag} {value}: {err}"
+        );
+    }
     let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args(["bench", "londi", "--env", "textworld", "--tasks", "x"])
         .output()

@@ -67,3 +67,29 @@ fn closed_stdout_ends_every_command_quietly() {
         assert_eq!(code, Some(141), "{args:?}: {stderr}");
     }
 }
+
+/// A closed stderr (`tandem … 2>&1 | head` once head has gone) ends the command quietly too:
+/// each of these prints an error to stderr, which fails; the exit is SIGPIPE's 141, not a
+/// panic's 101.
+#[test]
+fn closed_stderr_ends_a_failing_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.jsonl");
+    let missing = missing.to_str().unwrap();
+    let cases: [&[&str]; 3] = [
+        &["eval", "--data", missing],
+        &["bench", "londi", "--env", "babyai", "--costs", "0.1,0.1"],
+        &["bench", "londi", "--rooms", "0"],
+    ];
+    for args in cases {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(writer)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(141), "{args:?}");
+    }
+}

@@ -10,7 +10,7 @@ use crate::error::AgentError;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tandem_core::Message;
@@ -57,8 +57,10 @@ pub enum RecordKey {
     /// By the exact prompt and candidates (TextWorld, BabyAI: the same words in every run).
     #[default]
     Prompt,
-    /// By the episode and the actions taken in it; candidates matched by text, and the scores
-    /// replayed when every candidate of the step is among those recorded (ScienceWorld).
+    /// By the episode, the actions taken in it and the number of candidates; candidates matched
+    /// by text, and the scores replayed when every candidate of the step is among those recorded
+    /// (without a model: the step's lowest recorded score for one worded differently this run)
+    /// (ScienceWorld).
     History,
 }
 
@@ -75,6 +77,8 @@ pub struct LlmActor {
     /// The room is what the agent just saw (BabyAI): said once in the prompt.
     room_is_observation: bool,
     answer_by_letter: bool,
+    /// A torn last line of the recording, dropped on loading.
+    torn_line: Option<usize>,
 }
 
 const LETTERS: [&str; 26] = [
@@ -97,21 +101,54 @@ impl LlmActor {
     ) -> Result<Self, AgentError> {
         let mut recorded = HashMap::new();
         let mut log = None;
+        let mut torn_line = None;
         if let Some(path) = recording {
             if path.exists() {
-                let f = File::open(path).map_err(|e| AgentError::Io(path.to_path_buf(), e))?;
-                for (i, line) in BufReader::new(f).lines().enumerate() {
-                    let line = line.map_err(|e| AgentError::Io(path.to_path_buf(), e))?;
+                let io = |e| AgentError::Io(path.to_path_buf(), e);
+                let text = std::fs::read_to_string(path).map_err(io)?;
+                // A run stopped mid-write leaves a last line without its newline: that entry is
+                // dropped (and cut from the file, so the next append starts a fresh line); it is
+                // scored again when needed. A damaged line elsewhere is an error.
+                let complete = match text.rfind('\n') {
+                    Some(i) => i + 1,
+                    None => 0,
+                };
+                let tail = &text[complete..];
+                if !tail.trim().is_empty() {
+                    if serde_json::from_str::<Recorded>(tail).is_err() {
+                        torn_line = Some(text[..complete].lines().count() + 1);
+                        OpenOptions::new()
+                            .write(true)
+                            .open(path)
+                            .and_then(|f| f.set_len(complete as u64))
+                            .map_err(io)?;
+                    } else {
+                        // Whole but without its newline: the next entry starts a line of its own.
+                        OpenOptions::new()
+                            .append(true)
+                            .open(path)
+                            .and_then(|mut f| f.write_all(b"\n"))
+                            .map_err(io)?;
+                    }
+                }
+                let kept = if torn_line.is_some() {
+                    &text[..complete]
+                } else {
+                    &text[..]
+                };
+                for (i, line) in kept.lines().enumerate() {
                     if line.trim().is_empty() {
                         continue;
                     }
                     let bad = |message: String| AgentError::Recording {
                         path: path.to_path_buf(),
                         line: i + 1,
-                        message,
+                        message: format!(
+                            "{message} (a damaged recording: delete this line, or the file, and \
+                             the model scores those states again)"
+                        ),
                     };
-                    let r: Recorded =
-                        serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+                    let r: Recorded = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
                     let key = u64::from_str_radix(&r.key, 16)
                         .map_err(|_| bad(format!("key `{}` is not 16 hex digits", r.key)))?;
                     if r.scores.iter().any(|s| s.is_nan()) {
@@ -154,7 +191,14 @@ impl LlmActor {
             last_seconds: 0.0,
             room_is_observation: false,
             answer_by_letter: false,
+            torn_line,
         })
+    }
+
+    /// The line number of a recording's last line that an interrupted run left unfinished and
+    /// that was dropped on loading (its state is scored again when needed), if there was one.
+    pub fn torn_line(&self) -> Option<usize> {
+        self.torn_line
     }
 
     /// How scores are recorded and found again.
@@ -276,12 +320,15 @@ impl LlmActor {
                     .as_bytes(),
                 )
             }
+            // The number of candidates is part of the key: a shortlist of another size is
+            // another question, not a replay of this one with most candidates missing.
             RecordKey::History => xxh3_64(
                 format!(
-                    "{}\u{1}{}\u{1}{}",
+                    "{}\u{1}{}\u{1}{}\u{1}{}",
                     self.name,
                     ctx.episode,
-                    ctx.history.join("\n")
+                    ctx.history.join("\n"),
+                    ctx.admissible.len()
                 )
                 .as_bytes(),
             ),

@@ -281,14 +281,37 @@ impl Method {
             Method::AlwaysSmall => "always-small".into(),
             Method::AlwaysLarge => "always-large".into(),
             Method::Random(s, _) => format!("random {:.0}%", s * 100.0),
-            Method::Threshold(t) => format!("small-confidence < {t}"),
-            Method::Londi { cost, budget: None } => format!("LONDI c={cost}"),
-            Method::Londi {
-                cost,
-                budget: Some(b),
-            } => format!("LONDI-B b={b} c={cost}"),
+            Method::Threshold(t) => threshold_name(*t),
+            Method::Londi { cost, budget } => londi_name(*cost, *budget),
         }
     }
+}
+
+/// The name of a confidence-threshold row ("small-confidence < 0.5").
+pub fn threshold_name(threshold: f32) -> String {
+    format!("small-confidence < {threshold}")
+}
+
+/// The name of a LONDI row ("LONDI c=0.02") or, with a budget of large calls per episode, a
+/// LONDI-B row ("LONDI-B b=3 c=0.02").
+pub fn londi_name(cost: f32, budget: Option<u32>) -> String {
+    match budget {
+        None => format!("LONDI c={cost}"),
+        Some(b) => format!("LONDI-B b={b} c={cost}"),
+    }
+}
+
+/// Whether `--only`'s names select the row `name` (all rows when `only` is empty): a name
+/// selects the rows it begins, but never splits a number, so "LONDI c=0.1" selects neither
+/// "LONDI c=0.15" nor, as "LONDI-B b=2", "LONDI-B b=20 c=0.02".
+pub fn only_selects(only: &[String], name: &str) -> bool {
+    only.is_empty()
+        || only.iter().any(|o| {
+            name.strip_prefix(o.as_str()).is_some_and(|rest| {
+                !(rest.starts_with(|c: char| c.is_ascii_digit() || c == '.')
+                    && o.ends_with(|c: char| c.is_ascii_digit() || c == '.'))
+            })
+        })
 }
 
 pub struct Bench<'a, E: Environment + ?Sized, G: Borrow<E::Episode>> {
@@ -346,8 +369,7 @@ impl<E: Environment + ?Sized, G: Borrow<E::Episode>> Bench<'_, E, G> {
             budget: Some(b),
         }));
         let only = self.cfg.only.clone();
-        let keep =
-            |name: &str| only.is_empty() || only.iter().any(|o| name.starts_with(o.as_str()));
+        let keep = |name: &str| only_selects(&only, name);
         // Random switching is compared along the line from always-small (random at 0%) to
         // always-large (100%): where random rows run, so do those two.
         let randoms = keep("random ");
@@ -357,7 +379,10 @@ impl<E: Environment + ?Sized, G: Borrow<E::Episode>> Bench<'_, E, G> {
         });
         // Every --only name must select a row (random rows are named by the shares reached).
         if let Some(o) = only.iter().find(|o| {
-            !methods.iter().any(|m| m.name().starts_with(o.as_str())) && !o.starts_with("random")
+            !methods
+                .iter()
+                .any(|m| only_selects(std::slice::from_ref(o), &m.name()))
+                && !o.starts_with("random")
         }) {
             return Err(AgentError::Config(format!(
                 "--only {o:?} selects no row; the rows are: {} (and random rows at the shares \
@@ -815,6 +840,36 @@ mod tests {
             [7, 8]
         );
         assert_eq!(two.per_seed[1].large_seconds, 1.5);
+    }
+
+    #[test]
+    fn only_selects_whole_numbers_and_families() {
+        let only = |o: &[&str], name: &str| {
+            only_selects(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>(), name)
+        };
+        assert!(only(&[], "LONDI c=0.1"));
+        for (o, name, yes) in [
+            ("LONDI c=0.1", "LONDI c=0.1", true),
+            ("LONDI c=0.1", "LONDI c=0.15", false),
+            ("LONDI c=0", "LONDI c=0.02", false),
+            ("LONDI c=", "LONDI c=0.02", true),
+            ("LONDI c", "LONDI c=0.02", true),
+            ("LONDI c", "LONDI-B b=2 c=0.02", false),
+            ("LONDI", "LONDI-B b=2 c=0.02", true),
+            ("LONDI-B b=2", "LONDI-B b=2 c=0.02", true),
+            ("LONDI-B b=2", "LONDI-B b=20 c=0.02", false),
+            ("small-confidence < 0.9", "small-confidence < 0.95", false),
+            ("small-confidence < 0.9", "small-confidence < 0.9", true),
+            ("small", "small-confidence < 0.9", true),
+            ("random 1", "random 16%", false),
+            ("random 16", "random 16%", true),
+            ("always", "always-large", true),
+        ] {
+            assert_eq!(only(&[o], name), yes, "{o:?} {name:?}");
+        }
+        assert!(only(&["LONDI c=0.1", "LONDI c=0.15"], "LONDI c=0.15"));
+        assert_eq!(londi_name(0.02, Some(3)), "LONDI-B b=3 c=0.02");
+        assert_eq!(threshold_name(0.5), "small-confidence < 0.5");
     }
 
     #[test]
