@@ -596,10 +596,13 @@ const MAX_QUEST: u32 = 20;
 /// With `--only`, each value given to `--costs`, `--budgets` and `--thresholds` must shape a
 /// selected row; a value whose row `--only` leaves out would be reported without running.
 fn per_value_only(a: &LondiArgs) -> Result<()> {
-    let d = defaults(a.env, a.quick);
-    let budgets = a.budgets.clone().unwrap_or(d.budgets);
-    let costs = a.costs.clone().unwrap_or(d.costs);
-    let budget_cost = a.budget_cost.or(costs.first().copied()).unwrap_or(0.02);
+    let mut d = defaults(a.env, a.quick);
+    if let Some(c) = &a.costs {
+        d.costs = c.clone();
+    }
+    d.budget_cost = a.budget_cost;
+    let budget_cost = d.londi_b_cost();
+    let budgets = a.budgets.as_ref().unwrap_or(&d.budgets);
     let selected = |name: &str| only_selects(&a.only, name);
     let only = a.only.join(",");
     for &c in a.costs.iter().flatten() {

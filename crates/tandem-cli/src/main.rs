@@ -55,11 +55,12 @@ enum Command {
 /// for a process ended by SIGPIPE (128 + 13).
 const BROKEN_PIPE_EXIT: i32 = 141;
 
-/// Makes a write to a closed stdout or stderr (`tandem … 2>&1 | head`) end the process quietly
-/// instead of panicking with a backtrace. SIGPIPE stays ignored (Rust's default), because the LONDI bridge writes to a
-/// child's stdin and must see a dead child as an error there, not die silently; `println!`
-/// turns the resulting EPIPE into a panic, which this hook recognises and ends.
-fn exit_quietly_on_closed_stdout() {
+/// Makes a write to a closed stdout or stderr (`tandem … 2>&1 | head`) end the process
+/// quietly instead of panicking with a backtrace. SIGPIPE stays ignored (Rust's default),
+/// because the LONDI bridge writes to a child's stdin and must see a dead child as an error
+/// there, not die silently; `println!`/`eprintln!` turn the resulting EPIPE into a panic, which
+/// this hook recognises and ends.
+fn exit_quietly_on_closed_output() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if info.payload_as_str().is_some_and(is_closed_output) {
@@ -84,7 +85,7 @@ pub(crate) fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
 }
 
 fn main() -> ExitCode {
-    exit_quietly_on_closed_stdout();
+    exit_quietly_on_closed_output();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(args) => eval_cmd::run(*args),

@@ -52,6 +52,13 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
+    /// LONDI-B's switching cost c: `budget_cost`, else the first of `costs`, else 0.02.
+    pub fn londi_b_cost(&self) -> f32 {
+        self.budget_cost
+            .or_else(|| self.costs.first().copied())
+            .unwrap_or(0.02)
+    }
+
     /// TextWorld's full bench.
     pub fn full() -> Self {
         BenchConfig {
@@ -359,11 +366,7 @@ impl<E: Environment + ?Sized, G: Borrow<E::Episode>> Bench<'_, E, G> {
             cost: c,
             budget: None,
         }));
-        let budget_cost = self
-            .cfg
-            .budget_cost
-            .or_else(|| self.cfg.costs.first().copied())
-            .unwrap_or(0.02);
+        let budget_cost = self.cfg.londi_b_cost();
         methods.extend(self.cfg.budgets.iter().map(|&b| Method::Londi {
             cost: budget_cost,
             budget: Some(b),
